@@ -1,0 +1,122 @@
+"""Flags, config loading and error handling shared by the experiment binaries."""
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import pathlib
+import sys
+import traceback
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+_DEBUG = flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue a killed run from its last checkpoint.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Allow replacing results of another configuration in --workdir.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: address of process 0 (jax.distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+
+KILL_ENV = "SPLITJAX_TEST_KILL_AFTER"
+
+
+class UsageError(ValueError):
+  """A bad flag value: the message names the flag and the fix."""
+
+
+def debug() -> bool:
+  return _DEBUG.value
+
+
+def resume() -> bool:
+  return _RESUME.value
+
+
+def overwrite() -> bool:
+  return _OVERWRITE.value
+
+
+def run_main(main_fn):
+  """Wraps ``main(argv)``: known errors print one line and exit 2 (traceback with --debug)."""
+
+  def wrapped(argv):
+    if _COORDINATOR.value:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value,
+                                 process_id=_PROCESS_ID.value)
+    try:
+      return main_fn(argv)
+    except (ValueError, OSError, FloatingPointError, KeyError) as e:  # one clear line
+      if _DEBUG.value:
+        raise
+      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      print(f"error: {msg}", file=sys.stderr)
+      sys.exit(2)
+    except Exception:  # unexpected: still no bare traceback unless --debug
+      if _DEBUG.value:
+        raise
+      last = traceback.format_exc().strip().splitlines()[-1]
+      print(f"error: internal error ({last}); rerun with --debug and report it", file=sys.stderr)
+      sys.exit(3)
+
+  return wrapped
+
+
+class KillSwitch:
+  """Test-only fault injection: ``SPLITJAX_TEST_KILL_AFTER=N`` exits hard after N checkpoints."""
+
+  def __init__(self):
+    value = os.environ.get(KILL_ENV, "")
+    self.after = int(value) if value.strip() else None
+    self.count = 0
+
+  def tick(self):
+    self.count += 1
+    if self.after is not None and self.count >= self.after:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(75)  # like a kill: no cleanup, no final writes
+
+
+def load_config(name_or_path: str, default_name: str, module_prefix: str = "experiments.configs"):
+  """``get_config()`` of ``experiments/configs/<name>.py`` or of a ``.py`` file path."""
+  name = name_or_path or default_name
+  if name.endswith(".py"):
+    path = pathlib.Path(name)
+    if not path.is_file():
+      raise UsageError(f"--config file {name} not found: give a path to a .py file with get_config()")
+    spec = importlib.util.spec_from_file_location("splitjax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    try:
+      module = importlib.import_module(f"{module_prefix}.{name}")
+    except ModuleNotFoundError:
+      configs_dir = pathlib.Path(__file__).parent / "configs"
+      names = sorted(p.stem for p in configs_dir.glob("*.py") if not p.stem.startswith("_")
+                     and p.stem != "base")
+      raise UsageError(f"unknown config {name!r}: choose one of {names} or a .py path") from None
+  return module.get_config()
+
+
+def apply_flag_overrides(config, flag_names):
+  """Replaces config fields whose flags were given explicitly on the command line."""
+  fields = {f.name: f for f in dataclasses.fields(config)}
+  updates = {}
+  for name in flag_names:
+    if name in fields and name in FLAGS and FLAGS[name].present:
+      value = FLAGS[name].value
+      if isinstance(getattr(config, name), tuple):
+        value = tuple(type(getattr(config, name)[0])(v) if getattr(config, name) else v
+                      for v in value)
+      updates[name] = value
+  return dataclasses.replace(config, **updates)
+
+
+def config_dict(config) -> dict:
+  return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -1,0 +1,52 @@
+"""Frozen experiment configs shared by the binaries; variants derive with ``dataclasses.replace``."""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+  """Everything ``experiments.train`` needs (flags override fields of the same name).
+
+  ``dp_clip`` is ``'none'``, ``'auto'`` (half the mean no-DP ``||g_i||`` over the
+  train data under the initial model) or a number. ``target_epsilon`` (if set)
+  calibrates ``dp_noise_multiplier`` for the number of releases per example.
+  ``epochs = 0`` means the recipe's number of epochs.
+  """
+
+  dataset: str = "adult"
+  data_path: str = ""
+  private_dense: tuple[str, ...] = ()
+  protocol: str = "sl"
+  recipe: str = "tuned"
+  epochs: int = 0
+  learning_rate: float = 0.0
+  batch_size: int = 0
+  head: str = "deepfm"
+  topology: str = "device_top"
+  hidden: tuple[int, ...] = (256, 128)
+  samples_per_device: int = 16
+  devices_per_round: int = 64
+  local_steps: int = 2
+  dp_clip: str = "none"
+  dp_noise_multiplier: float = 0.0
+  target_epsilon: float = 0.0
+  target_delta: float = 1e-5
+  label_dp_epsilon: float = 0.0
+  seed: int = 0
+  # synthetic dataset only
+  synthetic_examples: int = 2000
+  synthetic_correlation: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class AttackConfig:
+  """What ``experiments.attack`` runs on a trained workdir."""
+
+  attack: str = "exact"
+  variant: str = "clip_aware"
+  users: str = "test"
+  num_examples: int = 0
+  top_k: int = 1
+  distance: str = "l2"
+  knn_k: int = 30
+  seed: int = 0

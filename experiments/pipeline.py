@@ -1,0 +1,259 @@
+"""Experiment orchestration shared by the binaries: train a workdir, restore it, write results.
+
+A trained workdir holds::
+
+  config.json        the TrainConfig (a second run with another config refuses to overwrite)
+  checkpoint.msgpack the train state after the last finished epoch (resume point)
+  transcript.npz     the cut-layer traffic of the last epoch (h, g, indices)
+  transcript_params.msgpack  the device parameters behind each transcript row
+  metrics.json       test AUC / log-loss / accuracy, timings and the privacy report
+"""
+
+import dataclasses
+import math
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from splitjax import data as sj_data
+from splitjax import io
+from splitjax import models
+from splitjax import protocol
+from splitjax import training
+from splitjax.privacy import accounting
+from splitjax.privacy import label_dp
+
+from experiments.configs import base as configs_base
+
+PROTOCOLS = ("sl", "fsl")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work: the message names the field and the fix."""
+
+
+def validate(config: configs_base.TrainConfig) -> None:
+  """Rejects impossible configs with one clear line (before anything is written)."""
+  if config.protocol not in PROTOCOLS:
+    raise ConfigError(f"unknown --protocol {config.protocol!r}: choose one of {PROTOCOLS}")
+  if config.recipe not in training.RECIPES:
+    raise ConfigError(f"unknown --recipe {config.recipe!r}: choose one of {sorted(training.RECIPES)}")
+  if config.dp_clip not in ("none", "auto"):
+    try:
+      c = float(config.dp_clip)
+    except ValueError:
+      raise ConfigError(f"--dp_clip={config.dp_clip!r} is not a number: give a positive number, "
+                        "'auto' or 'none'") from None
+    if not c > 0 or math.isnan(c):
+      raise ConfigError(f"--dp_clip={config.dp_clip} must be a positive number (or 'auto'/'none')")
+  s = config.dp_noise_multiplier
+  if math.isnan(s) or s < 0:
+    raise ConfigError(f"--dp_noise_multiplier={s} must be >= 0 (0 = no noise, inf = frozen server)")
+  if config.target_epsilon and (math.isnan(config.target_epsilon) or config.target_epsilon <= 0):
+    raise ConfigError(f"--target_epsilon={config.target_epsilon} must be a positive number")
+  if not 0 < config.target_delta < 1:
+    raise ConfigError(f"--target_delta={config.target_delta} must lie in (0, 1)")
+  if config.label_dp_epsilon and (math.isnan(config.label_dp_epsilon)
+                                  or config.label_dp_epsilon <= 0):
+    raise ConfigError(f"--label_dp_epsilon={config.label_dp_epsilon} must be a positive number")
+  for name in ("samples_per_device", "devices_per_round", "local_steps"):
+    if getattr(config, name) < 1:
+      raise ConfigError(f"--{name}={getattr(config, name)} must be >= 1")
+  if config.epochs < 0 or config.batch_size < 0:
+    raise ConfigError("--epochs and --batch_size must be >= 0 (0 = the recipe's value)")
+  if (s > 0 or config.target_epsilon) and config.dp_clip == "none":
+    raise ConfigError("noise needs a clip norm: set --dp_clip=auto or a number")
+  if config.protocol == "fsl" and config.topology != "device_top":
+    raise ConfigError("--protocol=fsl needs --topology=device_top")
+
+
+def recipe_of(config) -> training.Recipe:
+  recipe = training.RECIPES[config.recipe]
+  updates = {k: getattr(config, k) for k in ("epochs", "learning_rate", "batch_size")
+             if getattr(config, k)}
+  return dataclasses.replace(recipe, **updates)
+
+
+def releases_of(config) -> int:
+  """Cut-layer gradients each training example sends: epochs (x local steps in FSL)."""
+  epochs = recipe_of(config).epochs
+  return epochs * (config.local_steps if config.protocol == "fsl" else 1)
+
+
+def load_data(config) -> sj_data.TabularData:
+  kwargs = {}
+  if config.private_dense:
+    kwargs["private_dense"] = tuple(config.private_dense)
+  if config.dataset == "synthetic":
+    kwargs.update(num_examples=config.synthetic_examples,
+                  correlation=config.synthetic_correlation)
+  return sj_data.load(config.dataset, seed=config.seed, path=config.data_path or None, **kwargs)
+
+
+def model_of(config, dataset: sj_data.TabularData) -> models.SplitModel:
+  spec = models.ModelSpec(
+      pub_cardinalities=tuple(dataset.pub_cardinalities),
+      num_pub_dense=int(dataset.train.pub_dense.shape[1]),
+      priv_cardinalities=tuple(dataset.priv_cardinalities),
+      num_priv_dense=int(dataset.train.priv_dense.shape[1]),
+      hidden=tuple(config.hidden), head=config.head, topology=config.topology)
+  return models.make_model(spec)
+
+
+def _state_template(model, config):
+  recipe = recipe_of(config)
+  frozen = math.isinf(config.dp_noise_multiplier)
+  return training.init_state(model, training.server_optimizer(recipe, frozen),
+                             training.make_optimizer(recipe), config.seed)
+
+
+def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = False,
+                  overwrite: bool = False, progress=print, kill_switch=None) -> dict:
+  """Trains per ``config`` into ``workdir``; returns the metrics dict (also in metrics.json)."""
+  validate(config)
+  workdir = io.ensure_workdir(workdir)
+  cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  io.check_config_compatible(workdir, cfg, overwrite=overwrite)
+  dataset = load_data(config)
+  model = model_of(config, dataset)
+  recipe = recipe_of(config)
+  releases = releases_of(config)
+  fingerprint = io.fingerprint({"spec": model.spec.to_dict(), "config": cfg})
+  ckpt_path = workdir / "checkpoint.msgpack"
+
+  state, start_epoch, history, extra = None, 0, [], {}
+  if resume and ckpt_path.exists():
+    state, meta = io.restore_checkpoint(ckpt_path, _state_template(model, config),
+                                        fingerprint=fingerprint)
+    start_epoch, history, extra = meta["epoch"], meta["history"], meta["extra"]
+    if progress:
+      progress(f"resuming from epoch {start_epoch} of {recipe.epochs} ({ckpt_path})")
+
+  # Cut-layer DP parameters (public).
+  if "l2_clip_norm" not in extra:
+    init = _state_template(model, config)
+    mean_norm = (training.mean_cut_grad_norm(model, init, dataset.train)
+                 if config.topology == "device_top" else float("nan"))
+    if config.dp_clip == "none":
+      clip = math.inf
+    elif config.dp_clip == "auto":
+      if config.topology != "device_top":
+        raise ConfigError("--dp_clip=auto is defined for gradients (device_top); give a number")
+      clip = 0.5 * mean_norm
+    else:
+      clip = float(config.dp_clip)
+    sigma = config.dp_noise_multiplier
+    if config.target_epsilon:
+      sigma = accounting.calibrate_noise_multiplier(
+          target_epsilon=config.target_epsilon, target_delta=config.target_delta,
+          releases=releases)
+    extra = {"l2_clip_norm": clip, "noise_multiplier": sigma, "mean_grad_norm_init": mean_norm}
+  clip, sigma = float(extra["l2_clip_norm"]), float(extra["noise_multiplier"])
+  frozen_server = math.isinf(sigma)
+  if frozen_server and progress:
+    progress("noise multiplier = inf: the server receives pure noise; its model stays at "
+             "initialisation (the utility floor of this topology)")
+  dp = training.DPConfig(np.float32(clip), np.float32(0.0 if frozen_server else sigma))
+
+  labels = None
+  if config.label_dp_epsilon:
+    rng = np.random.default_rng([config.seed, 7])
+    labels = label_dp.randomized_response(dataset.train.y, config.label_dp_epsilon, rng=rng)
+
+  def on_epoch_end(epoch, st, log):
+    history.append(log)
+    io.save_checkpoint(ckpt_path, st, metadata={
+        "fingerprint": fingerprint, "epoch": epoch + 1, "history": history, "extra": extra})
+    if kill_switch is not None:
+      kill_switch.tick()
+
+  fit_kwargs = dict(recipe=recipe, seed=config.seed, protocol_name=config.protocol, dp=dp,
+                    samples_per_device=config.samples_per_device,
+                    devices_per_round=config.devices_per_round, local_steps=config.local_steps,
+                    labels=labels, state=state, start_epoch=start_epoch,
+                    on_epoch_end=on_epoch_end, progress=progress)
+  if frozen_server:
+    fit_kwargs["freeze_server"] = True
+  if start_epoch >= recipe.epochs and (workdir / "metrics.json").exists():
+    return io.read_json(workdir / "metrics.json")
+  if start_epoch >= recipe.epochs:
+    # Finished training but died before writing results: redo the last epoch for its transcript.
+    raise ConfigError(f"{workdir} holds a finished checkpoint but no metrics.json: rerun with "
+                      "--overwrite to train again")
+  result = training.fit(model, dataset.train, **fit_kwargs)
+  state = result.state
+  test = training.evaluate(model, state, dataset.test)
+  write_transcript(workdir, result.transcript)
+  epoch_seconds = [h["seconds"] for h in history]
+  metrics = {
+      "dataset": config.dataset, "protocol": config.protocol, "recipe": config.recipe,
+      "topology": config.topology, "head": config.head, "seed": config.seed,
+      "epochs": recipe.epochs, "test_auc": test["auc"], "test_log_loss": test["log_loss"],
+      "test_accuracy": test["accuracy"], "train_loss": history[-1]["train_loss"],
+      "train_seconds": float(sum(epoch_seconds)),
+      "seconds_per_epoch": float(np.median(epoch_seconds)),
+      "num_train": len(dataset.train), "num_test": len(dataset.test),
+      "mean_grad_norm_init": extra["mean_grad_norm_init"],
+      "frozen_server": frozen_server,
+  }
+  metrics.update(accounting.privacy_report(
+      noise_multiplier=sigma, l2_clip_norm=clip, releases=releases, delta=config.target_delta,
+      label_epsilon=config.label_dp_epsilon or None))
+  io.atomic_write_json(workdir / "metrics.json", metrics)
+  return metrics
+
+
+def write_transcript(workdir: pathlib.Path, transcript: protocol.Transcript) -> None:
+  """Atomically writes the transcript arrays and the device parameters behind them."""
+  import io as _pyio
+  buf = _pyio.BytesIO()
+  np.savez_compressed(buf, **transcript.to_arrays())
+  io.save_checkpoint(workdir / "transcript_params.msgpack", transcript.device_params,
+                     metadata={"fingerprint": "transcript", "versions":
+                               int(jax.tree.leaves(transcript.device_params)[0].shape[0])})
+  io.atomic_write_bytes(workdir / "transcript.npz", buf.getvalue())
+
+
+class Restored:
+  """A trained workdir loaded back: config, data, model, final state, transcript."""
+
+  def __init__(self, workdir):
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "metrics.json").exists():
+      raise io.CheckpointError(f"no finished training run in {workdir}: run experiments.train "
+                               "with this --workdir first (or check the path)")
+    raw = io.read_json(workdir / "config.json")
+    fields = {f.name: f for f in dataclasses.fields(configs_base.TrainConfig)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
+    self.config = configs_base.TrainConfig(**kwargs)
+    self.workdir = workdir
+    self.metrics = io.read_json(workdir / "metrics.json")
+    self.dataset = load_data(self.config)
+    self.model = model_of(self.config, self.dataset)
+    cfg = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
+    fingerprint = io.fingerprint({"spec": self.model.spec.to_dict(), "config": cfg})
+    self.state, _ = io.restore_checkpoint(workdir / "checkpoint.msgpack",
+                                          _state_template(self.model, self.config),
+                                          fingerprint=fingerprint)
+
+  def transcript(self) -> protocol.Transcript:
+    path = self.workdir / "transcript.npz"
+    if not path.exists():
+      raise io.CheckpointError(f"no transcript in {self.workdir}: rerun experiments.train")
+    try:
+      arrays = dict(np.load(path))
+    except Exception as e:  # corrupted file
+      raise io.CheckpointError(f"transcript {path} is unreadable ({type(e).__name__}): rerun "
+                               "experiments.train with --overwrite") from None
+    versions = int(arrays["param_index"].max()) + 1 if len(arrays["param_index"]) else 1
+    template = jax.tree.map(lambda x: np.zeros((versions,) + x.shape, x.dtype),
+                            jax.device_get(self.state.device_params))
+    params, _ = io.restore_checkpoint(self.workdir / "transcript_params.msgpack", template,
+                                      fingerprint="transcript")
+    return protocol.Transcript(
+        h=arrays["h"], g=arrays["g"], example_index=arrays["example_index"],
+        param_index=arrays["param_index"], local_step=arrays["local_step"],
+        device_params=params, l2_clip_norm=float(arrays["l2_clip_norm"]),
+        noise_multiplier=float(arrays["noise_multiplier"]))

@@ -1,0 +1,302 @@
+"""Split models as pure ``(init, apply)`` functions: an embedding encoder and a DeepFM or MLP head.
+
+Two topologies (DESIGN.md §1):
+
+* ``device_top`` (the paper's): the server encodes its own features into the cut
+  activation ``h``; the device holds the private features and the label and runs
+  the head ``f_phi(h, x_priv)``.
+* ``device_bottom`` (classic split learning): the device encodes its private
+  features into ``a``; the server holds its features, the label and the head.
+
+In both, the *encoder* embeds categorical features (``embed_dim`` each) and
+concatenates the min-max scaled dense features; the *head* is a DeepFM (or a
+plain MLP) on the encoder output plus the head side's own features. The head's
+first DNN layer is factored as ``W_h h + sum_j T_j[x_j] + b`` with
+``T_j = E_j W_j`` (the embedding table of feature j already multiplied by its
+block of ``W``): mathematically the same as a dense layer on the concatenation,
+but under ``vmap`` over candidate ``x`` the ``W_h h`` term stays unbatched.
+
+All apply functions act on ONE example (unbatched); use ``jax.vmap`` for
+batches (:func:`SplitModel.encode_batch`, :func:`SplitModel.head_batch`).
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+HEADS = ("deepfm", "mlp")
+TOPOLOGIES = ("device_top", "device_bottom")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+  """Static description of a split model.
+
+  Attributes:
+    pub_cardinalities: cardinality of each server categorical feature (Sc).
+    num_pub_dense: number of server dense features (Sd).
+    priv_cardinalities: cardinality of each private categorical feature (Pc).
+    num_priv_dense: number of private dense features (Pd).
+    embed_dim: embedding width of every categorical field (8 in the paper).
+    hidden: widths of the head's DNN (ReLU).
+    head: ``'deepfm'`` (the paper's) or ``'mlp'``.
+    topology: ``'device_top'`` (the paper's) or ``'device_bottom'``.
+  """
+
+  pub_cardinalities: tuple[int, ...]
+  num_pub_dense: int
+  priv_cardinalities: tuple[int, ...]
+  num_priv_dense: int = 0
+  embed_dim: int = 8
+  hidden: tuple[int, ...] = (256, 128)
+  head: str = "deepfm"
+  topology: str = "device_top"
+
+  def __post_init__(self):
+    if self.head not in HEADS:
+      raise ValueError(f"unknown head {self.head!r}: choose one of {HEADS}")
+    if self.topology not in TOPOLOGIES:
+      raise ValueError(
+          f"unknown topology {self.topology!r}: choose one of {TOPOLOGIES}")
+    for name in ("pub_cardinalities", "priv_cardinalities"):
+      cards = getattr(self, name)
+      if any(int(c) < 1 for c in cards):
+        raise ValueError(f"{name} must all be >= 1, got {cards}")
+    if not self.priv_cardinalities and not self.num_priv_dense:
+      raise ValueError("the device needs at least one private feature")
+
+  @property
+  def encoder_side(self) -> str:
+    """Which party runs the encoder (the bottom)."""
+    return "server" if self.topology == "device_top" else "device"
+
+  @property
+  def cut_dim(self) -> int:
+    """Width d of the cut activation."""
+    cards, dense = self._encoder_features()
+    return len(cards) * self.embed_dim + dense
+
+  def _encoder_features(self):
+    if self.topology == "device_top":
+      return self.pub_cardinalities, self.num_pub_dense
+    return self.priv_cardinalities, self.num_priv_dense
+
+  def _head_features(self):
+    if self.topology == "device_top":
+      return self.priv_cardinalities, self.num_priv_dense
+    return self.pub_cardinalities, self.num_pub_dense
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+  def fingerprint(self) -> str:
+    """Short hash identifying the architecture (checked when restoring)."""
+    blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Encoder(nn.Module):
+  """Embeds categorical fields and appends dense features: one example -> [d]."""
+
+  cardinalities: tuple[int, ...]
+  num_dense: int
+  embed_dim: int = 8
+
+  @nn.compact
+  def __call__(self, cat, dense):
+    init = nn.initializers.normal(stddev=0.1)
+    parts = []
+    for j, card in enumerate(self.cardinalities):
+      table = self.param(f"emb_{j}", init, (card, self.embed_dim))
+      parts.append(table[cat[j]])
+    if self.num_dense:
+      parts.append(dense.astype(jnp.float32))
+    return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
+
+
+class Head(nn.Module):
+  """DeepFM or MLP head on the cut activation plus its own features -> logit.
+
+  Inputs (one example): ``h: [d]`` whose first ``num_h_fields * embed_dim``
+  entries are embedding fields (the rest dense), ``cat: [P] int32``,
+  ``dense: [Pd] float32``. Returns a scalar logit.
+  """
+
+  cardinalities: tuple[int, ...]
+  num_dense: int
+  num_h_fields: int
+  embed_dim: int = 8
+  hidden: tuple[int, ...] = (256, 128)
+  kind: str = "deepfm"
+
+  @nn.compact
+  def __call__(self, h, cat, dense):
+    e = self.embed_dim
+    emb_init = nn.initializers.normal(stddev=0.1)
+    dense_init = nn.initializers.lecun_normal()
+    width0 = self.hidden[0]
+    d_in_total = h.shape[-1] + len(self.cardinalities) * e + self.num_dense
+    # First DNN layer, factored: W_h h + sum_j T_j[x_j] + W_d dense + b.
+    w_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    w_h = self.param("dnn0_w_h", lambda k, s: w_init(k, s) * (h.shape[-1] / d_in_total) ** 0.5,
+                     (h.shape[-1], width0))
+    b0 = self.param("dnn0_b", nn.initializers.zeros, (width0,))
+    pre = h @ w_h + b0
+    fields = []
+    lin = jnp.zeros((), jnp.float32)
+    for j, card in enumerate(self.cardinalities):
+      table = self.param(f"emb_{j}", emb_init, (card, e))
+      w_j = self.param(f"dnn0_w_{j}", lambda k, s: w_init(k, s) * (e / d_in_total) ** 0.5,
+                       (e, width0))
+      pre = pre + (table @ w_j)[cat[j]]   # T_j[x_j], T_j computed once per call
+      fields.append(table[cat[j]])
+      if self.kind == "deepfm":
+        lin_j = self.param(f"lin_{j}", nn.initializers.zeros, (card,))
+        lin = lin + lin_j[cat[j]]
+    if self.num_dense:
+      dense = dense.astype(jnp.float32)
+      w_d = self.param("dnn0_w_dense", dense_init, (self.num_dense, width0))
+      pre = pre + dense @ w_d
+      if self.kind == "deepfm":
+        v_d = self.param("emb_dense", emb_init, (self.num_dense, e))
+        fields.append(dense[:, None] * v_d)
+        lin = lin + dense @ self.param("lin_dense", nn.initializers.zeros,
+                                       (self.num_dense,))
+    x = nn.relu(pre)
+    for i, width in enumerate(self.hidden[1:], start=1):
+      x = nn.relu(nn.Dense(width, name=f"dnn{i}")(x))
+    out = nn.Dense(1, name="dnn_out")(x)[0]
+    if self.kind == "mlp":
+      return out
+    # DeepFM linear term and FM over fields.
+    lin = lin + nn.Dense(1, name="lin_h")(h)[0]
+    h_fields = h[: self.num_h_fields * e].reshape(self.num_h_fields, e)
+    all_fields = [h_fields] + [f.reshape(-1, e) for f in fields]
+    v = jnp.concatenate(all_fields, axis=0)
+    s = v.sum(0)
+    fm = 0.5 * (s @ s - jnp.sum(v * v))
+    return out + lin + fm
+
+
+class SplitModel(NamedTuple):
+  """Pure functions of a split model (see module docstring).
+
+  ``encoder_apply(params, cat[P] int32, dense[Pd]) -> [d]`` and
+  ``head_apply(params, h[d], cat, dense) -> scalar logit`` act on one example.
+  In ``device_top`` the server owns the encoder and the device the head; in
+  ``device_bottom`` the other way round.
+  """
+
+  spec: ModelSpec
+  encoder_init: Callable[[jax.Array], Any]
+  encoder_apply: Callable[..., jax.Array]
+  head_init: Callable[[jax.Array], Any]
+  head_apply: Callable[..., jax.Array]
+
+  def encode_batch(self, params, cat, dense):
+    """``cat: [N, P], dense: [N, Pd] -> [N, d]``."""
+    return jax.vmap(self.encoder_apply, in_axes=(None, 0, 0))(params, cat, dense)
+
+  def head_batch(self, params, h, cat, dense):
+    """``h: [N, d], cat: [N, P], dense: [N, Pd] -> logits [N]``."""
+    return jax.vmap(self.head_apply, in_axes=(None, 0, 0, 0))(params, h, cat, dense)
+
+  # Names of the paper's orientation.
+  @property
+  def server_init(self):
+    return self.encoder_init if self.spec.topology == "device_top" else self.head_init
+
+  @property
+  def device_init(self):
+    return self.head_init if self.spec.topology == "device_top" else self.encoder_init
+
+
+@functools.lru_cache(maxsize=None)
+def make_model(spec: ModelSpec) -> SplitModel:
+  """Builds the pure functions of ``spec``.
+
+  Args:
+    spec: the architecture.
+
+  Returns:
+    A :class:`SplitModel`. Parameters are plain nested dicts of arrays.
+
+  Example:
+    >>> spec = ModelSpec(pub_cardinalities=(3, 4), num_pub_dense=2,
+    ...                  priv_cardinalities=(2, 5))
+    >>> model = make_model(spec)
+    >>> theta = model.encoder_init(jax.random.key(0))
+    >>> h = model.encoder_apply(theta, jnp.array([1, 2]), jnp.array([0.5, 0.1]))
+    >>> h.shape
+    (18,)
+  """
+  enc_cards, enc_dense = spec._encoder_features()
+  head_cards, head_dense = spec._head_features()
+  encoder = Encoder(cardinalities=tuple(enc_cards), num_dense=enc_dense,
+                    embed_dim=spec.embed_dim)
+  head = Head(cardinalities=tuple(head_cards), num_dense=head_dense,
+              num_h_fields=len(enc_cards), embed_dim=spec.embed_dim,
+              hidden=tuple(spec.hidden), kind=spec.head)
+  enc_example = (jnp.zeros((len(enc_cards),), jnp.int32),
+                 jnp.zeros((enc_dense,), jnp.float32))
+  head_example = (jnp.zeros((spec.cut_dim,), jnp.float32),
+                  jnp.zeros((len(head_cards),), jnp.int32),
+                  jnp.zeros((head_dense,), jnp.float32))
+
+  def encoder_init(key):
+    return encoder.init(key, *enc_example)["params"]
+
+  def encoder_apply(params, cat, dense):
+    return encoder.apply({"params": params}, cat, dense)
+
+  def head_init(key):
+    return head.init(key, *head_example)["params"]
+
+  def head_apply(params, h, cat, dense):
+    return head.apply({"params": params}, h, cat, dense)
+
+  return SplitModel(spec, encoder_init, encoder_apply, head_init, head_apply)
+
+
+def device_logit_fn(model: SplitModel, priv_dense=None) -> Callable[..., jax.Array]:
+  """The ``device_apply(params, h[d], x_priv[P] int32) -> logit`` EXACT expects.
+
+  Only for ``device_top``. Private dense features, if any, are fixed to
+  ``priv_dense`` (zeros by default); the hybrid attack handles them instead.
+  """
+  if model.spec.topology != "device_top":
+    raise ValueError("device_logit_fn needs topology='device_top'")
+  nd = model.spec.num_priv_dense
+  fixed = jnp.zeros((nd,), jnp.float32) if priv_dense is None else priv_dense
+  return _DeviceLogit(model.head_apply, fixed)
+
+
+class _DeviceLogit:
+  """Hashable callable so EXACT's compile cache recognises the same model."""
+
+  def __init__(self, head_apply, dense):
+    self._head_apply = head_apply
+    self._dense = dense
+
+  def __call__(self, params, h, x_priv):
+    return self._head_apply(params, h, x_priv, self._dense)
+
+  def __hash__(self):
+    return hash((self._head_apply, self._dense.shape))
+
+  def __eq__(self, other):
+    return (isinstance(other, _DeviceLogit) and other._head_apply is self._head_apply
+            and other._dense.shape == self._dense.shape
+            and bool(jnp.all(other._dense == self._dense)))
+
+
+def count_params(params) -> int:
+  """Number of scalars in a parameter pytree."""
+  return int(sum(x.size for x in jax.tree.leaves(params)))
