@@ -29,7 +29,7 @@ flags.DEFINE_integer("batch_size", 0, "Override the recipe's batch size (0 = rec
 flags.DEFINE_string("head", "deepfm", "deepfm or mlp.")
 flags.DEFINE_string("topology", "device_top", "device_top (the paper's) or device_bottom.")
 flags.DEFINE_integer("samples_per_device", 16, "FSL: examples per device.")
-flags.DEFINE_integer("devices_per_round", 64, "FSL: devices per round.")
+flags.DEFINE_integer("devices_per_round", 16, "FSL: devices per round.")
 flags.DEFINE_integer("local_steps", 2, "FSL: local steps per round.")
 flags.DEFINE_string("dp_clip", "none", "Cut-layer clip norm: a number, auto or none.")
 flags.DEFINE_float("dp_noise_multiplier", 0.0, "Cut-layer noise multiplier sigma (inf = frozen).")

@@ -398,7 +398,7 @@ class FitResult(NamedTuple):
 
 def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
         protocol_name: str = "sl", dp: DPConfig | None = None,
-        samples_per_device: int = 16, devices_per_round: int = 64, local_steps: int = 2,
+        samples_per_device: int = 16, devices_per_round: int = 16, local_steps: int = 2,
         labels: np.ndarray | None = None, state: TrainState | None = None,
         freeze_server: bool = False,
         start_epoch: int = 0, record_last_epoch: bool = True,

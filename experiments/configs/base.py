@@ -25,7 +25,7 @@ class TrainConfig:
   topology: str = "device_top"
   hidden: tuple[int, ...] = (256, 128)
   samples_per_device: int = 16
-  devices_per_round: int = 64
+  devices_per_round: int = 16
   local_steps: int = 2
   dp_clip: str = "none"
   dp_noise_multiplier: float = 0.0
