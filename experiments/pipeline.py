@@ -216,6 +216,22 @@ def write_transcript(workdir: pathlib.Path, transcript: protocol.Transcript) -> 
   io.atomic_write_bytes(workdir / "transcript.npz", buf.getvalue())
 
 
+def config_from_json(raw: dict) -> configs_base.TrainConfig:
+  """Rebuilds a TrainConfig from config.json (lists -> tuples, "inf" -> float)."""
+  defaults = configs_base.TrainConfig()
+  kwargs = {}
+  for f in dataclasses.fields(configs_base.TrainConfig):
+    if f.name not in raw:
+      continue
+    v, d = raw[f.name], getattr(defaults, f.name)
+    if isinstance(d, tuple):
+      v = tuple(v)
+    elif isinstance(d, float):
+      v = float(v)
+    kwargs[f.name] = v
+  return configs_base.TrainConfig(**kwargs)
+
+
 class Restored:
   """A trained workdir loaded back: config, data, model, final state, transcript."""
 
@@ -225,9 +241,7 @@ class Restored:
       raise io.CheckpointError(f"no finished training run in {workdir}: run experiments.train "
                                "with this --workdir first (or check the path)")
     raw = io.read_json(workdir / "config.json")
-    fields = {f.name: f for f in dataclasses.fields(configs_base.TrainConfig)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
-    self.config = configs_base.TrainConfig(**kwargs)
+    self.config = config_from_json(raw)
     self.workdir = workdir
     self.metrics = io.read_json(workdir / "metrics.json")
     self.dataset = load_data(self.config)

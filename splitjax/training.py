@@ -560,3 +560,9 @@ def replay_transcript(model, state: TrainState, split, *, dp: DPConfig | None = 
       param_index=np.zeros(n, np.int32), local_step=np.zeros(n, np.int32),
       device_params=params, l2_clip_norm=float(dp.l2_clip_norm),
       noise_multiplier=float(dp.noise_multiplier))
+
+
+@functools.lru_cache(maxsize=None)
+def make_predict_h(model: models.SplitModel):
+  """Jitted ``(encoder_params, cat [N, P], dense [N, Pd]) -> h [N, d]`` (the encoder side)."""
+  return jax.jit(lambda params, cat, dense: protocol.bottom_forward(model, params, cat, dense))

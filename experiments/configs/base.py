@@ -50,3 +50,26 @@ class AttackConfig:
   distance: str = "l2"
   knn_k: int = 30
   seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StudyConfig:
+  """One dataset's part of ``experiments.reproduce``.
+
+  ``train`` is the base training config; Table 1 trains it for every protocol
+  and recipe; the cut-layer and label-DP sweeps run on ``sweep_protocols`` with
+  the tuned recipe. Attacks use the first ``attack_examples`` test users
+  (0 = all) of the first seed's model.
+  """
+
+  train: TrainConfig
+  protocols: tuple[str, ...] = ("sl", "fsl")
+  recipes: tuple[str, ...] = ("tuned", "paper")
+  seeds: tuple[int, ...] = (0,)
+  attack_examples: int = 1000
+  sweep_protocols: tuple[str, ...] = ("sl",)
+  sigmas: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)
+  frozen: bool = True
+  target_epsilons: tuple[float, ...] = (4.0,)
+  label_epsilons: tuple[float, ...] = (1.0,)
+  variants: tuple[str, ...] = ("clip_aware", "bayes", "paper")

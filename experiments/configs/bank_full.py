@@ -1,0 +1,16 @@
+"""bank, full preset of the reproduction: every setting, 3 seeds, every test user attacked.
+
+Launch::
+
+  python -m experiments.reproduce --preset=full --datasets=bank --workdir=/tmp/splitjax_full
+"""
+
+from experiments.configs import base
+from experiments import sweeping
+
+
+def get_config() -> base.StudyConfig:
+  return base.StudyConfig(
+      train=base.TrainConfig(dataset="bank"), seeds=(0, 1, 2), attack_examples=0,
+      sweep_protocols=("sl", "fsl"), sigmas=sweeping.SIGMAS,
+      target_epsilons=sweeping.TARGET_EPSILONS, label_epsilons=sweeping.LABEL_EPSILONS)

@@ -1,0 +1,16 @@
+"""bank, quick preset of the reproduction (one seed, 1,000 attacked test users, 4 noise levels).
+
+Launch (all datasets)::
+
+  python -m experiments.reproduce --preset=quick --workdir=/tmp/splitjax_quick
+
+or this dataset alone::
+
+  python -m experiments.reproduce --preset=quick --datasets=bank --workdir=/tmp/splitjax_quick
+"""
+
+from experiments.configs import base
+
+
+def get_config() -> base.StudyConfig:
+  return base.StudyConfig(train=base.TrainConfig(dataset="bank"))

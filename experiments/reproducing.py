@@ -1,0 +1,353 @@
+"""The paper's study end to end: train, attack, sweep DP, and write REPORT.md + results.json.
+
+Layout of the output directory::
+
+  DIR/<dataset>/<protocol>_<recipe>/points/<point>/seed<k>/   train + attack workdirs
+  DIR/<dataset>/study.json                                     the dataset's finished results
+  DIR/results.json  DIR/REPORT.md  DIR/<dataset>_*.png
+
+Every piece resumes: training per epoch, attacks per block of users, the sweep
+per point, the study per dataset. Rerunning the same command after a kill
+continues where it stopped and writes the same report.
+"""
+
+import dataclasses
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from splitjax import io
+from experiments import pipeline
+from experiments import sweeping
+from experiments.configs import base as configs_base
+
+PAPER_SIGMA = 0.01
+
+
+def _group_dir(workdir, dataset, protocol, recipe) -> pathlib.Path:
+  return pathlib.Path(workdir) / dataset / f"{protocol}_{recipe}"
+
+
+def run_study(study: configs_base.StudyConfig, workdir, *, progress=print,
+              kill_switch=None) -> dict:
+  """Runs (or resumes) one dataset's study; returns its results dict (also study.json)."""
+  ds = study.train.dataset
+  out = pathlib.Path(workdir) / ds / "study.json"
+  if out.exists():
+    return _decode(io.read_json(out))
+  t0 = time.time()
+  res = {"dataset": ds, "table1": {}, "auc": {}, "sweeps": {}}
+  # Table 1: no DP, every protocol and recipe; attacks on the tuned recipe.
+  for proto in study.protocols:
+    for recipe in study.recipes:
+      cfg = dataclasses.replace(study.train, protocol=proto, recipe=recipe)
+      variants = ("clip_aware",) if recipe == "tuned" else ()
+      if progress:
+        progress(f"[reproduce] {ds}: {proto.upper()} {recipe} recipe, no DP")
+      row = sweeping.run_point(cfg, sweeping.Point("none"), _group_dir(workdir, ds, proto, recipe),
+                               seeds=study.seeds, variants=variants,
+                               num_examples=study.attack_examples, progress=None,
+                               kill_switch=kill_switch)
+      res["auc"][f"{proto}_{recipe}"] = row
+      if variants:
+        res["table1"][proto] = row
+  # Tables 2 and 3: cut-layer DP and label DP sweeps.
+  points = sweeping.default_points(study.sigmas, study.target_epsilons, study.label_epsilons,
+                                   frozen=study.frozen)
+  for proto in study.sweep_protocols:
+    cfg = dataclasses.replace(study.train, protocol=proto, recipe="tuned")
+    rows = []
+    for i, point in enumerate(points):
+      if progress:
+        progress(f"[reproduce] {ds}: {proto.upper()} sweep point {i + 1}/{len(points)} "
+                 f"({point.name})")
+      rows.append(sweeping.run_point(cfg, point, _group_dir(workdir, ds, proto, "tuned"),
+                                     seeds=study.seeds, variants=study.variants,
+                                     num_examples=study.attack_examples, progress=None,
+                                     kill_switch=kill_switch))
+    res["sweeps"][proto] = rows
+  spec = pipeline.model_of(study.train, pipeline.load_data(study.train)).spec
+  res["dims"] = [spec.cut_dim, len(spec.priv_cardinalities)]
+  res["cost"] = cost_summary(res, study)
+  res["seconds"] = time.time() - t0
+  io.atomic_write_json(out, res)
+  return _decode(io.read_json(out))  # the same values whether fresh or resumed
+
+
+def _decode(obj):
+  """JSON's "inf"/"-inf"/"nan" strings back to floats, recursively."""
+  if isinstance(obj, dict):
+    return {k: _decode(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_decode(v) for v in obj]
+  if obj in ("inf", "-inf", "nan"):
+    return float(obj)
+  return obj
+
+
+# ---------------------------------------------------------------- cost / roofline
+
+def analytic_flops_per_candidate(d: int, hidden: tuple[int, ...], num_features: int) -> int:
+  """FLOPs of one candidate's logit and dz/dh in the DeepFM head (candidate-dependent part).
+
+  Forward: first-layer table gathers (P x H0 adds), each later dense layer
+  (2 x in x out), the output (2 x H_last), the FM over fields (~ 3 x fields x 8).
+  Backward: the same dense layers transposed, plus ``W_h^T delta`` (2 x d x H0).
+  ``W_h h`` is shared by all candidates of a user and not counted.
+  """
+  h = list(hidden)
+  dense = sum(2 * a * b for a, b in zip(h[:-1], h[1:])) + 2 * h[-1]
+  fields = d // 8 + num_features
+  return int(num_features * h[0] + 2 * dense + 2 * d * h[0] + 6 * fields * 8 + 4 * h[0])
+
+
+_MATMUL = {}
+
+
+def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
+  """Measured dense float32 matmul FLOP/s of the default device (median of ``repeats``)."""
+  if n in _MATMUL:
+    return _MATMUL[n]
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  _MATMUL[n] = 2 * n**3 / float(np.median(times))
+  return _MATMUL[n]
+
+
+def cost_summary(res, study) -> dict:
+  cost = {}
+  peak = matmul_flops_per_second()
+  hidden = tuple(study.train.hidden)
+  for key, row in res["auc"].items():
+    cost[key] = {"seconds_per_epoch": row["seconds_per_epoch"], "epochs": row["epochs"]}
+    if row.get("attacks"):
+      cost[key].update({"attack_seconds": row["attack_seconds"],
+                        "attack_examples": row["attack_examples"],
+                        "candidates_per_second": row["candidates_per_second"]})
+  cost["matmul_flops_per_second"] = peak
+  return cost
+
+
+# ---------------------------------------------------------------- report
+
+def _acc(a) -> str:
+  return f"{a['accuracy']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]"
+
+
+def _num(x, nd=3) -> str:
+  if x is None:
+    return "–"
+  if isinstance(x, str):
+    return "∞" if x == "inf" else x
+  if isinstance(x, float) and math.isinf(x):
+    return "∞"
+  if abs(x) >= 1e4:
+    return f"{x:.3g}"
+  return f"{x:.{nd}f}"
+
+
+def table1(res) -> list[str]:
+  lines = ["| protocol | secret | EXACT accuracy [95% CI] | macro F1 | k-NN (server features) | "
+           "k-NN (h) | majority prior | ties |", "|---|---|---|---|---|---|---|---|"]
+  for proto, row in res["table1"].items():
+    for secret, a in row["attacks"]["clip_aware"].items():
+      lines.append(f"| {proto.upper()} | {secret} | {_acc(a)} | {a['macro_f1']:.3f} | "
+                   f"{a['knn_accuracy']:.3f} | {a['knn_h_accuracy']:.3f} | "
+                   f"{a['prior_accuracy']:.3f} | {row['ties']} |")
+  return lines
+
+
+def table_auc(res) -> list[str]:
+  lines = ["| protocol | recipe | test AUC (mean ± sd) | seeds | s/epoch | epochs |",
+           "|---|---|---|---|---|---|"]
+  for key, row in res["auc"].items():
+    proto, recipe = key.split("_", 1)
+    lines.append(f"| {proto.upper()} | {recipe} | {row['auc_mean']:.4f} ± {row['auc_sd']:.4f} | "
+                 f"{len(row['seeds'])} | {row['seconds_per_epoch']:.2f} | {row['epochs']} |")
+  return lines
+
+
+def table2(rows, no_dp_auc) -> list[str]:
+  rows = [r for r in rows if r["kind"] in ("none", "sigma", "target_epsilon")]
+  secrets = sweeping._secrets(rows)  # pylint: disable=protected-access
+  head = ["sigma", "C", "epsilon (train)", "attack epsilon", "mu (attack)", "AUC", "ΔAUC"]
+  head += [f"{s}: clip-aware / Bayes / paper (bound)" for s in secrets]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    sigma = "none (no DP)" if r["kind"] == "none" else _num(r["noise_multiplier"])
+    if r["kind"] == "sigma" and r["value"] == PAPER_SIGMA:
+      sigma += " (paper)"
+    if r["kind"] == "target_epsilon":
+      sigma += f" (target ε={r['value']:g})"
+    nm = float(r["noise_multiplier"])
+    mu1 = _num(2.0 / nm if nm else math.inf) if r["kind"] != "none" else "∞"
+    cells = [sigma, _num(r["l2_clip_norm"]), _num(r["epsilon"]), _num(r["attack_epsilon"]), mu1,
+             f"{r['auc_mean']:.4f} ± {r['auc_sd']:.4f}", f"{r['auc_mean'] - no_dp_auc:+.4f}"]
+    for s in secrets:
+      if not r["attacks"]:
+        cells.append("no signal: prior")
+        continue
+      parts = []
+      for v in ("clip_aware", "bayes", "paper"):
+        a = r["attacks"].get(v, {}).get(s)
+        parts.append(f"{a['accuracy']:.3f}" if a else "–")
+      ref = r["attacks"]["clip_aware"][s]
+      cells.append(" / ".join(parts) + f" ({ref['bound_marginal']:.3f})")
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def table3(rows, no_dp_auc) -> list[str]:
+  rows = [r for r in rows if r["kind"] == "label_dp"]
+  if not rows:
+    return ["(no label-DP points in this preset)"]
+  secrets = sweeping._secrets(rows)  # pylint: disable=protected-access
+  head = ["label ε", "AUC", "ΔAUC"] + [f"{s} (clip-aware) [CI]" for s in secrets] + \
+         ["label bound (randomized response)"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [f"{r['value']:g}", f"{r['auc_mean']:.4f} ± {r['auc_sd']:.4f}",
+             f"{r['auc_mean'] - no_dp_auc:+.4f}"]
+    for s in secrets:
+      cells.append(_acc(r["attacks"]["clip_aware"][s]))
+    cells.append(f"{r['attacks']['clip_aware']['label'].get('bound_label_dp', float('nan')):.3f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def table4(res, study, spec_dims) -> list[str]:
+  d, num_features = spec_dims
+  flops = analytic_flops_per_candidate(d, tuple(study.train.hidden), num_features)
+  peak = res["cost"]["matmul_flops_per_second"]
+  lines = ["| run | s/epoch | attack s | users | candidate gradients/s | roofline fraction |",
+           "|---|---|---|---|---|---|"]
+  for key, c in res["cost"].items():
+    if not isinstance(c, dict):
+      continue
+    if "candidates_per_second" in c:
+      grads = c["candidates_per_second"] / 2  # one gradient serves both labels
+      lines.append(f"| {key} | {c['seconds_per_epoch']:.2f} | {c['attack_seconds']:.2f} | "
+                   f"{c['attack_examples']} | {grads:.3g} | {grads * flops / peak:.1%} |")
+    else:
+      lines.append(f"| {key} | {c['seconds_per_epoch']:.2f} | – | – | – | – |")
+  lines.append("")
+  lines.append(f"Analytic FLOPs per candidate gradient: {flops:,}; measured float32 matmul "
+               f"throughput: {peak / 1e9:.1f} GFLOP/s. Timings vary from run to run.")
+  return lines
+
+
+def claims(results: dict) -> list[str]:
+  """The paper's claims, each judged from this run's numbers."""
+  lines = []
+  a_ok, b_ok, c_notes, d_notes, a_notes, b_notes = True, True, [], [], [], []
+  for ds, res in results["datasets"].items():
+    t1 = res["table1"].get("sl") or next(iter(res["table1"].values()))
+    acc = {s: a["accuracy"] for s, a in t1["attacks"]["clip_aware"].items()}
+    best_feature = max((s for s in acc if s != "label"), key=lambda s: acc[s])
+    a_here = acc["label"] >= 0.99 and acc[best_feature] >= 0.99
+    a_ok &= a_here
+    a_notes.append(f"{ds}: label {acc['label']:.3f}, best feature {best_feature} "
+                   f"{acc[best_feature]:.3f}, worst "
+                   f"{min(acc.values()):.3f}")
+    beats = {s: a["accuracy"] - max(a["knn_accuracy"], a["knn_h_accuracy"])
+             for s, a in t1["attacks"]["clip_aware"].items()}
+    b_here = all(v > 0 for v in beats.values())
+    b_ok &= b_here
+    b_notes.append(f"{ds}: smallest margin over k-NN {min(beats.values()):+.3f} "
+                   f"({min(beats, key=beats.get)})")
+    for proto, rows in res["sweeps"].items():
+      by = {r["point"]: r for r in rows}
+      none = by.get("no_dp")
+      clip_only, paper, frozen = by.get("sigma_0"), by.get(f"sigma_{PAPER_SIGMA:g}"), \
+          by.get("sigma_inf")
+      if paper and none:
+        pa = paper["attacks"]
+        near = {s: pa["clip_aware"][s]["accuracy"] - pa["clip_aware"][s]["prior_accuracy"]
+                for s in pa["clip_aware"]}
+        c_notes.append(
+            f"{ds} {proto.upper()}: at the paper's sigma = {PAPER_SIGMA} (training ε "
+            f"{_num(paper['epsilon'])}, attack ε {_num(paper['attack_epsilon'])}) the clip-aware "
+            f"attack is above the prior by " + ", ".join(f"{s} {v:+.3f}" for s, v in near.items())
+            + "; the paper's clip-unaware variant by "
+            + ", ".join(f"{s} {pa['paper'][s]['accuracy'] - pa['paper'][s]['prior_accuracy']:+.3f}"
+                        for s in pa["paper"])
+            + f"; AUC {paper['auc_mean'] - none['auc_mean']:+.4f} vs no DP")
+      if clip_only and none:
+        ca = clip_only["attacks"]
+        c_notes.append(
+            f"{ds} {proto.upper()}: clipping alone (sigma = 0): clip-aware "
+            + ", ".join(f"{s} {ca['clip_aware'][s]['accuracy']:.3f}" for s in ca["clip_aware"])
+            + "; paper's variant "
+            + ", ".join(f"{s} {ca['paper'][s]['accuracy']:.3f}" for s in ca["paper"]))
+      if frozen and none:
+        c_notes.append(f"{ds} {proto.upper()}: sigma = ∞ (server frozen at initialisation) "
+                       f"AUC {frozen['auc_mean']:.4f} vs {none['auc_mean']:.4f} without DP")
+      for r in rows:
+        if r["kind"] == "label_dp" and r["attacks"]:
+          ca = r["attacks"]["clip_aware"]
+          feats = [s for s in ca if s != "label"]
+          d_notes.append(
+              f"{ds} {proto.upper()} label ε = {r['value']:g}: label {ca['label']['accuracy']:.3f}"
+              f" (bound {ca['label'].get('bound_label_dp', float('nan')):.3f}, prior "
+              f"{ca['label']['prior_accuracy']:.3f}); features "
+              + ", ".join(f"{s} {ca[s]['accuracy']:.3f}" for s in feats))
+  lines.append(f"**(a) Without DP, gradients give near-perfect reconstruction of some private "
+               f"features and of the label** — {'supported' if a_ok else 'NOT supported'}: "
+               + "; ".join(a_notes) + ".")
+  lines.append("")
+  lines.append(f"**(b) Gradients beat the no-gradient attacker on every dataset** — "
+               f"{'supported' if b_ok else 'NOT supported'}: " + "; ".join(b_notes) + ".")
+  lines.append("")
+  lines.append("**(c) A small amount of cut-layer DP brings attacks near the prior with little AUC "
+               "loss** — judged against the clip-aware attack: " + "; ".join(c_notes) + ". "
+               "Where the clip-aware attack stays far above the prior at the paper's setting, "
+               "this run does not support the claim as stated: the paper's clip-unaware attack "
+               "is what falls, and most of its fall comes from clipping (sigma = 0 row), not "
+               "from noise. The epsilon of the paper's setting is astronomically large (see "
+               "Table 2): it is not a meaningful formal guarantee.")
+  lines.append("")
+  lines.append("**(d) Label DP protects the label but little of the private features** — "
+               + ("; ".join(d_notes) if d_notes else "no label-DP points in this preset") + ".")
+  return lines
+
+
+def write_report(results: dict, studies: dict, workdir) -> str:
+  workdir = pathlib.Path(workdir)
+  out = ["# splitjax reproduction of *Evaluating Privacy Leakage in Split Learning*",
+         "", f"Preset: `{results['preset']}`. Datasets: {', '.join(results['datasets'])}. "
+         "Attacked users: test users, each replayed once through the final model "
+         "(one release; attack epsilon has k = 1). Epsilons at delta = 1e-5, replace-one "
+         "neighbours, sensitivity 2C, no amplification by sampling. Accuracies with "
+         "Clopper-Pearson 95% intervals.", "", "## Claims checked", ""]
+  out += claims(results)
+  for ds, res in results["datasets"].items():
+    study = studies[ds]
+    out += ["", f"## {ds}", "", "### Table 1 — leakage without DP", ""] + table1(res)
+    out += ["", "Test AUC of the trained models:", ""] + table_auc(res)
+    none_auc = res["auc"].get("sl_tuned", next(iter(res["auc"].values())))["auc_mean"]
+    for proto, rows in res["sweeps"].items():
+      out += ["", f"### Table 2 — cut-layer DP ({proto.upper()})", "",
+              "Attack accuracy: clip-aware / Bayes / the paper's clip-unaware variant, and in "
+              "parentheses the bound from the marginal prior (not valid against an attacker "
+              "who knows h; the k-NN estimate is in results.json).", ""]
+      out += table2(rows, none_auc)
+      out += ["", f"### Table 3 — label DP ({proto.upper()})", ""] + table3(rows, none_auc)
+      figs = sweeping.plot(rows, workdir, f"{ds} {proto.upper()}")
+      for f in figs:
+        target = workdir / f"{ds}_{proto}_{f}"
+        (workdir / f).replace(target)
+        out += ["", f"![{ds} {proto} {f}]({target.name})"]
+    out += ["", "### Table 4 — cost", ""] + table4(res, study, res["dims"])
+  text = "\n".join(out) + "\n"
+  io.atomic_write_text(workdir / "REPORT.md", text)
+  return text

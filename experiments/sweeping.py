@@ -1,0 +1,260 @@
+"""The privacy / utility / leakage sweep: train and attack over cut-layer DP and label DP points.
+
+Each point is a TrainConfig derived from the base config; its models live in
+``DIR/points/<point>/seed<k>/`` (so a killed sweep resumes point by point, and
+each training run resumes epoch by epoch). The attacks (clip-aware, Bayes, and
+the paper's clip-unaware variant) run on the first seed's model; the AUC is
+reported as mean and sd over all seeds.
+"""
+
+import csv
+import dataclasses
+import io as _pyio
+import math
+import pathlib
+
+import numpy as np
+
+from splitjax import io
+from experiments import attacking
+from experiments import pipeline
+from experiments.configs import base as configs_base
+
+SIGMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+TARGET_EPSILONS = (1.0, 4.0, 16.0)
+LABEL_EPSILONS = (0.5, 1.0, 2.0, 4.0)
+ATTACK_VARIANTS = ("clip_aware", "bayes", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One sweep point: ``kind`` in none|sigma|target_epsilon|label_dp and its value."""
+
+  kind: str
+  value: float = 0.0
+
+  @property
+  def name(self) -> str:
+    if self.kind == "none":
+      return "no_dp"
+    v = "inf" if math.isinf(self.value) else f"{self.value:g}"
+    return f"{self.kind}_{v}"
+
+  def apply(self, config: configs_base.TrainConfig) -> configs_base.TrainConfig:
+    if self.kind == "none":
+      return dataclasses.replace(config, dp_clip="none", dp_noise_multiplier=0.0)
+    if self.kind == "sigma":
+      return dataclasses.replace(config, dp_clip="auto", dp_noise_multiplier=self.value)
+    if self.kind == "target_epsilon":
+      return dataclasses.replace(config, dp_clip="auto", target_epsilon=self.value)
+    if self.kind == "label_dp":
+      return dataclasses.replace(config, dp_clip="none", label_dp_epsilon=self.value)
+    raise ValueError(f"unknown sweep point kind {self.kind!r}")
+
+
+def default_points(sigmas=SIGMAS, target_epsilons=TARGET_EPSILONS,
+                   label_epsilons=LABEL_EPSILONS, frozen=True) -> list[Point]:
+  points = [Point("none")] + [Point("sigma", s) for s in sigmas]
+  if frozen:
+    points.append(Point("sigma", math.inf))
+  points += [Point("target_epsilon", e) for e in target_epsilons]
+  points += [Point("label_dp", e) for e in label_epsilons]
+  return points
+
+
+def run_point(base_config, point: Point, workdir: pathlib.Path, *, seeds, variants,
+              num_examples: int, progress=print, kill_switch=None) -> dict:
+  """Trains every seed and attacks the first seed's model; returns one summary row."""
+  aucs, metrics = [], None
+  for seed in seeds:
+    cfg = dataclasses.replace(point.apply(base_config), seed=seed)
+    wd = workdir / "points" / point.name / f"seed{seed}"
+    m = pipeline.train_workdir(cfg, wd, resume=True, progress=None, kill_switch=kill_switch)
+    aucs.append(m["test_auc"])
+    metrics = metrics or m
+  row = {"point": point.name, "kind": point.kind, "value": point.value,
+         "auc_mean": float(np.mean(aucs)), "auc_sd": float(np.std(aucs, ddof=1)) if len(aucs) > 1
+         else 0.0, "aucs": aucs, "seeds": list(seeds)}
+  row["seconds_per_epoch"] = metrics["seconds_per_epoch"]
+  row["epochs"] = metrics["epochs"]
+  for key in ("noise_multiplier", "l2_clip_norm", "releases", "mu", "epsilon", "attack_epsilon",
+              "delta", "label_epsilon", "total_epsilon"):
+    row[key] = metrics.get(key)
+  wd0 = workdir / "points" / point.name / f"seed{seeds[0]}"
+  row["attacks"] = {}
+  if point.kind == "sigma" and math.isinf(point.value):
+    row["attacks"] = None  # pure noise: the Bayes-optimal attacker falls back to the prior
+  else:
+    for variant in variants:
+      acfg = configs_base.AttackConfig(variant=variant, num_examples=num_examples)
+      rec = attacking.attack_workdir(wd0, acfg, resume=True, progress=None,
+                                     kill_switch=kill_switch)
+      row["attacks"][variant] = {
+          name: {k: r.get(k) for k in ("accuracy", "ci", "macro_f1", "prior_accuracy",
+                                       "knn_accuracy", "knn_h_accuracy", "bound_marginal",
+                                       "bound_knn", "bound_label_dp", "mu_hat")}
+          for name, r in list(rec["features"].items()) + [("label", rec["label"])]}
+      row["attack_seconds"] = rec["attack_seconds"]
+      row["attack_examples"] = rec["num_examples"]
+      row["candidates_per_second"] = rec["candidates_per_second"]
+      row["ties"] = rec["ties"]
+  if progress:
+    progress(f"[sweep] {point.name}: AUC {row['auc_mean']:.4f} +- {row['auc_sd']:.4f}, "
+             f"epsilon {row['epsilon']}")
+  return row
+
+
+def run_sweep(base_config, workdir, *, points, seeds=(0, 1, 2), variants=ATTACK_VARIANTS,
+              num_examples=0, progress=print, kill_switch=None) -> list[dict]:
+  """Runs (or resumes) every point; writes sweep.json, sweep.csv and sweep.md into workdir."""
+  workdir = io.ensure_workdir(workdir)
+  rows = []
+  for i, point in enumerate(points):
+    if progress:
+      progress(f"[sweep] point {i + 1}/{len(points)}: {point.name}")
+    rows.append(run_point(base_config, point, workdir, seeds=tuple(seeds), variants=variants,
+                          num_examples=num_examples, progress=progress, kill_switch=kill_switch))
+  io.atomic_write_json(workdir / "sweep.json", rows)
+  io.atomic_write_text(workdir / "sweep.csv", to_csv(rows))
+  io.atomic_write_text(workdir / "sweep.md", to_markdown(rows))
+  return rows
+
+
+def _secrets(rows):
+  for r in rows:
+    if r["attacks"]:
+      first = next(iter(r["attacks"].values()))
+      return list(first)
+  return []
+
+
+def _fmt(x, nd=4):
+  if x is None:
+    return ""
+  if isinstance(x, str):
+    return x
+  if isinstance(x, float) and math.isinf(x):
+    return "inf"
+  return f"{x:.{nd}g}" if abs(x) >= 1e4 else f"{x:.{nd}f}"
+
+
+def to_csv(rows) -> str:
+  """One CSV line per (point, variant, secret)."""
+  buf = _pyio.StringIO()
+  w = csv.writer(buf)
+  w.writerow(["point", "kind", "value", "noise_multiplier", "l2_clip_norm", "epsilon",
+              "attack_epsilon", "label_epsilon", "mu", "auc_mean", "auc_sd", "variant", "secret",
+              "accuracy", "ci_lo", "ci_hi", "prior_accuracy", "knn_accuracy", "bound_marginal",
+              "bound_knn", "mu_hat"])
+  for r in rows:
+    head = [r["point"], r["kind"], r["value"], r["noise_multiplier"], r["l2_clip_norm"],
+            r["epsilon"], r["attack_epsilon"], r.get("label_epsilon"), r["mu"], r["auc_mean"],
+            r["auc_sd"]]
+    if not r["attacks"]:
+      w.writerow(head + ["none"] + [""] * 9)
+      continue
+    for variant, secrets in r["attacks"].items():
+      for secret, s in secrets.items():
+        w.writerow(head + [variant, secret, s["accuracy"], s["ci"][0], s["ci"][1],
+                           s["prior_accuracy"], s["knn_accuracy"], s["bound_marginal"],
+                           s["bound_knn"], s.get("mu_hat")])
+  return buf.getvalue()
+
+
+def to_markdown(rows, variants=("clip_aware", "bayes", "paper")) -> str:
+  """Table: per point the epsilons, AUC and attack accuracy per secret for the named variants."""
+  secrets = _secrets(rows)
+  head = ["point", "sigma", "C", "epsilon (train)", "attack epsilon", "mu", "AUC"]
+  for v in variants:
+    head += [f"{s} ({v})" for s in secrets]
+  head += [f"{s} bound" for s in secrets]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [r["point"], _fmt(r["noise_multiplier"]), _fmt(r["l2_clip_norm"], 3),
+             _fmt(r["epsilon"], 3), _fmt(r["attack_epsilon"], 3), _fmt(r["mu"], 3),
+             f"{r['auc_mean']:.4f} ± {r['auc_sd']:.4f}"]
+    for v in variants:
+      for s in secrets:
+        a = (r["attacks"] or {}).get(v, {}).get(s)
+        cells.append(f"{a['accuracy']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]" if a
+                     else "prior")
+    for s in secrets:
+      a = next(iter((r["attacks"] or {"": {}}).values()), {}).get(s)
+      cells.append(f"{a['bound_marginal']:.3f}" if a else "")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows, out_dir, title: str) -> list[str]:
+  """PNG figures: attack accuracy vs epsilon (prior and bounds drawn) and AUC vs epsilon."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return []
+  out_dir = pathlib.Path(out_dir)
+  files = []
+  cut = [r for r in rows if r["kind"] in ("sigma", "target_epsilon") and r["attacks"]
+         and _finite(r["epsilon"])]
+  cut.sort(key=lambda r: float(r["epsilon"]))
+  secrets = _secrets(rows)
+  if cut and secrets:
+    fig, axes = plt.subplots(1, len(secrets), figsize=(3.2 * len(secrets), 3.2), squeeze=False)
+    eps = [float(r["attack_epsilon"]) for r in cut]
+    for ax, s in zip(axes[0], secrets):
+      for v, style in (("clip_aware", "o-"), ("bayes", "s--"), ("paper", "x:")):
+        acc = [r["attacks"].get(v, {}).get(s, {}).get("accuracy") for r in cut]
+        if all(a is not None for a in acc):
+          ax.plot(eps, acc, style, label=v)
+      prior = cut[0]["attacks"]["clip_aware"][s]["prior_accuracy"]
+      ax.axhline(prior, color="gray", lw=1, label="prior")
+      ax.plot(eps, [r["attacks"]["clip_aware"][s]["bound_marginal"] for r in cut], "k-",
+              lw=0.8, label="bound (marginal)")
+      ax.plot(eps, [r["attacks"]["clip_aware"][s]["bound_knn"] for r in cut], "k--",
+              lw=0.8, label="bound (k-NN est.)")
+      ax.set_xscale("log")
+      ax.set_title(s)
+      ax.set_xlabel("attack epsilon (delta 1e-5)")
+      ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("attack accuracy")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out_dir / "attack_vs_epsilon.png"
+    _save(fig, path)
+    files.append(path.name)
+    plt.close(fig)
+  if cut:
+    fig, ax = plt.subplots(figsize=(4, 3.2))
+    ax.errorbar([float(r["epsilon"]) for r in cut], [r["auc_mean"] for r in cut],
+                yerr=[r["auc_sd"] for r in cut], fmt="o-", label="cut-layer DP")
+    for r in rows:
+      if r["kind"] == "none":
+        ax.axhline(r["auc_mean"], color="green", lw=1, label="no DP")
+      if r["kind"] == "sigma" and math.isinf(r["value"]):
+        ax.axhline(r["auc_mean"], color="red", lw=1, label="sigma = inf (server frozen)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training epsilon (delta 1e-5)")
+    ax.set_ylabel("test AUC")
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = out_dir / "auc_vs_epsilon.png"
+    _save(fig, path)
+    files.append(path.name)
+    plt.close(fig)
+  return files
+
+
+def _finite(x) -> bool:
+  try:
+    return math.isfinite(float(x))
+  except (TypeError, ValueError):
+    return False
+
+
+def _save(fig, path):
+  buf = _pyio.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  io.atomic_write_bytes(path, buf.getvalue())
