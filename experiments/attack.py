@@ -15,16 +15,13 @@ from experiments import attacking
 from experiments import common
 from experiments.configs import base
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 flags.DEFINE_string("attack", "exact", "Attack name (see splitjax.attacks.ATTACKS).")
 flags.DEFINE_string("variant", "clip_aware", "clip_aware, paper (clip-unaware) or bayes.")
 flags.DEFINE_string("users", "test", "test (replayed once through the final model) or train "
                     "(the recorded last-epoch transcript).")
-flags.DEFINE_integer("num_examples", 0, "Attack only the first N users (0 = all).")
 flags.DEFINE_integer("top_k", 1, "Per-feature majority vote over the top-k candidates.")
 flags.DEFINE_string("distance", "l2", "l2 or cosine.")
 flags.DEFINE_integer("knn_k", 30, "k of the k-NN baselines.")
-flags.DEFINE_integer("seed", 0, "Seed of the DP noise of the replayed test release.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -32,7 +29,7 @@ def main(argv):
   del argv
   config = common.apply_flag_overrides(base.AttackConfig(),
                                        common.config_dict(base.AttackConfig()))
-  record = attacking.attack_workdir(_WORKDIR.value, config, resume=common.resume(),
+  record = attacking.attack_workdir(common.WORKDIR.value, config, resume=common.resume(),
                                     overwrite=common.overwrite(), kill_switch=common.KillSwitch())
   print(attacking.markdown_table(record))
 

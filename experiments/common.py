@@ -21,6 +21,15 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
 
+# Flags shared by several binaries are defined once here, so that every binary can be imported
+# in one process (the tests call each main(argv) in-process).
+WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (required).")
+CONFIG = flags.DEFINE_string("config", None, "Config name in experiments/configs or a .py path "
+                             "(default: the config named by --dataset).")
+DATASET = flags.DEFINE_string("dataset", "adult", "adult, bank, credit, taobao, csv or synthetic.")
+SEED = flags.DEFINE_integer("seed", 0, "Seed (parameters, data split and order, DP noise).")
+NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "Attack only the first N users (0 = all).")
+
 KILL_ENV = "SPLITJAX_TEST_KILL_AFTER"
 
 
@@ -104,12 +113,24 @@ def load_config(name_or_path: str, default_name: str, module_prefix: str = "expe
   return module.get_config()
 
 
+def load_train_config(name_or_path: str, default_name: str):
+  """A TrainConfig by name; a reproduce StudyConfig gives its base training config."""
+  if not name_or_path and not (pathlib.Path(__file__).parent / "configs"
+                                / f"{default_name}.py").exists():
+    # No config module for this dataset (csv, taobao, or a typo the loader reports).
+    from experiments.configs import base  # pylint: disable=g-import-not-at-top
+    return base.TrainConfig(dataset=default_name)
+  config = load_config(name_or_path, default_name)
+  return getattr(config, "train", config)
+
+
 def apply_flag_overrides(config, flag_names):
   """Replaces config fields whose flags were given explicitly on the command line."""
   fields = {f.name: f for f in dataclasses.fields(config)}
   updates = {}
   for name in flag_names:
-    if name in fields and name in FLAGS and FLAGS[name].present:
+    if name in fields and name in FLAGS and (FLAGS[name].present
+                                             or FLAGS[name].value != FLAGS[name].default):
       value = FLAGS[name].value
       if isinstance(getattr(config, name), tuple):
         value = tuple(type(getattr(config, name)[0])(v) if getattr(config, name) else v

@@ -193,7 +193,8 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
       "epochs": recipe.epochs, "test_auc": test["auc"], "test_log_loss": test["log_loss"],
       "test_accuracy": test["accuracy"], "train_loss": history[-1]["train_loss"],
       "train_seconds": float(sum(epoch_seconds)),
-      "seconds_per_epoch": float(np.median(epoch_seconds)),
+      # The first epoch includes compilation: leave it out when there are others.
+      "seconds_per_epoch": float(np.median(epoch_seconds[1:] or epoch_seconds)),
       "num_train": len(dataset.train), "num_test": len(dataset.test),
       "mean_grad_norm_init": extra["mean_grad_norm_init"],
       "frozen_server": frozen_server,

@@ -18,7 +18,6 @@ from splitjax import io
 from experiments import common
 from experiments import reproducing
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _PRESET = flags.DEFINE_string("preset", "quick", "quick, full or tiny (configs <dataset>_<preset>).")
 _DATASETS = flags.DEFINE_list("datasets", ["adult", "bank", "credit"], "Datasets to study.")
 _TAOBAO = flags.DEFINE_string("taobao_dir", "", "Directory with the Taobao files (adds taobao).")
@@ -35,7 +34,7 @@ def main(argv):
       study = dataclasses.replace(study, train=dataclasses.replace(study.train,
                                                                    data_path=_TAOBAO.value))
     studies[ds] = study
-  workdir = io.ensure_workdir(_WORKDIR.value)
+  workdir = io.ensure_workdir(common.WORKDIR.value)
   t0 = time.time()
   kill = common.KillSwitch()
   results = {"preset": _PRESET.value, "datasets": {}}

@@ -14,16 +14,12 @@ from absl import flags
 from experiments import common
 from experiments import sweeping
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_CONFIG = flags.DEFINE_string("config", None, "Base train config (default: --dataset's).")
-_DATASET = flags.DEFINE_string("dataset", "adult", "Dataset of the base config.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds per point.")
 _SIGMAS = flags.DEFINE_list("sigmas", [str(s) for s in sweeping.SIGMAS], "Noise multipliers.")
 _TARGETS = flags.DEFINE_list("target_epsilons", [str(e) for e in sweeping.TARGET_EPSILONS],
                              "Calibrated epsilons.")
 _LABEL = flags.DEFINE_list("label_epsilons", [str(e) for e in sweeping.LABEL_EPSILONS],
                            "Label-DP epsilons.")
-_NUM = flags.DEFINE_integer("num_examples", 0, "Attack the first N test users (0 = all).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -36,14 +32,14 @@ def _floats(values, flag):
 
 def main(argv):
   del argv
-  base = common.load_config(_CONFIG.value, _DATASET.value)
+  base = common.load_train_config(common.CONFIG.value, common.DATASET.value)
   points = sweeping.default_points(_floats(_SIGMAS.value, "sigmas"),
                                    _floats(_TARGETS.value, "target_epsilons"),
                                    _floats(_LABEL.value, "label_epsilons"))
   seeds = [int(s) for s in _floats(_SEEDS.value, "seeds")]
-  rows = sweeping.run_sweep(base, _WORKDIR.value, points=points, seeds=seeds,
-                            num_examples=_NUM.value, kill_switch=common.KillSwitch())
-  sweeping.plot(rows, _WORKDIR.value, base.dataset)
+  rows = sweeping.run_sweep(base, common.WORKDIR.value, points=points, seeds=seeds,
+                            num_examples=common.NUM_EXAMPLES.value, kill_switch=common.KillSwitch())
+  sweeping.plot(rows, common.WORKDIR.value, base.dataset)
   print(sweeping.to_markdown(rows))
 
 

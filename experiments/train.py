@@ -15,10 +15,6 @@ from experiments import common
 from experiments import pipeline
 from experiments.configs import base
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
-_CONFIG = flags.DEFINE_string("config", None, "Config name in experiments/configs or a .py path "
-                              "(default: the config named by --dataset).")
-flags.DEFINE_string("dataset", "adult", "adult, bank, credit, taobao, csv or synthetic.")
 flags.DEFINE_string("data_path", "", "File or directory for bank-full, taobao or csv data.")
 flags.DEFINE_list("private_dense", [], "Numeric columns moved to the device.")
 flags.DEFINE_enum("protocol", "sl", ["sl", "fsl"], "Split learning or federated split learning.")
@@ -36,19 +32,18 @@ flags.DEFINE_float("dp_noise_multiplier", 0.0, "Cut-layer noise multiplier sigma
 flags.DEFINE_float("target_epsilon", 0.0, "Calibrate sigma to this epsilon (0 = off).")
 flags.DEFINE_float("target_delta", 1e-5, "Delta of every reported epsilon.")
 flags.DEFINE_float("label_dp_epsilon", 0.0, "Randomized-response label DP epsilon (0 = off).")
-flags.DEFINE_integer("seed", 0, "Seed of parameters, data split and order, and DP noise.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
-  config = common.load_config(_CONFIG.value, flags.FLAGS.dataset)
+  config = common.load_train_config(common.CONFIG.value, common.DATASET.value)
   config = common.apply_flag_overrides(config, common.config_dict(base.TrainConfig()))
-  metrics = pipeline.train_workdir(config, _WORKDIR.value, resume=common.resume(),
+  metrics = pipeline.train_workdir(config, common.WORKDIR.value, resume=common.resume(),
                                    overwrite=common.overwrite(), kill_switch=common.KillSwitch())
   print(f"test AUC {metrics['test_auc']:.4f}  log-loss {metrics['test_log_loss']:.4f}  "
         f"accuracy {metrics['test_accuracy']:.4f}  epsilon {metrics['epsilon']}  "
-        f"({metrics['seconds_per_epoch']:.1f} s/epoch) -> {_WORKDIR.value}/metrics.json")
+        f"({metrics['seconds_per_epoch']:.1f} s/epoch) -> {common.WORKDIR.value}/metrics.json")
 
 
 if __name__ == "__main__":

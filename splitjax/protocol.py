@@ -147,7 +147,9 @@ class Transcript(NamedTuple):
   l2_clip_norm: float
   noise_multiplier: float
 
-  def __len__(self):
+  @property
+  def num_rows(self) -> int:
+    """Number of rows N (NamedTuple's own len() is its field count)."""
     return int(self.h.shape[0])
 
   def params_at(self, version: int):

@@ -56,7 +56,7 @@ def test_fsl_multiple_local_steps_differs_and_records_each_step():
   res = training.fit(MODEL, split, recipe=recipe, seed=0, protocol_name="fsl",
                      samples_per_device=8, devices_per_round=2, local_steps=3, progress=None)
   tr = res.transcript
-  assert len(tr) == 3 * 40  # every example sends one g per local step
+  assert tr.num_rows == 3 * 40  # every example sends one g per local step
   assert sorted(set(tr.local_step.tolist())) == [0, 1, 2]
   assert np.array_equal(np.sort(tr.example_index[tr.local_step == 0]), np.arange(40))
   versions = jax.tree.leaves(tr.device_params)[0].shape[0]
@@ -68,7 +68,7 @@ def test_sl_transcript_rows_are_what_the_step_sent():
   split = _split(40)
   res = training.fit(MODEL, split, recipe=recipe, seed=1, progress=None)
   tr = res.transcript
-  assert len(tr) == 40 and np.array_equal(np.sort(tr.example_index), np.arange(40))
+  assert tr.num_rows == 40 and np.array_equal(np.sort(tr.example_index), np.arange(40))
   # Recompute one row's g from the recorded device parameters: same value.
   i = 5
   ex = tr.example_index[i]

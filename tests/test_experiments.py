@@ -1,0 +1,153 @@
+"""Smoke tests of every binary's main(argv) on the tiny synthetic config, and kill/resume."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+
+from experiments import attack as attack_bin
+from experiments import common
+from experiments import reproduce as reproduce_bin
+from experiments import sweep as sweep_bin
+from experiments import train as train_bin
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(config="synthetic_tiny")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("train")
+  with flagsaver.flagsaver(workdir=str(workdir), **TINY):
+    train_bin.main([])
+  return workdir
+
+
+def test_train_writes_metrics_checkpoint_and_transcript(trained):
+  metrics = json.loads((trained / "metrics.json").read_text())
+  for key in ("test_auc", "test_log_loss", "test_accuracy", "epochs", "train_seconds", "seed",
+              "noise_multiplier", "l2_clip_norm", "releases", "sensitivity",
+              "neighbouring_relation", "mu", "epsilon", "attack_epsilon", "device_epsilon",
+              "total_epsilon", "delta"):
+    assert key in metrics, key
+  assert 0.0 <= metrics["test_auc"] <= 1.0
+  assert metrics["epochs"] == 2 and metrics["epsilon"] == "inf"
+  assert (trained / "checkpoint.msgpack").exists()
+  with np.load(trained / "transcript.npz") as z:
+    assert z["h"].shape == z["g"].shape
+    assert len(z["example_index"]) == metrics["num_train"]
+
+
+def test_attack_recovers_everything_without_dp(trained):
+  with flagsaver.flagsaver(workdir=str(trained), num_examples=30):
+    attack_bin.main([])
+  rec = json.loads((trained / "attack.json").read_text())
+  for key in ("dataset", "attack", "variant", "users", "num_examples", "features", "label", "ties",
+              "seconds", "candidates_per_second", "epsilon", "attack_epsilon", "mu"):
+    assert key in rec, key
+  assert rec["num_examples"] == 30
+  for name, r in list(rec["features"].items()) + [("label", rec["label"])]:
+    for key in ("accuracy", "ci", "macro_f1", "prior_accuracy", "knn_accuracy",
+                "bound_marginal", "bound_knn"):
+      assert key in r, (name, key)
+    # No DP: exact recovers every secret up to reported ties.
+    assert r["accuracy"] >= 1.0 - rec["ties"] / 30, name
+  assert "mu_hat" in rec["label"]
+
+
+def test_attack_train_users_and_paper_variant(trained):
+  with flagsaver.flagsaver(workdir=str(trained), users="train", variant="paper",
+                           num_examples=40):
+    attack_bin.main([])
+  rec = json.loads((trained / "attack_exact_paper_train.json").read_text())
+  assert rec["users"] == "train" and rec["num_examples"] == 40
+  assert rec["label"]["accuracy"] >= 1.0 - rec["ties"] / 40
+  # The default attack.json of the other test is untouched by this configuration.
+  assert json.loads((trained / "attack.json").read_text())["variant"] == "clip_aware"
+
+
+def test_sweep_writes_csv_and_table(tmp_path):
+  with flagsaver.flagsaver(workdir=str(tmp_path), seeds=["0"], sigmas=["1.0"],
+                           target_epsilons=[], label_epsilons=[], num_examples=20, **TINY):
+    sweep_bin.main([])
+  text = (tmp_path / "sweep.csv").read_text().splitlines()
+  header = text[0].split(",")
+  assert header[:3] == ["point", "kind", "value"]
+  points = {line.split(",")[0] for line in text[1:]}
+  assert points == {"no_dp", "sigma_1", "sigma_inf"}
+  assert (tmp_path / "sweep.md").read_text().count("\n") >= 5
+
+
+def _strip_cost(report: str) -> str:
+  """The report without Table 4 (wall-clock timings differ between runs)."""
+  return re.sub(r"### Table 4 — cost.*?(?=\n## |\Z)", "", report, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reproduce")
+  with flagsaver.flagsaver(workdir=str(workdir), preset="tiny", datasets=["synthetic"]):
+    reproduce_bin.main([])
+  return workdir
+
+
+def test_reproduce_tiny_report_and_results_schema(tiny_report):
+  report = (tiny_report / "REPORT.md").read_text()
+  for heading in ("## Claims checked", "### Table 1", "### Table 2", "### Table 3",
+                  "### Table 4", "**(a)", "**(b)", "**(c)", "**(d)"):
+    assert heading in report, heading
+  results = json.loads((tiny_report / "results.json").read_text())
+  assert results["preset"] == "tiny"
+  ds = results["datasets"]["synthetic"]
+  assert set(ds["table1"]) == {"sl", "fsl"}
+  sweep = ds["sweeps"]["sl"]
+  assert [r["point"] for r in sweep] == ["no_dp", "sigma_0", "sigma_1", "sigma_inf", "label_dp_1"]
+  for row in sweep:
+    assert {"auc_mean", "auc_sd", "epsilon", "attack_epsilon", "attacks"} <= set(row)
+  no_dp = sweep[0]["attacks"]["clip_aware"]
+  assert all(v["accuracy"] == 1.0 for v in no_dp.values())
+
+
+def _run(args, workdir, env_extra=None):
+  env = dict(os.environ)
+  env.pop(common.KILL_ENV, None)
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", *args, f"--workdir={workdir}"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_reproduce_killed_then_resumed_equals_uninterrupted(tiny_report, tmp_path):
+  args = ["experiments.reproduce", "--preset=tiny", "--datasets=synthetic"]
+  killed = _run(args, tmp_path, {common.KILL_ENV: "9"})
+  assert killed.returncode == 75, killed.stderr[-2000:]
+  assert not (tmp_path / "REPORT.md").exists()
+  resumed = _run(args, tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  want = _strip_cost((tiny_report / "REPORT.md").read_text())
+  got = _strip_cost((tmp_path / "REPORT.md").read_text())
+  if got != want:
+    import difflib
+    diff = "\n".join(difflib.unified_diff(want.splitlines(), got.splitlines(), lineterm=""))
+    pytest.fail(f"resumed report differs from the uninterrupted one:\n{diff}")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["experiments.train", "--dataset=nope"], "unknown dataset"),
+    (["experiments.train", "--config=synthetic_tiny", "--dp_noise_multiplier=-1"],
+     "dp_noise_multiplier"),
+    (["experiments.train", "--config=synthetic_tiny", "--dp_clip=0"], "dp_clip"),
+    (["experiments.train", "--config=synthetic_tiny", "--target_delta=2"], "target_delta"),
+    (["experiments.attack"], "no finished training run"),
+])
+def test_bad_input_one_line_no_traceback(tmp_path, args, message):
+  res = _run(args, tmp_path / "w")
+  assert res.returncode == 2, res.stderr[-2000:]
+  lines = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], res.stderr[-2000:]
+  assert "Traceback" not in res.stderr
