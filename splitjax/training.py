@@ -400,7 +400,7 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
         protocol_name: str = "sl", dp: DPConfig | None = None,
         samples_per_device: int = 16, devices_per_round: int = 16, local_steps: int = 2,
         labels: np.ndarray | None = None, state: TrainState | None = None,
-        freeze_server: bool = False,
+        freeze_server: bool = False, data_parallel: bool | None = None,
         start_epoch: int = 0, record_last_epoch: bool = True,
         on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
         progress: Callable[[str], None] | None = print) -> FitResult:
@@ -418,6 +418,11 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
       them once, before training).
     freeze_server: keep the server's parameters at initialisation (what
       ``noise_multiplier = inf`` means: the server learns nothing from ``g``).
+    data_parallel: shard every batch over all devices along a 1-D mesh axis
+      ``'data'`` (the state is replicated; XLA inserts the reductions). None =
+      whenever there is more than one device and the batch (FSL: devices per
+      round) divides evenly. Results equal the single-device ones up to
+      floating-point summation order.
     state: resume from this state (``start_epoch`` epochs already done).
     start_epoch: first epoch to run.
     record_last_epoch: keep the last epoch's transcript.
@@ -445,6 +450,10 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     round_fn = make_fsl_round(model, tx_server, tx, local_steps)
     partition = device_partition(len(train_split), samples_per_device, seed)
     steps_per_epoch = math.ceil(partition.shape[0] / devices_per_round)
+  shard = _data_sharding(data_parallel, recipe.batch_size if protocol_name == "sl"
+                         else devices_per_round)
+  if shard is not None:
+    state = put_global(state, shard.replicated)
   history, transcript = [], None
   t_all = time.time()
   for epoch in range(start_epoch, recipe.epochs):
@@ -457,6 +466,8 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     if protocol_name == "sl":
       it = sl_batches(train_split, recipe.batch_size, seed, epoch)
       for i, batch in enumerate(it):
+        if shard is not None:
+          batch = put_global(batch, shard.batch)
         if rec is not None:
           rec.add_params(state.device_params)
         state, loss, h, g = step_fn(state, batch, dp)
@@ -468,19 +479,22 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     else:
       for i, (batch, dmask) in enumerate(
           fsl_rounds(train_split, partition, devices_per_round, seed, epoch)):
+        if shard is not None:
+          batch, dmask = put_global((batch, dmask), shard.batch)
         if rec is not None:
           rec.add_params(state.device_params)
         state, loss, hs, gs = round_fn(state, batch, dmask, dp)
         losses.append(jnp.mean(loss))
         if rec is not None:
-          flat_mask = batch.mask.reshape(-1)
-          flat_index = batch.index.reshape(-1)
+          flat_mask = to_host(batch.mask).reshape(-1)
+          flat_index = to_host(batch.index).reshape(-1)
+          hs, gs = to_host(hs), to_host(gs)
           for t in range(local_steps):
             rec.add(hs[t].reshape(-1, hs.shape[-1]), gs[t].reshape(-1, gs.shape[-1]),
                     flat_index, flat_mask, np.full(len(flat_mask), t, np.int32))
         if bar:
           bar(i + 1)
-    loss = float(np.mean(np.asarray(jax.device_get(losses)))) if losses else float("nan")
+    loss = float(np.mean([to_host(x) for x in losses])) if losses else float("nan")
     if not np.isfinite(loss):
       raise FloatingPointError(f"training loss became {loss} in epoch {epoch + 1}: "
                                "lower the learning rate or check the data for extreme values")
@@ -493,6 +507,54 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
   return FitResult(state, transcript, history, time.time() - t_all)
 
 
+class _Sharding(NamedTuple):
+  batch: jax.sharding.NamedSharding       # axis 0 split over the 'data' mesh axis
+  replicated: jax.sharding.NamedSharding  # every device holds a copy
+
+
+def _data_sharding(data_parallel: bool | None, leading: int) -> _Sharding | None:
+  """Shardings of a 1-D ``'data'`` mesh over all devices, or None for one device."""
+  n = jax.device_count()
+  if data_parallel is False or n == 1:
+    return None
+  if leading % n:
+    if data_parallel:
+      raise ValueError(f"data_parallel needs the batch axis ({leading}) to be a multiple of "
+                       f"the {n} devices: change the batch size (FSL: devices_per_round)")
+    return None
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  P = jax.sharding.PartitionSpec
+  return _Sharding(jax.sharding.NamedSharding(mesh, P("data")),
+                   jax.sharding.NamedSharding(mesh, P()))
+
+
+def put_global(tree, sharding):
+  """Places host values (identical on every process) as global arrays with ``sharding``.
+
+  Works with one process (like ``jax.device_put``) and under ``jax.distributed``
+  with several, where each process supplies the shards its own devices hold.
+  Typed PRNG keys travel as their key data.
+  """
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)
+      data = put(jax.random.key_data(x))
+      return jax.random.wrap_key_data(data, impl=impl)
+    arr = np.asarray(to_host(x))
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+  return jax.tree.map(put, tree)
+
+
+def to_host(x):
+  """The full value of a (possibly multi-process, sharded) array as numpy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 class _Recorder:
   """Accumulates the cut-layer traffic of one epoch on the host."""
 
@@ -501,15 +563,15 @@ class _Recorder:
     self.params = []
 
   def add_params(self, params):
-    self.params.append(jax.device_get(params))
+    self.params.append(jax.tree.map(to_host, params))
 
   def add(self, h, g, index, mask, local_step):
-    keep = np.asarray(mask) > 0
-    self.h.append(np.asarray(h)[keep])
-    self.g.append(np.asarray(g)[keep])
-    self.index.append(np.asarray(index)[keep])
+    keep = to_host(mask) > 0
+    self.h.append(to_host(h)[keep])
+    self.g.append(to_host(g)[keep])
+    self.index.append(to_host(index)[keep])
     self.pidx.append(np.full(int(keep.sum()), len(self.params) - 1, np.int32))
-    self.local.append(np.asarray(local_step)[keep])
+    self.local.append(to_host(local_step)[keep])
 
   def finish(self, dp: DPConfig) -> protocol.Transcript:
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *self.params)
@@ -566,3 +628,15 @@ def replay_transcript(model, state: TrainState, split, *, dp: DPConfig | None = 
 def make_predict_h(model: models.SplitModel):
   """Jitted ``(encoder_params, cat [N, P], dense [N, Pd]) -> h [N, d]`` (the encoder side)."""
   return jax.jit(lambda params, cat, dense: protocol.bottom_forward(model, params, cat, dense))
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+  """``jax.distributed.initialize`` for multi-host runs (CPU collectives over gloo).
+
+  Every process runs the same program on the same data; :func:`fit` with
+  ``data_parallel`` then shards each batch across all processes' devices.
+  """
+  if jax.default_backend() == "cpu" or "cpu" in str(jax.config.jax_platforms or ""):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
