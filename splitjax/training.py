@@ -636,7 +636,7 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
   Every process runs the same program on the same data; :func:`fit` with
   ``data_parallel`` then shards each batch across all processes' devices.
   """
-  if jax.default_backend() == "cpu" or "cpu" in str(jax.config.jax_platforms or ""):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Must run before any backend starts; only the CPU client reads this option.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
