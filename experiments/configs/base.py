@@ -33,6 +33,7 @@ class TrainConfig:
   target_delta: float = 1e-5
   label_dp_epsilon: float = 0.0
   seed: int = 0
+  split_seed: int = 0  # the 90/10 split (and synthetic data) is fixed across training seeds
   # synthetic dataset only
   synthetic_examples: int = 2000
   synthetic_correlation: float = 0.0

@@ -1,0 +1,35 @@
+"""Attacks on the cut layer (EXACT) and baselines without gradients, looked up by name."""
+
+from typing import Any, Callable
+
+# Note: the function `exact` below shadows the submodule of the same name in this namespace; reach
+# the module with importlib.import_module('splitjax.attacks.exact').
+from splitjax.attacks import baselines
+from splitjax.attacks.baselines import KnnResult
+from splitjax.attacks.baselines import PriorResult
+from splitjax.attacks.baselines import knn
+from splitjax.attacks.baselines import majority_prior
+from splitjax.attacks.baselines import server_feature_matrix
+from splitjax.attacks.exact import DISTANCES
+from splitjax.attacks.exact import AttackError
+from splitjax.attacks.exact import ExactResult
+from splitjax.attacks.exact import candidate_table
+from splitjax.attacks.exact import exact
+
+# Name -> attack function (array API). The transcript-level runner wraps these.
+ATTACKS: dict[str, Callable[..., Any]] = {
+    'exact': exact,
+    'majority_prior': majority_prior,
+    'knn': knn,
+}
+
+
+def run(name: str, **kwargs) -> Any:
+  """Runs the attack registered under `name` with keyword arguments.
+
+  Raises:
+    AttackError (a ValueError): `name` is not in ATTACKS (the message lists the valid names).
+  """
+  if name not in ATTACKS:
+    raise AttackError(f'unknown attack {name!r}; valid names: {sorted(ATTACKS)}.')
+  return ATTACKS[name](**kwargs)

@@ -1,0 +1,699 @@
+"""EXACT: score every candidate of the private features and the label against an observed cut gradient.
+
+The device sends `g = l'(z, y) * dz/dh` for its own example (DESIGN.md §1). For binary cross-entropy
+`l'(z, y) = sigmoid(z) - y`, so `dz/dh` depends on the private features `x_priv` but not on the
+label: one reverse-mode pass per private candidate serves every candidate label. `exact` enumerates
+all `prod(cardinalities)` private candidates once (a `[C, P]` int32 table in `itertools.product`
+order), computes `z` and `dz/dh` for all of them and for many users in one jitted computation
+(`vmap` over candidates inside `vmap` over users, so the parts of the model that depend on `h` only,
+e.g. `W_h h`, are computed once per user), simulates what the device would have sent for every
+`(candidate, label)` pair — clipped with the public clip norm when the attack is clip-aware — and
+returns the nearest pair, a per-feature top-k vote, or the Bayes-optimal per-feature answer under
+Gaussian noise.
+
+Users are processed in fixed-size chunks (the last one padded, so any number of users beyond a
+small power-of-two bucket reuses one compiled function), several chunks per jitted call through
+`lax.map`, and sharded across devices (`shard_map` over a 1-D mesh 'users') when there are several.
+Users may come from different parameter versions (`param_index`, e.g. training users of a
+transcript). The compiled function is cached per (device_apply, cardinalities, options, devices):
+calling `exact` again with the same model and shapes does not retrace or recompile.
+
+References:
+  Qiu, Leontiadis, Melis, Sablayrolles, Stock. Evaluating Privacy Leakage in Split Learning.
+  arXiv:2305.12997 (EXACT).
+"""
+
+import functools
+import itertools
+import math
+import numbers
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Tie tolerance: a (candidate, label) pair is tied with the best when its score is within
+# TIE_RTOL * scale + TIE_ATOL of the best score, where `scale` is the score the zero gradient would
+# get (l2: ||g_obs||; cosine: 1; Bayes: ||g_obs||^2 / (2 noise_stddev^2) nats). Float32 rounding of
+# the simulated gradient is ~1e-7 relative, so 1e-6 covers the recomputation error with margin.
+TIE_RTOL = 1e-6
+TIE_ATOL = 1e-7
+
+# Peak working memory targeted per compiled chunk, and the preferred number of (user, candidate)
+# rows vmapped together per device: on CPU ~4k rows keep the activations cache-resident (from
+# benchmarks/exact_throughput.py's chunk-size sweep on 2 cores); accelerators want larger batches
+# (the memory budget still caps them).
+MEMORY_BUDGET_BYTES = 2 * 1024**3
+TARGET_ROWS_PER_CHUNK = {'cpu': 2**12}
+TARGET_ROWS_PER_CHUNK_DEFAULT = 2**17
+# Users per jitted call per device (several chunks run in sequence through lax.map), amortising
+# dispatch and host transfers.
+TARGET_USERS_PER_CALL = {'cpu': 256}
+TARGET_USERS_PER_CALL_DEFAULT = 2**14
+# Safety factor applied to the traced per-candidate intermediate sizes.
+_MEMORY_FACTOR = 1.5
+
+
+class AttackError(ValueError):
+  """An attack argument is invalid; the message names the argument, its value or shape, and the fix."""
+
+
+class ExactResult(NamedTuple):
+  """What `exact` recovers for each of N users (numpy arrays on the host).
+
+  Attributes:
+    features: [N, P] int32, the answer per private feature: the nearest pair's features (top_k=1),
+      the per-feature majority of the top_k nearest pairs, or, with noise, the argmax of each
+      feature's marginal posterior.
+    labels: [N] int32, the answer for the label, chosen the same way.
+    distances: [N] float32, distance (under `distance`; l2 in the Bayes variant) from the observed
+      gradient to the simulated gradient of the best pair (`map_features`, `map_labels`).
+    num_ties: [N] int32, number of (candidate, label) pairs whose score is within the tie tolerance
+      of the best score, the best included (1 = unique; see TIE_RTOL, TIE_ATOL).
+    gap: [N] float32, second-best minus best score (distance units; nats of negative log posterior in
+      the Bayes variant); inf when there is a single pair.
+    map_features: [N, P] int32, the features of the single best pair (nearest / joint MAP).
+    map_labels: [N] int32, the label of the single best pair.
+    feature_posteriors: None, or a tuple of P arrays [N, K_j] float32: marginal posteriors with
+      noise, vote fractions of the top_k pairs when top_k > 1.
+    label_posterior: None, or [N, num_labels] float32, likewise.
+  """
+  features: np.ndarray
+  labels: np.ndarray
+  distances: np.ndarray
+  num_ties: np.ndarray
+  gap: np.ndarray
+  map_features: np.ndarray
+  map_labels: np.ndarray
+  feature_posteriors: tuple[np.ndarray, ...] | None = None
+  label_posterior: np.ndarray | None = None
+
+
+def l2_distance(g_obs: jax.Array, g_cand: jax.Array) -> jax.Array:
+  """Euclidean distance over the last axis (broadcasting): `||g_cand - g_obs||`."""
+  return jnp.sqrt(jnp.sum(jnp.square(g_cand - g_obs), axis=-1))
+
+
+def cosine_distance(g_obs: jax.Array, g_cand: jax.Array) -> jax.Array:
+  """`1 - cos(g_obs, g_cand)` over the last axis (broadcasting); a zero vector has cosine 0."""
+  dot = jnp.sum(g_obs * g_cand, axis=-1)
+  norms = jnp.linalg.norm(g_obs, axis=-1) * jnp.linalg.norm(g_cand, axis=-1)
+  tiny = jnp.finfo(dot.dtype).tiny
+  return 1.0 - jnp.where(norms > tiny, dot / jnp.maximum(norms, tiny), 0.0)
+
+
+# Name -> pure function `(g_obs [..., d], g_cand [..., d]) -> [...]` (broadcasting).
+DISTANCES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    'l2': l2_distance,
+    'cosine': cosine_distance,
+}
+
+
+def candidate_table(cardinalities: Sequence[int]) -> np.ndarray:
+  """All private candidates, [prod(cardinalities), P] int32, in `itertools.product` order.
+
+  The first feature varies slowest, so a flat candidate index reshapes to `cardinalities`.
+
+  Example:
+    >>> candidate_table((2, 3)).tolist()
+    [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+  """
+  cards = _check_cardinalities(cardinalities)
+  num = math.prod(cards)
+  table = np.fromiter(itertools.chain.from_iterable(itertools.product(*map(range, cards))),
+                      dtype=np.int32, count=num * len(cards))
+  return table.reshape(num, len(cards))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check_cardinalities(cardinalities) -> tuple[int, ...]:
+  if isinstance(cardinalities, numbers.Integral):
+    raise AttackError(f'cardinalities must be a sequence of ints (one per private feature), got the '
+                      f'int {cardinalities!r}; pass e.g. ({cardinalities},).')
+  try:
+    cards = tuple(cardinalities)
+  except TypeError:
+    raise AttackError(f'cardinalities must be a sequence of ints, got {cardinalities!r}.') from None
+  for j, k in enumerate(cards):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+      raise AttackError(f'cardinalities[{j}] must be an int, got {k!r} in {cards}.')
+    if k < 1:
+      raise AttackError(f'cardinalities[{j}] must be >= 1, got {k} in {cards}; every private feature '
+                        'needs at least one value.')
+  return tuple(int(k) for k in cards)
+
+
+def _check_positive_int(value, name: str, *, allow_none: bool = True) -> int | None:
+  if value is None and allow_none:
+    return None
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise AttackError(f'{name} must be a positive int{" or None" if allow_none else ""}, '
+                      f'got {value!r}.')
+  return int(value)
+
+
+def _check_scalar(value, name: str) -> float | None:
+  """None stays None; otherwise a float >= 0 (inf allowed), not NaN."""
+  if value is None:
+    return None
+  try:
+    arr = np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise AttackError(f'{name} must be a number or None, got {value!r}.') from None
+  if arr.ndim != 0:
+    raise AttackError(f'{name} must be a scalar, got an array of shape {arr.shape}.')
+  v = float(arr)
+  if math.isnan(v) or v < 0:
+    raise AttackError(f'{name} must be >= 0 (not NaN), got {v}.')
+  return v
+
+
+def _check_finite_matrix(x: np.ndarray, name: str) -> None:
+  bad = ~np.isfinite(x)
+  if bad.any():
+    rows = np.unique(np.nonzero(bad)[0])
+    raise AttackError(f'{name} {x.shape} has {int(bad.sum())} NaN/inf entries (first in row '
+                      f'{int(rows[0])}); drop or repair those rows before attacking.')
+
+
+def _check_log_prior(log_prior, num_users: int, num_cand: int, num_labels: int):
+  """Returns (prior [1 or N, C, L] float32 numpy, per_user bool)."""
+  prior = np.asarray(log_prior, dtype=np.float32)
+  c, l = num_cand, num_labels
+  if prior.shape in ((c * l,), (c, l)):
+    prior, per_user = prior.reshape(1, c, l), False
+  elif prior.shape in ((num_users, c * l), (num_users, c, l)):
+    prior, per_user = prior.reshape(num_users, c, l), True
+  else:
+    raise AttackError(f'log_prior has shape {prior.shape}; expected [C*L]=({c * l},), [C, L]=({c}, '
+                      f'{l}) or the same with a leading users axis of {num_users} (C candidates in '
+                      'candidate_table order, label fastest).')
+  if np.isnan(prior).any() or np.isposinf(prior).any():
+    raise AttackError('log_prior contains NaN or +inf; use -inf only for impossible candidates.')
+  if not np.isfinite(prior.reshape(prior.shape[0], -1)).any(axis=1).all():
+    raise AttackError('log_prior gives every (candidate, label) pair -inf for some user; at least '
+                      'one pair must be possible.')
+  return prior, per_user
+
+
+# ----------------------------------------------------------------------------------------------
+# The jitted chunk computation.
+
+
+class _Options(NamedTuple):
+  """Static options; part of the compilation cache key."""
+  cardinalities: tuple[int, ...]
+  num_labels: int
+  top_k: int
+  distance: str
+  clip: bool          # l2_clip_norm given (its value is a traced argument)
+  clip_aware: bool
+  bayes: bool         # noise_stddev > 0 given (its value is a traced argument)
+  per_user_prior: bool
+  per_user_params: bool  # device_params has a leading version axis, picked by param_index
+  candidates_per_block: int
+  num_blocks: int
+  chunks_per_call: int
+
+
+def _simulate_block(device_apply, opts: _Options, params, h, g, table, clip_norm):
+  """Scores one block of candidates for a chunk of users.
+
+  Args:
+    params: the device parameters (leaves with a leading [U] axis when opts.per_user_params).
+    h, g: [U, d]; table: [B, P] int32; clip_norm: scalar.
+
+  Returns:
+    [U, B, L] distance under `opts.distance` (squared l2 in the Bayes variant).
+  """
+  val_grad = jax.value_and_grad(device_apply, argnums=1)
+  # Inner vmap: candidates, with h unbatched (h-only work is shared); outer vmap: users.
+  per_user = jax.vmap(val_grad, in_axes=(None, None, 0))
+  params_axis = 0 if opts.per_user_params else None
+  z, v = jax.vmap(per_user, in_axes=(params_axis, 0, None))(params, h, table)  # [U, B], [U, B, d]
+  # l'(z, y) = sigmoid(z) - y for y in {0, 1}; sigmoid(z) - 1 = -sigmoid(-z) keeps precision.
+  a = jnp.stack([jax.nn.sigmoid(z), -jax.nn.sigmoid(-z)], axis=-1)  # [U, B, 2]
+  if opts.clip and opts.clip_aware:
+    # The device clips g to norm C: factor min(1, C / ||a v||) = min(1, C / (|a| ||v||)).
+    cand_norm = jnp.abs(a) * jnp.linalg.norm(v, axis=-1)[..., None]
+    tiny = jnp.finfo(cand_norm.dtype).tiny
+    a = a * jnp.where(cand_norm > clip_norm, clip_norm / jnp.maximum(cand_norm, tiny), 1.0)
+  g_cand = a[..., None] * v[:, :, None, :]  # [U, B, 2, d] (fused into the reduction by XLA)
+  if opts.bayes:
+    return jnp.sum(jnp.square(g_cand - g[:, None, None, :]), axis=-1)
+  return DISTANCES[opts.distance](g[:, None, None, :], g_cand)
+
+
+def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior, table, clip_norm,
+              noise_stddev):
+  """Attacks one chunk of U users. table: [num_blocks * B, P]. Returns a dict of [U, ...] arrays."""
+  num_users = h.shape[0]
+  if opts.per_user_params:  # each user's own parameter version: [V, ...] -> [U, ...]
+    params = jax.tree.map(lambda leaf: leaf[param_index], params)
+  num_cand = math.prod(opts.cardinalities)
+  num_labels = opts.num_labels
+  simulate = functools.partial(_simulate_block, device_apply, opts, params, h, g,
+                               clip_norm=clip_norm)
+  if opts.num_blocks == 1:
+    dist = simulate(table)
+  else:
+    blocks = table.reshape(opts.num_blocks, opts.candidates_per_block, -1)
+    dist = jax.lax.map(simulate, blocks)  # [nb, U, B, L]
+    dist = jnp.moveaxis(dist, 0, 1).reshape(num_users, -1, num_labels)
+  dist = dist[:, :num_cand].reshape(num_users, num_cand * num_labels)  # drop padded candidates
+
+  if opts.bayes:
+    inv_var = 1.0 / (2.0 * jnp.square(noise_stddev))
+    log_post = log_prior.reshape(log_prior.shape[0], -1) - dist * inv_var  # unnormalised
+    score = -log_post
+    scale = jnp.sum(jnp.square(g), axis=-1) * inv_var
+  else:
+    score = dist
+    scale = DISTANCES[opts.distance](g, jnp.zeros_like(g))
+
+  # argmin (ties -> lower index) and a masked second minimum; a full top_k (a sort on CPU) only for
+  # the vote.
+  best_idx = jnp.argmin(score, axis=-1)
+  best = jnp.take_along_axis(score, best_idx[:, None], axis=1)[:, 0]
+  is_best = jnp.arange(score.shape[1])[None, :] == best_idx[:, None]
+  gap = jnp.min(jnp.where(is_best, jnp.inf, score), axis=-1) - best
+  tol = TIE_RTOL * scale + TIE_ATOL
+  num_ties = jnp.sum(score <= (best + tol)[:, None], axis=-1).astype(jnp.int32)
+  map_features = table[best_idx // num_labels]
+  map_labels = (best_idx % num_labels).astype(jnp.int32)
+  out = dict(map_features=map_features, map_labels=map_labels, num_ties=num_ties, gap=gap,
+             distances=jnp.take_along_axis(dist, best_idx[:, None], axis=1)[:, 0])
+  if opts.bayes:
+    out['distances'] = jnp.sqrt(out['distances'])
+    lp = log_post.reshape((num_users,) + opts.cardinalities + (num_labels,))
+    total = jax.scipy.special.logsumexp(lp.reshape(num_users, -1), axis=-1)
+    all_axes = set(range(1, lp.ndim))
+    posts = []
+    for j in range(lp.ndim - 1):  # features, then the label
+      other = tuple(sorted(all_axes - {j + 1}))
+      posts.append(jnp.exp(jax.scipy.special.logsumexp(lp, axis=other) - total[:, None]))
+    out['feature_posteriors'] = tuple(posts[:-1])
+    out['label_posterior'] = posts[-1]
+  elif opts.top_k > 1:
+    _, top = jax.lax.top_k(-score, opts.top_k)  # ascending score; ties -> lower index first
+    votes_feat = table[top // num_labels]  # [U, k, P]
+    posts = [jnp.mean(jax.nn.one_hot(votes_feat[..., j], kj), axis=1)
+             for j, kj in enumerate(opts.cardinalities)]
+    posts.append(jnp.mean(jax.nn.one_hot(top % num_labels, num_labels), axis=1))
+    out['feature_posteriors'] = tuple(posts[:-1])
+    out['label_posterior'] = posts[-1]
+  if 'label_posterior' in out:  # argmax: ties -> the lower value index
+    out['features'] = jnp.stack(
+        [jnp.argmax(p, axis=-1).astype(jnp.int32) for p in out['feature_posteriors']]
+        + [jnp.zeros((num_users,), jnp.int32)], axis=-1)[:, :-1]
+    out['labels'] = jnp.argmax(out['label_posterior'], axis=-1).astype(jnp.int32)
+  else:
+    out['features'], out['labels'] = map_features, map_labels
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory estimate and the compilation cache.
+
+_CACHE: dict[Any, Any] = {}
+
+
+def _subjaxprs(eqn):
+  for value in eqn.params.values():
+    for item in (value if isinstance(value, (tuple, list)) else (value,)):
+      if hasattr(item, 'eqns'):
+        yield item
+      elif hasattr(item, 'jaxpr') and hasattr(getattr(item, 'jaxpr'), 'eqns'):
+        yield item.jaxpr
+
+
+def _dependent_bytes(jaxpr, dependent_invars) -> int:
+  """Bytes of all intermediates in `jaxpr` that depend on the given input variables."""
+  dep = set(v for v, d in zip(jaxpr.invars, dependent_invars) if d)
+  total = 0
+  for eqn in jaxpr.eqns:
+    if not any((not hasattr(v, 'val')) and v in dep for v in eqn.invars):
+      continue
+    for sub in _subjaxprs(eqn):
+      total += _dependent_bytes(sub, [True] * len(sub.invars))
+    for v in eqn.outvars:
+      dep.add(v)
+      aval = v.aval
+      if hasattr(aval, 'shape') and hasattr(aval, 'dtype'):
+        total += int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+  return total
+
+
+def _bytes_per_candidate(device_apply, params, d: int, dtype, num_features: int,
+                         num_labels: int) -> int:
+  """Traces one candidate's value_and_grad and sums the sizes of its candidate-dependent values."""
+  closed = jax.make_jaxpr(jax.value_and_grad(device_apply, argnums=1))(
+      params, jax.ShapeDtypeStruct((d,), dtype),
+      jax.ShapeDtypeStruct((num_features,), jnp.int32))
+  num_param_leaves = len(jax.tree.leaves(params))
+  flags = [False] * num_param_leaves + [True, True]
+  traced = _dependent_bytes(closed.jaxpr, flags)
+  itemsize = np.dtype(dtype).itemsize
+  scoring = (d * (num_labels + 2) + 8 * num_labels) * itemsize
+  return int(_MEMORY_FACTOR * (traced + scoring)) + 1
+
+
+def _params_signature(params):
+  leaves, treedef = jax.tree.flatten(params)
+  return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+
+
+def _call_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior, table, clip_norm,
+             noise_stddev):
+  """One device's share of a call: `chunks_per_call` chunks of users, one after another (lax.map)."""
+  m = opts.chunks_per_call
+  chunk = functools.partial(_chunk_fn, device_apply, opts, params, table=table, clip_norm=clip_norm,
+                            noise_stddev=noise_stddev)
+  if m == 1:
+    return chunk(h=h, g=g, param_index=param_index, log_prior=log_prior)
+  split = lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:])
+  if opts.per_user_prior:
+    out = jax.lax.map(lambda a: chunk(h=a[0], g=a[1], param_index=a[2], log_prior=a[3]),
+                      (split(h), split(g), split(param_index), split(log_prior)))
+  else:
+    out = jax.lax.map(lambda a: chunk(h=a[0], g=a[1], param_index=a[2], log_prior=log_prior),
+                      (split(h), split(g), split(param_index)))
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+
+
+def _get_compiled(device_apply, opts: _Options, devices: tuple):
+  """The jitted call for these options, sharded over `devices` (cached: no retrace on reuse)."""
+  key = ('fn', device_apply, opts, devices)
+  entry = _CACHE.get(key)
+  if entry is None:
+    spec = jax.sharding.PartitionSpec
+    mesh = jax.sharding.Mesh(np.asarray(devices), ('users',))
+    body = functools.partial(_call_fn, device_apply, opts)
+    if len(devices) > 1:  # each device attacks its own block of users; no communication
+      prior_spec = spec('users') if opts.per_user_prior else spec()
+      body = jax.shard_map(body, mesh=mesh,
+                           in_specs=(spec(), spec('users'), spec('users'), spec('users'),
+                                     prior_spec, spec(), spec(), spec()),
+                           out_specs=spec('users'), check_vma=False)
+    users = jax.sharding.NamedSharding(mesh, spec('users'))
+    replicated = jax.sharding.NamedSharding(mesh, spec())
+    prior_sharding = users if opts.per_user_prior else replicated
+    fn = jax.jit(body, in_shardings=(replicated, users, users, users, prior_sharding, replicated,
+                                     replicated, replicated),
+                 out_shardings=users)
+    entry = _CACHE[key] = (fn, users, replicated, prior_sharding)
+  return entry
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, x - 1).bit_length()
+
+
+class _Plan(NamedTuple):
+  users_per_chunk: int      # users vmapped together on one device
+  chunks_per_call: int      # chunks per device per jitted call (lax.map)
+  candidates_per_block: int
+  num_blocks: int
+
+
+def _plan(device_apply, params, d, dtype, cards, num_labels, num_users, num_devices, platform,
+          chunk_size, users_per_chunk, per_user_params=False) -> _Plan:
+  """Chooses chunk sizes: memory per chunk under the budget, few distinct compiled shapes."""
+  num_cand = math.prod(cards)
+  key = ('bytes', device_apply, _params_signature(params), d, str(dtype), len(cards), num_labels)
+  per_cand = _CACHE.get(key)
+  if per_cand is None:
+    per_cand = _CACHE[key] = _bytes_per_candidate(device_apply, params, d, dtype, len(cards),
+                                                  num_labels)
+  if chunk_size is None:
+    # All candidates at once unless one user's candidates would exceed the budget.
+    cand_block = min(num_cand, max(1, MEMORY_BUDGET_BYTES // per_cand))
+  else:
+    cand_block = min(num_cand, chunk_size)
+  num_blocks = -(-num_cand // cand_block)
+  cand_block = -(-num_cand // num_blocks)  # balance the blocks (less padding)
+  per_user_bytes = cand_block * per_cand + num_cand * num_labels * 4 * 4
+  if per_user_params:  # each user carries a gathered copy of its parameter version
+    per_user_bytes += sum(np.size(x) * np.dtype(jnp.result_type(x)).itemsize
+                          for x in jax.tree.leaves(params))
+  users_per_device = -(-num_users // num_devices)
+  if users_per_chunk is None:
+    by_memory = max(1, MEMORY_BUDGET_BYTES // max(per_user_bytes, 1))
+    target_rows = TARGET_ROWS_PER_CHUNK.get(platform, TARGET_ROWS_PER_CHUNK_DEFAULT)
+    by_speed = max(1, target_rows // cand_block)
+    # Small problems: the next power of two (bucketed, so few distinct compilations).
+    users = min(by_memory, by_speed, _next_pow2(users_per_device))
+  else:
+    users = users_per_chunk
+  # Several chunks per call amortise dispatch; a power of two (few distinct compilations).
+  chunks_needed = -(-users_per_device // users)
+  target_users = TARGET_USERS_PER_CALL.get(platform, TARGET_USERS_PER_CALL_DEFAULT)
+  per_call = 1 << (max(1, target_users // users).bit_length() - 1)
+  chunks = min(per_call, _next_pow2(chunks_needed))
+  return _Plan(users, chunks, cand_block, num_blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+
+
+def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
+          device_params: Any,
+          h: jax.typing.ArrayLike,
+          g_obs: jax.typing.ArrayLike,
+          cardinalities: Sequence[int],
+          *,
+          num_labels: int = 2,
+          top_k: int = 1,
+          chunk_size: int | None = None,
+          distance: str = 'l2',
+          l2_clip_norm: float | None = None,
+          noise_stddev: float | None = None,
+          log_prior: jax.typing.ArrayLike | None = None,
+          clip_aware: bool = True,
+          users_per_chunk: int | None = None,
+          param_index: jax.typing.ArrayLike | None = None,
+          devices: Sequence[jax.Device] | None = None) -> ExactResult:
+  """Recovers each user's private features and label from its cut-layer gradient (EXACT).
+
+  For every user and every (candidate, label) pair the attack simulates the gradient the device
+  would have sent, `(sigmoid(z) - y) * dz/dh` with `z = device_apply(device_params, h, x)`, clipped
+  to `l2_clip_norm` first when the attack is clip-aware, and scores it against `g_obs`:
+
+  - no noise: the distance named by `distance`; the answer is the nearest pair (`top_k=1`) or the
+    per-feature / label majority vote over the `top_k` nearest pairs (vote ties -> lower index);
+  - `noise_stddev > 0`: the Gaussian log-likelihood `-||g_obs - g_c||^2 / (2 noise_stddev^2)` plus
+    `log_prior`; the answer for each feature and for the label is the argmax of its marginal
+    posterior (logsumexp over the pairs that share the value — the Bayes-optimal per-feature guess),
+    and `map_features`/`map_labels` hold the joint MAP pair.
+
+  One `jax.value_and_grad` of the logit with respect to `h` per private candidate serves both
+  labels. Users are processed `users_per_chunk` at a time (the last chunk padded; no recompilation
+  for a new number of users), sharded over `devices` along a 1-D mesh axis 'users'. The compiled
+  function is cached per (device_apply, cardinalities, options, devices): pass the same
+  `device_apply` object (not a fresh lambda) to reuse it.
+
+  Args:
+    device_apply: `(params, h [d], x_priv [P] int32) -> scalar logit`, pure and jit-compatible.
+    device_params: the device model's parameters (the version that produced `g_obs`); with
+      `param_index`, several versions stacked along a leading axis of every leaf.
+    h: [N, d] cut activations the server computed.
+    g_obs: [N, d] gradients the server received (after any DP transform).
+    cardinalities: P ints >= 1, the number of values of each private feature.
+    num_labels: 2 (binary cross-entropy); other values are not supported.
+    top_k: >= 1; with top_k > 1 and no noise, per-feature majority vote over the top_k nearest pairs.
+    chunk_size: private candidates scored at once per user (None: all of them, unless one user's
+      candidates exceed the ~2 GiB memory budget); smaller values trade speed for memory.
+    distance: a name in DISTANCES ('l2' or 'cosine'); the Bayes variant requires 'l2'.
+    l2_clip_norm: the public clip norm C of the device's DP transform, or None (no clipping).
+    noise_stddev: the public standard deviation of the Gaussian noise per coordinate
+      (noise_multiplier * C), or None / 0 for no noise.
+    log_prior: optional log prior over pairs for the Bayes variant: [C*L] or [C, L] (shared) or
+      [N, C*L] / [N, C, L] (per user), candidates in `candidate_table` order, label fastest; None is
+      uniform. Unnormalised values are fine; -inf marks impossible pairs.
+    clip_aware: True (default) clips each candidate's gradient like the device before scoring; False
+      is the paper's clip-unaware scoring (unclipped candidates against the clipped observation).
+    users_per_chunk: users vmapped together on each device (None: automatic, ~4k (user, candidate)
+      rows on CPU, bounded by the memory budget everywhere). Several chunks run per jitted call.
+    param_index: optional [N] int, the parameter version (index into the leading axis of
+      `device_params`) that produced each row, e.g. `Transcript.param_index`; each user is then
+      attacked with its own version in the same batched computation.
+    devices: devices to shard users across (default: all of `jax.devices()`); pass one device to
+      force a single-device run.
+
+  Returns:
+    An `ExactResult` of numpy arrays (see its docstring), rows in the order of `h`.
+
+  Raises:
+    AttackError (a ValueError): bad cardinalities (e.g. 0), h/g_obs rank or shape mismatch, NaN or
+      inf in h or g_obs, an unknown distance, a bad top_k / clip / noise / log_prior argument.
+    NotImplementedError: num_labels > 2 (a scalar logit only supports binary labels).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> apply = lambda p, h, x: jnp.dot(p[x[0]], h)
+    >>> params = jnp.array([[1., 0.], [0., 2.]])
+    >>> h = jnp.array([[1., 1.]])
+    >>> z = apply(params, h[0], jnp.array([1]))
+    >>> g = (jax.nn.sigmoid(z) - 1) * params[1][None]  # x = 1, y = 1
+    >>> r = exact(apply, params, h, g, (2,))
+    >>> r.features.tolist(), r.labels.tolist()
+    ([[1]], [1])
+
+  References:
+    Qiu et al., Evaluating Privacy Leakage in Split Learning, arXiv:2305.12997 (EXACT; clip-unaware
+    scoring is theirs, clip-aware and Bayes scoring are splitjax's).
+  """
+  cards = _check_cardinalities(cardinalities)
+  if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 2:
+    raise AttackError(f'num_labels must be an int >= 2, got {num_labels!r}.')
+  if num_labels != 2:
+    raise NotImplementedError(f'num_labels={num_labels}: exact supports binary labels (a scalar '
+                              'logit with binary cross-entropy) only.')
+  if distance not in DISTANCES:
+    raise AttackError(f'unknown distance {distance!r}; valid names: {sorted(DISTANCES)}.')
+  top_k = _check_positive_int(top_k, 'top_k', allow_none=False)
+  chunk_size = _check_positive_int(chunk_size, 'chunk_size')
+  users_per_chunk = _check_positive_int(users_per_chunk, 'users_per_chunk')
+  clip_value = _check_scalar(l2_clip_norm, 'l2_clip_norm')
+  if clip_value == 0:
+    raise AttackError('l2_clip_norm must be > 0 (or None / inf for no clipping), got 0.')
+  noise_value = _check_scalar(noise_stddev, 'noise_stddev')
+  bayes = noise_value is not None and noise_value > 0
+  if bayes and math.isinf(noise_value):
+    raise AttackError('noise_stddev must be finite, got inf.')
+  if bayes and distance != 'l2':
+    raise AttackError(f'the Bayes variant (noise_stddev={noise_value}) scores by Gaussian '
+                      f'likelihood; distance must be "l2", got {distance!r}.')
+  if bayes and top_k > 1:
+    raise AttackError(f'top_k={top_k} is for distance scoring; with noise_stddev the answer is the '
+                      'marginal-posterior argmax. Pass top_k=1.')
+  if log_prior is not None and not bayes:
+    raise AttackError('log_prior is used only with noise_stddev > 0 (Bayes scoring); pass '
+                      'noise_stddev or drop log_prior.')
+  clip = clip_value is not None and not math.isinf(clip_value)
+
+  h_np = np.asarray(h)
+  g_np = np.asarray(g_obs)
+  if h_np.ndim != 2 or g_np.ndim != 2:
+    raise AttackError(f'h and g_obs must be [N, d] matrices, got h {h_np.shape} and g_obs '
+                      f'{g_np.shape}.')
+  if h_np.shape != g_np.shape:
+    raise AttackError(f'h {h_np.shape} and g_obs {g_np.shape} must have the same shape [N, d].')
+  dtype = jax.dtypes.canonicalize_dtype(
+      h_np.dtype if np.issubdtype(h_np.dtype, np.floating) else np.float32)
+  h_np = h_np.astype(dtype)
+  g_np = g_np.astype(dtype)
+  _check_finite_matrix(h_np, 'h')
+  _check_finite_matrix(g_np, 'g_obs')
+  num_users, d = h_np.shape
+  num_cand = math.prod(cards)
+  num_pairs = num_cand * num_labels
+  if top_k > num_pairs:
+    raise AttackError(f'top_k={top_k} exceeds the {num_pairs} (candidate, label) pairs of '
+                      f'cardinalities {cards}.')
+  prior, per_user = (np.zeros((1, num_cand, num_labels), dtype), False)
+  if log_prior is not None:
+    prior, per_user = _check_log_prior(log_prior, num_users, num_cand, num_labels)
+    prior = prior.astype(dtype)
+
+  per_user_params = param_index is not None
+  if per_user_params:
+    index_np = np.asarray(param_index)
+    leaves = jax.tree.leaves(device_params)
+    versions = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if len(versions) != 1 or None in versions:
+      raise AttackError('with param_index every leaf of device_params needs the same leading '
+                        f'version axis, got leading sizes {sorted(map(str, versions))}.')
+    num_versions = versions.pop()
+    if index_np.shape != (num_users,) or not np.issubdtype(index_np.dtype, np.integer):
+      raise AttackError(f'param_index must be [N] = ({num_users},) ints, got shape '
+                        f'{index_np.shape} dtype {index_np.dtype}.')
+    if num_users and (index_np.min() < 0 or index_np.max() >= num_versions):
+      raise AttackError(f'param_index values must lie in [0, {num_versions}) (the versions in '
+                        f'device_params), got [{index_np.min()}, {index_np.max()}].')
+    index_np = index_np.astype(np.int32)
+    one_version = jax.tree.map(lambda leaf: leaf[0], device_params)
+  else:
+    index_np = np.zeros((num_users,), np.int32)
+    one_version = device_params
+
+  devices = tuple(jax.devices() if devices is None else devices)
+  if not devices:
+    raise AttackError('devices is empty; pass None (all devices) or at least one device.')
+  num_devices = len(devices)
+
+  if num_users == 0:
+    empty_f = np.zeros((0, len(cards)), np.int32)
+    empty_i = np.zeros((0,), np.int32)
+    empty_x = np.zeros((0,), dtype)
+    posts = labpost = None
+    if bayes or top_k > 1:
+      posts = tuple(np.zeros((0, k), dtype) for k in cards)
+      labpost = np.zeros((0, num_labels), dtype)
+    return ExactResult(empty_f, empty_i, empty_x, empty_i, empty_x, empty_f, empty_i, posts,
+                       labpost)
+
+  plan = _plan(device_apply, one_version, d, dtype, cards, num_labels, num_users, num_devices,
+               devices[0].platform, chunk_size, users_per_chunk, per_user_params)
+  opts = _Options(cardinalities=cards, num_labels=num_labels, top_k=top_k, distance=distance,
+                  clip=clip, clip_aware=bool(clip_aware), bayes=bayes, per_user_prior=per_user,
+                  per_user_params=per_user_params, candidates_per_block=plan.candidates_per_block, num_blocks=plan.num_blocks,
+                  chunks_per_call=plan.chunks_per_call)
+  fn, user_sharding, replicated, prior_sharding = _get_compiled(device_apply, opts, devices)
+
+  table = candidate_table(cards)
+  padded_cand = plan.candidates_per_block * plan.num_blocks
+  if padded_cand > num_cand:  # pad with copies of the last candidate; sliced off after scoring
+    table = np.concatenate([table, np.repeat(table[-1:], padded_cand - num_cand, axis=0)])
+  params = jax.device_put(device_params, replicated)
+  table_dev = jax.device_put(table, replicated)
+  clip_arg = jax.device_put(np.asarray(clip_value if clip else np.inf, dtype), replicated)
+  noise_arg = jax.device_put(np.asarray(noise_value if bayes else 1.0, dtype), replicated)
+  if not per_user:
+    prior_dev = jax.device_put(prior, replicated)
+
+  # Pad users to a whole number of calls with copies of the first row (finite; dropped at the end).
+  users_per_call = plan.users_per_chunk * plan.chunks_per_call * num_devices
+  num_calls = -(-num_users // users_per_call)
+  pad = num_calls * users_per_call - num_users
+  if pad:
+    h_np = np.concatenate([h_np, np.repeat(h_np[:1], pad, axis=0)])
+    g_np = np.concatenate([g_np, np.repeat(g_np[:1], pad, axis=0)])
+    index_np = np.concatenate([index_np, np.repeat(index_np[:1], pad, axis=0)])
+    if per_user:
+      prior = np.concatenate([prior, np.repeat(prior[:1], pad, axis=0)])
+
+  outs = []
+  for i in range(num_calls):  # dispatch is asynchronous: all calls are queued before any wait
+    sl = slice(i * users_per_call, (i + 1) * users_per_call)
+    hc = jax.device_put(h_np[sl], user_sharding)
+    gc = jax.device_put(g_np[sl], user_sharding)
+    ic = jax.device_put(index_np[sl], user_sharding)
+    pc = jax.device_put(prior[sl], prior_sharding) if per_user else prior_dev
+    outs.append(fn(params, hc, gc, ic, pc, table_dev, clip_arg, noise_arg))
+
+  def gather(*parts):
+    return np.concatenate([np.asarray(p) for p in parts])[:num_users]
+
+  merged = jax.tree.map(gather, *outs)
+  return ExactResult(
+      features=merged['features'],
+      labels=merged['labels'],
+      distances=merged['distances'],
+      num_ties=merged['num_ties'],
+      gap=merged['gap'],
+      map_features=merged['map_features'],
+      map_labels=merged['map_labels'],
+      feature_posteriors=merged.get('feature_posteriors'),
+      label_posterior=merged.get('label_posterior'),
+  )
+
+
+def clear_cache() -> None:
+  """Forgets every cached compiled function and memory estimate (e.g. to free memory)."""
+  _CACHE.clear()

@@ -1,0 +1,434 @@
+"""Tests of splitjax.attacks.exact on a small random DeepFM-shaped device model."""
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import splitjax.attacks
+
+# The module (the package re-exports the function `exact` under the module's name).
+exact_lib = importlib.import_module('splitjax.attacks.exact')
+
+# Small fixed shapes shared by every test (one compilation per option set).
+NUM_SERVER_FIELDS = 2
+NUM_DENSE = 2
+EMBED = 8
+CARDS = (2, 3, 4)
+HIDDEN = (32, 16)
+D = NUM_SERVER_FIELDS * EMBED + NUM_DENSE
+NUM_USERS = 96
+
+
+def init_deepfm(key, num_server_fields, num_dense, priv_cards, embed_dim=EMBED, hidden=HIDDEN):
+  """Random DeepFM head parameters: linear + FM over 8-dim fields + DNN on [h, e(x_priv)]."""
+  d = num_server_fields * embed_dim + num_dense
+  keys = iter(jax.random.split(key, 64))
+  normal = lambda shape, s: s * jax.random.normal(next(keys), shape, jnp.float32)
+  h1, h2 = hidden
+  num_priv = len(priv_cards)
+  return dict(
+      w_h=normal((d,), 1 / math.sqrt(d)), bias=normal((), 0.1),
+      w_priv=tuple(normal((k,), 0.5) for k in priv_cards),
+      emb=tuple(normal((k, embed_dim), 0.3) for k in priv_cards),
+      W1_h=normal((d, h1), math.sqrt(2 / d)),
+      W1_priv=tuple(normal((embed_dim, h1), math.sqrt(2 / (embed_dim * num_priv)))
+                    for _ in priv_cards),
+      b1=normal((h1,), 0.1), W2=normal((h1, h2), math.sqrt(2 / h1)), b2=normal((h2,), 0.1),
+      w3=normal((h2,), 1 / math.sqrt(h2)), b3=normal((), 0.1))
+
+
+def make_apply(num_server_fields, embed_dim=EMBED):
+  """device_logit(params, h [d], x_priv [P] int32) -> scalar, first DNN layer factored."""
+
+  def apply(p, h, x):
+    num_priv = len(p['emb'])
+    e = [p['emb'][j][x[j]] for j in range(num_priv)]
+    lin = h @ p['w_h'] + sum(p['w_priv'][j][x[j]] for j in range(num_priv)) + p['bias']
+    fields = jnp.concatenate(
+        [h[:num_server_fields * embed_dim].reshape(num_server_fields, embed_dim), jnp.stack(e)])
+    s = fields.sum(0)
+    fm = 0.5 * jnp.sum(s * s - jnp.sum(fields * fields, 0))
+    a1 = (h @ p['W1_h'] + sum((p['emb'][j] @ p['W1_priv'][j])[x[j]] for j in range(num_priv))
+          + p['b1'])
+    a2 = jax.nn.relu(jax.nn.relu(a1) @ p['W2'] + p['b2'])
+    return lin + fm + a2 @ p['w3'] + p['b3']
+
+  return apply
+
+
+def numpy_logit_and_grad(p, h, x, num_server_fields=NUM_SERVER_FIELDS, embed_dim=EMBED):
+  """The same model's z and dz/dh in float64 numpy, by hand (independent of jax autodiff)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  h = np.asarray(h, np.float64)
+  num_priv = len(p['emb'])
+  e = [p['emb'][j][x[j]] for j in range(num_priv)]
+  sf = num_server_fields * embed_dim
+  fields = np.concatenate([h[:sf].reshape(num_server_fields, embed_dim), np.stack(e)])
+  s = fields.sum(0)
+  a1 = h @ p['W1_h'] + sum((p['emb'][j] @ p['W1_priv'][j])[x[j]] for j in range(num_priv)) + p['b1']
+  u1 = np.maximum(a1, 0)
+  a2 = u1 @ p['W2'] + p['b2']
+  u2 = np.maximum(a2, 0)
+  z = (h @ p['w_h'] + sum(p['w_priv'][j][x[j]] for j in range(num_priv)) + p['bias']
+       + 0.5 * np.sum(s * s - np.sum(fields * fields, 0)) + u2 @ p['w3'] + p['b3'])
+  delta2 = p['w3'] * (a2 > 0)
+  delta1 = (p['W2'] @ delta2) * (a1 > 0)
+  grad = p['w_h'] + p['W1_h'] @ delta1
+  grad[:sf] += (s[None, :] - h[:sf].reshape(num_server_fields, embed_dim)).reshape(-1)
+  return z, grad
+
+
+def sigmoid(z):
+  return 1.0 / (1.0 + np.exp(-z))
+
+
+def brute_force_gradients(p, h):
+  """[N, C, L, d] float64 simulated gradients of every (candidate, label) pair, numpy only."""
+  table = np.array(list(np.ndindex(*CARDS)), dtype=np.int32)
+  out = np.zeros((h.shape[0], len(table), 2, h.shape[1]))
+  for u in range(h.shape[0]):
+    for c, x in enumerate(table):
+      z, v = numpy_logit_and_grad(p, h[u], x)
+      for y in (0, 1):
+        out[u, c, y] = (sigmoid(z) - y) * v
+  return table, out
+
+
+def device_gradients(apply, p, h, x, y):
+  """What the device sends without DP: per-example d BCE / d h (jax, float32)."""
+
+  def loss(h_i, x_i, y_i):
+    z = apply(p, h_i, x_i)
+    return jnp.logaddexp(0.0, z) - y_i * z
+
+  return np.asarray(jax.vmap(jax.grad(loss))(jnp.asarray(h), jnp.asarray(x), jnp.asarray(y)))
+
+
+def clip_rows(g, c):
+  norms = np.linalg.norm(g, axis=1, keepdims=True)
+  return g * np.minimum(1.0, c / np.maximum(norms, 1e-30))
+
+
+class Problem:
+  """A model, users and their true secrets; shared by the whole module."""
+
+  def __init__(self, seed=0, h_scale=1.0):
+    rng = np.random.default_rng(seed)
+    self.params = init_deepfm(jax.random.key(seed), NUM_SERVER_FIELDS, NUM_DENSE, CARDS)
+    self.apply = make_apply(NUM_SERVER_FIELDS)
+    self.h = (h_scale * rng.normal(size=(NUM_USERS, D))).astype(np.float32)
+    self.x = np.stack([rng.integers(0, k, NUM_USERS) for k in CARDS], 1).astype(np.int32)
+    self.y = rng.integers(0, 2, NUM_USERS).astype(np.int32)
+    self.g = device_gradients(self.apply, self.params, self.h, self.x, self.y)
+
+
+@pytest.fixture(scope='module')
+def problem():
+  return Problem()
+
+
+@pytest.fixture(scope='module')
+def brute(problem):
+  """Brute-force candidate gradients for the first 12 users."""
+  return brute_force_gradients(problem.params, problem.h[:12])
+
+
+def _correct(result, problem):
+  return (result.features == problem.x).all(axis=1) & (result.labels == problem.y)
+
+
+def test_candidate_table_order():
+  table = exact_lib.candidate_table((2, 3, 2))
+  assert table.shape == (12, 3) and table.dtype == np.int32
+  np.testing.assert_array_equal(table, np.array(list(np.ndindex(2, 3, 2))))
+
+
+def test_recovers_every_user_without_dp_up_to_ties(problem):
+  r = exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS)
+  ok = _correct(r, problem)
+  assert np.all(ok | (r.num_ties > 1)), np.nonzero(~ok)
+  assert ok.mean() >= 0.95
+  assert r.features.shape == (NUM_USERS, len(CARDS)) and r.features.dtype == np.int32
+  assert r.labels.shape == r.distances.shape == r.num_ties.shape == r.gap.shape == (NUM_USERS,)
+  assert np.all(r.num_ties >= 1)
+  # The true pair is at distance ~0 (float32 rounding), the runner-up far away.
+  scale = np.linalg.norm(problem.g, axis=1)
+  assert np.all(r.distances[ok] <= 1e-5 * scale[ok] + 1e-6)
+  np.testing.assert_array_equal(r.features, r.map_features)
+  assert r.feature_posteriors is None and r.label_posterior is None
+
+
+@pytest.mark.parametrize('distance', ['l2', 'cosine'])
+def test_equals_numpy_brute_force_argmin(problem, brute, distance):
+  table, cand = brute  # [n, C, L, d]
+  n = cand.shape[0]
+  rng = np.random.default_rng(1)
+  # Observations: true gradients and random directions (non-trivial nearest pairs).
+  g_obs = np.concatenate([problem.g[:n], rng.normal(size=problem.g[:n].shape).astype(np.float32)
+                          * np.linalg.norm(problem.g[:n], axis=1, keepdims=True) / math.sqrt(D)])
+  cand = np.concatenate([cand, cand])
+  h = np.concatenate([problem.h[:n], problem.h[:n]])
+  if distance == 'l2':
+    dist = np.linalg.norm(cand - g_obs[:, None, None, :], axis=-1)
+  else:
+    cos = (np.einsum('ncld,nd->ncl', cand, g_obs)
+           / (np.linalg.norm(cand, axis=-1) * np.linalg.norm(g_obs, axis=-1)[:, None, None]))
+    dist = 1.0 - cos
+  flat = dist.reshape(len(g_obs), -1)
+  best = flat.argmin(axis=1)
+  srt = np.sort(flat, axis=1)
+  r = exact_lib.exact(problem.apply, problem.params, h, g_obs, CARDS, distance=distance)
+  clear = (srt[:, 1] - srt[:, 0]) > 1e-4 * (np.linalg.norm(g_obs, axis=1) if distance == 'l2' else 1)
+  assert clear.sum() >= len(g_obs) - 2
+  np.testing.assert_array_equal(r.map_features[clear], table[best // 2][clear])
+  np.testing.assert_array_equal(r.map_labels[clear], (best % 2)[clear])
+  np.testing.assert_allclose(r.distances, srt[:, 0], rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(r.gap[clear], (srt[:, 1] - srt[:, 0])[clear], rtol=1e-3, atol=1e-5)
+
+
+def test_clip_aware_recovers_where_clip_unaware_fails(problem):
+  norms = np.linalg.norm(problem.g, axis=1)
+  assert norms.std() > 0.5 * norms.mean()  # norms vary a lot: clipping removes information
+  clip = 0.5 * norms.mean()  # like --dp_clip=auto
+  assert np.mean(norms > clip) > 0.4
+  g_clipped = clip_rows(problem.g, clip)
+  aware = exact_lib.exact(problem.apply, problem.params, problem.h, g_clipped, CARDS,
+                          l2_clip_norm=clip)
+  unaware = exact_lib.exact(problem.apply, problem.params, problem.h, g_clipped, CARDS,
+                            l2_clip_norm=clip, clip_aware=False)
+  aware_acc = np.mean(_correct(aware, problem))
+  unaware_acc = np.mean(_correct(unaware, problem))
+  assert aware_acc >= 0.99, aware_acc
+  assert unaware_acc <= aware_acc - 0.3, (aware_acc, unaware_acc)
+  # The clip-aware simulated gradient of the true pair matches the observation.
+  ok = _correct(aware, problem)
+  assert np.all(aware.distances[ok] <= 1e-5 * clip + 1e-6)
+
+
+def test_bayes_marginals_match_brute_force_posterior(problem, brute):
+  table, cand = brute
+  n = cand.shape[0]
+  clip = 0.5 * float(np.linalg.norm(problem.g, axis=1).mean())
+  stddev = clip / math.sqrt(D)  # noise norm ~ C: mixed posteriors
+  rng = np.random.default_rng(2)
+  g_obs = (clip_rows(problem.g[:n], clip)
+           + stddev * rng.normal(size=(n, D))).astype(np.float32)
+  num_cand = len(table)
+  log_prior = rng.normal(size=num_cand * 2).astype(np.float32)
+  r = exact_lib.exact(problem.apply, problem.params, problem.h[:n], g_obs, CARDS,
+                      l2_clip_norm=clip, noise_stddev=stddev, log_prior=log_prior)
+  assert min(p.max(axis=1).min() for p in r.feature_posteriors) < 0.8  # not all one-hot
+  # Brute force: clip every candidate like the device, Gaussian log-likelihood + log prior.
+  cnorm = np.linalg.norm(cand, axis=-1, keepdims=True)
+  cand_c = cand * np.minimum(1.0, clip / cnorm)
+  loglik = -np.sum((cand_c - g_obs[:, None, None, :])**2, axis=-1) / (2 * stddev**2)
+  logpost = loglik + log_prior.reshape(num_cand, 2)[None]
+  post = np.exp(logpost - logpost.max(axis=(1, 2), keepdims=True))
+  post /= post.sum(axis=(1, 2), keepdims=True)
+  post_full = post.reshape((n,) + CARDS + (2,))
+  for j in range(len(CARDS)):
+    axes = tuple(a for a in range(1, len(CARDS) + 2) if a != j + 1)
+    marginal = post_full.sum(axis=axes)
+    np.testing.assert_allclose(r.feature_posteriors[j], marginal, atol=2e-3)
+    np.testing.assert_array_equal(r.features[:, j], marginal.argmax(axis=1))
+  label_marginal = post.sum(axis=1)
+  np.testing.assert_allclose(r.label_posterior, label_marginal, atol=2e-3)
+  np.testing.assert_array_equal(r.labels, label_marginal.argmax(axis=1))
+  best = post.reshape(n, -1).argmax(axis=1)
+  np.testing.assert_array_equal(r.map_features, table[best // 2])
+  np.testing.assert_array_equal(r.map_labels, best % 2)
+  np.testing.assert_allclose(sum(p.sum(axis=1) for p in r.feature_posteriors), len(CARDS),
+                             rtol=1e-4)
+
+
+def test_bayes_per_user_prior_equals_shared_prior(problem):
+  rng = np.random.default_rng(5)
+  num_pairs = math.prod(CARDS) * 2
+  prior = rng.normal(size=(math.prod(CARDS), 2)).astype(np.float32)
+  kwargs = dict(noise_stddev=0.05, l2_clip_norm=1.0)
+  shared = exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS,
+                           log_prior=prior, **kwargs)
+  per_user = exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS,
+                             log_prior=np.tile(prior.reshape(1, num_pairs), (NUM_USERS, 1)),
+                             **kwargs)
+  np.testing.assert_array_equal(shared.features, per_user.features)
+  np.testing.assert_allclose(shared.label_posterior, per_user.label_posterior, rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_top_k_majority_vote(problem, brute):
+  table, cand = brute
+  n = cand.shape[0]
+  rng = np.random.default_rng(3)
+  g_obs = (problem.g[:n] + 0.3 * np.linalg.norm(problem.g[:n], axis=1, keepdims=True)
+           * rng.normal(size=(n, D)) / math.sqrt(D)).astype(np.float32)
+  k = 7
+  r = exact_lib.exact(problem.apply, problem.params, problem.h[:n], g_obs, CARDS, top_k=k)
+  dist = np.linalg.norm(cand - g_obs[:, None, None, :], axis=-1).reshape(n, -1)
+  for u in range(n):
+    order = np.argsort(dist[u], kind='stable')[:k]
+    feats = table[order // 2]
+    for j, kj in enumerate(CARDS):
+      votes = np.bincount(feats[:, j], minlength=kj)
+      assert r.features[u, j] == votes.argmax()  # ties -> lower value
+      np.testing.assert_allclose(r.feature_posteriors[j][u], votes / k, atol=1e-6)
+    assert r.labels[u] == np.bincount(order % 2, minlength=2).argmax()
+    assert r.map_features[u].tolist() == table[order[0] // 2].tolist()
+
+
+def test_chunking_options_give_the_same_answer(problem):
+  ref = exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS)
+  for kwargs in (dict(chunk_size=5), dict(users_per_chunk=7), dict(chunk_size=24,
+                                                                  users_per_chunk=1)):
+    r = exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS, **kwargs)
+    np.testing.assert_array_equal(r.features, ref.features)
+    np.testing.assert_array_equal(r.labels, ref.labels)
+    np.testing.assert_allclose(r.distances, ref.distances, rtol=1e-5, atol=1e-6)
+
+
+def test_param_index_attacks_each_user_with_its_own_version(problem):
+  other = Problem(seed=11)  # a second parameter version, other users
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), problem.params, other.params)
+  n = 40
+  h = np.concatenate([problem.h[:n], other.h[:n]])
+  g = np.concatenate([problem.g[:n], other.g[:n]])
+  index = np.repeat(np.array([0, 1]), n)
+  perm = np.random.default_rng(0).permutation(2 * n)
+  r = exact_lib.exact(problem.apply, stacked, h[perm], g[perm], CARDS, param_index=index[perm])
+  inv = np.argsort(perm)
+  for version, prob in enumerate((problem, other)):
+    rows = inv[version * n:(version + 1) * n]
+    ref = exact_lib.exact(prob.apply, prob.params, prob.h[:n], prob.g[:n], CARDS)
+    np.testing.assert_array_equal(r.features[rows], ref.features)
+    np.testing.assert_array_equal(r.labels[rows], ref.labels)
+    np.testing.assert_array_equal(r.features[rows], prob.x[:n])
+  with pytest.raises(ValueError, match=r'param_index values must lie in \[0, 2\)'):
+    exact_lib.exact(problem.apply, stacked, h, g, CARDS, param_index=index + 1)
+
+
+def test_second_call_does_not_retrace(problem):
+  traces = []
+
+  def counting_apply(p, h, x):
+    traces.append(1)  # runs at trace time only
+    return problem.apply(p, h, x)
+
+  r1 = exact_lib.exact(counting_apply, problem.params, problem.h, problem.g, CARDS,
+                       l2_clip_norm=1.0)
+  first = len(traces)
+  assert first > 0
+  r2 = exact_lib.exact(counting_apply, problem.params, problem.h, problem.g, CARDS,
+                       l2_clip_norm=2.0)  # another clip value is a traced argument
+  # Fewer users in the same chunk bucket: padded, same compiled function.
+  exact_lib.exact(counting_apply, problem.params, problem.h[:-5], problem.g[:-5], CARDS,
+                  l2_clip_norm=1.0)
+  assert len(traces) == first
+  np.testing.assert_array_equal(r1.features.shape, r2.features.shape)
+
+
+def test_empty_input(problem):
+  r = exact_lib.exact(problem.apply, problem.params, problem.h[:0], problem.g[:0], CARDS)
+  assert r.features.shape == (0, len(CARDS)) and r.labels.shape == (0,)
+
+
+def test_registry_names():
+  assert set(exact_lib.DISTANCES) >= {'l2', 'cosine'}
+  assert splitjax.attacks.exact is exact_lib.exact
+  assert splitjax.attacks.DISTANCES is exact_lib.DISTANCES
+  with pytest.raises(ValueError, match=r"unknown attack 'nope'; valid names: \['exact'"):
+    splitjax.attacks.run('nope')
+
+
+def test_run_by_name(problem):
+  r = splitjax.attacks.run('exact', device_apply=problem.apply, device_params=problem.params,
+                           h=problem.h[:4], g_obs=problem.g[:4], cardinalities=CARDS)
+  assert isinstance(r, splitjax.attacks.ExactResult)
+  np.testing.assert_array_equal(r.features, problem.x[:4])
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(cardinalities=(2, 0, 4)), r'cardinalities\[1\] must be >= 1, got 0'),
+    (dict(cardinalities=(2, -3, 4)), r'got -3'),
+    (dict(g_obs='short'), r'h \(96, 18\) and g_obs \(95, 18\)'),
+    (dict(g_obs='nan'), r'g_obs \(96, 18\) has 1 NaN'),
+    (dict(h='rank1'), r'h \(18,\)'),
+    (dict(distance='manhattan'), r"unknown distance 'manhattan'.*'cosine', 'l2'"),
+    (dict(top_k=0), r'top_k must be a positive int'),
+    (dict(top_k=1000), r'top_k=1000 exceeds the 48'),
+    (dict(noise_stddev=0.1, distance='cosine'), r'distance must be "l2"'),
+    (dict(log_prior=np.zeros(48)), r'log_prior is used only with noise_stddev'),
+    (dict(noise_stddev=0.1, log_prior=np.zeros(47)), r'log_prior has shape \(47,\)'),
+    (dict(l2_clip_norm=-1.0), r'l2_clip_norm must be >= 0'),
+    (dict(l2_clip_norm=0.0), r'l2_clip_norm must be > 0'),
+    (dict(noise_stddev=-0.5), r'noise_stddev must be >= 0'),
+    (dict(num_labels=1), r'num_labels must be an int >= 2'),
+])
+def test_bad_arguments_raise_value_error(problem, kwargs, match):
+  args = dict(h=problem.h, g_obs=problem.g, cardinalities=CARDS)
+  kwargs = dict(kwargs)
+  if kwargs.get('g_obs') == 'short':
+    kwargs['g_obs'] = problem.g[:-1]
+  elif kwargs.get('g_obs') == 'nan':
+    g = problem.g.copy()
+    g[3, 2] = np.nan
+    kwargs['g_obs'] = g
+  if kwargs.get('h') == 'rank1':
+    kwargs['h'], kwargs['g_obs'] = problem.h[0], problem.g[0]
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    exact_lib.exact(problem.apply, problem.params, **args)
+
+
+def test_more_than_two_labels_not_implemented(problem):
+  with pytest.raises(NotImplementedError):
+    exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS, num_labels=3)
+
+
+_MULTI_DEVICE_SCRIPT = textwrap.dedent('''
+    import importlib.util, sys
+    import jax, numpy as np
+    assert jax.device_count() == 4, jax.devices()
+    spec = importlib.util.spec_from_file_location('test_exact', sys.argv[1])
+    t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
+    import importlib
+    ex = importlib.import_module('splitjax.attacks.exact')
+    prob = t.Problem(seed=7)
+    rng = np.random.default_rng(0)
+    n = 37  # not a multiple of the device count: padded
+    g = (t.clip_rows(prob.g, 1.0) + 0.02 * rng.normal(size=prob.g.shape)).astype(np.float32)[:n]
+    for kwargs in (dict(), dict(l2_clip_norm=1.0, noise_stddev=0.02), dict(top_k=3)):
+      one = ex.exact(prob.apply, prob.params, prob.h[:n], g, t.CARDS, devices=jax.devices()[:1],
+                     **kwargs)
+      four = ex.exact(prob.apply, prob.params, prob.h[:n], g, t.CARDS, **kwargs)
+      near_tie = one.gap < 1e-4
+      for a, b in zip(one, four):
+        if a is None:
+          assert b is None
+          continue
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+          if x.dtype.kind == 'f':
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+          else:
+            np.testing.assert_array_equal(x[~near_tie], y[~near_tie])
+    print('OK', jax.device_count())
+''')
+
+
+def test_sharded_over_four_devices_equals_single_device():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4').strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = repo + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.run([sys.executable, '-c', _MULTI_DEVICE_SCRIPT, os.path.abspath(__file__)],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'OK 4' in proc.stdout
