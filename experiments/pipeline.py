@@ -35,38 +35,64 @@ class ConfigError(ValueError):
 
 
 def validate(config: configs_base.TrainConfig) -> None:
-  """Rejects impossible configs with one clear line (before anything is written)."""
+  """Rejects impossible configs with one clear line (before anything is written).
+
+  Checks names and numbers first, then loads the data (bundled and parsed tables are cached
+  in-process, so the later load is cheap): a bad dataset, CSV file, column role or label is
+  reported before the workdir is touched, so the results already in it stay as they were.
+  """
+  if config.dataset not in sj_data.DATASETS:
+    raise ConfigError(f"unknown --dataset {config.dataset!r}: choose one of "
+                      f"{', '.join(sj_data.DATASETS)}")
   if config.protocol not in PROTOCOLS:
     raise ConfigError(f"unknown --protocol {config.protocol!r}: choose one of {PROTOCOLS}")
   if config.recipe not in training.RECIPES:
     raise ConfigError(f"unknown --recipe {config.recipe!r}: choose one of {sorted(training.RECIPES)}")
+  if config.head not in models.HEADS:
+    raise ConfigError(f"unknown --head {config.head!r}: choose one of {models.HEADS}")
+  if config.topology not in models.TOPOLOGIES:
+    raise ConfigError(f"unknown --topology {config.topology!r}: choose one of {models.TOPOLOGIES}")
+  clip = None
   if config.dp_clip not in ("none", "auto"):
     try:
-      c = float(config.dp_clip)
+      clip = float(config.dp_clip)
     except ValueError:
       raise ConfigError(f"--dp_clip={config.dp_clip!r} is not a number: give a positive number, "
                         "'auto' or 'none'") from None
-    if not c > 0 or math.isnan(c):
+    if not clip > 0 or math.isnan(clip):
       raise ConfigError(f"--dp_clip={config.dp_clip} must be a positive number (or 'auto'/'none')")
   s = config.dp_noise_multiplier
   if math.isnan(s) or s < 0:
     raise ConfigError(f"--dp_noise_multiplier={s} must be >= 0 (0 = no noise, inf = frozen server)")
-  if config.target_epsilon and (math.isnan(config.target_epsilon) or config.target_epsilon <= 0):
-    raise ConfigError(f"--target_epsilon={config.target_epsilon} must be a positive number")
+  if config.target_epsilon and (math.isnan(config.target_epsilon) or config.target_epsilon <= 0
+                                or math.isinf(config.target_epsilon)):
+    raise ConfigError(f"--target_epsilon={config.target_epsilon} must be a positive finite number "
+                      "(omit it for no calibration)")
   if not 0 < config.target_delta < 1:
-    raise ConfigError(f"--target_delta={config.target_delta} must lie in (0, 1)")
+    raise ConfigError(f"--target_delta={config.target_delta} must lie in (0, 1), e.g. 1e-5")
   if config.label_dp_epsilon and (math.isnan(config.label_dp_epsilon)
-                                  or config.label_dp_epsilon <= 0):
-    raise ConfigError(f"--label_dp_epsilon={config.label_dp_epsilon} must be a positive number")
+                                  or config.label_dp_epsilon <= 0
+                                  or math.isinf(config.label_dp_epsilon)):
+    raise ConfigError(f"--label_dp_epsilon={config.label_dp_epsilon} must be a positive finite "
+                      "number (omit it for no label DP)")
   for name in ("samples_per_device", "devices_per_round", "local_steps"):
     if getattr(config, name) < 1:
       raise ConfigError(f"--{name}={getattr(config, name)} must be >= 1")
   if config.epochs < 0 or config.batch_size < 0:
     raise ConfigError("--epochs and --batch_size must be >= 0 (0 = the recipe's value)")
+  if math.isnan(config.learning_rate) or config.learning_rate < 0:
+    raise ConfigError(f"--learning_rate={config.learning_rate} must be >= 0 (0 = the recipe's)")
   if (s > 0 or config.target_epsilon) and config.dp_clip == "none":
     raise ConfigError("noise needs a clip norm: set --dp_clip=auto or a number")
+  if (s > 0 or config.target_epsilon) and clip is not None and math.isinf(clip):
+    raise ConfigError(f"--dp_clip={config.dp_clip} with noise gives infinite noise: set "
+                      "--dp_clip=auto or a finite number")
   if config.protocol == "fsl" and config.topology != "device_top":
     raise ConfigError("--protocol=fsl needs --topology=device_top")
+  if config.dp_clip == "auto" and config.topology != "device_top":
+    raise ConfigError("--dp_clip=auto is defined for gradients (device_top); give a number")
+  dataset = load_data(config)  # sj_data.DataError: one line naming the file/column and the fix
+  model_of(config, dataset)  # e.g. no private feature left after the role overrides
 
 
 def recipe_of(config) -> training.Recipe:
@@ -89,7 +115,8 @@ def load_data(config) -> sj_data.TabularData:
   if config.dataset == "synthetic":
     kwargs.update(num_examples=config.synthetic_examples,
                   correlation=config.synthetic_correlation)
-  return sj_data.load(config.dataset, seed=config.seed, path=config.data_path or None, **kwargs)
+  return sj_data.load(config.dataset, seed=config.split_seed, path=config.data_path or None,
+                      **kwargs)
 
 
 def model_of(config, dataset: sj_data.TabularData) -> models.SplitModel:

@@ -151,3 +151,19 @@ def test_bad_input_one_line_no_traceback(tmp_path, args, message):
   lines = [l for l in res.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and message in lines[0], res.stderr[-2000:]
   assert "Traceback" not in res.stderr
+
+
+def test_attacks_under_dp_stay_below_true_prior_bounds(tmp_path):
+  """Synthetic data, known prior: no variant exceeds its bound (attack raises if one does)."""
+  with flagsaver.flagsaver(workdir=str(tmp_path), dp_clip="auto", dp_noise_multiplier=1.0,
+                           **TINY):
+    train_bin.main([])
+  for variant in ("bayes", "clip_aware", "paper"):
+    with flagsaver.flagsaver(workdir=str(tmp_path), variant=variant):
+      attack_bin.main([])
+  rec = json.loads((tmp_path / "attack_exact_bayes_test.json").read_text())
+  assert rec["mu"] == pytest.approx(2.0 * np.sqrt(2))  # 2 releases at sigma = 1
+  assert rec["attack_epsilon"] == pytest.approx(9.9973, rel=1e-3)  # mu = 2, delta 1e-5
+  for r in list(rec["features"].values()) + [rec["label"]]:
+    assert 0 < r["bound_true_prior"] <= 1
+    assert r["ci"][0] <= r["bound_true_prior"]
