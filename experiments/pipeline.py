@@ -42,7 +42,7 @@ def validate(config: configs_base.TrainConfig) -> None:
   reported before the workdir is touched, so the results already in it stay as they were.
   """
   if config.dataset not in sj_data.DATASETS:
-    raise ConfigError(f"unknown --dataset {config.dataset!r}: choose one of "
+    raise ConfigError(f"unknown dataset {config.dataset!r} (--dataset): choose one of "
                       f"{', '.join(sj_data.DATASETS)}")
   if config.protocol not in PROTOCOLS:
     raise ConfigError(f"unknown --protocol {config.protocol!r}: choose one of {PROTOCOLS}")
@@ -87,6 +87,13 @@ def validate(config: configs_base.TrainConfig) -> None:
   if (s > 0 or config.target_epsilon) and clip is not None and math.isinf(clip):
     raise ConfigError(f"--dp_clip={config.dp_clip} with noise gives infinite noise: set "
                       "--dp_clip=auto or a finite number")
+  if math.isnan(config.device_dp_clip) or config.device_dp_clip < 0 or math.isnan(
+      config.device_dp_noise_multiplier) or config.device_dp_noise_multiplier < 0:
+    raise ConfigError("--device_dp_clip and --device_dp_noise_multiplier must be >= 0")
+  if config.device_dp_noise_multiplier > 0 and not config.device_dp_clip:
+    raise ConfigError("device DP-SGD noise needs --device_dp_clip (a positive number)")
+  if config.device_dp_clip and config.topology != "device_top":
+    raise ConfigError("device DP-SGD (--device_dp_clip) is implemented for device_top only")
   if config.protocol == "fsl" and config.topology != "device_top":
     raise ConfigError("--protocol=fsl needs --topology=device_top")
   if config.dp_clip == "auto" and config.topology != "device_top":
@@ -182,7 +189,9 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
   if frozen_server and progress:
     progress("noise multiplier = inf: the server receives pure noise; its model stays at "
              "initialisation (the utility floor of this topology)")
-  dp = training.DPConfig(np.float32(clip), np.float32(0.0 if frozen_server else sigma))
+  device_clip = config.device_dp_clip or math.inf
+  dp = training.DPConfig(np.float32(clip), np.float32(0.0 if frozen_server else sigma),
+                         np.float32(device_clip), np.float32(config.device_dp_noise_multiplier))
 
   labels = None
   if config.label_dp_epsilon:
@@ -228,7 +237,10 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
   }
   metrics.update(accounting.privacy_report(
       noise_multiplier=sigma, l2_clip_norm=clip, releases=releases, delta=config.target_delta,
-      label_epsilon=config.label_dp_epsilon or None))
+      label_epsilon=config.label_dp_epsilon or None,
+      device_noise_multiplier=(config.device_dp_noise_multiplier
+                               if config.device_dp_clip else None),
+      device_releases=releases if config.device_dp_clip else None))
   io.atomic_write_json(workdir / "metrics.json", metrics)
   return metrics
 

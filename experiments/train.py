@@ -31,6 +31,8 @@ flags.DEFINE_string("dp_clip", "none", "Cut-layer clip norm: a number, auto or n
 flags.DEFINE_float("dp_noise_multiplier", 0.0, "Cut-layer noise multiplier sigma (inf = frozen).")
 flags.DEFINE_float("target_epsilon", 0.0, "Calibrate sigma to this epsilon (0 = off).")
 flags.DEFINE_float("target_delta", 1e-5, "Delta of every reported epsilon.")
+flags.DEFINE_float("device_dp_clip", 0.0, "Device DP-SGD per-example clip norm (0 = off).")
+flags.DEFINE_float("device_dp_noise_multiplier", 0.0, "Device DP-SGD noise multiplier.")
 flags.DEFINE_float("label_dp_epsilon", 0.0, "Randomized-response label DP epsilon (0 = off).")
 flags.mark_flags_as_required(["workdir"])
 

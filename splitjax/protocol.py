@@ -47,6 +47,25 @@ def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
 
 
+def top_step_per_example(model: models.SplitModel, params, h, cat, dense, y, mask) -> TopStepOut:
+  """Like :func:`top_step`, but ``param_grads`` holds one gradient per example.
+
+  Each leaf of ``param_grads`` gets a leading batch axis ``[N, ...]`` (zero on
+  padded rows): what device DP-SGD clips per example before aggregating.
+  """
+  mask = mask.astype(jnp.float32)
+
+  def loss_i(p, hi, ci, di, yi, mi):
+    logit = model.head_apply(p, hi, ci, di)
+    return mi * bce_loss(logit[None], yi[None])[0], logit
+
+  grads_fn = jax.vmap(jax.value_and_grad(loss_i, argnums=(0, 1), has_aux=True),
+                      in_axes=(None, 0, 0, 0, 0, 0))
+  (losses, logits), (p_grads, h_grads) = grads_fn(params, h, cat, dense, y, mask)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  return TopStepOut(jnp.sum(losses) / n, h_grads, p_grads, logits)
+
+
 def bottom_forward(model: models.SplitModel, params, cat, dense) -> jax.Array:
   """Encoder forward: ``cat [N, P] int32, dense [N, Pd] -> cut activation [N, d]``."""
   return model.encode_batch(params, cat, dense)

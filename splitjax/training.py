@@ -106,17 +106,34 @@ class TrainState(NamedTuple):
 
 
 class DPConfig(NamedTuple):
-  """Cut-layer DP knobs, traced (a sweep does not recompile per point).
+  """DP knobs, traced (a sweep does not recompile per point).
 
-  ``l2_clip_norm = inf`` and ``noise_multiplier = 0`` is no DP.
+  ``l2_clip_norm``/``noise_multiplier`` act on the cut layer (``inf``/0 = none).
+  ``device_l2_clip_norm``/``device_noise_multiplier`` are device DP-SGD on the
+  device parameters' per-example gradients (``inf``/0 = off): each device
+  update (SL step, FSL local step) is clipped per example, summed, noised with
+  N(0, (sigma_d C_d)^2) and averaged before it is applied (and, in FSL, before
+  the server averages it).
   """
 
-  l2_clip_norm: jax.Array
-  noise_multiplier: jax.Array
+  l2_clip_norm: Any
+  noise_multiplier: Any
+  device_l2_clip_norm: Any = float("inf")
+  device_noise_multiplier: Any = 0.0
+
+  @property
+  def device_dp(self) -> bool:
+    """Whether device DP-SGD is on (a static, host-side decision)."""
+    return bool(np.isfinite(float(self.device_l2_clip_norm))
+                or float(self.device_noise_multiplier) > 0)
+
+  def as_arrays(self) -> "DPConfig":
+    return DPConfig(*(jnp.float32(x) for x in self))
 
 
 def no_dp() -> DPConfig:
-  return DPConfig(jnp.float32(jnp.inf), jnp.float32(0.0))
+  return DPConfig(jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(jnp.inf),
+                  jnp.float32(0.0))
 
 
 def init_state(model: models.SplitModel, tx_server, tx_device, seed: int) -> TrainState:
@@ -143,18 +160,38 @@ def cut_layer_dp(x, dp: DPConfig, key, mask):
   return out * mask[:, None].astype(out.dtype)
 
 
-def _split_forward_backward(model, enc_params, head_params, batch, dp, key):
+def device_dp_sgd(per_example_grads, dp: DPConfig, key, mask):
+  """Device DP-SGD: clip each example's gradient, sum, add noise, average over real rows."""
+  tx = dp_transforms.dp_aggregate(dp.device_l2_clip_norm, dp.device_noise_multiplier, key=key)
+  noisy_mean, _ = tx.update(per_example_grads, tx.init(per_example_grads))
+  scale = mask.shape[0] / jnp.maximum(jnp.sum(mask), 1.0)  # dp_aggregate divides by padded N
+  return jax.tree.map(lambda x: x * scale, noisy_mean)
+
+
+def _head_step(model, params, h, head_in, y, mask, dp, key, device_dp: bool):
+  """The device's head step; with ``device_dp`` its parameter gradient is privatised."""
+  if not device_dp:
+    return protocol.top_step(model, params, h, *head_in, y, mask)
+  out = protocol.top_step_per_example(model, params, h, *head_in, y, mask)
+  grads = device_dp_sgd(out.param_grads, dp, jax.random.fold_in(key, 1), mask)
+  return out._replace(param_grads=grads)
+
+
+def _split_forward_backward(model, enc_params, head_params, batch, dp, key,
+                            device_dp: bool = False):
   """One pass through the cut; returns (loss, enc_grads, head_grads, h_sent, g_sent, logits)."""
   _, enc_in, head_in = _sides(model, batch)
   mask = batch.mask.astype(jnp.float32)
   n = jnp.sum(mask)
   h = protocol.bottom_forward(model, enc_params, *enc_in)
   if model.spec.topology == "device_top":
-    out = protocol.top_step(model, head_params, h, *head_in, batch.y, mask)
+    out = _head_step(model, head_params, h, head_in, batch.y, mask, dp, key, device_dp)
     g_sent = cut_layer_dp(out.cut_grads, dp, key, mask)
     enc_grads = protocol.bottom_backward(model, enc_params, *enc_in, g_sent, n)
     return out.loss, enc_grads, out.param_grads, h, g_sent, out.logits
   # device_bottom: the device privatises its activations.
+  if device_dp:
+    raise ValueError("device DP-SGD is implemented for device_top only")
   h_sent = cut_layer_dp(h, dp, key, mask)
   out = protocol.top_step(model, head_params, h_sent, *head_in, batch.y, mask)
   enc_grads = protocol.bottom_backward(model, enc_params, *enc_in, out.cut_grads, n)
@@ -162,10 +199,11 @@ def _split_forward_backward(model, enc_params, head_params, batch, dp, key):
 
 
 @functools.lru_cache(maxsize=None)
-def make_sl_step(model: models.SplitModel, tx_server, tx_device):
+def make_sl_step(model: models.SplitModel, tx_server, tx_device, device_dp: bool = False):
   """Jitted SL step ``(state, batch, dp) -> (state, loss, h_sent [N, d], g_sent [N, d])``.
 
   The state is donated. ``h_sent``/``g_sent`` are what crossed the wire.
+  ``device_dp`` (static) turns on device DP-SGD with ``dp``'s device fields.
   """
 
   def step(state: TrainState, batch: Batch, dp: DPConfig):
@@ -174,7 +212,7 @@ def make_sl_step(model: models.SplitModel, tx_server, tx_device):
     enc, head = ((state.server_params, state.device_params) if device_top
                  else (state.device_params, state.server_params))
     loss, enc_g, head_g, h_sent, g_sent, _ = _split_forward_backward(
-        model, enc, head, batch, dp, key)
+        model, enc, head, batch, dp, key, device_dp)
     server_g, device_g = (enc_g, head_g) if device_top else (head_g, enc_g)
     upd, server_opt = tx_server.update(server_g, state.server_opt, state.server_params)
     server = optax.apply_updates(state.server_params, upd)
@@ -200,7 +238,8 @@ def _masked_mean(tree, weights):
 
 
 @functools.lru_cache(maxsize=None)
-def make_fsl_round(model: models.SplitModel, tx_server, tx_device, local_steps: int):
+def make_fsl_round(model: models.SplitModel, tx_server, tx_device, local_steps: int,
+                   device_dp: bool = False):
   """Jitted FSL round ``(state, batch[D, S, ...], device_mask[D], dp) -> (state, losses, h, g)``.
 
   ``h``/``g`` are ``[local_steps, D, S, d]``: what crossed the wire at each
@@ -222,8 +261,10 @@ def make_fsl_round(model: models.SplitModel, tx_server, tx_device, local_steps: 
       key = jax.random.fold_in(state.key, state.step * local_steps + t)
       h = protocol.bottom_forward(model, server, flat.pub_cat, flat.pub_dense)
       hd = h.reshape(batch.y.shape + h.shape[-1:])
-      out = jax.vmap(lambda p, hh, c, dd, yy, mm: protocol.top_step(model, p, hh, c, dd, yy, mm))(
-          phis, hd, batch.priv_cat, batch.priv_dense, batch.y, batch.mask)
+      dev_keys = jax.random.split(jax.random.fold_in(key, 2), num_dev)
+      out = jax.vmap(lambda p, hh, c, dd, yy, mm, kk: _head_step(
+          model, p, hh, (c, dd), yy, mm, dp, kk, device_dp))(
+              phis, hd, batch.priv_cat, batch.priv_dense, batch.y, batch.mask, dev_keys)
       g = out.cut_grads.reshape(h.shape)
       g_sent = cut_layer_dp(g, dp, key, mask)
       server_g = protocol.bottom_backward(model, server, flat.pub_cat, flat.pub_dense, g_sent, n)
@@ -435,8 +476,7 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
   """
   if protocol_name not in ("sl", "fsl"):
     raise ValueError(f"unknown protocol {protocol_name!r}: choose 'sl' or 'fsl'")
-  dp = no_dp() if dp is None else DPConfig(jnp.float32(dp.l2_clip_norm),
-                                           jnp.float32(dp.noise_multiplier))
+  dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
   if labels is not None:
     train_split = dataclasses.replace(train_split, y=np.asarray(labels, np.int32))
   tx = make_optimizer(recipe)
@@ -444,10 +484,10 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
   if state is None:
     state = init_state(model, tx_server, tx, seed)
   if protocol_name == "sl":
-    step_fn = make_sl_step(model, tx_server, tx)
+    step_fn = make_sl_step(model, tx_server, tx, dp.device_dp)
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
   else:
-    round_fn = make_fsl_round(model, tx_server, tx, local_steps)
+    round_fn = make_fsl_round(model, tx_server, tx, local_steps, dp.device_dp)
     partition = device_partition(len(train_split), samples_per_device, seed)
     steps_per_epoch = math.ceil(partition.shape[0] / devices_per_round)
   shard = _data_sharding(data_parallel, recipe.batch_size if protocol_name == "sl"
@@ -604,8 +644,7 @@ def replay_transcript(model, state: TrainState, split, *, dp: DPConfig | None = 
   This is what the server observes when test users are attacked (DESIGN.md §2).
   The DP noise of chunk ``c`` uses ``fold_in(key(seed), c)``.
   """
-  dp = no_dp() if dp is None else DPConfig(jnp.float32(dp.l2_clip_norm),
-                                           jnp.float32(dp.noise_multiplier))
+  dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
   n = len(split) if num_examples is None else min(num_examples, len(split))
   fn = make_replay(model)
   key = jax.random.key(seed)

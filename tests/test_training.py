@@ -122,3 +122,32 @@ def test_frozen_server_keeps_server_params():
   init = training.init_state(MODEL, training.server_optimizer(recipe, True), tx, seed=0)
   res = training.fit(MODEL, split, recipe=recipe, seed=0, freeze_server=True, progress=None)
   _close(res.state.server_params, init.server_params, rtol=0, atol=0)
+
+
+def test_device_dp_sgd_limit_equals_plain_and_noise_changes_it():
+  recipe = training.Recipe(optimizer="sgd", learning_rate=0.5, batch_size=16, epochs=1)
+  split = _split(40)
+  plain = training.fit(MODEL, split, recipe=recipe, seed=0, progress=None)
+  big_clip = training.DPConfig(np.inf, 0.0, 1e6, 0.0)
+  same = training.fit(MODEL, split, recipe=recipe, seed=0, dp=big_clip, progress=None)
+  _close(same.state.device_params, plain.state.device_params, rtol=1e-4, atol=1e-6)
+  _close(same.state.server_params, plain.state.server_params, rtol=1e-4, atol=1e-6)
+  noisy = training.fit(MODEL, split, recipe=recipe, seed=0, progress=None,
+                       dp=training.DPConfig(np.inf, 0.0, 0.1, 1.0))
+  diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+      jax.tree.leaves(noisy.state.device_params), jax.tree.leaves(plain.state.device_params)))
+  assert diff > 1e-3
+
+
+def test_device_dp_sgd_update_is_clipped_per_example():
+  """With sigma_d = 0 each example moves the device parameters by at most lr * C_d / n."""
+  recipe = training.Recipe(optimizer="sgd", learning_rate=1.0, batch_size=8, epochs=1)
+  split = _split(8)
+  tx = training.make_optimizer(recipe)
+  state0 = training.init_state(MODEL, tx, tx, seed=0)
+  clip = 1e-3
+  res = training.fit(MODEL, split, recipe=recipe, seed=0, progress=None,
+                     dp=training.DPConfig(np.inf, 0.0, clip, 0.0))
+  delta = np.sqrt(sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2)) for a, b in zip(
+      jax.tree.leaves(res.state.device_params), jax.tree.leaves(state0.device_params))))
+  assert delta <= clip * (1 + 1e-4)  # the mean of 8 rows each clipped to C_d

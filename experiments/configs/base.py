@@ -32,6 +32,8 @@ class TrainConfig:
   target_epsilon: float = 0.0
   target_delta: float = 1e-5
   label_dp_epsilon: float = 0.0
+  device_dp_clip: float = 0.0  # device DP-SGD per-example clip (0 = off)
+  device_dp_noise_multiplier: float = 0.0
   seed: int = 0
   split_seed: int = 0  # the 90/10 split (and synthetic data) is fixed across training seeds
   # synthetic dataset only
