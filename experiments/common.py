@@ -29,6 +29,10 @@ CONFIG = flags.DEFINE_string("config", None, "Config name in experiments/configs
 DATASET = flags.DEFINE_string("dataset", "adult", "adult, bank, credit, taobao, csv or synthetic.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed (parameters, data split and order, DP noise).")
 NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "Attack only the first N users (0 = all).")
+SCHEMA = flags.DEFINE_string(
+    "schema", "", "Column roles of --data_path (csv, bank, taobao): a JSON file with keys among "
+    "private_categorical, private_dense, server_categorical, server_dense, label, delimiter, "
+    "positive_label.")
 
 KILL_ENV = "SPLITJAX_TEST_KILL_AFTER"
 
@@ -124,9 +128,33 @@ def load_train_config(name_or_path: str, default_name: str):
   return getattr(config, "train", config)
 
 
+# Flags whose value 0 is the "off" default: given explicitly, 0 is a mistake (epsilon = 0 would be
+# perfect privacy, and silently turning DP off instead is the worst reading of it).
+_ZERO_MEANS_OFF = {
+    "target_epsilon": "omit --target_epsilon for no calibration, or give a positive epsilon",
+    "label_dp_epsilon": "omit --label_dp_epsilon for no label DP, or give a positive epsilon",
+}
+
+
+def given(name: str) -> bool:
+  """Whether flag ``name`` was set explicitly (command line or flagsaver), not left at its default."""
+  return name in FLAGS and (FLAGS[name].present or not FLAGS[name].using_default_value)
+
+
 def apply_flag_overrides(config, flag_names):
-  """Replaces config fields whose flags were given explicitly on the command line."""
+  """Replaces config fields whose flags were given explicitly on the command line.
+
+  Raises:
+    UsageError: an explicit 0 for a flag whose 0 means "off" (``--target_epsilon=0``), or a
+      shared flag this config has no field for (``--schema`` on an older TrainConfig).
+  """
   fields = {f.name: f for f in dataclasses.fields(config)}
+  for name, fix in _ZERO_MEANS_OFF.items():
+    if name in fields and name in flag_names and given(name) and FLAGS[name].value == 0:
+      raise UsageError(f"--{name}=0 is not a valid epsilon (it must be > 0): {fix}")
+  if hasattr(config, "data_path") and "schema" not in fields and given("schema"):
+    raise UsageError("--schema is not supported by this build (TrainConfig has no schema field): "
+                     "drop --schema")
   updates = {}
   for name in flag_names:
     if name in fields and name in FLAGS and (FLAGS[name].present

@@ -9,6 +9,7 @@ stopped when the same command is run again.
 """
 
 import dataclasses
+import pathlib
 import time
 
 from absl import app
@@ -24,8 +25,49 @@ _TAOBAO = flags.DEFINE_string("taobao_dir", "", "Directory with the Taobao files
 flags.mark_flags_as_required(["workdir"])
 
 
+def _presets() -> dict[str, list[str]]:
+  """Preset -> datasets that have a ``<dataset>_<preset>`` config."""
+  configs = pathlib.Path(__file__).parent / "configs"
+  out = {}
+  for path in sorted(configs.glob("*_*.py")):
+    if path.stem.startswith("_"):
+      continue
+    ds, preset = path.stem.rsplit("_", 1)
+    out.setdefault(preset, []).append(ds)
+  return out
+
+
+def _check_flags() -> None:
+  """One clear line for a bad --preset, --datasets or --taobao_dir (before anything is written)."""
+  presets = _presets()
+  preset = _PRESET.value
+  if preset not in presets:
+    raise common.UsageError(f"unknown --preset {preset!r}: choose one of {sorted(presets)}")
+  if not _DATASETS.value and not _TAOBAO.value:
+    raise common.UsageError("--datasets is empty: name at least one, e.g. --datasets=adult")
+  if len(set(_DATASETS.value)) != len(_DATASETS.value):
+    raise common.UsageError(f"--datasets lists a dataset twice ({','.join(_DATASETS.value)}): "
+                            "list each once")
+  valid = [d for d in presets[preset] if d != "taobao"]
+  for ds in _DATASETS.value:
+    if ds == "taobao":
+      raise common.UsageError("taobao is not bundled: drop it from --datasets and give "
+                              "--taobao_dir=DIR with its files instead")
+    if ds not in valid:
+      raise common.UsageError(f"unknown dataset {ds!r} in --datasets for --preset={preset}: "
+                              f"choose among {valid}")
+  if _TAOBAO.value:
+    if "taobao" not in presets[preset]:
+      raise common.UsageError(f"--preset={preset} has no taobao config: use --preset=quick or "
+                              "full with --taobao_dir")
+    if not pathlib.Path(_TAOBAO.value).is_dir():
+      raise common.UsageError(f"--taobao_dir={_TAOBAO.value} is not a directory: give the "
+                              "directory holding raw_sample.csv, user_profile.csv, ad_feature.csv")
+
+
 def main(argv):
   del argv
+  _check_flags()
   datasets = list(_DATASETS.value) + (["taobao"] if _TAOBAO.value else [])
   studies = {}
   for ds in datasets:

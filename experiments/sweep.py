@@ -8,10 +8,13 @@ sigma = inf (server frozen); --target_epsilon in {1, 4, 16}; label DP epsilon in
 plots extra). A killed sweep continues where it stopped when rerun.
 """
 
+import math
+
 from absl import app
 from absl import flags
 
 from experiments import common
+from experiments import pipeline
 from experiments import sweeping
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds per point.")
@@ -27,16 +30,46 @@ def _floats(values, flag):
   try:
     return [float(v) for v in values]
   except ValueError:
-    raise common.UsageError(f"--{flag} must be a comma-separated list of numbers") from None
+    raise common.UsageError(f"--{flag} must be a comma-separated list of numbers, got "
+                            f"{','.join(values)!r}") from None
+
+
+def _check(values, flag, ok, want):
+  for v in values:
+    if math.isnan(v) or not ok(v):
+      raise common.UsageError(f"--{flag} value {v:g} is invalid: every value must be {want}")
+  return values
+
+
+def _seeds(values):
+  seeds = _floats(values, "seeds")
+  if not seeds:
+    raise common.UsageError("--seeds is empty: give at least one seed, e.g. --seeds=0")
+  for s in seeds:
+    if math.isnan(s) or s != int(s) or s < 0:
+      raise common.UsageError(f"--seeds value {s:g} is invalid: seeds are integers >= 0")
+  if len(set(seeds)) != len(seeds):
+    raise common.UsageError(f"--seeds has duplicates ({','.join(values)}): list each seed once")
+  return [int(s) for s in seeds]
 
 
 def main(argv):
   del argv
   base = common.load_train_config(common.CONFIG.value, common.DATASET.value)
-  points = sweeping.default_points(_floats(_SIGMAS.value, "sigmas"),
-                                   _floats(_TARGETS.value, "target_epsilons"),
-                                   _floats(_LABEL.value, "label_epsilons"))
-  seeds = [int(s) for s in _floats(_SEEDS.value, "seeds")]
+  # Every flag is checked before anything is trained or written (a bad value found half-way
+  # through would leave a partial sweep behind).
+  sigmas = _check(_floats(_SIGMAS.value, "sigmas"), "sigmas", lambda v: v >= 0,
+                  ">= 0 (inf = frozen server)")
+  targets = _check(_floats(_TARGETS.value, "target_epsilons"), "target_epsilons",
+                   lambda v: 0 < v < math.inf, "a positive finite epsilon")
+  label_eps = _check(_floats(_LABEL.value, "label_epsilons"), "label_epsilons",
+                     lambda v: 0 < v < math.inf, "a positive finite epsilon")
+  seeds = _seeds(_SEEDS.value)
+  if common.NUM_EXAMPLES.value < 0:
+    raise common.UsageError(f"--num_examples={common.NUM_EXAMPLES.value} must be >= 0 "
+                            "(0 = every test user)")
+  pipeline.validate(base)
+  points = sweeping.default_points(sigmas, targets, label_eps)
   rows = sweeping.run_sweep(base, common.WORKDIR.value, points=points, seeds=seeds,
                             num_examples=common.NUM_EXAMPLES.value, kill_switch=common.KillSwitch())
   sweeping.plot(rows, common.WORKDIR.value, base.dataset)

@@ -129,8 +129,11 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
   if name == "synthetic":
     if path is not None or schema is not None or label is not None or any(
         v is not None for v in overrides.values()):
+      given = [k for k, v in (("path", path), ("schema", schema), ("label", label),
+                              *overrides.items()) if v is not None]
       raise base.DataError(
-          "synthetic takes no path, schema or roles; size it with num_examples, "
+          f"synthetic takes no path, schema or column roles (got {', '.join(given)}); drop "
+          f"{'it' if len(given) == 1 else 'them'} and size the table with num_examples, "
           "priv_cardinalities, pub_cardinalities, num_pub_dense, num_priv_dense")
     return synthetic_lib.synthetic(seed=seed, test_fraction=test_fraction, **kwargs)
   if schema is not None:

@@ -73,7 +73,8 @@ def resolve_roles(defaults: base.Roles | None, header: Sequence[str], *,
   if label is None:
     label = defaults.label if defaults is not None else None
   if not label:
-    raise base.DataError(f"no label column for {source}; give label=COLUMN (a binary column)")
+    raise base.DataError(f"no label column for {source}; give label=COLUMN (a binary column; "
+                         "in a schema file the \"label\" key)")
   roles = base.Roles(label=label, **final)
   known = set(header)
   for col in roles.features() + (label,):
