@@ -110,14 +110,18 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   out_path = workdir / name
   cfg = dataclasses.asdict(config)
   partial_path = workdir / (name + ".partial.npz")
+  run_key = io.fingerprint({"attack": cfg, "model": restored.fingerprint})
   if out_path.exists() and not overwrite:
     old = io.read_json(out_path)
-    if old.get("config") == io.to_jsonable(cfg):
+    same_config = old.get("config") == io.to_jsonable(cfg)
+    if same_config and old.get("model_fingerprint") == restored.fingerprint:
       if progress:
         progress(f"{out_path} already holds this attack; nothing to do")
       return old
-    raise io.WorkdirError(f"{out_path} holds another attack configuration: use --overwrite "
-                          "or another --workdir")
+    if not same_config:
+      raise io.WorkdirError(f"{out_path} holds another attack configuration: use --overwrite "
+                            "or another --workdir")
+    # Same attack of an earlier model of this workdir: stale, recompute it.
   clip = float(restored.metrics["l2_clip_norm"]) if restored.metrics["l2_clip_norm"] != "inf" \
       else math.inf
   sigma = restored.metrics["noise_multiplier"]
@@ -151,7 +155,10 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   done = {}
   if resume and partial_path.exists():
     with np.load(partial_path) as z:
-      done = {k: z[k] for k in z.files}
+      if "run_key" in z.files and str(z["run_key"]) == run_key:
+        done = {k: z[k] for k in z.files if k != "run_key"}
+      elif progress:
+        progress(f"ignoring {partial_path}: written by another attack or model")
   feats = done.get("features", np.full((n, len(dataset.priv_cardinalities)), -1, np.int32))
   labels = done.get("labels", np.full(n, -1, np.int32))
   ties = done.get("ties", np.zeros(n, np.int32))
@@ -180,7 +187,7 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
       feats[rows], labels[rows], ties[rows] = res.features, res.labels, res.num_ties
       finished[rows] = True
       io.atomic_write_bytes(partial_path, _npz(features=feats, labels=labels, ties=ties,
-                                               finished=finished))
+                                               finished=finished, run_key=np.str_(run_key)))
       if bar:
         bar(int(finished.sum()))
       if kill_switch is not None:
@@ -192,6 +199,7 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   candidates = int(np.prod(dataset.priv_cardinalities)) * 2
   record.update({"seconds": time.time() - t0, "attack_seconds": attack_seconds,
                  "compile_seconds": compile_seconds,
+                 "model_fingerprint": restored.fingerprint,
                  "candidates_per_second": n * candidates / max(attack_seconds, 1e-9),
                  "config": cfg})
   if config.users == "train":

@@ -145,20 +145,15 @@ def apply_flag_overrides(config, flag_names):
   """Replaces config fields whose flags were given explicitly on the command line.
 
   Raises:
-    UsageError: an explicit 0 for a flag whose 0 means "off" (``--target_epsilon=0``), or a
-      shared flag this config has no field for (``--schema`` on an older TrainConfig).
+    UsageError: an explicit 0 for a flag whose 0 means "off" (``--target_epsilon=0``).
   """
   fields = {f.name: f for f in dataclasses.fields(config)}
   for name, fix in _ZERO_MEANS_OFF.items():
     if name in fields and name in flag_names and given(name) and FLAGS[name].value == 0:
       raise UsageError(f"--{name}=0 is not a valid epsilon (it must be > 0): {fix}")
-  if hasattr(config, "data_path") and "schema" not in fields and given("schema"):
-    raise UsageError("--schema is not supported by this build (TrainConfig has no schema field): "
-                     "drop --schema")
   updates = {}
   for name in flag_names:
-    if name in fields and name in FLAGS and (FLAGS[name].present
-                                             or FLAGS[name].value != FLAGS[name].default):
+    if name in fields and given(name):
       value = FLAGS[name].value
       if isinstance(getattr(config, name), tuple):
         value = tuple(type(getattr(config, name)[0])(v) if getattr(config, name) else v

@@ -119,6 +119,8 @@ def load_data(config) -> sj_data.TabularData:
   kwargs = {}
   if config.private_dense:
     kwargs["private_dense"] = tuple(config.private_dense)
+  if config.schema:
+    kwargs["schema"] = config.schema
   if config.dataset == "synthetic":
     kwargs.update(num_examples=config.synthetic_examples,
                   correlation=config.synthetic_correlation)
@@ -154,7 +156,7 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
   model = model_of(config, dataset)
   recipe = recipe_of(config)
   releases = releases_of(config)
-  fingerprint = io.fingerprint({"spec": model.spec.to_dict(), "config": cfg})
+  fingerprint = run_fingerprint(model, io.read_json(workdir / "config.json"))
   ckpt_path = workdir / "checkpoint.msgpack"
 
   state, start_epoch, history, extra = None, 0, [], {}
@@ -164,6 +166,12 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
     start_epoch, history, extra = meta["epoch"], meta["history"], meta["extra"]
     if progress:
       progress(f"resuming from epoch {start_epoch} of {recipe.epochs} ({ckpt_path})")
+
+  if state is None:
+    # Training from scratch: results of an earlier model in this workdir are stale.
+    for pattern in STALE_FILES:
+      for path in workdir.glob(pattern):
+        path.unlink()
 
   # Cut-layer DP parameters (public).
   if "l2_clip_norm" not in extra:
@@ -198,6 +206,10 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
     rng = np.random.default_rng([config.seed, 7])
     labels = label_dp.randomized_response(dataset.train.y, config.label_dp_epsilon, rng=rng)
 
+  def on_transcript(transcript):
+    # Written before the last checkpoint: a finished checkpoint implies a transcript.
+    write_transcript(workdir, transcript)
+
   def on_epoch_end(epoch, st, log):
     history.append(log)
     io.save_checkpoint(ckpt_path, st, metadata={
@@ -209,19 +221,19 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
                     samples_per_device=config.samples_per_device,
                     devices_per_round=config.devices_per_round, local_steps=config.local_steps,
                     labels=labels, state=state, start_epoch=start_epoch,
-                    on_epoch_end=on_epoch_end, progress=progress)
+                    on_epoch_end=on_epoch_end, on_transcript=on_transcript,
+                    progress=progress)
   if frozen_server:
     fit_kwargs["freeze_server"] = True
   if start_epoch >= recipe.epochs and (workdir / "metrics.json").exists():
     return io.read_json(workdir / "metrics.json")
-  if start_epoch >= recipe.epochs:
-    # Finished training but died before writing results: redo the last epoch for its transcript.
-    raise ConfigError(f"{workdir} holds a finished checkpoint but no metrics.json: rerun with "
-                      "--overwrite to train again")
-  result = training.fit(model, dataset.train, **fit_kwargs)
-  state = result.state
+  if start_epoch < recipe.epochs:
+    state = training.fit(model, dataset.train, **fit_kwargs).state
+  elif not (workdir / "transcript.npz").exists():
+    raise io.CheckpointError(f"{workdir} holds a finished checkpoint but no transcript: rerun "
+                             "experiments.train with --overwrite")
+  # Killed after the last checkpoint? Then only the evaluation below is redone.
   test = training.evaluate(model, state, dataset.test)
-  write_transcript(workdir, result.transcript)
   epoch_seconds = [h["seconds"] for h in history]
   metrics = {
       "dataset": config.dataset, "protocol": config.protocol, "recipe": config.recipe,
@@ -243,6 +255,15 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
       device_releases=releases if config.device_dp_clip else None))
   io.atomic_write_json(workdir / "metrics.json", metrics)
   return metrics
+
+
+STALE_FILES = ("metrics.json", "checkpoint.msgpack", "transcript.npz",
+               "transcript_params.msgpack", "attack*.json", "attack*.partial.npz")
+
+
+def run_fingerprint(model, stored_config: dict) -> str:
+  """Identifies a training run: the architecture and the config as stored in config.json."""
+  return io.fingerprint({"spec": model.spec.to_dict(), "config": stored_config})
 
 
 def write_transcript(workdir: pathlib.Path, transcript: protocol.Transcript) -> None:
@@ -286,8 +307,8 @@ class Restored:
     self.metrics = io.read_json(workdir / "metrics.json")
     self.dataset = load_data(self.config)
     self.model = model_of(self.config, self.dataset)
-    cfg = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
-    fingerprint = io.fingerprint({"spec": self.model.spec.to_dict(), "config": cfg})
+    fingerprint = run_fingerprint(self.model, raw)
+    self.fingerprint = fingerprint
     self.state, _ = io.restore_checkpoint(workdir / "checkpoint.msgpack",
                                           _state_template(self.model, self.config),
                                           fingerprint=fingerprint)

@@ -444,6 +444,7 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
         freeze_server: bool = False, data_parallel: bool | None = None,
         start_epoch: int = 0, record_last_epoch: bool = True,
         on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
+        on_transcript: Callable[[Any], None] | None = None,
         progress: Callable[[str], None] | None = print) -> FitResult:
   """Trains a split model with SL or FSL.
 
@@ -468,7 +469,10 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     start_epoch: first epoch to run.
     record_last_epoch: keep the last epoch's transcript.
     on_epoch_end: ``callback(epoch, state, epoch_log)`` after each epoch
-      (checkpointing). The state passed is not donated afterwards.
+      (checkpointing). The state is donated to the next step afterwards: copy
+      what must outlive the callback.
+    on_transcript: ``callback(transcript)`` once the last epoch's transcript is
+      complete, before that epoch's ``on_epoch_end``.
     progress: printer for progress lines, or None.
 
   Returns:
@@ -542,6 +546,8 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     history.append(log)
     if rec is not None:
       transcript = rec.finish(dp)
+      if on_transcript is not None:
+        on_transcript(transcript)
     if on_epoch_end is not None:
       on_epoch_end(epoch, state, log)
   return FitResult(state, transcript, history, time.time() - t_all)

@@ -439,9 +439,6 @@ def _timing_free(record: dict) -> dict:
   return {k: v for k, v in record.items() if "seconds" not in k and k != "candidates_per_second"}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="train --overwrite leaves the old model's attack*.json behind and "
-                   "attack then returns it as 'already holds this attack' (see issue 6 report)")
 def test_attack_after_train_overwrite_is_of_the_new_model(workdirs, tmp_path, capsys):
   workdir, fresh = tmp_path / "w", tmp_path / "fresh"
   shutil.copytree(workdirs["a"], workdir)
@@ -461,9 +458,6 @@ class _Killed(BaseException):
   """Raised instead of os._exit by an in-process kill."""
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="attack --resume reuses a .partial.npz written by another attack "
-                   "configuration with the same results name (see issue 6 report)")
 def test_attack_resume_ignores_a_partial_of_another_configuration(workdirs, tmp_path, capsys,
                                                                    monkeypatch):
   workdir, fresh = tmp_path / "w", tmp_path / "fresh"

@@ -265,9 +265,6 @@ class _Killed(BaseException):
   """Raised instead of os._exit by an in-process kill (nothing after it runs, like a kill)."""
 
 
-@pytest.mark.xfail(strict=True, raises=pipeline.ConfigError,
-                   reason="train_workdir cannot resume a run killed between its last checkpoint "
-                   "and metrics.json (see issue 6 report)")
 def test_train_killed_after_its_last_checkpoint_resumes(reference, tmp_path, monkeypatch):
   # In-process kill (cheaper than a subprocess): the hook's os._exit raises instead.
   def kill(status):

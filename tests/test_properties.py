@@ -167,7 +167,7 @@ def _rows_strategy(dtype=np.float32):
 
 
 # Entries below this are set to 0: XLA on CPU flushes subnormals, and a row whose squared norm
-# underflows float32 (|x| < ~1e-19) escapes clipping (see the xfail test at the end).
+# underflowed float32 before the norm was computed max-scaled (test at the end).
 _TINY = 1e-18
 
 
@@ -252,9 +252,6 @@ def test_dp_chain_keeps_shapes_and_dtypes(dtype, clip, sigma, rows, seed):
     assert np.all(np.isfinite(np.asarray(got, np.float32)))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="clip_per_example computes ||g_i|| as sqrt(sum g^2), which "
-                   "underflows to 0 for |g| < ~1e-19 in float32, so such rows escape clipping "
-                   "(see issue 6 report)")
 def test_clip_bound_holds_for_rows_whose_squared_norm_underflows():
   g = np.array([[1e-20, 0.0], [1e-25, 1e-25]], np.float32)
   np.testing.assert_array_equal(_clip(g, np.float32(0.0)), 0.0)  # C = 0 must give zeros

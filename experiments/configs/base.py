@@ -15,6 +15,7 @@ class TrainConfig:
 
   dataset: str = "adult"
   data_path: str = ""
+  schema: str = ""  # JSON column roles for --data_path (csv, bank, taobao)
   private_dense: tuple[str, ...] = ()
   protocol: str = "sl"
   recipe: str = "tuned"

@@ -11,6 +11,7 @@ Typical cut-layer use, applied by the device to its rows `g: [batch, d_cut]` bef
     g_sent, state = tx.update(g, state)
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -77,8 +78,13 @@ def per_example_global_norm(updates: chex.ArrayTree) -> chex.Array:
   leaves = jax.tree.leaves(updates)
   _batch_size(leaves)
   dtype = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
-  sq = sum(jnp.sum(jnp.square(x.astype(dtype)).reshape(x.shape[0], -1), axis=1) for x in leaves)
-  return jnp.sqrt(sq)
+  rows = [x.astype(dtype).reshape(x.shape[0], -1) for x in leaves]
+  # Scale by each row's largest magnitude first, so that squares of tiny entries do not
+  # underflow to 0 (a row of 1e-20 would otherwise have "norm" 0 and escape any clip).
+  m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(r), axis=1) for r in rows])
+  safe = jnp.where(m > 0, m, 1.0)
+  sq = sum(jnp.sum(jnp.square(r / safe[:, None]), axis=1) for r in rows)
+  return jnp.where(m > 0, safe * jnp.sqrt(sq), 0.0)
 
 
 def _clip_rows(updates: chex.ArrayTree, l2_clip_norm) -> chex.ArrayTree:
