@@ -58,10 +58,9 @@ def run_main(main_fn):
 
   def wrapped(argv):
     if _COORDINATOR.value:
-      import jax  # pylint: disable=g-import-not-at-top
-      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                 num_processes=_NUM_PROCESSES.value,
-                                 process_id=_PROCESS_ID.value)
+      from splitjax import training  # pylint: disable=g-import-not-at-top
+      training.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                      _PROCESS_ID.value)
     try:
       return main_fn(argv)
     except (ValueError, OSError, FloatingPointError, KeyError) as e:  # one clear line
