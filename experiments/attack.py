@@ -31,7 +31,11 @@ def main(argv):
                                        common.config_dict(base.AttackConfig()))
   record = attacking.attack_workdir(common.WORKDIR.value, config, resume=common.resume(),
                                     overwrite=common.overwrite(), kill_switch=common.KillSwitch())
-  print(attacking.markdown_table(record))
+  if "resolved_attack" in record.get("config", {}):
+    from experiments import beyond  # pylint: disable=g-import-not-at-top
+    print(beyond.markdown_table(record))
+  else:
+    print(attacking.markdown_table(record))
 
 
 if __name__ == "__main__":

@@ -96,16 +96,16 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
                    overwrite: bool = False, progress=print, kill_switch=None) -> dict:
   """Runs ``config`` against the trained ``workdir``; writes and returns the attack record."""
   validate(config)
-  if config.attack != "exact":
+  restored = None if config.attack != "exact" else pipeline.Restored(workdir)
+  if restored is None or (restored.model.spec.topology != "device_top"
+                          or restored.model.spec.num_priv_dense):
+    # Attacks beyond enumeration, activation matching (device_bottom) and the hybrid of
+    # enumeration and optimisation (private dense features).
     from experiments import beyond  # pylint: disable=g-import-not-at-top
     return beyond.attack_workdir(workdir, config, resume=resume, overwrite=overwrite,
                                  progress=progress, kill_switch=kill_switch)
-  restored = pipeline.Restored(workdir)
   workdir = pathlib.Path(workdir)
   dataset, model, state = restored.dataset, restored.model, restored.state
-  if model.spec.topology != "device_top" or model.spec.num_priv_dense:
-    raise pipeline.ConfigError("exact attacks a device_top model with categorical private "
-                               "features only; retrain without --private_dense")
   name = results_name(config)
   out_path = workdir / name
   cfg = dataclasses.asdict(config)

@@ -15,12 +15,27 @@ from splitjax.attacks.exact import AttackError
 from splitjax.attacks.exact import ExactResult
 from splitjax.attacks.exact import candidate_table
 from splitjax.attacks.exact import exact
+from splitjax.attacks.activations import ActivationResult
+from splitjax.attacks.activations import exact_activations
+from splitjax.attacks.label_only import LabelResult
+from splitjax.attacks.label_only import label_direction
+from splitjax.attacks.label_only import label_norm
+from splitjax.attacks.optimize import HybridResult
+from splitjax.attacks.optimize import OptimizeResult
+from splitjax.attacks.optimize import hybrid
+from splitjax.attacks.optimize import optimize
+from splitjax.attacks.optimize import relaxed_device_apply
 
 # Name -> attack function (array API). The transcript-level runner wraps these.
 ATTACKS: dict[str, Callable[..., Any]] = {
     'exact': exact,
     'majority_prior': majority_prior,
     'knn': knn,
+    'optimize': optimize,
+    'hybrid': hybrid,
+    'label_norm': label_norm,
+    'label_direction': label_direction,
+    'exact_activations': exact_activations,
 }
 
 
