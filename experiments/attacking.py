@@ -10,14 +10,12 @@ import math
 import pathlib
 import time
 
-import jax
 import numpy as np
 
 from splitjax import attacks
 from splitjax import io
 from splitjax import metrics
 from splitjax import models
-from splitjax import protocol
 from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import bounds
@@ -87,6 +85,31 @@ def variant_kwargs(variant: str, clip: float, sigma: float, dataset) -> dict:
   return kwargs
 
 
+def observed_transcript(restored, config, clip: float, sigma: float):
+  """What the server observed: ``(transcript, split name)``.
+
+  Test users are replayed once through the final model with the public DP
+  parameters (under label DP with their own randomized-response label, drawn
+  once, as the device only ever uses that one); train users come from the
+  recorded last-epoch transcript.
+  """
+  dataset, model, state = restored.dataset, restored.model, restored.state
+  if config.users == "test":
+    test_split = dataset.test
+    if restored.config.label_dp_epsilon:
+      rng = np.random.default_rng([restored.config.seed, 8])
+      test_split = dataclasses.replace(test_split, y=label_dp.randomized_response(
+          test_split.y, restored.config.label_dp_epsilon, rng=rng))
+    transcript = training.replay_transcript(
+        model, state, test_split, dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
+        seed=config.seed + 1000, num_examples=config.num_examples or None)
+    return transcript, "test"
+  transcript = restored.transcript()
+  if config.num_examples:
+    transcript = transcript.take(np.arange(min(config.num_examples, transcript.num_rows)))
+  return transcript, "train"
+
+
 def _targets(dataset, split_name: str, rows: np.ndarray):
   split = getattr(dataset, split_name)
   return split.priv_cat[rows], split.y[rows]
@@ -105,7 +128,7 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
     return beyond.attack_workdir(workdir, config, resume=resume, overwrite=overwrite,
                                  progress=progress, kill_switch=kill_switch)
   workdir = pathlib.Path(workdir)
-  dataset, model, state = restored.dataset, restored.model, restored.state
+  dataset, model = restored.dataset, restored.model
   name = results_name(config)
   out_path = workdir / name
   cfg = dataclasses.asdict(config)
@@ -130,23 +153,7 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
     raise pipeline.ConfigError("the model was trained with noise multiplier inf (the server "
                                "sees pure noise): there is nothing to attack")
 
-  # What the server observed.
-  if config.users == "test":
-    test_split = dataset.test
-    if restored.config.label_dp_epsilon:
-      # The device only ever uses its randomized-response label (drawn once).
-      rng = np.random.default_rng([restored.config.seed, 8])
-      test_split = dataclasses.replace(test_split, y=label_dp.randomized_response(
-          test_split.y, restored.config.label_dp_epsilon, rng=rng))
-    transcript = training.replay_transcript(
-        model, state, test_split, dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
-        seed=config.seed + 1000, num_examples=config.num_examples or None)
-    split_name = "test"
-  else:
-    transcript = restored.transcript()
-    if config.num_examples:
-      transcript = transcript.take(np.arange(min(config.num_examples, transcript.num_rows)))
-    split_name = "train"
+  transcript, split_name = observed_transcript(restored, config, clip, sigma)
   n = transcript.num_rows
   device_apply = models.device_logit_fn(model)
   kwargs = variant_kwargs(config.variant, clip, sigma, dataset)

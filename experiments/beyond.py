@@ -39,7 +39,6 @@ from splitjax import metrics
 from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import bounds
-from splitjax.privacy import label_dp
 
 from experiments import attacking
 from experiments import pipeline
@@ -111,23 +110,7 @@ def _resolve(config, model) -> str:
   return name
 
 
-def observed_transcript(restored, config, clip: float, sigma: float):
-  """What the server observed, (transcript, split name), built as in ``attacking``."""
-  dataset, model, state = restored.dataset, restored.model, restored.state
-  if config.users == "test":
-    test_split = dataset.test
-    if restored.config.label_dp_epsilon:
-      rng = np.random.default_rng([restored.config.seed, 8])
-      test_split = dataclasses.replace(test_split, y=label_dp.randomized_response(
-          test_split.y, restored.config.label_dp_epsilon, rng=rng))
-    transcript = training.replay_transcript(
-        model, state, test_split, dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
-        seed=config.seed + 1000, num_examples=config.num_examples or None)
-    return transcript, "test"
-  transcript = restored.transcript()
-  if config.num_examples:
-    transcript = transcript.take(np.arange(min(config.num_examples, transcript.num_rows)))
-  return transcript, "train"
+observed_transcript = attacking.observed_transcript
 
 
 def _dp_of(restored) -> tuple[float, float]:

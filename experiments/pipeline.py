@@ -12,7 +12,6 @@ A trained workdir holds::
 import dataclasses
 import math
 import pathlib
-import time
 
 import jax
 import numpy as np

@@ -128,7 +128,6 @@ def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
 def cost_summary(res, study) -> dict:
   cost = {}
   peak = matmul_flops_per_second()
-  hidden = tuple(study.train.hidden)
   for key, row in res["auc"].items():
     cost[key] = {"seconds_per_epoch": row["seconds_per_epoch"], "epochs": row["epochs"]}
     if row.get("attacks"):

@@ -23,7 +23,6 @@ import pytest
 
 from experiments import attack as attack_bin
 from experiments import common
-from experiments import pipeline
 from experiments import sweep as sweep_bin
 from experiments import train as train_bin
 from splitjax import attacks
