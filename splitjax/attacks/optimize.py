@@ -464,7 +464,6 @@ def _hybrid_user(simulate, opts: _HybridOptions, tx, params, h, g, key, log_prio
   """One user: score every (candidate, label) pair at the starts, refine the best, answer."""
   objective = OBJECTIVES['l2' if opts.bayes else opts.distance]
   num_labels = simulate.num_labels
-  num_cand = table.shape[0]
   k_starts, k_refine = jax.random.split(key)
   starts = stratified_starts(k_starts, opts.num_restarts, lo, hi)  # [R, Pd]
 
