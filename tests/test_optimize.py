@@ -2,6 +2,10 @@
 
 import functools
 import importlib
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -230,3 +234,53 @@ def test_bad_inputs_raise(dense_model):
     optimize_lib.relaxed_device_apply(models.make_model(models.ModelSpec(
         pub_cardinalities=(3,), num_pub_dense=1, priv_cardinalities=(2,),
         topology='device_bottom')))
+
+
+_MULTI_DEVICE_SCRIPT = textwrap.dedent('''
+    import importlib, importlib.util, sys
+    import jax, numpy as np
+    assert jax.device_count() == 4, jax.devices()
+    spec = importlib.util.spec_from_file_location('test_optimize', sys.argv[1])
+    t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
+    opt = importlib.import_module('splitjax.attacks.optimize')
+    model = t.models.make_model(t._spec(1))
+    obs = t._observe(model, num_users=21)  # not a multiple of the device count: padded
+    relaxed = opt.relaxed_device_apply(model)
+    runs = {
+        'optimize': lambda devices: opt.optimize(
+            relaxed, obs['phi'], obs['h'], obs['g'], t.CARDS, 1, num_steps=30, num_restarts=4,
+            key=jax.random.key(3), users_per_batch=2, devices=devices),
+        'hybrid': lambda devices: opt.hybrid(
+            model.head_apply, obs['phi'], obs['h'], obs['g'], t.CARDS, 1, num_steps=20,
+            num_restarts=8, num_refine=4, refine_starts=8, key=jax.random.key(3),
+            users_per_batch=2, devices=devices),
+    }
+    for name, run in runs.items():
+      one, four = run(jax.devices()[:1]), run(None)
+      meshes = [entry[1] for key, entry in opt._CACHE.items() if key[0] == name]
+      assert sorted(m.devices.size for m in meshes) == [1, 4], meshes  # one 1-device, one 4-device
+      for field, a, b in zip(one._fields, one, four):
+        if a is None:
+          assert b is None, field
+          continue
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+          if x.dtype.kind == 'f':
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name + '.' + field)
+          else:
+            np.testing.assert_array_equal(x, y, err_msg=name + '.' + field)
+      # Sharding changes nothing about who is recovered: the answers are the truth for most users.
+      assert np.mean((four.features == obs['x']).all(1)) > 0.5, (name, four.features, obs['x'])
+      print('OK', name, jax.device_count())
+''')
+
+
+def test_optimize_and_hybrid_sharded_over_four_devices_equal_single_device():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4').strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = repo + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.run([sys.executable, '-c', _MULTI_DEVICE_SCRIPT, os.path.abspath(__file__)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'OK optimize 4' in proc.stdout and 'OK hybrid 4' in proc.stdout, proc.stdout

@@ -561,27 +561,64 @@ def _map_users(one, xs, batch: int):
   return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), out)
 
 
-def _compiled(kind: str, key, make_body):
-  """`jit` of a body mapping a per-user function over users, cached under (kind, key)."""
-  entry = _CACHE.get((kind, key))
+def _check_devices(devices) -> tuple:
+  devices = tuple(jax.devices() if devices is None else devices)
+  if not devices:
+    raise AttackError('devices is empty; pass None (all devices) or at least one device.')
+  return devices
+
+
+def _compiled(kind: str, key, make_body, devices: tuple, num_shared: int, num_per_user: int):
+  """`jit` of a body mapping a per-user function over users, cached under (kind, key, devices).
+
+  `body(*shared, *per_user, batch=b)`: the shared arguments (parameters, tables, scalars) are
+  replicated; the per-user arrays and every output are split along their leading axis over a 1-D
+  mesh 'users' of `devices` (`shard_map`: each device attacks its own block of users, no
+  communication). Returns `(fn, mesh)`.
+  """
+  entry = _CACHE.get((kind, key, devices))
   if entry is None:
-    entry = _CACHE[(kind, key)] = jax.jit(make_body(), static_argnames=('batch',))
+    body = make_body()
+    mesh = jax.sharding.Mesh(np.asarray(devices), ('users',))
+    if len(devices) > 1:
+      spec = jax.sharding.PartitionSpec
+      in_specs = (spec(),) * num_shared + (spec('users'),) * num_per_user
+
+      def sharded(*args, batch):
+        return jax.shard_map(functools.partial(body, batch=batch), mesh=mesh, in_specs=in_specs,
+                             out_specs=spec('users'), check_vma=False)(*args)
+      fn = jax.jit(sharded, static_argnames=('batch',))
+    else:
+      fn = jax.jit(body, static_argnames=('batch',))
+    entry = _CACHE[(kind, key, devices)] = (fn, mesh)
   return entry
 
 
-def _run_users(fn, shared: tuple, per_user: tuple, num_users: int, batch: int) -> dict:
-  """Calls `fn(*shared, *per_user_block, batch=b)` on padded blocks of users; concatenates."""
-  per_call = min(USERS_PER_CALL, _next_pow2(num_users))
-  batch = max(1, min(batch, per_call))
-  per_call = max(per_call, batch) // batch * batch
+def _run_users(compiled, shared: tuple, per_user: tuple, num_users: int, batch: int) -> dict:
+  """Calls `fn(*shared, *per_user_block, batch=b)` on padded blocks of users; concatenates.
+
+  Each call takes `USERS_PER_CALL` users per device (fewer for small problems), a multiple of the
+  vmapped `batch`; the last call is padded with copies of the first user (dropped at the end).
+  """
+  fn, mesh = compiled
+  num_devices = mesh.devices.size
+  per_device = min(USERS_PER_CALL, _next_pow2(-(-num_users // num_devices)))
+  batch = max(1, min(batch, per_device))
+  per_device = max(per_device, batch) // batch * batch
+  per_call = per_device * num_devices
   num_calls = -(-num_users // per_call)
   pad = num_calls * per_call - num_users
+  spec = jax.sharding.PartitionSpec
+  replicated = jax.sharding.NamedSharding(mesh, spec())
+  users = jax.sharding.NamedSharding(mesh, spec('users'))
 
   def padded(x):
     return np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
 
+  shared = jax.device_put(shared, replicated)
   per_user = tuple(padded(np.asarray(x)) for x in per_user)
-  outs = [fn(*shared, *(x[i * per_call:(i + 1) * per_call] for x in per_user), batch=batch)
+  outs = [fn(*shared, *(jax.device_put(x[i * per_call:(i + 1) * per_call], users)
+                        for x in per_user), batch=batch)
           for i in range(num_calls)]
   return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:num_users],
                       *outs)
@@ -664,7 +701,8 @@ def optimize(device_apply_relaxed: Callable[..., jax.Array],
              final_temperature: float = 1.0,
              keep_best: bool = True,
              polish_starts: int = 64,
-             users_per_batch: int | None = None) -> OptimizeResult:
+             users_per_batch: int | None = None,
+             devices: Sequence[jax.Device] | None = None) -> OptimizeResult:
   """Recovers private categorical and dense features and the label by relaxed gradient matching.
 
   Per user and restart the variables are logits `[K_j]` per categorical feature (softmax mixed into
@@ -706,7 +744,10 @@ def optimize(device_apply_relaxed: Callable[..., jax.Array],
     polish_starts: before polishing, the dense features also try this many stratified points of
       the box and start from the best (the matching loss jumps at ReLU kinks, so local descent
       alone can stall on a plateau); 0 polishes from the relaxed solution only.
-    users_per_batch: users vmapped together (None: about 4k restart rows on CPU).
+    users_per_batch: users vmapped together on each device (None: about 4k restart rows on CPU).
+    devices: devices to shard users across (default: all of `jax.devices()`; a 1-D mesh 'users',
+      each device runs its own users); pass one device to force a single-device run. The answer
+      of a user does not depend on the number of devices (its key is `fold_in(key, user)`).
 
   Returns:
     An `OptimizeResult` of numpy arrays, rows in the order of `h`.
@@ -719,6 +760,7 @@ def optimize(device_apply_relaxed: Callable[..., jax.Array],
     arXiv:2003.14053; Qiu et al., arXiv:2305.12997 (the split-learning threat model).
   """
   cards = exact_lib._check_cardinalities(cardinalities)  # pylint: disable=protected-access
+  devices = _check_devices(devices)
   h_np, g_np, dtype = _check_observations(h, g_obs)
   if h_np.shape != g_np.shape:
     raise AttackError(f'h {h_np.shape} and g_obs {g_np.shape} must have the same shape [N, d].')
@@ -752,7 +794,7 @@ def optimize(device_apply_relaxed: Callable[..., jax.Array],
       return _map_users(one, (h_, g_, keys_), batch)
     return body
 
-  fn = _compiled('optimize', (device_apply_relaxed, opts, tx, tx_polish), make_body)
+  fn = _compiled('optimize', (device_apply_relaxed, opts, tx, tx_polish), make_body, devices, 4, 3)
   batch = _users_per_batch(int(num_restarts) * 4, users_per_batch)
   out = _run_users(fn, (device_params, clip, lo, hi), (h_np, g_np, _user_keys(key, num_users)),
                    num_users, batch)
@@ -782,13 +824,14 @@ def hybrid_core(simulate, device_params, h, obs, cardinalities, num_dense, *, op
                 num_refine: int | None = None, refine_starts: int = 256, key=None,
                 l2_clip_norm=None,
                 noise_stddev=None, log_prior=None, dense_bounds=(0.0, 1.0), distance='l2',
-                users_per_batch=None) -> HybridResult:
+                users_per_batch=None, devices=None) -> HybridResult:
   """`hybrid` for any simulator `(params, h, x [P] int32, dense [Pd]) -> [L, d]` (see `hybrid`).
 
   `simulate.num_labels` is L (2 for gradients, 1 for activations, which carry no label; then the
   labels returned are all 0). `h` may have zero columns when the simulator ignores it.
   """
   cards = exact_lib._check_cardinalities(cardinalities)  # pylint: disable=protected-access
+  devices = _check_devices(devices)
   h_np, g_np, dtype = _check_observations(h, obs, 'h', 'observations')
   num_dense, lo, hi, clip = _check_common(num_dense, dense_bounds, l2_clip_norm, distance,
                                           num_steps, num_restarts, dtype)
@@ -846,7 +889,7 @@ def hybrid_core(simulate, device_params, h, obs, cardinalities, num_dense, *, op
       return _map_users(one, (h_, g_, keys_, prior_), batch)
     return body
 
-  fn = _compiled('hybrid', (simulate, opts, tx), make_body)
+  fn = _compiled('hybrid', (simulate, opts, tx), make_body, devices, 7, 4)
   batch = _users_per_batch(num_pairs * opts.num_restarts, users_per_batch)
   per_user_prior = prior if per_user else np.zeros((num_users, 0), dtype)
   out = _run_users(fn, (device_params, table, clip, noise_arg, lo, hi, prior),
@@ -876,7 +919,8 @@ def hybrid(device_apply: Callable[..., jax.Array],
            log_prior: jax.typing.ArrayLike | None = None,
            dense_bounds=(0.0, 1.0),
            distance: str = 'l2',
-           users_per_batch: int | None = None) -> HybridResult:
+           users_per_batch: int | None = None,
+           devices: Sequence[jax.Device] | None = None) -> HybridResult:
   """EXACT over the categorical features and the label, optimisation over the dense features.
 
   For every user, every candidate `x` of `candidate_table(cardinalities)` and every label `y`, the
@@ -909,7 +953,9 @@ def hybrid(device_apply: Callable[..., jax.Array],
     log_prior: optional log prior over pairs (exact's layout: [C*L], [C, L] or per user).
     dense_bounds: `(lo, hi)` box of the dense features (scalars or [Pd]).
     distance: 'l2' or 'cosine' (without noise).
-    users_per_batch: users vmapped together (None: about 4k (pair, start) rows on CPU).
+    users_per_batch: users vmapped together on each device (None: about 4k (pair, start) rows on
+      CPU).
+    devices: devices to shard users across (default: all; see `optimize`).
 
   Returns:
     A `HybridResult` of numpy arrays.
@@ -929,7 +975,7 @@ def hybrid(device_apply: Callable[..., jax.Array],
                      refine_starts=refine_starts, key=key,
                      l2_clip_norm=l2_clip_norm, noise_stddev=noise_stddev, log_prior=log_prior,
                      dense_bounds=dense_bounds, distance=distance,
-                     users_per_batch=users_per_batch)
+                     users_per_batch=users_per_batch, devices=devices)
 
 
 def clear_cache() -> None:
