@@ -31,6 +31,7 @@ import optax
 
 from splitjax import models
 from splitjax import protocol
+from splitjax.multihost import put_global, to_host  # re-exported: training.put_global etc.
 from splitjax.privacy import transforms as dp_transforms
 
 
@@ -572,33 +573,6 @@ def _data_sharding(data_parallel: bool | None, leading: int) -> _Sharding | None
   P = jax.sharding.PartitionSpec
   return _Sharding(jax.sharding.NamedSharding(mesh, P("data")),
                    jax.sharding.NamedSharding(mesh, P()))
-
-
-def put_global(tree, sharding):
-  """Places host values (identical on every process) as global arrays with ``sharding``.
-
-  Works with one process (like ``jax.device_put``) and under ``jax.distributed``
-  with several, where each process supplies the shards its own devices hold.
-  Typed PRNG keys travel as their key data.
-  """
-
-  def put(x):
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      impl = jax.random.key_impl(x)
-      data = put(jax.random.key_data(x))
-      return jax.random.wrap_key_data(data, impl=impl)
-    arr = np.asarray(to_host(x))
-    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
-
-  return jax.tree.map(put, tree)
-
-
-def to_host(x):
-  """The full value of a (possibly multi-process, sharded) array as numpy."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
 
 
 class _Recorder:

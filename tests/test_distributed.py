@@ -1,5 +1,6 @@
-"""Two processes on localhost (jax.distributed, one CPU device each) train data-parallel and
-agree with each other and with a single-process run."""
+"""Two processes on localhost (jax.distributed, one CPU device each) train data-parallel, attack
+(exact, optimize: users sharded over both processes) and agree with each other and with a
+single-process run."""
 
 import os
 import pathlib
@@ -40,7 +41,25 @@ WORKER = textwrap.dedent("""
                        data_parallel=pid >= 0)
     leaves = [training.to_host(x).ravel() for x in
               jax.tree.leaves((res.state.server_params, res.state.device_params))]
-    np.save(out, np.concatenate(leaves + [res.transcript.g.ravel()]))
+    # Attacks under jax.distributed: users sharded over both processes' devices, results gathered
+    # on every process. The trained model's gradients of 24 examples, attacked by exact/optimize.
+    import importlib
+    from splitjax import protocol
+    exact_lib = importlib.import_module("splitjax.attacks.exact")
+    opt_lib = importlib.import_module("splitjax.attacks.optimize")
+    local = lambda tree: jax.tree.map(lambda x: jax.numpy.asarray(training.to_host(x)), tree)
+    theta, phi = local(res.state.server_params), local(res.state.device_params)
+    m = 24
+    h = np.asarray(model.encode_batch(theta, split.pub_cat[:m], split.pub_dense[:m]))
+    g = np.asarray(protocol.top_step(model, phi, h, split.priv_cat[:m], split.priv_dense[:m],
+                                     split.y[:m], np.ones(m, np.float32)).cut_grads)
+    ex = exact_lib.exact(models.device_logit_fn(model), phi, h, g, cards)
+    assert (ex.features == split.priv_cat[:m]).all() and (ex.labels == split.y[:m]).all()
+    op = opt_lib.optimize(opt_lib.relaxed_device_apply(model), phi, h, g, cards, 0, num_steps=10,
+                          num_restarts=2, key=jax.random.key(0))
+    attacks = [ex.features, ex.labels, ex.distances, op.features, op.labels, op.distances]
+    np.save(out, np.concatenate(leaves + [res.transcript.g.ravel()]
+                                + [np.asarray(a, np.float32).ravel() for a in attacks]))
 """)
 
 

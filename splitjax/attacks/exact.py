@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from splitjax import multihost
+
 # Tie tolerance: a (candidate, label) pair is tied with the best when its score is within
 # TIE_RTOL * scale + TIE_ATOL of the best score, where `scale` is the score the zero gradient would
 # get (l2: ||g_obs||; cosine: 1; Bayes: ||g_obs||^2 / (2 noise_stddev^2) nats). Float32 rounding of
@@ -650,12 +652,12 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
   padded_cand = plan.candidates_per_block * plan.num_blocks
   if padded_cand > num_cand:  # pad with copies of the last candidate; sliced off after scoring
     table = np.concatenate([table, np.repeat(table[-1:], padded_cand - num_cand, axis=0)])
-  params = jax.device_put(device_params, replicated)
-  table_dev = jax.device_put(table, replicated)
-  clip_arg = jax.device_put(np.asarray(clip_value if clip else np.inf, dtype), replicated)
-  noise_arg = jax.device_put(np.asarray(noise_value if bayes else 1.0, dtype), replicated)
+  params = multihost.put_global(device_params, replicated)
+  table_dev = multihost.put_global(table, replicated)
+  clip_arg = multihost.put_global(np.asarray(clip_value if clip else np.inf, dtype), replicated)
+  noise_arg = multihost.put_global(np.asarray(noise_value if bayes else 1.0, dtype), replicated)
   if not per_user:
-    prior_dev = jax.device_put(prior, replicated)
+    prior_dev = multihost.put_global(prior, replicated)
 
   # Pad users to a whole number of calls with copies of the first row (finite; dropped at the end).
   users_per_call = plan.users_per_chunk * plan.chunks_per_call * num_devices
@@ -671,14 +673,14 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
   outs = []
   for i in range(num_calls):  # dispatch is asynchronous: all calls are queued before any wait
     sl = slice(i * users_per_call, (i + 1) * users_per_call)
-    hc = jax.device_put(h_np[sl], user_sharding)
-    gc = jax.device_put(g_np[sl], user_sharding)
-    ic = jax.device_put(index_np[sl], user_sharding)
-    pc = jax.device_put(prior[sl], prior_sharding) if per_user else prior_dev
+    hc = multihost.put_global(h_np[sl], user_sharding)
+    gc = multihost.put_global(g_np[sl], user_sharding)
+    ic = multihost.put_global(index_np[sl], user_sharding)
+    pc = multihost.put_global(prior[sl], prior_sharding) if per_user else prior_dev
     outs.append(fn(params, hc, gc, ic, pc, table_dev, clip_arg, noise_arg))
 
   def gather(*parts):
-    return np.concatenate([np.asarray(p) for p in parts])[:num_users]
+    return np.concatenate([multihost.to_host(p) for p in parts])[:num_users]
 
   merged = jax.tree.map(gather, *outs)
   return ExactResult(

@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from splitjax import models
+from splitjax import multihost
 
 # The module, not the function `splitjax.attacks.exact` that shadows its name in the package.
 exact_lib = importlib.import_module('splitjax.attacks.exact')
@@ -615,13 +616,13 @@ def _run_users(compiled, shared: tuple, per_user: tuple, num_users: int, batch: 
   def padded(x):
     return np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
 
-  shared = jax.device_put(shared, replicated)
+  shared = multihost.put_global(shared, replicated)
   per_user = tuple(padded(np.asarray(x)) for x in per_user)
-  outs = [fn(*shared, *(jax.device_put(x[i * per_call:(i + 1) * per_call], users)
+  outs = [fn(*shared, *(multihost.put_global(x[i * per_call:(i + 1) * per_call], users)
                         for x in per_user), batch=batch)
           for i in range(num_calls)]
-  return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:num_users],
-                      *outs)
+  return jax.tree.map(
+      lambda *parts: np.concatenate([multihost.to_host(p) for p in parts])[:num_users], *outs)
 
 
 def _check_observations(h, g_obs, name_h='h', name_g='g_obs'):
