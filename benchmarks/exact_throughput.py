@@ -1,5 +1,10 @@
 r"""Throughput of splitjax's EXACT against a plain vmap(grad) over (candidate, label) pairs.
 
+Also times the bf16-screened attack (`screen_dtype='bfloat16'`: every pair scored with bf16
+matmuls summed in f32, the 8 best rescored in f32, inconclusive users redone in f32) against the
+f32 one in the same run, with the answers' agreement, the share of users redone, the measured bf16
+matmul rate, and the relative error of screened pair gradients on 64 users.
+
 Not run by CI. On adult-shaped (4,885 users x 840 pairs) and bank-shaped (453 x 3,456) DeepFM device
 models with random parameters it prints, after compilation (median of --repeats runs):
 splitjax's exact time, a plain `jax.vmap(jax.grad)` of the BCE loss over every (candidate, label)
@@ -120,12 +125,27 @@ def median_time(fn, repeats):
   return float(np.median(times))
 
 
-def matmul_flops_per_second(repeats: int, n: int = 2048) -> float:
+def matmul_flops_per_second(repeats: int, n: int = 2048, dtype=jnp.float32) -> float:
+  """Dense n^3 matmul rate; `dtype` inputs summed in float32."""
   rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.normal(size=(n, n)).astype(np.float32))
-  b = jnp.asarray(rng.normal(size=(n, n)).astype(np.float32))
-  dot = jax.jit(jnp.dot)
+  a = jnp.asarray(rng.normal(size=(n, n)), dtype)
+  b = jnp.asarray(rng.normal(size=(n, n)), dtype)
+  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   return 2 * n**3 / median_time(lambda: dot(a, b), max(repeats, 10))
+
+
+def screened_pair_errors(apply, params, h, cards, num_users: int = 64) -> np.ndarray:
+  """||g_bf16 - g_f32|| / ||g_f32|| of every (candidate, label) pair gradient of `num_users`."""
+  table = jnp.asarray(exact_lib.candidate_table(cards))
+  vg = jax.value_and_grad(apply, argnums=1)
+  results = []
+  for fn in (vg, exact_lib.low_precision_matmuls(vg)):
+    z, v = jax.jit(jax.vmap(jax.vmap(fn, (None, None, 0)), (None, 0, None)))(
+        params, h[:num_users], table)
+    a = jnp.stack([jax.nn.sigmoid(z), -jax.nn.sigmoid(-z)], -1)
+    results.append(a[..., None] * v[:, :, None, :])
+  ref, low = results
+  return np.asarray(jnp.linalg.norm(low - ref, axis=-1) / jnp.linalg.norm(ref, axis=-1)).ravel()
 
 
 def make_plain(apply, params, s: Shape, users_per_chunk: int):
@@ -171,7 +191,7 @@ def python_loop_seconds_per_user(apply, params, h, g, s: Shape, num_users: int) 
   return (time.perf_counter() - t0) / num_users
 
 
-def benchmark(s: Shape, peak: float) -> dict:
+def benchmark(s: Shape, peak: float, peak_bf16: float) -> dict:
   params = init_deepfm(jax.random.key(0), s)
   apply = make_apply(s)
   rng = np.random.default_rng(0)
@@ -195,6 +215,14 @@ def benchmark(s: Shape, peak: float) -> dict:
   t_exact = median_time(exact, repeats)
   plan = exact_lib._plan(apply, params, s.d, np.float32, s.priv_cardinalities, 2, n,  # pylint: disable=protected-access
                          jax.device_count(), jax.devices()[0].platform, None, None)
+
+  # The bf16 screen, timed alternately with f32 (same warm machine) so the ratio is fair.
+  screened = exact(screen_dtype='bfloat16')
+  t_screen = median_time(lambda: exact(screen_dtype='bfloat16'), repeats)
+  t_exact_again = median_time(exact, repeats)
+  agree = float(np.mean((screened.map_features == r.map_features).all(1)
+                        & (screened.map_labels == r.map_labels)))
+  errors = screened_pair_errors(apply, params, h, s.priv_cardinalities)
 
   sweep = {}
   for u in [int(v) for v in _SWEEP.value if v]:
@@ -225,7 +253,18 @@ def benchmark(s: Shape, peak: float) -> dict:
       speedup_vs_plain=plain[plain_best] / t_exact,
       analytic_flops_per_candidate=flops,
       achieved_flops_per_second=grads_per_s * flops,
-      roofline_fraction=grads_per_s * flops / peak)
+      roofline_fraction=grads_per_s * flops / peak,
+      exact_seconds_rerun=t_exact_again,
+      screened_seconds=t_screen,
+      screened_speedup=min(t_exact, t_exact_again) / t_screen,
+      screened_agrees=agree,
+      screened_fallback_fraction=float(screened.screen_fallback.mean()),
+      screened_flops_per_second=n * num_cand * flops / t_screen,
+      screened_fraction_of_f32_roofline=n * num_cand * flops / t_screen / peak,
+      screened_fraction_of_bf16_roofline=n * num_cand * flops / t_screen / peak_bf16,
+      screened_speedup_vs_plain=plain[plain_best] / t_screen,
+      screen_pair_error_quantiles={q: float(np.quantile(errors, q))
+                                   for q in (0.5, 0.9, 0.97, 0.99, 1.0)})
   return out
 
 
@@ -241,9 +280,11 @@ def main(argv):
   print(f'jax {jax.__version__}, devices {jax.devices()}')
   peak = matmul_flops_per_second(_REPEATS.value)
   print(f'dense f32 matmul (2048^3): {peak / 1e9:.1f} GFLOP/s')
-  results = dict(matmul_flops_per_second=peak, shapes={})
+  peak_bf16 = matmul_flops_per_second(_REPEATS.value, dtype=jnp.bfloat16)
+  print(f'dense bf16 matmul, f32 sums (2048^3): {peak_bf16 / 1e9:.1f} GFLOP/s')
+  results = dict(matmul_flops_per_second=peak, bf16_matmul_flops_per_second=peak_bf16, shapes={})
   for name in _DATASETS.value:
-    res = benchmark(SHAPES[name], peak)
+    res = benchmark(SHAPES[name], peak, peak_bf16)
     results['shapes'][name] = res
     print(f'\n== {name}: {res["users"]} users x {res["pairs"]} (candidate, label) pairs '
           f'({res["private_candidates"]} gradients per user)')
@@ -255,6 +296,16 @@ def main(argv):
           f'{res["analytic_flops_per_candidate"] / 1e3:.1f} kFLOP per gradient -> '
           f'{res["achieved_flops_per_second"] / 1e9:.1f} GFLOP/s = '
           f'{100 * res["roofline_fraction"]:.1f} % of the matmul roofline')
+    print(f'bf16-screened exact: {res["screened_seconds"]:.3f} s (f32 again: '
+          f'{res["exact_seconds_rerun"]:.3f} s) -> {res["screened_speedup"]:.2f}x; answers equal '
+          f'to f32 for {100 * res["screened_agrees"]:.2f} % of users, '
+          f'{100 * res["screened_fallback_fraction"]:.2f} % redone in f32; '
+          f'{res["screened_flops_per_second"] / 1e9:.1f} GFLOP/s-equivalent = '
+          f'{100 * res["screened_fraction_of_f32_roofline"]:.1f} % of the f32 / '
+          f'{100 * res["screened_fraction_of_bf16_roofline"]:.1f} % of the bf16 matmul roofline; '
+          f'{res["screened_speedup_vs_plain"]:.2f}x the plain vmap(grad)')
+    print('  relative error of bf16 pair gradients (quantiles): ' + ', '.join(
+        f'{q}: {v:.1e}' for q, v in res['screen_pair_error_quantiles'].items()))
     print('  users_per_chunk sweep: ' + ', '.join(
         f'{u}: {t:.3f} s' for u, t in res['sweep_seconds'].items()))
     print('plain vmap(grad) over pairs: ' + ', '.join(

@@ -22,6 +22,9 @@ flags.DEFINE_string("users", "test", "test (replayed once through the final mode
 flags.DEFINE_integer("top_k", 1, "Per-feature majority vote over the top-k candidates.")
 flags.DEFINE_string("distance", "l2", "l2 or cosine.")
 flags.DEFINE_integer("knn_k", 30, "k of the k-NN baselines.")
+flags.DEFINE_string("screen_dtype", "none", "none, bfloat16 or float16: EXACT screens every pair "
+                    "with low-precision matmuls, rescores the best in float32 (faster; falls back "
+                    "to float32 for users the screen cannot decide). Not with --variant=bayes.")
 flags.mark_flags_as_required(["workdir"])
 
 

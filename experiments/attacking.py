@@ -56,6 +56,12 @@ def validate(config: configs_base.AttackConfig) -> None:
   if config.variant == "bayes" and config.distance != "l2":
     raise pipeline.ConfigError(f"--variant=bayes scores by Gaussian likelihood: use --distance=l2, "
                                f"not {config.distance!r}")
+  if config.screen_dtype != "none" and config.screen_dtype not in attacks.SCREEN_DTYPES:
+    raise pipeline.ConfigError(f"unknown --screen_dtype {config.screen_dtype!r}: choose none or "
+                               f"one of {sorted(attacks.SCREEN_DTYPES)}")
+  if config.screen_dtype != "none" and config.variant == "bayes":
+    raise pipeline.ConfigError("--screen_dtype screens distances; --variant=bayes needs every "
+                               "posterior term in full precision: use --screen_dtype=none")
   if config.variant == "bayes" and config.top_k != 1:
     raise pipeline.ConfigError(f"--variant=bayes answers with the marginal-posterior argmax: use "
                                f"--top_k=1, not {config.top_k}")
@@ -157,6 +163,8 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   n = transcript.num_rows
   device_apply = models.device_logit_fn(model)
   kwargs = variant_kwargs(config.variant, clip, sigma, dataset)
+  if config.screen_dtype != "none":
+    kwargs["screen_dtype"] = config.screen_dtype
 
   # Resumable: blocks of rows grouped by parameter version.
   done = {}

@@ -370,6 +370,10 @@ def test_run_by_name(problem):
     (dict(l2_clip_norm=0.0), r'l2_clip_norm must be > 0'),
     (dict(noise_stddev=-0.5), r'noise_stddev must be >= 0'),
     (dict(num_labels=1), r'num_labels must be an int >= 2'),
+    (dict(screen_dtype='int8'), r"unknown screen_dtype 'int8'"),
+    (dict(screen_dtype='bfloat16', noise_stddev=0.1), r'cannot be combined with noise_stddev'),
+    (dict(screen_dtype='bfloat16', top_k=9), r'top_k=9 exceeds screen_top=8'),
+    (dict(screen_rtol=-1.0), r'screen_rtol must be >= 0'),
 ])
 def test_bad_arguments_raise_value_error(problem, kwargs, match):
   args = dict(h=problem.h, g_obs=problem.g, cardinalities=CARDS)
@@ -390,6 +394,73 @@ def test_bad_arguments_raise_value_error(problem, kwargs, match):
 def test_more_than_two_labels_not_implemented(problem):
   with pytest.raises(NotImplementedError):
     exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS, num_labels=3)
+
+
+def _observations_with_near_misses(problem, n=48):
+  """True gradients, clipped ones and random directions: nearest pairs of every kind."""
+  rng = np.random.default_rng(5)
+  scale = np.linalg.norm(problem.g[:n], axis=1, keepdims=True) / math.sqrt(D)
+  g = np.concatenate([problem.g[:n], clip_rows(problem.g[:n], float(np.median(scale))),
+                      (rng.normal(size=problem.g[:n].shape) * scale).astype(np.float32)])
+  return np.concatenate([problem.h[:n]] * 3), g
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(distance='cosine'), dict(top_k=3),
+                                    dict(l2_clip_norm=0.3), dict(l2_clip_norm=0.3,
+                                                                 clip_aware=False)])
+def test_low_precision_screen_equals_full_precision(problem, kwargs):
+  h, g = _observations_with_near_misses(problem)
+  ref = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, **kwargs)
+  r = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16',
+                      **kwargs)
+  assert ref.screen_fallback is None and r.screen_fallback.shape == (len(h),)
+  assert r.screen_fallback.dtype == bool
+  # Most users are decided by the screen (the rest were redone in float32).
+  assert r.screen_fallback.mean() < 0.5, r.screen_fallback.mean()
+  np.testing.assert_array_equal(r.features, ref.features)
+  np.testing.assert_array_equal(r.labels, ref.labels)
+  np.testing.assert_array_equal(r.map_features, ref.map_features)
+  np.testing.assert_array_equal(r.map_labels, ref.map_labels)
+  np.testing.assert_array_equal(r.num_ties, ref.num_ties)
+  # The answer's score is recomputed in float32: equal to the unscreened one up to rounding.
+  np.testing.assert_allclose(r.distances, ref.distances, rtol=1e-5, atol=1e-6)
+  # Where the runner-up was rescored the gap is the float32 one; else it is the screen's, close.
+  np.testing.assert_allclose(r.gap, ref.gap, rtol=0.05, atol=1e-5)
+  if 'top_k' in kwargs:
+    for a, b in zip(r.feature_posteriors, ref.feature_posteriors):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_inconclusive_screens_fall_back_to_full_precision(problem):
+  h, g = _observations_with_near_misses(problem)
+  ref = exact_lib.exact(problem.apply, problem.params, h, g, CARDS)
+  # A margin no screen can clear: every user is attacked again without screening.
+  r = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16',
+                      screen_rtol=1e6)
+  assert r.screen_fallback.all()
+  for a, b in zip(r[:7], ref[:7]):
+    np.testing.assert_array_equal(a, b)
+  # screen_top=1 with margin 0: conclusive whenever the screen's runner-up is not tied.
+  r1 = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16',
+                       screen_top=1, screen_rtol=0.0)
+  assert not r1.screen_fallback.all()
+  np.testing.assert_array_equal(r1.features, ref.features)
+
+
+def test_low_precision_matmuls_rewrites_every_float32_product(problem):
+  vg = jax.value_and_grad(problem.apply, argnums=1)
+  low = exact_lib.low_precision_matmuls(vg)
+  x = problem.x[0]
+  jaxpr = jax.make_jaxpr(low)(problem.params, problem.h[0], x).jaxpr
+  eqns = [e for e in jaxpr.eqns if e.primitive.name == 'dot_general']
+  assert eqns and all(v.aval.dtype == jnp.bfloat16 for e in eqns for v in e.invars)
+  assert all(e.outvars[0].aval.dtype == jnp.float32 for e in eqns)
+  (z_ref, g_ref), (z, g) = vg(problem.params, problem.h[0], x), low(problem.params, problem.h[0], x)
+  assert g.dtype == jnp.float32
+  # bf16 inputs: relative error ~2^-8 per product, well away from float32's ~1e-7.
+  err = float(jnp.linalg.norm(g - g_ref) / jnp.linalg.norm(g_ref))
+  assert 1e-6 < err < 3e-2, err
+  np.testing.assert_allclose(z, z_ref, rtol=3e-2, atol=3e-2)
 
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent('''

@@ -54,6 +54,9 @@ class AttackConfig:
   distance: str = "l2"
   knn_k: int = 30
   seed: int = 0
+  # "none", or "bfloat16"/"float16": EXACT screens all pairs with low-precision matmuls and rescores
+  # the best in float32 (splitjax.attacks.exact's screen_dtype); not with --variant=bayes.
+  screen_dtype: str = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
