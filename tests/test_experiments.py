@@ -144,6 +144,9 @@ def test_reproduce_killed_then_resumed_equals_uninterrupted(tiny_report, tmp_pat
     (["experiments.train", "--config=synthetic_tiny", "--dp_clip=0"], "dp_clip"),
     (["experiments.train", "--config=synthetic_tiny", "--target_delta=2"], "target_delta"),
     (["experiments.attack"], "no finished training run"),
+    (["experiments.attack", "--screen_dtype=int8"], "unknown --screen_dtype 'int8'"),
+    (["experiments.attack", "--screen_dtype=bfloat16", "--variant=bayes"],
+     "--variant=bayes needs every posterior term in full precision"),
 ])
 def test_bad_input_one_line_no_traceback(tmp_path, args, message):
   res = _run(args, tmp_path / "w")
@@ -189,3 +192,13 @@ def test_exact_on_a_trained_adult_model(tmp_path, dp_clip):
         assert r["accuracy"] >= max(0.99, 1.0 - rec["ties"] / n)
     else:
       assert min(r["accuracy"] for r in secrets) < 0.9
+  # The bf16 screen (rescored in float32) recovers the same secrets as the float32 attack.
+  with flagsaver.flagsaver(workdir=str(tmp_path), num_examples=n, screen_dtype="bfloat16",
+                           overwrite=True):
+    attack_bin.main([])
+  rec = json.loads((tmp_path / "attack.json").read_text())
+  assert rec["config"]["screen_dtype"] == "bfloat16"
+  ref = recs["clip_aware"]
+  for name in ref["features"]:
+    assert abs(rec["features"][name]["accuracy"] - ref["features"][name]["accuracy"]) <= 1 / n
+  assert abs(rec["label"]["accuracy"] - ref["label"]["accuracy"]) <= 1 / n
