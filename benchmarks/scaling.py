@@ -2,6 +2,7 @@ r"""How EXACT's cost grows: time and peak memory against users and against the c
 
   python -m benchmarks.scaling --out=/tmp/scaling.json
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.scaling --users=10000
+  python -m benchmarks.scaling --screen_dtype=bfloat16      # the bf16 screen (see exact)
 
 Each configuration runs in its own subprocess so that its peak resident memory
 (``ru_maxrss``) is its own. Model: splitjax's DeepFM head with adult's server
@@ -26,6 +27,8 @@ _DOMAINS = flags.DEFINE_list("domains", ["adult", "bank", "large"], "Domains at 
 _DOMAIN_USERS = flags.DEFINE_integer("domain_users", 1000, "Users for the domain sweep.")
 _OUT = flags.DEFINE_string("out", None, "Write the table as JSON here.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one configuration 'domain:users'.")
+_SCREEN = flags.DEFINE_string("screen_dtype", None, "Optional: time exact's low-precision screen "
+                              "(bfloat16 or float16) instead of float32.")
 
 DOMAINS = {
     "adult": (2, 5, 6, 7),            # 420 private candidates x 2 labels = 840
@@ -34,7 +37,7 @@ DOMAINS = {
 }
 
 
-def run_one(domain: str, num_users: int) -> dict:
+def run_one(domain: str, num_users: int, screen_dtype=None) -> dict:
   import resource  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -56,17 +59,18 @@ def run_one(domain: str, num_users: int) -> dict:
   g = np.asarray(grad(h, x, y))
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   t = time.perf_counter()
-  attacks.exact(apply, phi, h[:1], g[:1], cards)  # compile
+  attacks.exact(apply, phi, h[:1], g[:1], cards, screen_dtype=screen_dtype)  # compile
   compile_s = time.perf_counter() - t
   times = []
   for _ in range(2 if num_users <= 10_000 else 1):
     t = time.perf_counter()
-    res = attacks.exact(apply, phi, h, g, cards)
+    res = attacks.exact(apply, phi, h, g, cards, screen_dtype=screen_dtype)
     times.append(time.perf_counter() - t)
   seconds = float(np.median(times))
   rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   private = int(np.prod(cards))
   return {"domain": domain, "users": num_users, "candidates": 2 * private,
+          "screen_dtype": screen_dtype or "none",
           "devices": jax.device_count(), "seconds": seconds, "compile_seconds": compile_s,
           "seconds_per_user": seconds / num_users,
           "ns_per_candidate": 1e9 * seconds / (num_users * 2 * private),
@@ -79,15 +83,17 @@ def main(argv):
   del argv
   if _WORKER.value:
     domain, users = _WORKER.value.split(":")
-    print("RESULT " + json.dumps(run_one(domain, int(users))), flush=True)
+    print("RESULT " + json.dumps(run_one(domain, int(users), _SCREEN.value)), flush=True)
     return
   configs = [("adult", int(u)) for u in _USERS.value]
   configs += [(d, _DOMAIN_USERS.value) for d in _DOMAINS.value
               if (d, _DOMAIN_USERS.value) not in configs]
   rows = []
   for domain, users in configs:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.scaling", f"--worker={domain}:{users}"],
-                         capture_output=True, text=True, env=dict(os.environ))
+    cmd = [sys.executable, "-m", "benchmarks.scaling", f"--worker={domain}:{users}"]
+    if _SCREEN.value:
+      cmd.append(f"--screen_dtype={_SCREEN.value}")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if not line:
       print(out.stderr[-2000:])
