@@ -535,8 +535,9 @@ def _call_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior,
              noise_stddev, screen_rtol):
   """One device's share of a call: `chunks_per_call` chunks of users, one after another (lax.map).
 
-  With `opts.screen_dtype` two passes over the chunks: the low-precision screen, one `top_k` over
-  the call's users, then the full-precision rescoring and the answers.
+  With `opts.screen_dtype` two passes over the chunks: the low-precision screen, then (after one
+  selection of every user's best screened pairs over the whole call, see `_screen_top`) the
+  full-precision rescoring and the answers.
   """
   m = opts.chunks_per_call
   chunk = functools.partial(_chunk_fn, device_apply, opts, params, table=table, clip_norm=clip_norm,
@@ -594,7 +595,7 @@ class _Plan(NamedTuple):
 
 
 def _plan(device_apply, params, d, dtype, cards, num_labels, num_users, num_devices, platform,
-          chunk_size, users_per_chunk, per_user_params=False) -> _Plan:
+          chunk_size, users_per_chunk, per_user_params=False, screen=False) -> _Plan:
   """Chooses chunk sizes: memory per chunk under the budget, few distinct compiled shapes."""
   num_cand = math.prod(cards)
   key = ('bytes', device_apply, _params_signature(params), d, str(dtype), len(cards), num_labels)
@@ -626,6 +627,10 @@ def _plan(device_apply, params, d, dtype, cards, num_labels, num_users, num_devi
   chunks_needed = -(-users_per_device // users)
   target_users = TARGET_USERS_PER_CALL.get(platform, TARGET_USERS_PER_CALL_DEFAULT)
   per_call = 1 << (max(1, target_users // users).bit_length() - 1)
+  if screen:  # the whole call's screening scores are held at once (plus the selection's copy)
+    call_bytes = 3 * num_cand * num_labels * np.dtype(dtype).itemsize
+    max_users = max(1, (MEMORY_BUDGET_BYTES // 2) // call_bytes)
+    per_call = min(per_call, 1 << (max(1, max_users // users).bit_length() - 1))
   chunks = min(per_call, _next_pow2(chunks_needed))
   return _Plan(users, chunks, cand_block, num_blocks)
 
@@ -846,7 +851,8 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
                        labpost)
 
   plan = _plan(device_apply, one_version, d, dtype, cards, num_labels, num_users, num_devices,
-               devices[0].platform, chunk_size, users_per_chunk, per_user_params)
+               devices[0].platform, chunk_size, users_per_chunk, per_user_params,
+               screen=screen_dtype is not None)
   opts = _Options(cardinalities=cards, num_labels=num_labels, top_k=top_k, distance=distance,
                   clip=clip, clip_aware=bool(clip_aware), bayes=bayes, per_user_prior=per_user,
                   per_user_params=per_user_params, candidates_per_block=plan.candidates_per_block, num_blocks=plan.num_blocks,
