@@ -15,7 +15,9 @@ Users are processed in fixed-size chunks (the last one padded, so any number of 
 small power-of-two bucket reuses one compiled function), several chunks per jitted call through
 `lax.map`, and sharded across devices (`shard_map` over a 1-D mesh 'users') when there are several.
 Users may come from different parameter versions (`param_index`, e.g. training users of a
-transcript). The compiled function is cached per (device_apply, cardinalities, options, devices):
+transcript). With `screen_dtype='bfloat16'` every pair is first screened with bf16 matrix products
+(`low_precision_matmuls`), each user's best pairs are rescored in float32, and users the screen
+cannot decide are redone in float32 (about 1.3-1.4x faster on bf16-capable hardware). The compiled function is cached per (device_apply, cardinalities, options, devices):
 calling `exact` again with the same model and shapes does not retrace or recompile.
 
 References:
