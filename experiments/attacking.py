@@ -178,6 +178,7 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   labels = done.get("labels", np.full(n, -1, np.int32))
   ties = done.get("ties", np.zeros(n, np.int32))
   finished = done.get("finished", np.zeros(n, bool))
+  redone = done.get("screen_fallback", np.zeros(n, bool))  # users the bf16 screen left undecided
   t0 = time.time()
   bar = training.ProgressPrinter(n, f"attack {config.variant} {config.users}",
                                  printer=progress) if progress else None
@@ -201,9 +202,12 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
                           distance=config.distance, **kwargs)
       attack_seconds += time.time() - ta
       feats[rows], labels[rows], ties[rows] = res.features, res.labels, res.num_ties
+      if res.screen_fallback is not None:
+        redone[rows] = res.screen_fallback
       finished[rows] = True
       io.atomic_write_bytes(partial_path, _npz(features=feats, labels=labels, ties=ties,
-                                               finished=finished, run_key=np.str_(run_key)))
+                                               screen_fallback=redone, finished=finished,
+                                               run_key=np.str_(run_key)))
       if bar:
         bar(int(finished.sum()))
       if kill_switch is not None:
@@ -213,6 +217,8 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   record = score(dataset, restored, config, transcript, feats, labels, ties, true_feats, true_y,
                  clip=clip, sigma=sigma)
   candidates = int(np.prod(dataset.priv_cardinalities)) * 2
+  if config.screen_dtype != "none":
+    record["screen_fallback_fraction"] = float(redone.mean()) if n else 0.0
   record.update({"seconds": time.time() - t0, "attack_seconds": attack_seconds,
                  "compile_seconds": compile_seconds,
                  "model_fingerprint": restored.fingerprint,

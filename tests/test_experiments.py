@@ -198,6 +198,8 @@ def test_exact_on_a_trained_adult_model(tmp_path, dp_clip):
     attack_bin.main([])
   rec = json.loads((tmp_path / "attack.json").read_text())
   assert rec["config"]["screen_dtype"] == "bfloat16"
+  # Clip-aware, no noise: the true pair reproduces g, so the screen decides (almost) every user.
+  assert 0.0 <= rec["screen_fallback_fraction"] <= 0.05, rec["screen_fallback_fraction"]
   ref = recs["clip_aware"]
   for name in ref["features"]:
     assert abs(rec["features"][name]["accuracy"] - ref["features"][name]["accuracy"]) <= 1 / n
