@@ -3,8 +3,6 @@
 import importlib
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -13,6 +11,8 @@ import numpy as np
 import pytest
 
 import splitjax.attacks
+
+import forced_devices
 
 # The module (the package re-exports the function `exact` under the module's name).
 exact_lib = importlib.import_module('splitjax.attacks.exact')
@@ -514,12 +514,6 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_over_four_devices_equals_single_device():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = repo + os.pathsep + env.get('PYTHONPATH', '')
-  proc = subprocess.run([sys.executable, '-c', _MULTI_DEVICE_SCRIPT, os.path.abspath(__file__)],
-                        env=env, capture_output=True, text=True, timeout=300)
+  proc = forced_devices.run(_MULTI_DEVICE_SCRIPT, os.path.abspath(__file__), timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'OK 4' in proc.stdout

@@ -3,8 +3,6 @@
 import functools
 import importlib
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +14,8 @@ import pytest
 from splitjax import models
 from splitjax import protocol
 import splitjax.attacks
+
+import forced_devices
 
 # The modules (the package re-exports functions under the names `exact` and `optimize`).
 optimize_lib = importlib.import_module('splitjax.attacks.optimize')
@@ -275,12 +275,6 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
 
 
 def test_optimize_and_hybrid_sharded_over_four_devices_equal_single_device():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = repo + os.pathsep + env.get('PYTHONPATH', '')
-  proc = subprocess.run([sys.executable, '-c', _MULTI_DEVICE_SCRIPT, os.path.abspath(__file__)],
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = forced_devices.run(_MULTI_DEVICE_SCRIPT, os.path.abspath(__file__))
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'OK optimize 4' in proc.stdout and 'OK hybrid 4' in proc.stdout, proc.stdout

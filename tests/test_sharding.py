@@ -1,12 +1,8 @@
 """Data-parallel training over a 4-device mesh equals single-device training (subprocess)."""
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import forced_devices
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -42,8 +38,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_training_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
+  res = forced_devices.run(SCRIPT)
   assert res.returncode == 0 and "SHARDED_OK" in res.stdout, res.stderr[-3000:]
