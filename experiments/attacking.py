@@ -36,6 +36,14 @@ def results_name(config: configs_base.AttackConfig) -> str:
   return f"attack_{config.attack}_{config.variant}_{config.users}.json"
 
 
+def _with_defaults(old_cfg):
+  """A record's attack config with fields added since it was written set to their defaults."""
+  if not isinstance(old_cfg, dict):
+    return old_cfg
+  defaults = io.to_jsonable(dataclasses.asdict(configs_base.AttackConfig()))
+  return {**{k: v for k, v in defaults.items() if k not in old_cfg}, **old_cfg}
+
+
 def validate(config: configs_base.AttackConfig) -> None:
   if config.attack not in attacks.ATTACKS:
     raise pipeline.ConfigError(f"unknown --attack {config.attack!r}: choose one of "
@@ -59,6 +67,9 @@ def validate(config: configs_base.AttackConfig) -> None:
   if config.screen_dtype != "none" and config.screen_dtype not in attacks.SCREEN_DTYPES:
     raise pipeline.ConfigError(f"unknown --screen_dtype {config.screen_dtype!r}: choose none or "
                                f"one of {sorted(attacks.SCREEN_DTYPES)}")
+  if config.screen_dtype != "none" and config.attack != "exact":
+    raise pipeline.ConfigError(f"--screen_dtype screens EXACT's enumeration; --attack="
+                               f"{config.attack} has none: use --screen_dtype=none")
   if config.screen_dtype != "none" and config.variant == "bayes":
     raise pipeline.ConfigError("--screen_dtype screens distances; --variant=bayes needs every "
                                "posterior term in full precision: use --screen_dtype=none")
@@ -130,6 +141,10 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
                           or restored.model.spec.num_priv_dense):
     # Attacks beyond enumeration, activation matching (device_bottom) and the hybrid of
     # enumeration and optimisation (private dense features).
+    if config.screen_dtype != "none" and restored is not None:
+      raise pipeline.ConfigError("--screen_dtype applies to EXACT on device_top models without "
+                                 "private dense features; this workdir's model needs the "
+                                 "activation or hybrid attack: use --screen_dtype=none")
     from experiments import beyond  # pylint: disable=g-import-not-at-top
     return beyond.attack_workdir(workdir, config, resume=resume, overwrite=overwrite,
                                  progress=progress, kill_switch=kill_switch)
@@ -142,7 +157,7 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   run_key = io.fingerprint({"attack": cfg, "model": restored.fingerprint})
   if out_path.exists() and not overwrite:
     old = io.read_json(out_path)
-    same_config = old.get("config") == io.to_jsonable(cfg)
+    same_config = _with_defaults(old.get("config")) == io.to_jsonable(cfg)
     if same_config and old.get("model_fingerprint") == restored.fingerprint:
       if progress:
         progress(f"{out_path} already holds this attack; nothing to do")

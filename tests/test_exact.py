@@ -415,9 +415,9 @@ def test_low_precision_screen_equals_full_precision(problem, kwargs):
                       **kwargs)
   assert ref.screen_fallback is None and r.screen_fallback.shape == (len(h),)
   assert r.screen_fallback.dtype == bool
-  if 'l2_clip_norm' not in kwargs:
+  if 'l2_clip_norm' not in kwargs and 'top_k' not in kwargs:
     # True gradients are reproduced by a rescored pair: decided by the screen, none redone. (The
-    # other observations, with no exact match, may be redone in float32.)
+    # other observations, with no exact match, and votes may be redone in float32.)
     assert not r.screen_fallback[:len(h) // 3].any()
   np.testing.assert_array_equal(r.features, ref.features)
   np.testing.assert_array_equal(r.labels, ref.labels)
@@ -444,6 +444,30 @@ def test_screen_decides_clipped_observations_by_their_exact_match(problem):
   np.testing.assert_array_equal(r.features, ref.features)
   np.testing.assert_array_equal(r.labels, ref.labels)
   assert _correct(r, problem).mean() >= 0.95
+
+
+@pytest.mark.parametrize('top_k', [2, 3])
+def test_screened_vote_equals_full_precision_vote(top_k):
+  # Regression (found in review): the screen checked only the best pair, not all top_k voters.
+  prob = Problem(seed=1)
+  ref = exact_lib.exact(prob.apply, prob.params, prob.h, prob.g, CARDS, top_k=top_k)
+  r = exact_lib.exact(prob.apply, prob.params, prob.h, prob.g, CARDS, top_k=top_k,
+                      screen_dtype='bfloat16', screen_top=top_k)
+  for a, b in zip(r.feature_posteriors + (r.label_posterior,),
+                  ref.feature_posteriors + (ref.label_posterior,)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(r.features, ref.features)
+
+
+def test_screen_selection_flags_non_finite_scores():
+  opts = exact_lib._Options((4,), 2, 1, 'l2', False, True, False, False, False, 2, 1, 1,
+                            screen_dtype='float16', screen_top=2)
+  screen = jnp.array([[1.0, 3.0, 0.5, 2.0, 9.0, 7.0, 8.0, 6.0],
+                      [1.0, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf]])
+  top, cutoff, non_finite = exact_lib._screen_top(opts, screen)
+  np.testing.assert_array_equal(np.asarray(top[0]), [2, 0])
+  assert float(cutoff[0]) == 2.0
+  np.testing.assert_array_equal(np.asarray(non_finite), [False, True])
 
 
 def test_inconclusive_screens_fall_back_to_full_precision(problem):
@@ -475,6 +499,11 @@ def test_low_precision_matmuls_rewrites_every_float32_product(problem):
   eqns = [e for e in jaxpr.eqns if e.primitive.name == 'dot_general']
   assert eqns and all(v.aval.dtype == jnp.bfloat16 for e in eqns for v in e.invars)
   assert all(e.outvars[0].aval.dtype == jnp.float32 for e in eqns)
+  # Matmuls inside jax.checkpoint (the remat2 primitive, an open jaxpr) are rewritten too.
+  remat = exact_lib.low_precision_matmuls(jax.checkpoint(vg))
+  eqns = jax.make_jaxpr(remat)(problem.params, problem.h[0], x).jaxpr.eqns
+  dots = [e for e in eqns if e.primitive.name == 'dot_general']
+  assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
   (z_ref, g_ref), (z, g) = vg(problem.params, problem.h[0], x), low(problem.params, problem.h[0], x)
   assert g.dtype == jnp.float32
   # bf16 inputs: relative error ~2^-8 per product, well away from float32's ~1e-7.

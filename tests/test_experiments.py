@@ -61,6 +61,19 @@ def test_attack_recovers_everything_without_dp(trained):
   assert "mu_hat" in rec["label"]
 
 
+def test_attack_records_from_before_a_new_config_field_still_count(trained):
+  """A record written before AttackConfig gained a field (e.g. screen_dtype) is the same attack."""
+  with flagsaver.flagsaver(workdir=str(trained), num_examples=30):
+    attack_bin.main([])
+  path = trained / "attack.json"
+  rec = json.loads(path.read_text())
+  del rec["config"]["screen_dtype"]
+  path.write_text(json.dumps(rec))
+  with flagsaver.flagsaver(workdir=str(trained), num_examples=30):
+    attack_bin.main([])  # "already holds this attack; nothing to do", not "another configuration"
+  assert json.loads(path.read_text()) == rec
+
+
 def test_attack_train_users_and_paper_variant(trained):
   with flagsaver.flagsaver(workdir=str(trained), users="train", variant="paper",
                            num_examples=40):
@@ -145,6 +158,8 @@ def test_reproduce_killed_then_resumed_equals_uninterrupted(tiny_report, tmp_pat
     (["experiments.train", "--config=synthetic_tiny", "--target_delta=2"], "target_delta"),
     (["experiments.attack"], "no finished training run"),
     (["experiments.attack", "--screen_dtype=int8"], "unknown --screen_dtype 'int8'"),
+    (["experiments.attack", "--screen_dtype=bfloat16", "--attack=optimize"],
+     "--attack=optimize has none"),
     (["experiments.attack", "--screen_dtype=bfloat16", "--variant=bayes"],
      "--variant=bayes needs every posterior term in full precision"),
 ])

@@ -252,7 +252,7 @@ class _Options(NamedTuple):
 # parameter holding the body.
 _CALL_BODIES = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr',
                 'core_call': 'call_jaxpr', 'custom_jvp_call': 'call_jaxpr',
-                'custom_vjp_call': 'call_jaxpr', 'remat': 'jaxpr', 'checkpoint': 'jaxpr'}
+                'custom_vjp_call': 'call_jaxpr', 'remat2': 'jaxpr', 'checkpoint': 'jaxpr'}
 
 
 def _eval_low_precision(jaxpr, consts, args, dtype):
@@ -274,6 +274,8 @@ def _eval_low_precision(jaxpr, consts, args, dtype):
                                   preferred_element_type=jnp.float32)]
     elif body is not None and hasattr(body, 'jaxpr'):  # a ClosedJaxpr: inline it
       outs = _eval_low_precision(body.jaxpr, body.consts, invals, dtype)
+    elif isinstance(body, jex_core.Jaxpr) and not body.constvars:  # an open one (remat2)
+      outs = _eval_low_precision(body, (), invals, dtype)
     else:  # everything else (control flow included) runs as traced
       outs = eqn.primitive.bind(*invals, **eqn.params)
       if not eqn.primitive.multiple_results:
@@ -348,8 +350,10 @@ def _simulate_block(device_apply, opts: _Options, params, h, g, table, clip_norm
 def _screen_top(opts: _Options, screen):
   """The `screen_top` best pairs of a low-precision screen.
 
-  Returns ([U, m] indices in ascending screening score, [U] index of the best pair left out, [U]
-  its screening score: the cutoff; +inf when every pair is kept). Selected by m + 1 masked argmins:
+  Returns ([U, m] indices in ascending screening score, [U] the cutoff: the screening score of the
+  best pair left out, +inf when every pair is kept; [U] bool, True where some screening score is
+  not finite, e.g. a float16 overflow, which voids the screen's error bound). Selected by m + 1
+  masked argmins:
   `lax.top_k` is a sort on CPU and cost ~40 % of the whole screen in the adult benchmark.
   """
   num_users, num_pairs = screen.shape
@@ -358,7 +362,7 @@ def _screen_top(opts: _Options, screen):
 
   def pick(i, carry):
     masked, idx = carry
-    best = jnp.argmin(masked, axis=1)
+    best = jnp.argmin(masked, axis=1).astype(jnp.int32)
     return jnp.where(iota == best[:, None], jnp.inf, masked), idx.at[:, i].set(best)
 
   rounds = m + 1 if num_pairs > m else m
@@ -366,19 +370,17 @@ def _screen_top(opts: _Options, screen):
                                   (screen, jnp.zeros((num_users, rounds), jnp.int32)))
   del masked
   if num_pairs > m:
-    next_idx = idx[:, m]
-    cutoff = jnp.take_along_axis(screen, next_idx[:, None], axis=1)[:, 0]
+    cutoff = jnp.take_along_axis(screen, idx[:, m:m + 1], axis=1)[:, 0]
   else:
-    next_idx, cutoff = idx[:, m - 1], jnp.full((num_users,), jnp.inf, screen.dtype)
-  return idx[:, :m], next_idx, cutoff
+    cutoff = jnp.full((num_users,), jnp.inf, screen.dtype)
+  return idx[:, :m], cutoff, ~jnp.isfinite(screen).all(axis=1)
 
 
-def _rescore(device_apply, opts: _Options, params, h, g, table, clip_norm, top, next_idx, cutoff,
-             num_pairs):
-  """Full-precision scores of the screen's best pairs `top` [U, m]; the rest +inf.
+def _rescore(device_apply, opts: _Options, params, h, g, table, clip_norm, top, num_pairs):
+  """Full-precision scores of the screen's best pairs `top` [U, m].
 
-  Returns [U, num_pairs] scores: the rescored pairs at their full-precision scores, the best pair
-  left out (`next_idx`) at its screening score `cutoff`, +inf elsewhere.
+  Returns ([U, num_pairs] scores: the rescored pairs at their full-precision scores, +inf
+  elsewhere; [U, m] the rescored scores).
   """
   num_users = h.shape[0]
   num_labels = opts.num_labels
@@ -386,10 +388,9 @@ def _rescore(device_apply, opts: _Options, params, h, g, table, clip_norm, top, 
                               low_precision=False)  # [U, m], [U, m, d]
   pair = _pair_scores(opts, z, v, g, clip_norm)  # [U, m, L]
   exact_scores = jnp.take_along_axis(pair, (top % num_labels)[..., None], axis=2)[..., 0]
-  rows = jnp.arange(num_users)
+  rows = jnp.arange(num_users)[:, None]
   scores = jnp.full((num_users, num_pairs), jnp.inf, exact_scores.dtype)
-  scores = scores.at[rows, next_idx].set(cutoff)  # a no-op copy of a rescored pair if m = all
-  return scores.at[rows[:, None], top].set(exact_scores)
+  return scores.at[rows, top].set(exact_scores), exact_scores
 
 
 def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior, table, clip_norm,
@@ -397,8 +398,8 @@ def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior
   """Attacks one chunk of U users. table: [num_blocks * B, P]. Returns a dict of [U, ...] arrays.
 
   With `opts.screen_dtype`: called first without `screen` (returns {'screen': [U, C*L]}
-  low-precision scores), then with `screen=(top, next_idx, cutoff)` from `_screen_top` (rescores
-  and answers).
+  low-precision scores), then with `screen=(top, cutoff, non_finite)` from `_screen_top`
+  (rescores and answers among the rescored pairs).
   """
   num_users = h.shape[0]
   if opts.per_user_params:  # each user's own parameter version: [V, ...] -> [U, ...]
@@ -406,9 +407,9 @@ def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior
   num_cand = math.prod(opts.cardinalities)
   num_labels = opts.num_labels
   if screen is not None:
-    top, next_idx, cutoff = screen
-    dist = _rescore(device_apply, opts, params, h, g, table[:num_cand], clip_norm, top, next_idx,
-                    cutoff, num_cand * num_labels)
+    top, cutoff, non_finite = screen
+    dist, rescored = _rescore(device_apply, opts, params, h, g, table[:num_cand], clip_norm, top,
+                              num_cand * num_labels)
   else:
     simulate = functools.partial(_simulate_block, device_apply, opts, params, h, g,
                                  clip_norm=clip_norm)
@@ -444,15 +445,17 @@ def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior
   out = dict(map_features=map_features, map_labels=map_labels, num_ties=num_ties, gap=gap,
              distances=jnp.take_along_axis(dist, best_idx[:, None], axis=1)[:, 0])
   if screen is not None:
+    # The best pair left out enters the gap at its screening score.
+    out['gap'] = jnp.minimum(gap, cutoff - best)
     # Conclusive (1) when a rescored pair reproduces the observation: its full-precision distance
     # is within SCREEN_MATCH_RTOL of zero, so no pair can beat it by more than that (a near-tie),
-    # whatever the screen's errors; or (2) when no unrescored pair can beat the rescored best under
-    # the assumed error bound: a screened pair gradient within eps * ||g_c|| of its full-precision
-    # value g_c (eps = screen_rtol; the device's clip, a radial projection, keeps the relative
-    # error within eps / (1 - eps)). An unrescored pair (screen score >= cutoff) then has, for l2,
-    # true distance d >= cutoff - eps (||g_obs|| + d), i.e. d >= (cutoff - eps ||g_obs||) / (1 + eps);
-    # for cosine its angle moves by <= asin(eps).
-    match = best <= SCREEN_MATCH_RTOL[opts.distance] * scale + tol
+    # whatever the screen's errors; or (2) when no unrescored pair can beat the rescored best (the
+    # top_k-th best for a vote) under the assumed error bound: a screened pair gradient within
+    # eps * ||g_c|| of its full-precision value g_c (eps = screen_rtol; the device's clip, a radial
+    # projection, keeps the relative error within eps / (1 - eps)). An unrescored pair (screen
+    # score >= cutoff) then has, for l2, true distance d >= cutoff - eps (||g_obs|| + d), i.e.
+    # d >= (cutoff - eps ||g_obs||) / (1 + eps); for cosine its angle moves by <= asin(eps).
+    # Non-finite screening scores (overflow) void the bound: always redone.
     eps = screen_rtol
     if opts.clip and opts.clip_aware:
       eps = jnp.where(eps < 1.0, eps / jnp.maximum(1.0 - eps, 1e-6), jnp.inf)
@@ -460,7 +463,13 @@ def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior
       lowest = (cutoff - eps * scale) / (1.0 + eps)
     else:
       lowest = cutoff - jnp.arcsin(jnp.minimum(eps, 1.0))
-    out['screen_fallback'] = ~(match | (lowest > best + tol))
+    if opts.top_k == 1:
+      match = best <= SCREEN_MATCH_RTOL[opts.distance] * scale + tol
+      conclusive = match | (lowest > best + tol)
+    else:  # every one of the top_k voters must be certain to be among the rescored pairs
+      kth = -jax.lax.top_k(-rescored, opts.top_k)[0][:, -1]
+      conclusive = lowest > kth + tol
+    out['screen_fallback'] = ~conclusive | non_finite
   if opts.bayes:
     out['distances'] = jnp.sqrt(out['distances'])
     lp = log_post.reshape((num_users,) + opts.cardinalities + (num_labels,))
@@ -727,9 +736,12 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
       lose to the rescored best if its screened gradient were off by `screen_rtol` times its norm
       (an assumed bound). Without noise and with the clip-aware variant the true pair reproduces
       `g_obs`, so (1) decides almost every user; with noise, or the clip-unaware variant under
-      clipping, most users fall back and the screen costs more than it saves. `gap` counts the
-      best unrescored pair at its screening score, `num_ties` only rescored pairs. Not for the
-      Bayes variant (its posteriors need every pair in full precision).
+      clipping, most users fall back and the screen costs more than it saves. With top_k > 1
+      only (2) applies, to the top_k-th best rescored pair (every voter must be rescored), so
+      most voting users are redone. `gap` counts the best unrescored pair at its screening
+      score, `num_ties` only rescored pairs; a screening score that is not finite (float16
+      overflow) always sends the user to the redo. Not for the Bayes variant (its posteriors need
+      every pair in full precision).
     screen_top: pairs per user rescored in full precision (>= top_k).
     screen_rtol: the error bound assumed by (2) (>= 0; default 0.25, above the worst relative
       error of bf16 pair gradients measured on trained and random models, 0.18).
@@ -859,7 +871,7 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
       posts = tuple(np.zeros((0, k), dtype) for k in cards)
       labpost = np.zeros((0, num_labels), dtype)
     return ExactResult(empty_f, empty_i, empty_x, empty_i, empty_x, empty_f, empty_i, posts,
-                       labpost)
+                       labpost, None if screen_dtype is None else np.zeros((0,), bool))
 
   plan = _plan(device_apply, one_version, d, dtype, cards, num_labels, num_users, num_devices,
                devices[0].platform, chunk_size, users_per_chunk, per_user_params,
