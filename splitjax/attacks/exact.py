@@ -68,11 +68,15 @@ _MEMORY_FACTOR = 1.5
 # gradient off by DEFAULT_SCREEN_RTOL times its norm; other users are redone in full precision.
 # Relative errors of bf16-screened pair gradients, measured (BUILD_NOTES.md, "EXACT throughput"):
 # median ~1e-3, 99th percentile 3-5e-2, worst 0.12-0.15 on random models; on a trained adult model
-# the logit is off by up to 0.18, i.e. the loss-gradient factor sigmoid(z) - y by up to ~18 %.
+# the logit is off by up to 0.18, i.e. the loss-gradient factor sigmoid(z) - y by up to ~18 %, which
+# the screening scores absorb (SCREEN_LOGIT_SLACK); dz/dh's direction by up to 0.12 rad.
 SCREEN_DTYPES = {'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 DEFAULT_SCREEN_TOP = 8
-SCREEN_MATCH_RTOL = {'l2': 1e-4, 'cosine': 1e-6}
+SCREEN_MATCH_RTOL = {'l2': 1e-5, 'cosine': 1e-7}
 DEFAULT_SCREEN_RTOL = 0.25
+# Screening scores allow each pair's loss factor sigmoid(z) - y to be off by a factor e^+-this
+# (the logit error of the screen; measured up to 0.18 on a trained adult model).
+SCREEN_LOGIT_SLACK = 1.0
 
 
 class AttackError(ValueError):
@@ -319,6 +323,34 @@ def _pair_scores(opts: _Options, z, v, g, clip_norm):
   return DISTANCES[opts.distance](g[:, None, None, :], g_cand)
 
 
+def _screen_scores(opts: _Options, z, v, g, clip_norm):
+  """Screening scores, robust to the screen's logit error: z [U, B], v [U, B, d] -> [U, B, L].
+
+  Low-precision matmuls move the logit z by up to ~0.2 on trained models, which scales
+  `l'(z, y) = sigmoid(z) - y` by up to e^|dz| (|d log l'/dz| <= 1), far more than they turn the
+  direction of v = dz/dh. So each pair is scored by its distance to the nearest point of the set
+  of gradients `clip(s v)` with s between l' e^-SCREEN_LOGIT_SLACK and l' e^+SCREEN_LOGIT_SLACK:
+  a segment along v (radially clipped: the part beyond norm C collapses to C v/||v||). The
+  distance to a segment is closed-form from <v, g> and ||v||^2, so no [U, B, L, d] tensor is
+  formed. Cosine scores ignore scale already and are scored as usual.
+  """
+  if opts.distance != 'l2':
+    return _pair_scores(opts, z, v, g, clip_norm)
+  a = jnp.stack([jax.nn.sigmoid(z), -jax.nn.sigmoid(-z)], axis=-1)  # [U, B, 2]
+  slack = math.exp(SCREEN_LOGIT_SLACK)
+  lo = jnp.minimum(a / slack, a * slack)
+  hi = jnp.maximum(a / slack, a * slack)
+  vv = jnp.sum(jnp.square(v), axis=-1)[..., None]  # [U, B, 1]
+  vg = jnp.einsum('ubd,ud->ub', v, g)[..., None]
+  tiny = jnp.finfo(vv.dtype).tiny
+  if opts.clip and opts.clip_aware:
+    cap = clip_norm / jnp.sqrt(jnp.maximum(vv, tiny))  # |s| ||v|| <= C after the clip
+    lo, hi = jnp.clip(lo, -cap, cap), jnp.clip(hi, -cap, cap)
+  s = jnp.clip(vg / jnp.maximum(vv, tiny), lo, hi)
+  gg = jnp.sum(jnp.square(g), axis=-1)[:, None, None]
+  return jnp.sqrt(jnp.maximum(gg - 2.0 * s * vg + jnp.square(s) * vv, 0.0))
+
+
 def _candidate_gradients(device_apply, opts: _Options, params, h, table, low_precision: bool):
   """z [U, B] and dz/dh [U, B, d] of candidates `table` ([B, P], or [U, B, P] per user)."""
   val_grad = jax.value_and_grad(device_apply, argnums=1)
@@ -342,8 +374,10 @@ def _simulate_block(device_apply, opts: _Options, params, h, g, table, clip_norm
     [U, B, L] distance under `opts.distance` (squared l2 in the Bayes variant); with
     `opts.screen_dtype` computed with low-precision matmuls (a screen, rescored by the caller).
   """
-  z, v = _candidate_gradients(device_apply, opts, params, h, table,
-                              low_precision=opts.screen_dtype is not None)
+  if opts.screen_dtype is not None:
+    z, v = _candidate_gradients(device_apply, opts, params, h, table, low_precision=True)
+    return _screen_scores(opts, z, v, g, clip_norm)
+  z, v = _candidate_gradients(device_apply, opts, params, h, table, low_precision=False)
   return _pair_scores(opts, z, v, g, clip_norm)
 
 
@@ -729,12 +763,14 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
       model's matrix products on `screen_dtype`-rounded inputs (float32 sums; see
       `low_precision_matmuls`; about 1.7x the float32 matmul rate on this project's bf16-capable
       CPU, more on GPUs/TPUs), then the `screen_top` best pairs of each user are rescored in full
-      precision and the answer is taken among them. A user is attacked again without screening
-      (`screen_fallback`) unless (1) a rescored pair reproduces `g_obs` (distance <=
-      SCREEN_MATCH_RTOL x ||g_obs|| for l2; 1 - cos <= 1e-6): then the answer equals the
-      full-precision one up to near-ties, guaranteed; or (2) every unrescored pair would still
-      lose to the rescored best if its screened gradient were off by `screen_rtol` times its norm
-      (an assumed bound). Without noise and with the clip-aware variant the true pair reproduces
+      precision and the answer is taken among them. The l2 screening score of a pair is its
+      distance to the segment of gradients its loss factor sigmoid(z) - y would give for logits
+      within SCREEN_LOGIT_SLACK of the screened one (the screen's largest error is in the logit;
+      see `_screen_scores`). A user is attacked again without screening (`screen_fallback`)
+      unless (1) a rescored pair reproduces `g_obs` (distance <= SCREEN_MATCH_RTOL x ||g_obs||
+      for l2; 1 - cos <= 1e-7): then the answer equals the full-precision one up to near-ties,
+      guaranteed; or (2) every unrescored pair would still lose to the rescored best if its
+      screened gradient direction were off by `screen_rtol` times its norm (an assumed bound). Without noise and with the clip-aware variant the true pair reproduces
       `g_obs`, so (1) decides almost every user; with noise, or the clip-unaware variant under
       clipping, most users fall back and the screen costs more than it saves. With top_k > 1
       only (2) applies, to the top_k-th best rescored pair (every voter must be rescored), so
@@ -743,8 +779,8 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
       overflow) always sends the user to the redo. Not for the Bayes variant (its posteriors need
       every pair in full precision).
     screen_top: pairs per user rescored in full precision (>= top_k).
-    screen_rtol: the error bound assumed by (2) (>= 0; default 0.25, above the worst relative
-      error of bf16 pair gradients measured on trained and random models, 0.18).
+    screen_rtol: the error bound assumed by (2) (>= 0; default 0.25, above the worst errors of
+      bf16 dz/dh measured on trained and random models: direction 0.12 rad, norm 5 %).
 
   Returns:
     An `ExactResult` of numpy arrays (see its docstring), rows in the order of `h`.
