@@ -232,15 +232,7 @@ def exact_activations(encoder_apply: Callable[..., jax.Array],
     return ActivationResult(res.features, res.dense, res.distances, res.num_ties, res.gap,
                             res.map_features, res.feature_posteriors)
 
-  noise = exact_lib._check_scalar(noise_stddev, 'noise_stddev')  # pylint: disable=protected-access
-  bayes = noise is not None and noise > 0
-  if bayes and math.isinf(noise):
-    raise AttackError('noise_stddev must be finite, got inf.')
-  if bayes and distance != 'l2':
-    raise AttackError(f'the Bayes variant scores by Gaussian likelihood; distance must be "l2", '
-                      f'got {distance!r}.')
-  if log_prior is not None and not bayes:
-    raise AttackError('log_prior is used only with noise_stddev > 0; pass noise_stddev or drop it.')
+  noise, bayes = exact_lib.check_noise(noise_stddev, distance, log_prior)
   num_cand = math.prod(cards)
   prior, per_user = np.zeros((1, num_cand), dtype), False
   if log_prior is not None:

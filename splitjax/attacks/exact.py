@@ -199,6 +199,24 @@ def _check_scalar(value, name: str) -> float | None:
   return v
 
 
+def check_noise(noise_stddev, distance: str, log_prior) -> tuple[float | None, bool]:
+  """Validates the Bayes-scoring arguments every enumeration attack shares.
+
+  Returns (noise_stddev as a float or None, whether Bayes scoring is on: noise_stddev > 0).
+  """
+  noise = _check_scalar(noise_stddev, 'noise_stddev')
+  bayes = noise is not None and noise > 0
+  if bayes and math.isinf(noise):
+    raise AttackError('noise_stddev must be finite, got inf.')
+  if bayes and distance != 'l2':
+    raise AttackError(f'the Bayes variant (noise_stddev={noise}) scores by Gaussian likelihood; '
+                      f'distance must be "l2", got {distance!r}.')
+  if log_prior is not None and not bayes:
+    raise AttackError('log_prior is used only with noise_stddev > 0 (Bayes scoring); pass '
+                      'noise_stddev or drop log_prior.')
+  return noise, bayes
+
+
 def _check_finite_matrix(x: np.ndarray, name: str) -> None:
   bad = ~np.isfinite(x)
   if bad.any():
@@ -819,19 +837,10 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
   clip_value = _check_scalar(l2_clip_norm, 'l2_clip_norm')
   if clip_value == 0:
     raise AttackError('l2_clip_norm must be > 0 (or None / inf for no clipping), got 0.')
-  noise_value = _check_scalar(noise_stddev, 'noise_stddev')
-  bayes = noise_value is not None and noise_value > 0
-  if bayes and math.isinf(noise_value):
-    raise AttackError('noise_stddev must be finite, got inf.')
-  if bayes and distance != 'l2':
-    raise AttackError(f'the Bayes variant (noise_stddev={noise_value}) scores by Gaussian '
-                      f'likelihood; distance must be "l2", got {distance!r}.')
+  noise_value, bayes = check_noise(noise_stddev, distance, log_prior)
   if bayes and top_k > 1:
     raise AttackError(f'top_k={top_k} is for distance scoring; with noise_stddev the answer is the '
                       'marginal-posterior argmax. Pass top_k=1.')
-  if log_prior is not None and not bayes:
-    raise AttackError('log_prior is used only with noise_stddev > 0 (Bayes scoring); pass '
-                      'noise_stddev or drop log_prior.')
   clip = clip_value is not None and not math.isinf(clip_value)
   if screen_dtype is not None:
     if screen_dtype not in SCREEN_DTYPES:

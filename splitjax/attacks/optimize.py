@@ -836,15 +836,7 @@ def hybrid_core(simulate, device_params, h, obs, cardinalities, num_dense, *, op
   h_np, g_np, dtype = _check_observations(h, obs, 'h', 'observations')
   num_dense, lo, hi, clip = _check_common(num_dense, dense_bounds, l2_clip_norm, distance,
                                           num_steps, num_restarts, dtype)
-  noise = exact_lib._check_scalar(noise_stddev, 'noise_stddev')  # pylint: disable=protected-access
-  bayes = noise is not None and noise > 0
-  if bayes and math.isinf(noise):
-    raise AttackError('noise_stddev must be finite, got inf.')
-  if bayes and distance != 'l2':
-    raise AttackError(f'with noise_stddev the pairs are scored by Gaussian likelihood; distance '
-                      f'must be "l2", got {distance!r}.')
-  if log_prior is not None and not bayes:
-    raise AttackError('log_prior is used only with noise_stddev > 0; pass noise_stddev or drop it.')
+  noise, bayes = exact_lib.check_noise(noise_stddev, distance, log_prior)
   num_labels = simulate.num_labels
   num_cand = math.prod(cards)
   num_pairs = num_cand * num_labels
