@@ -142,7 +142,7 @@ def screened_pair_errors(apply, params, h, cards, num_users: int = 64) -> np.nda
   for fn in (vg, exact_lib.low_precision_matmuls(vg)):
     z, v = jax.jit(jax.vmap(jax.vmap(fn, (None, None, 0)), (None, 0, None)))(
         params, h[:num_users], table)
-    a = jnp.stack([jax.nn.sigmoid(z), -jax.nn.sigmoid(-z)], -1)
+    a = exact_lib.loss_factors(z)
     results.append(a[..., None] * v[:, :, None, :])
   ref, low = results
   return np.asarray(jnp.linalg.norm(low - ref, axis=-1) / jnp.linalg.norm(ref, axis=-1)).ravel()

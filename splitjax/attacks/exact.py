@@ -326,10 +326,18 @@ def low_precision_matmuls(fn: Callable[..., Any], dtype=jnp.bfloat16) -> Callabl
   return wrapped
 
 
+def loss_factors(z: jax.Array) -> jax.Array:
+  """`l'(z, y) = sigmoid(z) - y` of binary cross-entropy for y = 0, 1: [...] -> [..., 2].
+
+  The cut gradient of label y is `l'(z, y) dz/dh`. `sigmoid(z) - 1` is computed as
+  `-sigmoid(-z)`, which keeps its precision when sigmoid(z) is close to 1.
+  """
+  return jnp.stack([jax.nn.sigmoid(z), -jax.nn.sigmoid(-z)], axis=-1)
+
+
 def _pair_scores(opts: _Options, z, v, g, clip_norm):
   """Scores of every label of B candidates: z [U, B], v [U, B, d] -> [U, B, L] (see below)."""
-  # l'(z, y) = sigmoid(z) - y for y in {0, 1}; sigmoid(z) - 1 = -sigmoid(-z) keeps precision.
-  a = jnp.stack([jax.nn.sigmoid(z), -jax.nn.sigmoid(-z)], axis=-1)  # [U, B, 2]
+  a = loss_factors(z)  # [U, B, 2]
   if opts.clip and opts.clip_aware:
     # The device clips g to norm C: factor min(1, C / ||a v||) = min(1, C / (|a| ||v||)).
     cand_norm = jnp.abs(a) * jnp.linalg.norm(v, axis=-1)[..., None]
@@ -354,7 +362,7 @@ def _screen_scores(opts: _Options, z, v, g, clip_norm):
   """
   if opts.distance != 'l2':
     return _pair_scores(opts, z, v, g, clip_norm)
-  a = jnp.stack([jax.nn.sigmoid(z), -jax.nn.sigmoid(-z)], axis=-1)  # [U, B, 2]
+  a = loss_factors(z)  # [U, B, 2]
   slack = math.exp(SCREEN_LOGIT_SLACK)
   lo = jnp.minimum(a / slack, a * slack)
   hi = jnp.maximum(a / slack, a * slack)
