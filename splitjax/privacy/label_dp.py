@@ -1,7 +1,5 @@
 """Label DP by randomized response on binary labels (drawn once, before training)."""
 
-
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,8 +81,8 @@ def randomized_response(labels: np.ndarray, epsilon: float, *,
   return np.where(flips, 1 - labels, labels).astype(labels.dtype)
 
 
-def randomized_response_jax(key: chex.PRNGKey, labels: chex.Array,
-                            epsilon: chex.Numeric) -> chex.Array:
+def randomized_response_jax(key: jax.Array, labels: jax.Array,
+                            epsilon: jax.typing.ArrayLike) -> jax.Array:
   """Randomized response in JAX: flips each 0/1 label with probability 1 / (1 + e^eps).
 
   Args:

@@ -15,7 +15,6 @@ import functools
 import math
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,14 +24,14 @@ from splitjax.privacy import _checks
 
 class AddGaussianNoiseState(NamedTuple):
   """State of `add_gaussian_noise`: number of updates so far and the next PRNG key."""
-  count: chex.Array  # int32 scalar
-  rng_key: chex.PRNGKey
+  count: jax.Array  # int32 scalar
+  rng_key: jax.Array
 
 
 class DpAggregateState(NamedTuple):
   """State of `dp_aggregate`: number of updates so far and the next PRNG key."""
-  count: chex.Array  # int32 scalar
-  rng_key: chex.PRNGKey
+  count: jax.Array  # int32 scalar
+  rng_key: jax.Array
 
 
 def _check_key(key) -> None:
@@ -63,7 +62,7 @@ def _check_float(leaves) -> None:
     raise _checks.PrivacyError(f'DP transforms need floating-point updates, got dtypes {bad}.')
 
 
-def per_example_global_norm(updates: chex.ArrayTree) -> chex.Array:
+def per_example_global_norm(updates: optax.Updates) -> jax.Array:
   """The L2 norm of each example's row over all leaves.
 
   Args:
@@ -87,7 +86,7 @@ def per_example_global_norm(updates: chex.ArrayTree) -> chex.Array:
   return jnp.where(m > 0, safe * jnp.sqrt(sq), 0.0)
 
 
-def _clip_rows(updates: chex.ArrayTree, l2_clip_norm) -> chex.ArrayTree:
+def _clip_rows(updates: optax.Updates, l2_clip_norm) -> optax.Updates:
   norms = per_example_global_norm(updates)
   clip = jnp.asarray(l2_clip_norm, dtype=norms.dtype)
   over = norms > clip  # False for NaN clip, zero rows, and clip = inf
@@ -99,7 +98,7 @@ def _clip_rows(updates: chex.ArrayTree, l2_clip_norm) -> chex.ArrayTree:
   return jax.tree.map(apply, updates)
 
 
-def clip_per_example(l2_clip_norm: chex.Numeric) -> optax.GradientTransformation:
+def clip_per_example(l2_clip_norm: jax.typing.ArrayLike) -> optax.GradientTransformation:
   """Scales each example's row (global L2 norm over all leaves) to norm at most C.
 
   Row i of every leaf (axis 0 is the batch axis) is multiplied by min(1, C / ||row_i||), where
@@ -182,8 +181,8 @@ def _add_noise(updates, key, stddev):
   return jax.tree.unflatten(treedef, noised)
 
 
-def add_gaussian_noise(noise_multiplier: chex.Numeric, l2_clip_norm: chex.Numeric, *,
-                       key: chex.PRNGKey) -> optax.GradientTransformation:
+def add_gaussian_noise(noise_multiplier: jax.typing.ArrayLike, l2_clip_norm: jax.typing.ArrayLike, *,
+                       key: jax.Array) -> optax.GradientTransformation:
   """Adds i.i.d. N(0, (noise_multiplier * l2_clip_norm)^2) to every element of the updates.
 
   Apply after `clip_per_example`: on rows `g: [batch, d]` this is independent noise per row.
@@ -234,8 +233,8 @@ def add_gaussian_noise(noise_multiplier: chex.Numeric, l2_clip_norm: chex.Numeri
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def cut_layer_dp(l2_clip_norm: chex.Numeric, noise_multiplier: chex.Numeric, *,
-                 key: chex.PRNGKey) -> optax.GradientTransformation:
+def cut_layer_dp(l2_clip_norm: jax.typing.ArrayLike, noise_multiplier: jax.typing.ArrayLike, *,
+                 key: jax.Array) -> optax.GradientTransformation:
   """Cut-layer DP: `clip_per_example` then `add_gaussian_noise`, as a named chain.
 
   Args:
@@ -262,8 +261,8 @@ def cut_layer_dp(l2_clip_norm: chex.Numeric, noise_multiplier: chex.Numeric, *,
       ('noise', add_gaussian_noise(noise_multiplier, l2_clip_norm, key=key)))
 
 
-def dp_aggregate(l2_clip_norm: chex.Numeric, noise_multiplier: chex.Numeric, *,
-                 key: chex.PRNGKey) -> optax.GradientTransformation:
+def dp_aggregate(l2_clip_norm: jax.typing.ArrayLike, noise_multiplier: jax.typing.ArrayLike, *,
+                 key: jax.Array) -> optax.GradientTransformation:
   """Device DP-SGD: clip each example, sum over the batch, add N(0, (sigma C)^2), divide by N.
 
   Input leaves are per-example device-parameter gradients `[batch, ...]`; output leaves drop
