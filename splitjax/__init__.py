@@ -1,3 +1,13 @@
 """splitjax: privacy leakage through the cut layer of split learning, in JAX."""
 
-__version__ = "0.1.0"
+from splitjax import attacks
+from splitjax import data
+from splitjax import io
+from splitjax import metrics
+from splitjax import models
+from splitjax import multihost
+from splitjax import privacy
+from splitjax import protocol
+from splitjax import training
+
+__version__ = "0.2.0"
