@@ -27,6 +27,7 @@ from splitjax.privacy import label_dp
 from experiments.configs import base as configs_base
 
 PROTOCOLS = ("sl", "fsl")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ConfigError(ValueError):
@@ -91,6 +92,15 @@ def validate(config: configs_base.TrainConfig) -> None:
     raise ConfigError("--device_dp_clip and --device_dp_noise_multiplier must be >= 0")
   if config.device_dp_noise_multiplier > 0 and not config.device_dp_clip:
     raise ConfigError("device DP-SGD noise needs --device_dp_clip (a positive number)")
+  if config.device_dp_noise_multiplier > 0 and math.isinf(config.device_dp_clip):
+    raise ConfigError(f"--device_dp_clip={config.device_dp_clip} with noise gives infinite noise: "
+                      "give a finite positive number")
+  for flag, sigma, c in (("--dp_noise_multiplier x --dp_clip", s, clip),
+                         ("--device_dp_noise_multiplier x --device_dp_clip",
+                          config.device_dp_noise_multiplier, config.device_dp_clip)):
+    if c is not None and math.isfinite(sigma) and math.isfinite(c) and sigma * c > _FLOAT32_MAX:
+      raise ConfigError(f"{flag} = {sigma * c:.3g} overflows float32 (max {_FLOAT32_MAX:.3g}): "
+                        "the noise would be inf; lower the noise multiplier or the clip norm")
   if config.device_dp_clip and config.topology != "device_top":
     raise ConfigError("device DP-SGD (--device_dp_clip) is implemented for device_top only")
   if config.protocol == "fsl" and config.topology != "device_top":
@@ -245,6 +255,8 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
       "num_train": len(dataset.train), "num_test": len(dataset.test),
       "mean_grad_norm_init": extra["mean_grad_norm_init"],
       "frozen_server": frozen_server,
+      # Rows the DP clip sent as zero rows because they held an inf or NaN (0 for a sane model).
+      "nonfinite_rows_zeroed": int(sum(h.get("nonfinite_rows_zeroed", 0) for h in history)),
   }
   metrics.update(accounting.privacy_report(
       noise_multiplier=sigma, l2_clip_norm=clip, releases=releases, delta=config.target_delta,

@@ -155,10 +155,16 @@ def _sides(model, batch):
 
 
 def cut_layer_dp(x, dp: DPConfig, key, mask):
-  """Applies the device's DP chain (clip each row, add Gaussian noise) to ``x [N, d]``."""
+  """The device's DP chain (clip each row, add Gaussian noise) on ``x [N, d]``.
+
+  Returns ``(x_sent [N, d], nonfinite)``: padded rows are zero, and ``nonfinite`` (int32) counts
+  the real rows that held an inf or NaN and were sent as zero rows (reported with the privacy
+  report: a model that produces them needs attention, though the bound still holds).
+  """
   tx = dp_transforms.cut_layer_dp(dp.l2_clip_norm, dp.noise_multiplier, key=key)
   out, _ = tx.update(x, tx.init(x))
-  return out * mask[:, None].astype(out.dtype)
+  nonfinite = jnp.sum(dp_transforms.nonfinite_rows(x) & (mask > 0)).astype(jnp.int32)
+  return out * mask[:, None].astype(out.dtype), nonfinite
 
 
 def device_dp_sgd(per_example_grads, dp: DPConfig, key, mask):
@@ -180,30 +186,31 @@ def _head_step(model, params, h, head_in, y, mask, dp, key, device_dp: bool):
 
 def _split_forward_backward(model, enc_params, head_params, batch, dp, key,
                             device_dp: bool = False):
-  """One pass through the cut; returns (loss, enc_grads, head_grads, h_sent, g_sent, logits)."""
+  """One pass through the cut; (loss, enc_grads, head_grads, h_sent, g_sent, logits, nonfinite)."""
   _, enc_in, head_in = _sides(model, batch)
   mask = batch.mask.astype(jnp.float32)
   n = jnp.sum(mask)
   h = protocol.bottom_forward(model, enc_params, *enc_in)
   if model.spec.topology == "device_top":
     out = _head_step(model, head_params, h, head_in, batch.y, mask, dp, key, device_dp)
-    g_sent = cut_layer_dp(out.cut_grads, dp, key, mask)
+    g_sent, nonfinite = cut_layer_dp(out.cut_grads, dp, key, mask)
     enc_grads = protocol.bottom_backward(model, enc_params, *enc_in, g_sent, n)
-    return out.loss, enc_grads, out.param_grads, h, g_sent, out.logits
+    return out.loss, enc_grads, out.param_grads, h, g_sent, out.logits, nonfinite
   # device_bottom: the device privatises its activations.
   if device_dp:
     raise ValueError("device DP-SGD is implemented for device_top only")
-  h_sent = cut_layer_dp(h, dp, key, mask)
+  h_sent, nonfinite = cut_layer_dp(h, dp, key, mask)
   out = protocol.top_step(model, head_params, h_sent, *head_in, batch.y, mask)
   enc_grads = protocol.bottom_backward(model, enc_params, *enc_in, out.cut_grads, n)
-  return out.loss, enc_grads, out.param_grads, h_sent, out.cut_grads, out.logits
+  return out.loss, enc_grads, out.param_grads, h_sent, out.cut_grads, out.logits, nonfinite
 
 
 @functools.lru_cache(maxsize=None)
 def make_sl_step(model: models.SplitModel, tx_server, tx_device, device_dp: bool = False):
-  """Jitted SL step ``(state, batch, dp) -> (state, loss, h_sent [N, d], g_sent [N, d])``.
+  """Jitted SL step ``(state, batch, dp) -> (state, loss, h_sent [N, d], g_sent [N, d], nonfinite)``.
 
-  The state is donated. ``h_sent``/``g_sent`` are what crossed the wire.
+  The state is donated. ``h_sent``/``g_sent`` are what crossed the wire; ``nonfinite`` (int32)
+  counts the rows the DP clip zeroed because they held an inf or NaN.
   ``device_dp`` (static) turns on device DP-SGD with ``dp``'s device fields.
   """
 
@@ -212,7 +219,7 @@ def make_sl_step(model: models.SplitModel, tx_server, tx_device, device_dp: bool
     device_top = model.spec.topology == "device_top"
     enc, head = ((state.server_params, state.device_params) if device_top
                  else (state.device_params, state.server_params))
-    loss, enc_g, head_g, h_sent, g_sent, _ = _split_forward_backward(
+    loss, enc_g, head_g, h_sent, g_sent, _, nonfinite = _split_forward_backward(
         model, enc, head, batch, dp, key, device_dp)
     server_g, device_g = (enc_g, head_g) if device_top else (head_g, enc_g)
     upd, server_opt = tx_server.update(server_g, state.server_opt, state.server_params)
@@ -220,7 +227,7 @@ def make_sl_step(model: models.SplitModel, tx_server, tx_device, device_dp: bool
     upd, device_opt = tx_device.update(device_g, state.device_opt, state.device_params)
     device = optax.apply_updates(state.device_params, upd)
     new = TrainState(server, device, server_opt, device_opt, state.step + 1, state.key)
-    return new, loss, h_sent, g_sent
+    return new, loss, h_sent, g_sent, nonfinite
 
   return jax.jit(step, donate_argnums=(0,))
 
@@ -241,7 +248,7 @@ def _masked_mean(tree, weights):
 @functools.lru_cache(maxsize=None)
 def make_fsl_round(model: models.SplitModel, tx_server, tx_device, local_steps: int,
                    device_dp: bool = False):
-  """Jitted FSL round ``(state, batch[D, S, ...], device_mask[D], dp) -> (state, losses, h, g)``.
+  """Jitted FSL round ``(state, batch[D, S, ...], device_mask[D], dp) -> (state, losses, h, g, nonfinite)``.
 
   ``h``/``g`` are ``[local_steps, D, S, d]``: what crossed the wire at each
   local step. Only ``device_top`` is supported for FSL.
@@ -267,21 +274,21 @@ def make_fsl_round(model: models.SplitModel, tx_server, tx_device, local_steps: 
           model, p, hh, (c, dd), yy, mm, dp, kk, device_dp))(
               phis, hd, batch.priv_cat, batch.priv_dense, batch.y, batch.mask, dev_keys)
       g = out.cut_grads.reshape(h.shape)
-      g_sent = cut_layer_dp(g, dp, key, mask)
+      g_sent, nonfinite = cut_layer_dp(g, dp, key, mask)
       server_g = protocol.bottom_backward(model, server, flat.pub_cat, flat.pub_dense, g_sent, n)
       upd, server_opt = tx_server.update(server_g, server_opt, server)
       server = optax.apply_updates(server, upd)
       upd, opts = jax.vmap(tx_device.update)(out.param_grads, opts, phis)
       phis = jax.vmap(optax.apply_updates)(phis, upd)
       loss = jnp.sum(out.loss * device_mask) / jnp.maximum(jnp.sum(device_mask), 1.0)
-      return (server, server_opt, phis, opts), (loss, hd, g_sent.reshape(hd.shape))
+      return (server, server_opt, phis, opts), (loss, hd, g_sent.reshape(hd.shape), nonfinite)
 
-    (server, server_opt, phis, opts), (losses, hs, gs) = jax.lax.scan(
+    (server, server_opt, phis, opts), (losses, hs, gs, nonfinite) = jax.lax.scan(
         local, (state.server_params, state.server_opt, phis, opts), jnp.arange(local_steps))
     device = _masked_mean(phis, device_mask.astype(jnp.float32))
     device_opt = _masked_mean(opts, device_mask.astype(jnp.float32))
     new = TrainState(server, device, server_opt, device_opt, state.step + 1, state.key)
-    return new, losses, hs, gs
+    return new, losses, hs, gs, jnp.sum(nonfinite)
 
   return jax.jit(round_fn, donate_argnums=(0,))
 
@@ -507,7 +514,7 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     rec = _Recorder() if record else None
     bar = ProgressPrinter(steps_per_epoch, f"{protocol_name} epoch {epoch + 1}/{recipe.epochs}",
                           printer=progress) if progress else None
-    losses = []
+    losses, nonfinite = [], []
     if protocol_name == "sl":
       it = sl_batches(train_split, recipe.batch_size, seed, epoch)
       for i, batch in enumerate(it):
@@ -515,8 +522,9 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
           batch = put_global(batch, shard.batch)
         if rec is not None:
           rec.add_params(state.device_params)
-        state, loss, h, g = step_fn(state, batch, dp)
+        state, loss, h, g, bad = step_fn(state, batch, dp)
         losses.append(loss)
+        nonfinite.append(bad)
         if rec is not None:
           rec.add(h, g, batch.index, batch.mask, np.zeros(len(batch.mask), np.int32))
         if bar:
@@ -528,8 +536,9 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
           batch, dmask = put_global((batch, dmask), shard.batch)
         if rec is not None:
           rec.add_params(state.device_params)
-        state, loss, hs, gs = round_fn(state, batch, dmask, dp)
+        state, loss, hs, gs, bad = round_fn(state, batch, dmask, dp)
         losses.append(jnp.mean(loss))
+        nonfinite.append(bad)
         if rec is not None:
           flat_mask = to_host(batch.mask).reshape(-1)
           flat_index = to_host(batch.index).reshape(-1)
@@ -543,7 +552,8 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     if not np.isfinite(loss):
       raise FloatingPointError(f"training loss became {loss} in epoch {epoch + 1}: "
                                "lower the learning rate or check the data for extreme values")
-    log = {"epoch": epoch + 1, "train_loss": loss, "seconds": time.time() - t0}
+    log = {"epoch": epoch + 1, "train_loss": loss, "seconds": time.time() - t0,
+           "nonfinite_rows_zeroed": int(sum(int(to_host(x)) for x in nonfinite))}
     history.append(log)
     if rec is not None:
       transcript = rec.finish(dp)
@@ -610,7 +620,7 @@ def make_replay(model: models.SplitModel):
   def replay(server, device, batch: Batch, dp: DPConfig, key):
     device_top = model.spec.topology == "device_top"
     enc, head = (server, device) if device_top else (device, server)
-    _, _, _, h, g, _ = _split_forward_backward(model, enc, head, batch, dp, key)
+    _, _, _, h, g, _, _ = _split_forward_backward(model, enc, head, batch, dp, key)
     return h, g
 
   return jax.jit(replay)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from scipy import stats
 
 from splitjax import privacy
@@ -244,3 +245,22 @@ class DpAggregateTest(chex.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+def test_noise_std_that_overflows_float32_is_refused():
+  with pytest.raises(privacy.PrivacyError, match="overflows float32"):
+    privacy.add_gaussian_noise(1e10, 1e30, key=jax.random.key(0))
+  with pytest.raises(privacy.PrivacyError, match="overflows float32"):
+    privacy.dp_aggregate(1e30, 1e10, key=jax.random.key(0))
+  privacy.add_gaussian_noise(1e10, 1e28, key=jax.random.key(0))  # 1e38 still fits
+
+
+def test_training_reports_rows_zeroed_for_nonfinite_values():
+  from splitjax import training  # pylint: disable=import-outside-toplevel
+  x = jnp.array([[1.0, 2.0], [jnp.nan, 0.0], [jnp.inf, 1.0], [3e38, 3e38]], jnp.float32)
+  dp = training.DPConfig(np.float32(1.0), np.float32(0.0), np.float32(np.inf), np.float32(0.0))
+  mask = jnp.array([1.0, 1.0, 0.0, 1.0])  # the inf row is padding: not counted
+  sent, nonfinite = training.cut_layer_dp(x, dp, jax.random.key(0), mask)
+  assert int(nonfinite) == 1
+  np.testing.assert_array_equal(np.asarray(sent[1:3]), 0.0)
+  assert np.all(np.linalg.norm(np.asarray(sent, np.float64), axis=1) <= 1 + 1e-6)

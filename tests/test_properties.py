@@ -256,3 +256,81 @@ def test_clip_bound_holds_for_rows_whose_squared_norm_underflows():
   g = np.array([[1e-20, 0.0], [1e-25, 1e-25]], np.float32)
   np.testing.assert_array_equal(_clip(g, np.float32(0.0)), 0.0)  # C = 0 must give zeros
   assert np.all(_norms(_clip(g, np.float32(1e-30))) <= 1e-30 * (1 + 1e-6))
+
+
+# --------------------------------------------------------------------------------------------------
+# The clip bound for every float32 row (M3, L6): near the float32 maximum, tiny, subnormal, +-inf,
+# NaN. A row that leaves the device has L2 norm <= C (1 + 1e-6); a non-finite row is a zero row.
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_EXTREMES = (0.0, 1e-45, 1e-40, 1.2e-38, 2.0 ** -100, 1e-30, 1.0, 1e30, 2.0 ** 100, 8.5e37, 1e38,
+             _F32_MAX, math.inf, math.nan)
+_EXTREME_ENTRY = st.builds(lambda v, s: np.float32(s * v), st.sampled_from(_EXTREMES),
+                           st.sampled_from([1.0, -1.0]))
+_EXTREME_ROWS = hnp.arrays(np.float32, (ROWS, DIM), elements=_EXTREME_ENTRY)
+_EXTREME_CLIPS = st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e3, 1e30, math.inf])
+
+
+@SETTINGS
+@given(rows=_EXTREME_ROWS, clip=_EXTREME_CLIPS)
+def test_clip_bound_holds_for_extreme_and_nonfinite_rows(rows, clip):
+  out = np.asarray(_clip(rows, np.float32(clip)))
+  finite = np.all(np.isfinite(rows), axis=1)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_array_equal(out[~finite], 0.0)  # non-finite rows become zero rows
+  np.testing.assert_array_equal(np.asarray(privacy.nonfinite_rows(rows)), ~finite)
+  assert np.all(_norms(out) <= np.float32(clip) * (1 + 1e-6))
+  # The direction is kept, and no entry grows.
+  with np.errstate(over="ignore", invalid="ignore"):
+    dots = np.sum(out.astype(np.float64) * rows.astype(np.float64), axis=1)
+  assert np.all(dots[finite] >= 0)
+  assert np.all(np.abs(out[finite]) <= np.abs(rows[finite]))
+  if math.isinf(clip):  # C = inf: finite rows pass unchanged (backends may flush subnormals)
+    subnormal = np.abs(rows) < 2.0 ** -126
+    kept = (out == rows) | (subnormal & (out == 0))
+    assert np.all(kept[finite])
+
+
+def test_clip_of_rows_near_the_float32_maximum_keeps_their_direction():
+  g = np.array([[_F32_MAX, _F32_MAX, 0, 0, 0], [9e37, 0, 0, 0, 0], [1e-40, 3e-39, 0, 0, 0],
+                [math.nan, 1, 0, 0, 0], [-math.inf, 1, 0, 0, 0], [1, 1, 0, 0, 0],
+                [0, 0, 0, 0, 0], [2e38, -2e38, 2e38, -2e38, 2e38]], np.float32)
+  out = np.asarray(_clip(g, np.float32(1.0)))
+  np.testing.assert_allclose(out[0, :2], [2 ** -0.5, 2 ** -0.5], rtol=1e-6)
+  np.testing.assert_allclose(out[1, 0], 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(out[3:5], 0.0)
+  np.testing.assert_allclose(out[7], np.array([1, -1, 1, -1, 1]) / 5 ** 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(out[5], g[5] / np.float32(2 ** 0.5))  # inside: scaled as before
+  norms = np.asarray(privacy.per_example_global_norm(g))
+  np.testing.assert_allclose(norms[[1, 5]], [9e37, 2 ** 0.5], rtol=1e-6)
+  assert math.isinf(norms[0]) and math.isnan(norms[3]) and math.isinf(norms[4])
+  assert norms[6] == 0.0
+  np.testing.assert_allclose(norms[2], math.hypot(1e-40, 3e-39), rtol=1e-4) if norms[2] else None
+
+
+def _clip_rows_v01(g, clip):
+  """splitjax 0.1's clip (one leaf), the reference for rows with max |entry| in [2^-100, 2^100]."""
+  m = jnp.max(jnp.abs(g), axis=1)
+  safe = jnp.where(m > 0, m, 1.0)
+  norms = jnp.where(m > 0, safe * jnp.sqrt(jnp.sum(jnp.square(g / safe[:, None]), axis=1)), 0.0)
+  over = norms > clip
+  scale = jnp.where(over, clip / jnp.where(over, norms, 1.0), 1.0)
+  return g * scale[:, None]
+
+
+_clip_v01 = jax.jit(_clip_rows_v01)
+_TYPICAL_ROWS = st.builds(
+    lambda base, exps: (np.asarray(base, np.float32) * np.exp2(np.asarray(exps, np.float32))[:, None]
+                        ).astype(np.float32),
+    hnp.arrays(np.float32, (ROWS, DIM), elements=st.floats(-1, 1, width=32)),
+    st.lists(st.integers(-99, 99), min_size=ROWS, max_size=ROWS))
+
+
+@SETTINGS
+@given(rows=_TYPICAL_ROWS, clip=_CLIPS)
+def test_clip_is_bit_identical_to_v01_for_typical_rows(rows, clip):
+  m = np.max(np.abs(rows), axis=1)
+  typical = (m >= 2.0 ** -100) & (m <= 2.0 ** 100)
+  got = np.asarray(_clip(rows, np.float32(clip)))
+  want = np.asarray(_clip_v01(rows, np.float32(clip)))
+  np.testing.assert_array_equal(got[typical].view(np.uint32), want[typical].view(np.uint32))

@@ -30,4 +30,5 @@ from splitjax.privacy.transforms import add_gaussian_noise
 from splitjax.privacy.transforms import clip_per_example
 from splitjax.privacy.transforms import cut_layer_dp
 from splitjax.privacy.transforms import dp_aggregate
+from splitjax.privacy.transforms import nonfinite_rows
 from splitjax.privacy.transforms import per_example_global_norm

@@ -62,48 +62,104 @@ def _check_float(leaves) -> None:
     raise _checks.PrivacyError(f'DP transforms need floating-point updates, got dtypes {bad}.')
 
 
+# Rows whose largest |entry| lies in [_TYPICAL_LO, _TYPICAL_HI] are clipped by scaling with that
+# largest entry (the original formula, kept bit for bit); other rows -- near the float32 maximum,
+# tiny or subnormal, or non-finite -- are first scaled by an exact power of two, so that 1/m can
+# neither overflow nor flush to zero, and the comparison with C is made in the scaled space.
+_TYPICAL_LO, _TYPICAL_HI = 2.0 ** -100, 2.0 ** 100
+_SCALE_UP, _SCALE_DOWN = 2.0 ** 126, 2.0 ** -126
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+class _RowStats(NamedTuple):
+  """Per-row quantities of a pytree of `[batch, ...]` leaves, in the norm dtype."""
+  dtype: jnp.dtype
+  typical: jax.Array   # [batch] bool: largest |entry| in [2^-100, 2^100]
+  finite: jax.Array    # [batch] bool: every entry finite
+  norm: jax.Array      # [batch] L2 norms (inf where it overflows, NaN for NaN rows)
+  pow2: jax.Array      # [batch] the exact power of two that scales an atypical row
+  scaled: jax.Array    # [batch] L2 norm of the row times pow2 (atypical rows)
+
+
+def _row_stats(leaves) -> _RowStats:
+  _batch_size(leaves)
+  dtype = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
+  rows = [x.astype(dtype).reshape(x.shape[0], -1) for x in leaves]
+  m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(r), axis=1) for r in rows])  # NaN stays NaN
+  finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(r), axis=1) for r in rows])
+  typical = (m >= _TYPICAL_LO) & (m <= _TYPICAL_HI)
+  # Typical rows: scale by the largest magnitude, so squares of small entries do not underflow.
+  safe = jnp.where(typical, m, 1.0)
+  sq = sum(jnp.sum(jnp.square(r / safe[:, None]), axis=1) for r in rows)
+  # Other rows: an exact power of two brings the largest entry into [2^-26, 4] (float32), so
+  # squares neither overflow nor vanish; entries below 2^-23 of the largest may flush (negligible).
+  pow2 = jnp.where(m < _TYPICAL_LO, _SCALE_UP, _SCALE_DOWN).astype(dtype)
+  scaled = jnp.sqrt(sum(jnp.sum(jnp.square(r * pow2[:, None]), axis=1) for r in rows))
+  norm = jnp.where(typical, safe * jnp.sqrt(sq), scaled * (1.0 / pow2))
+  norm = jnp.where(m > 0, norm, jnp.where(jnp.isnan(m), m, 0.0))
+  return _RowStats(dtype, typical, finite, norm, pow2, scaled)
+
+
 def per_example_global_norm(updates: optax.Updates) -> jax.Array:
   """The L2 norm of each example's row over all leaves.
+
+  Exact up to rounding for every finite input (no overflow for entries near the float32 maximum
+  other than a norm that itself exceeds it, which is inf; no underflow for tiny entries).
 
   Args:
     updates: pytree whose leaves are `[batch, ...]`.
 
   Returns:
-    `[batch]` norms, in float32 (or the widest leaf dtype if wider).
+    `[batch]` norms, in float32 (or the widest leaf dtype if wider); inf for rows with an
+    infinite entry, NaN for rows with a NaN.
 
   Raises:
     PrivacyError: leaves without a common leading batch axis.
   """
+  return _row_stats(jax.tree.leaves(updates)).norm
+
+
+def nonfinite_rows(updates: optax.Updates) -> jax.Array:
+  """`[batch]` bool: rows holding an inf or NaN in any leaf (`clip_per_example` zeroes them)."""
   leaves = jax.tree.leaves(updates)
   _batch_size(leaves)
-  dtype = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
-  rows = [x.astype(dtype).reshape(x.shape[0], -1) for x in leaves]
-  # Scale by each row's largest magnitude first, so that squares of tiny entries do not
-  # underflow to 0 (a row of 1e-20 would otherwise have "norm" 0 and escape any clip).
-  m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(r), axis=1) for r in rows])
-  safe = jnp.where(m > 0, m, 1.0)
-  sq = sum(jnp.sum(jnp.square(r / safe[:, None]), axis=1) for r in rows)
-  return jnp.where(m > 0, safe * jnp.sqrt(sq), 0.0)
+  return ~_row_stats(leaves).finite
 
 
 def _clip_rows(updates: optax.Updates, l2_clip_norm) -> optax.Updates:
-  norms = per_example_global_norm(updates)
-  clip = jnp.asarray(l2_clip_norm, dtype=norms.dtype)
-  over = norms > clip  # False for NaN clip, zero rows, and clip = inf
-  scale = jnp.where(over, clip / jnp.where(over, norms, 1.0), 1.0)
+  leaves, treedef = jax.tree.flatten(updates)
+  st = _row_stats(leaves)
+  clip = jnp.asarray(l2_clip_norm, dtype=st.dtype)
+  # Typical rows: the original formula (over is False for clip = inf and zero rows).
+  over = st.norm > clip
+  scale = jnp.where(over, clip / jnp.where(over, st.norm, 1.0), 1.0)
+  # Atypical rows: compare in the scaled space, where ~(a <= b) also counts NaN as over;
+  # rows whose scaled norm is 0 (zero rows, or subnormals flushed by the backend) become +-0.
+  atyp_over = ~(st.scaled <= clip * st.pow2)
+  atyp_factor = clip / jnp.where(st.scaled > 0, st.scaled, 1.0)
 
   def apply(x):
-    return x * scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    b = lambda v: v.reshape((-1,) + (1,) * (x.ndim - 1))
+    typ = x * b(scale).astype(x.dtype)
+    xs = x.astype(st.dtype)
+    atyp = jnp.where(b(st.scaled > 0),
+                     jnp.where(b(atyp_over), (xs * b(st.pow2)) * b(atyp_factor), xs), xs * 0)
+    out = jnp.where(b(st.typical), typ, atyp.astype(x.dtype))
+    return jnp.where(b(st.finite), out, jnp.zeros_like(out))  # non-finite rows: zero rows
 
-  return jax.tree.map(apply, updates)
+  return jax.tree.unflatten(treedef, [apply(x) for x in leaves])
 
 
 def clip_per_example(l2_clip_norm: jax.typing.ArrayLike) -> optax.GradientTransformation:
   """Scales each example's row (global L2 norm over all leaves) to norm at most C.
 
   Row i of every leaf (axis 0 is the batch axis) is multiplied by min(1, C / ||row_i||), where
-  ||row_i|| is the L2 norm over all leaves together. C = 0 gives zeros; C = inf is the identity;
-  zero rows stay zero (no NaN).
+  ||row_i|| is the L2 norm over all leaves together. C = 0 gives zeros; C = inf is the identity
+  on finite rows; zero rows stay zero (no NaN). A row with an inf or NaN in any leaf becomes a
+  zero row (count them with `nonfinite_rows` and report the count). Rows with entries near the
+  float32 maximum or below 2^-100 are scaled by an exact power of two before the norm is taken,
+  so no entry can slip through unclipped; rows whose largest |entry| lies in [2^-100, 2^100] are
+  computed exactly as in splitjax 0.1.
 
   Args:
     l2_clip_norm: C >= 0, a Python/numpy float or a traced jax scalar (inf allowed).
@@ -117,7 +173,9 @@ def clip_per_example(l2_clip_norm: jax.typing.ArrayLike) -> optax.GradientTransf
 
   Formal guarantees:
     Each output row has L2 norm <= C (up to rounding in the leaf dtype: relative ~1e-7 in
-    float32, ~4e-3 in bfloat16) and depends only on that example's input row. Hence replacing one example changes the output
+    float32, ~4e-3 in bfloat16) for every input, finite or not (subnormal, near the float32
+    maximum, +-inf, NaN), on backends that flush subnormals too; it depends only on that
+    example's input row. Hence replacing one example changes the output
     by at most 2C in L2 norm (adding or removing one: C) -- the sensitivity used by accounting.
 
   References:
@@ -156,6 +214,11 @@ def _noise_stddev(noise_multiplier, l2_clip_norm):
     raise _checks.PrivacyError(
         f'noise_multiplier={sigma} > 0 needs a finite l2_clip_norm (noise std is sigma * C); '
         'clip first or set noise_multiplier=0.')
+  if (sigma is not None and clip is not None and math.isfinite(sigma) and math.isfinite(clip)
+      and sigma * clip > _FLOAT32_MAX):
+    raise _checks.PrivacyError(
+        f'noise std noise_multiplier * l2_clip_norm = {sigma * clip:.3g} overflows float32 '
+        f'(max {_FLOAT32_MAX:.3g}): lower the noise multiplier or the clip norm.')
   static_zero = sigma == 0.0 or clip == 0.0
   return sigma, clip, static_zero
 
