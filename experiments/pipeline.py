@@ -7,11 +7,15 @@ A trained workdir holds::
   transcript.npz     the cut-layer traffic of the last epoch (h, g, indices)
   transcript_params.msgpack  the device parameters behind each transcript row
   metrics.json       test AUC / log-loss / accuracy, timings and the privacy report
+  run.json           the manifest, written last (experiments/workdir.py): config fingerprint and
+                     the SHA-256 of the data files and of every file above
 """
 
 import dataclasses
+import json
 import math
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -24,6 +28,7 @@ from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import label_dp
 
+from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 
 PROTOCOLS = ("sl", "fsl")
@@ -107,8 +112,14 @@ def validate(config: configs_base.TrainConfig) -> None:
     raise ConfigError("--protocol=fsl needs --topology=device_top")
   if config.dp_clip == "auto" and config.topology != "device_top":
     raise ConfigError("--dp_clip=auto is defined for gradients (device_top); give a number")
+  if config.seed < 0 or config.split_seed < 0:
+    raise ConfigError(f"--seed={config.seed} must be an integer >= 0 (split seed "
+                      f"{config.split_seed} likewise)")
   dataset = load_data(config)  # sj_data.DataError: one line naming the file/column and the fix
-  model_of(config, dataset)  # e.g. no private feature left after the role overrides
+  spec = model_of(config, dataset).spec  # e.g. no private feature left after the role overrides
+  if not spec.pub_cardinalities and not spec.num_pub_dense:
+    raise ConfigError(f"the server holds no feature of {config.dataset} (every column is private "
+                      "or the label): leave at least one column to the server in the schema")
 
 
 def recipe_of(config) -> training.Recipe:
@@ -155,12 +166,103 @@ def _state_template(model, config):
 
 
 def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = False,
-                  overwrite: bool = False, progress=print, kill_switch=None) -> dict:
-  """Trains per ``config`` into ``workdir``; returns the metrics dict (also in metrics.json)."""
+                  overwrite: bool = False, keep_identical: bool = False, progress=print,
+                  kill_switch=None) -> dict:
+  """Trains per ``config`` into ``workdir``; returns the metrics dict (also in metrics.json).
+
+  What is already in ``workdir`` decides (nothing is deleted before a new run is complete):
+
+  - nothing (a new or empty directory): train.
+  - a finished run of the same config: kept, its metrics returned ("already trained"); with
+    ``overwrite`` (and not ``keep_identical``) it is retrained beside and swapped in.
+  - an unfinished run of the same config: continued with ``resume``, restarted beside with
+    ``overwrite``, refused otherwise (naming both flags).
+  - a run of another config (or an unreadable config.json): replaced, beside and swapped in at
+    completion, only with ``overwrite``; refused otherwise.
+
+  ``sweep`` and ``reproduce`` pass ``resume=True, keep_identical=True``: their points resume,
+  and ``--overwrite`` replaces only points whose config changed.
+
+  Raises:
+    ConfigError: a bad config, or ``resume`` with ``overwrite`` (from the train binary).
+    WorkdirError: a foreign or unwritable workdir, another config without ``overwrite``, an
+      unfinished run without ``resume``/``overwrite``.
+  """
   validate(config)
-  workdir = io.ensure_workdir(workdir)
+  if resume and overwrite and not keep_identical:
+    raise ConfigError("--resume and --overwrite contradict each other: --resume continues the "
+                      "run in --workdir, --overwrite replaces it; give one of them")
+  workdir = workdir_lib.claim(workdir, "train")
   cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-  io.check_config_compatible(workdir, cfg, overwrite=overwrite)
+  status, epoch = _run_status(workdir, cfg, config)
+  epochs = recipe_of(config).epochs
+  if status == "finished" and not (overwrite and not keep_identical):
+    metrics = io.read_json(workdir / "metrics.json")
+    if progress:
+      progress(f"already trained (test AUC {metrics['test_auc']:.4f}) in {workdir}: kept; "
+               "--overwrite to retrain")
+    return metrics
+  if status == "unfinished" and resume:
+    return _train_in_place(config, workdir, resume=True, progress=progress,
+                           kill_switch=kill_switch)
+  if status == "empty":
+    return _train_in_place(config, workdir, resume=resume, progress=progress,
+                           kill_switch=kill_switch)
+  if not overwrite:
+    if status == "unfinished":
+      raise workdir_lib.WorkdirError(
+          f"an unfinished run (epoch {epoch} of {epochs}) is in {workdir}: --resume to continue, "
+          "--overwrite to restart")
+    io.check_config_compatible(workdir, cfg, overwrite=False)  # raises, naming the differences
+    raise workdir_lib.WorkdirError(f"workdir {workdir} holds another run: use --overwrite or "
+                                   "another --workdir")
+  staging = workdir_lib.fresh_staging(workdir)
+  metrics = _train_in_place(config, staging, resume=False, progress=progress,
+                            kill_switch=kill_switch)
+  removed = workdir_lib.swap_in(workdir)
+  if progress:
+    progress(f"--overwrite: the new run replaced the earlier one in {workdir} (removed "
+             f"{', '.join(removed)})")
+  return metrics
+
+
+def _run_status(workdir: pathlib.Path, cfg: dict, config) -> tuple[str, int]:
+  """('empty' | 'other' | 'finished' | 'unfinished', epochs done) of the run in ``workdir``."""
+  target = workdir / "config.json"
+  if not target.exists():
+    return "empty", 0
+  try:
+    same = io.read_json(target) == json.loads(io.dumps_json(cfg))
+  except io.ResultsError:
+    return "other", 0
+  if not same:
+    return "other", 0
+  if (workdir / "metrics.json").exists():
+    manifest = workdir_lib.read_manifest(workdir)
+    changed = workdir_lib.changed_artifacts(workdir, manifest) if manifest else []
+    if changed:
+      raise workdir_lib.WorkdirError(
+          f"the finished run in {workdir} is damaged: {', '.join(changed)} changed since "
+          f"{workdir_lib.MANIFEST} recorded it; --overwrite to retrain")
+    return "finished", recipe_of(config).epochs
+  epoch = 0
+  if (workdir / "checkpoint.msgpack").exists():
+    try:
+      _, meta = io._load_checkpoint_file(workdir / "checkpoint.msgpack")  # pylint: disable=protected-access
+      epoch = int(meta.get("epoch", 0))
+    except io.CheckpointError:
+      epoch = 0  # --resume reports the corruption with its fix
+  return "unfinished", epoch
+
+
+TRAIN_ARTIFACTS = ("config.json", "checkpoint.msgpack", "transcript.npz",
+                   "transcript_params.msgpack", "metrics.json")
+
+
+def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, kill_switch) -> dict:
+  """Trains (or resumes) in ``workdir``; writes metrics.json, then the manifest last."""
+  cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  io.check_config_compatible(workdir, cfg, overwrite=False)
   dataset = load_data(config)
   model = model_of(config, dataset)
   recipe = recipe_of(config)
@@ -175,12 +277,6 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
     start_epoch, history, extra = meta["epoch"], meta["history"], meta["extra"]
     if progress:
       progress(f"resuming from epoch {start_epoch} of {recipe.epochs} ({ckpt_path})")
-
-  if state is None:
-    # Training from scratch: results of an earlier model in this workdir are stale.
-    for pattern in STALE_FILES:
-      for path in workdir.glob(pattern):
-        path.unlink()
 
   # Cut-layer DP parameters (public).
   if "l2_clip_norm" not in extra:
@@ -234,8 +330,6 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
                     progress=progress)
   if frozen_server:
     fit_kwargs["freeze_server"] = True
-  if start_epoch >= recipe.epochs and (workdir / "metrics.json").exists():
-    return io.read_json(workdir / "metrics.json")
   if start_epoch < recipe.epochs:
     state = training.fit(model, dataset.train, **fit_kwargs).state
   elif not (workdir / "transcript.npz").exists():
@@ -265,11 +359,10 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
                                if config.device_dp_clip else None),
       device_releases=releases if config.device_dp_clip else None))
   io.atomic_write_json(workdir / "metrics.json", metrics)
+  workdir_lib.write_manifest(workdir, kind="train", config_fingerprint=io.fingerprint(cfg),
+                             artifacts=[a for a in TRAIN_ARTIFACTS if (workdir / a).exists()],
+                             data=workdir_lib.data_files(config))
   return metrics
-
-
-STALE_FILES = ("metrics.json", "checkpoint.msgpack", "transcript.npz",
-               "transcript_params.msgpack", "attack*.json", "attack*.partial.npz")
 
 
 def run_fingerprint(model, stored_config: dict) -> str:
@@ -313,6 +406,10 @@ class Restored:
       raise io.CheckpointError(f"no finished training run in {workdir}: run experiments.train "
                                "with this --workdir first (or check the path)")
     raw = io.read_json(workdir / "config.json")
+    self.manifest = workdir_lib.read_manifest(workdir)
+    if self.manifest is None:
+      print(f"warning: unverified: {workdir} was written by splitjax < 0.2 (no {workdir_lib.MANIFEST});"
+            " its files are read as they are", file=sys.stderr)
     self.config = config_from_json(raw)
     self.workdir = workdir
     self.metrics = io.read_json(workdir / "metrics.json")

@@ -17,6 +17,7 @@ from absl import flags
 
 from splitjax import io
 from experiments import common
+from experiments import workdir as workdir_lib
 from experiments import reproducing
 
 _PRESET = flags.DEFINE_string("preset", "quick", "quick, full or tiny (configs <dataset>_<preset>).")
@@ -65,6 +66,22 @@ def _check_flags() -> None:
                               "directory holding raw_sample.csv, user_profile.csv, ad_feature.csv")
 
 
+def _check_same_study(workdir, studies) -> None:
+  """Refuses a workdir holding a study of another preset or datasets unless --overwrite."""
+  cfg = {"preset": _PRESET.value, "datasets": list(studies),
+         "studies": {ds: dataclasses.asdict(s) for ds, s in studies.items()}}
+  old_results = workdir / "results.json"
+  if (not common.overwrite() and not (workdir / "reproduce_config.json").exists()
+      and old_results.exists()):  # written by splitjax < 0.2: compare preset and datasets
+    old = io.read_json(old_results)
+    if (old.get("preset"), list(old.get("datasets", {}))) != (cfg["preset"], cfg["datasets"]):
+      raise io.WorkdirError(f"workdir {workdir} holds a study of --preset={old.get('preset')} "
+                            f"on {list(old.get('datasets', {}))}: use --overwrite or another "
+                            "--workdir")
+  io.check_config_compatible(workdir, cfg, overwrite=common.overwrite(),
+                             filename="reproduce_config.json")
+
+
 def main(argv):
   del argv
   _check_flags()
@@ -76,12 +93,14 @@ def main(argv):
       study = dataclasses.replace(study, train=dataclasses.replace(study.train,
                                                                    data_path=_TAOBAO.value))
     studies[ds] = study
-  workdir = io.ensure_workdir(common.WORKDIR.value)
+  workdir = workdir_lib.claim(common.WORKDIR.value, "reproduce")
+  _check_same_study(workdir, studies)
   t0 = time.time()
   kill = common.KillSwitch()
   results = {"preset": _PRESET.value, "datasets": {}}
   for ds, study in studies.items():
-    results["datasets"][ds] = reproducing.run_study(study, workdir, kill_switch=kill)
+    results["datasets"][ds] = reproducing.run_study(study, workdir, overwrite=common.overwrite(),
+                                                    kill_switch=kill)
   results["seconds"] = time.time() - t0
   io.atomic_write_json(workdir / "results.json", results)
   reproducing.write_report(results, studies, workdir)

@@ -33,13 +33,21 @@ def _group_dir(workdir, dataset, protocol, recipe) -> pathlib.Path:
   return pathlib.Path(workdir) / dataset / f"{protocol}_{recipe}"
 
 
-def run_study(study: configs_base.StudyConfig, workdir, *, progress=print,
-              kill_switch=None) -> dict:
-  """Runs (or resumes) one dataset's study; returns its results dict (also study.json)."""
+def run_study(study: configs_base.StudyConfig, workdir, *, overwrite: bool = False,
+              progress=print, kill_switch=None) -> dict:
+  """Runs (or resumes) one dataset's study; returns its results dict (also study.json).
+
+  A finished study.json of the same study is reused; one of another study (or, with
+  ``overwrite``, one without a fingerprint, written by splitjax < 0.2) is recomputed, and with
+  ``overwrite`` its point runs whose config changed are replaced.
+  """
   ds = study.train.dataset
   out = pathlib.Path(workdir) / ds / "study.json"
+  study_key = io.fingerprint(dataclasses.asdict(study))
   if out.exists():
-    return _decode(io.read_json(out))
+    cached = io.read_json(out)
+    if cached.get("study_fingerprint", None if overwrite else study_key) == study_key:
+      return _decode(cached)
   t0 = time.time()
   res = {"dataset": ds, "table1": {}, "auc": {}, "sweeps": {}}
   # Table 1: no DP, every protocol and recipe; attacks on the tuned recipe.
@@ -51,8 +59,8 @@ def run_study(study: configs_base.StudyConfig, workdir, *, progress=print,
         progress(f"[reproduce] {ds}: {proto.upper()} {recipe} recipe, no DP")
       row = sweeping.run_point(cfg, sweeping.Point("none"), _group_dir(workdir, ds, proto, recipe),
                                seeds=study.seeds, variants=variants,
-                               num_examples=study.attack_examples, progress=None,
-                               kill_switch=kill_switch)
+                               num_examples=study.attack_examples, overwrite=overwrite,
+                               progress=None, kill_switch=kill_switch)
       res["auc"][f"{proto}_{recipe}"] = row
       if variants:
         res["table1"][proto] = row
@@ -68,13 +76,14 @@ def run_study(study: configs_base.StudyConfig, workdir, *, progress=print,
                  f"({point.name})")
       rows.append(sweeping.run_point(cfg, point, _group_dir(workdir, ds, proto, "tuned"),
                                      seeds=study.seeds, variants=study.variants,
-                                     num_examples=study.attack_examples, progress=None,
-                                     kill_switch=kill_switch))
+                                     num_examples=study.attack_examples, overwrite=overwrite,
+                                     progress=None, kill_switch=kill_switch))
     res["sweeps"][proto] = rows
   spec = pipeline.model_of(study.train, pipeline.load_data(study.train)).spec
   res["dims"] = [spec.cut_dim, len(spec.priv_cardinalities)]
   res["cost"] = cost_summary(res)
   res["seconds"] = time.time() - t0
+  res["study_fingerprint"] = study_key
   io.atomic_write_json(out, res)
   return _decode(io.read_json(out))  # the same values whether fresh or resumed
 

@@ -71,7 +71,8 @@ def main(argv):
   pipeline.validate(base)
   points = sweeping.default_points(sigmas, targets, label_eps)
   rows = sweeping.run_sweep(base, common.WORKDIR.value, points=points, seeds=seeds,
-                            num_examples=common.NUM_EXAMPLES.value, kill_switch=common.KillSwitch())
+                            num_examples=common.NUM_EXAMPLES.value, overwrite=common.overwrite(),
+                            kill_switch=common.KillSwitch())
   sweeping.plot(rows, common.WORKDIR.value, base.dataset)
   print(sweeping.to_markdown(rows))
 

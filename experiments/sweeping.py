@@ -18,6 +18,7 @@ import numpy as np
 from splitjax import io
 from experiments import attacking
 from experiments import pipeline
+from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 
 SIGMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -63,13 +64,19 @@ def default_points(sigmas=SIGMAS, target_epsilons=TARGET_EPSILONS,
 
 
 def run_point(base_config, point: Point, workdir: pathlib.Path, *, seeds, variants,
-              num_examples: int, progress=print, kill_switch=None) -> dict:
-  """Trains every seed and attacks the first seed's model; returns one summary row."""
+              num_examples: int, overwrite: bool = False, progress=print,
+              kill_switch=None) -> dict:
+  """Trains every seed and attacks the first seed's model; returns one summary row.
+
+  Finished identical runs are kept and unfinished ones resumed; with ``overwrite`` a run of
+  another config (and an attack record of another attack config) is replaced.
+  """
   aucs, metrics = [], None
   for seed in seeds:
     cfg = dataclasses.replace(point.apply(base_config), seed=seed)
     wd = workdir / "points" / point.name / f"seed{seed}"
-    m = pipeline.train_workdir(cfg, wd, resume=True, progress=None, kill_switch=kill_switch)
+    m = pipeline.train_workdir(cfg, wd, resume=True, overwrite=overwrite, keep_identical=True,
+                               progress=None, kill_switch=kill_switch)
     aucs.append(m["test_auc"])
     metrics = metrics or m
   row = {"point": point.name, "kind": point.kind, "value": point.value,
@@ -87,8 +94,8 @@ def run_point(base_config, point: Point, workdir: pathlib.Path, *, seeds, varian
   else:
     for variant in variants:
       acfg = configs_base.AttackConfig(variant=variant, num_examples=num_examples)
-      rec = attacking.attack_workdir(wd0, acfg, resume=True, progress=None,
-                                     kill_switch=kill_switch)
+      rec = attacking.attack_workdir(wd0, acfg, resume=True, overwrite=overwrite,
+                                     progress=None, kill_switch=kill_switch)
       row["attacks"][variant] = {
           name: {k: r.get(k) for k in ("accuracy", "ci", "macro_f1", "prior_accuracy",
                                        "knn_accuracy", "knn_h_accuracy", "bound_marginal",
@@ -105,15 +112,32 @@ def run_point(base_config, point: Point, workdir: pathlib.Path, *, seeds, varian
 
 
 def run_sweep(base_config, workdir, *, points, seeds=(0, 1, 2), variants=ATTACK_VARIANTS,
-              num_examples=0, progress=print, kill_switch=None) -> list[dict]:
-  """Runs (or resumes) every point; writes sweep.json, sweep.csv and sweep.md into workdir."""
-  workdir = io.ensure_workdir(workdir)
+              num_examples=0, overwrite: bool = False, progress=print,
+              kill_switch=None) -> list[dict]:
+  """Runs (or resumes) every point; writes sweep.json, sweep.csv and sweep.md into workdir.
+
+  ``sweep_config.json`` records the sweep (base config, points, seeds, attacks): a sweep of
+  another point set is refused before any work unless ``overwrite``, which replaces the root
+  files at the end and every point run whose config changed (identical ones are kept).
+  """
+  workdir = workdir_lib.claim(workdir, "sweep")
+  sweep_cfg = {"base": dataclasses.asdict(base_config), "points": [p.name for p in points],
+               "seeds": list(seeds), "variants": list(variants), "num_examples": num_examples}
+  if not overwrite and not (workdir / "sweep_config.json").exists() and (
+      workdir / "sweep.json").exists():  # written by splitjax < 0.2: compare its points
+    old_points = [row.get("point") for row in io.read_json(workdir / "sweep.json")]
+    if old_points != sweep_cfg["points"]:
+      raise io.WorkdirError(f"workdir {workdir} holds a sweep of other points ({old_points}): "
+                            "use --overwrite or another --workdir")
+  io.check_config_compatible(workdir, sweep_cfg, overwrite=overwrite,
+                             filename="sweep_config.json")
   rows = []
   for i, point in enumerate(points):
     if progress:
       progress(f"[sweep] point {i + 1}/{len(points)}: {point.name}")
     rows.append(run_point(base_config, point, workdir, seeds=tuple(seeds), variants=variants,
-                          num_examples=num_examples, progress=progress, kill_switch=kill_switch))
+                          num_examples=num_examples, overwrite=overwrite, progress=progress,
+                          kill_switch=kill_switch))
   io.atomic_write_json(workdir / "sweep.json", rows)
   io.atomic_write_text(workdir / "sweep.csv", to_csv(rows))
   io.atomic_write_text(workdir / "sweep.md", to_markdown(rows))

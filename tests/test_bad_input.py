@@ -15,6 +15,7 @@ lose results" promise, overwrite protection, is checked at the end for ``train``
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 import pathlib
@@ -284,10 +285,15 @@ CASES = [
      _on("metrics.json", os.remove)),
     ("attack", dict(users="train"), ("transcript", "is unreadable", "rerun experiments.train"),
      _on("transcript.npz", _truncate)),
-    ("train", dict(_TINY_TRAIN, resume=True), ("is corrupted or truncated",),
+    ("train", dict(_TINY_TRAIN, resume=True),
+     ("is damaged: checkpoint.msgpack changed since run.json", "--overwrite to retrain"),
      _on("checkpoint.msgpack", _truncate)),
-    ("train", dict(_TINY_TRAIN, resume=True), ("written for a different model/config",),
+    ("train", dict(_TINY_TRAIN), ("is damaged: checkpoint.msgpack changed",),
      _from_b("checkpoint.msgpack")),
+    ("train", dict(_TINY_TRAIN, resume=True), ("is corrupted or truncated",),
+     lambda wd, wds: (_truncate(wd / "checkpoint.msgpack"), os.remove(wd / "metrics.json"))),
+    ("train", dict(_TINY_TRAIN, resume=True), ("written for a different model/config",),
+     lambda wd, wds: (_from_b("checkpoint.msgpack")(wd, wds), os.remove(wd / "metrics.json"))),
     ("train", dict(_TINY_TRAIN), ("is unreadable or corrupted", "use --overwrite"),
      _on("config.json", _flip_byte)),
     # ---- unwritable workdir (a path under a regular file) -------------------------------------
@@ -485,3 +491,141 @@ def test_attack_resume_ignores_a_partial_of_another_configuration(workdirs, tmp_
   got = json.loads((workdir / "attack_exact_clip_aware_train.json").read_text())
   want = json.loads((fresh / "attack_exact_clip_aware_train.json").read_text())
   assert _timing_free(got) == _timing_free(want)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reruns keep results (H1), foreign directories are never touched (H2), everything is validated
+# before the workdir is touched (M2), sweeps refuse another point set and honour --overwrite (M7).
+
+CHANGED_BY_RETRAINING = ["checkpoint.msgpack", "metrics.json"]  # they record timings
+_ALL_PRIVATE = {"private_categorical": ["a", "b", "d"], "private_dense": ["c"], "label": "y"}
+
+RERUN_CASES = [
+    ("train", dict(_TINY_TRAIN, resume=True, overwrite=True),
+     ("--resume and --overwrite contradict each other", "give one of them")),
+    ("train", dict(_TINY_TRAIN, seed=-1, overwrite=True), ("--seed=-1 must be an integer >= 0",)),
+    ("train", dict(_TINY_TRAIN, workdir=""), ("--workdir is empty", "give a directory")),
+    ("train", dict(_TINY_TRAIN, workdir="{files}"),
+     ("is not empty and is not a splitjax train workdir", "choose a new or empty --workdir")),
+    ("sweep", dict(config=TINY, seeds=["0"], workdir="{files}"),
+     ("is not empty and is not a splitjax sweep workdir",)),
+    ("reproduce", dict(preset="tiny", datasets=["synthetic"], workdir="{files}"),
+     ("is not empty and is not a splitjax reproduce workdir",)),
+    ("train", dict(_TINY_TRAIN), ("an unfinished run (epoch 2 of 2)", "--resume to continue",
+                                  "--overwrite to restart"), _on("metrics.json", os.remove)),
+]
+if HAS_SCHEMA:
+  RERUN_CASES.append(
+      ("train", dict(dataset="csv", data_path="{files}/good.csv", schema="{files}/private.json",
+                     overwrite=True), ("the server holds no feature",)))
+
+
+@pytest.mark.parametrize("case", RERUN_CASES, ids=[_case_id(c) for c in RERUN_CASES])
+def test_refused_rerun_leaves_workdir_and_files_as_they_were(case, workdirs, files, tmp_path,
+                                                             capsys):
+  (files / "private.json").write_text(json.dumps(_ALL_PRIVATE))
+  test_bad_input_gives_one_clear_line_and_keeps_results(case, workdirs, files, tmp_path, capsys)
+
+
+def test_identical_rerun_keeps_every_file(workdirs, tmp_path, capsys):
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  before = _snapshot(workdir)
+  assert "attack.json" in before and "run.json" in before
+  capsys.readouterr()
+  with flagsaver.flagsaver(workdir=str(workdir), config=TINY):
+    train_bin.main([])
+  out = capsys.readouterr().out
+  assert "already trained (test AUC" in out and "--overwrite to retrain" in out
+  assert _snapshot(workdir) == before
+
+
+def test_overwrite_builds_beside_and_a_kill_loses_nothing(workdirs, tmp_path, capsys,
+                                                          monkeypatch):
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  before = _snapshot(workdir)
+
+  def kill(status):
+    raise _Killed(status)
+
+  monkeypatch.setattr(common.os, "_exit", kill)
+  monkeypatch.setenv(common.KILL_ENV, "1")  # killed after the new run's first checkpoint
+  with pytest.raises(_Killed), flagsaver.flagsaver(workdir=str(workdir), config=TINY,
+                                                   overwrite=True):
+    train_bin.main([])
+  monkeypatch.delenv(common.KILL_ENV)
+  after = _snapshot(workdir)
+  assert {k: v for k, v in after.items() if not k.startswith(".staging")} == before
+  capsys.readouterr()
+  with flagsaver.flagsaver(workdir=str(workdir), config=TINY, overwrite=True):
+    train_bin.main([])
+  out = capsys.readouterr().out
+  assert "replaced the earlier one" in out and "attack.json" in out  # names what it removed
+  files_now = set(_snapshot(workdir))
+  assert not any(name.startswith((".staging", ".replaced")) for name in files_now)
+  assert "attack.json" not in files_now and "run.json" in files_now
+  manifest = json.loads((workdir / "run.json").read_text())
+  assert manifest["run_id"] != json.loads(before["run.json"][0])["run_id"]
+  # Same config and seed: the retrained run equals the old one, artifact for artifact.
+  old = json.loads(before["run.json"][0])["artifacts"]
+  changed = sorted(name for name in old if manifest["artifacts"][name] != old[name])
+  assert changed == CHANGED_BY_RETRAINING, changed
+
+
+def test_manifest_records_data_and_artifact_hashes(workdirs):
+  manifest = json.loads((workdirs["a"] / "run.json").read_text())
+  assert manifest["kind"] == "train" and manifest["splitjax_version"] == "0.2.0"
+  assert set(manifest["artifacts"]) == {"config.json", "checkpoint.msgpack", "transcript.npz",
+                                        "transcript_params.msgpack", "metrics.json"}
+  for name, digest in manifest["artifacts"].items():
+    assert hashlib.sha256((workdirs["a"] / name).read_bytes()).hexdigest() == digest
+
+
+def test_attack_reads_a_legacy_workdir_with_one_warning(workdirs, tmp_path, capsys):
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  (workdir / "run.json").unlink()
+  code, err = _call(capsys, "attack", workdir=str(workdir), num_examples=10)
+  assert code == 0
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert lines == [f"warning: unverified: {workdir} was written by splitjax < 0.2 (no run.json);"
+                   " its files are read as they are"]
+
+
+_SWEEP = dict(config=TINY, seeds=["0"], sigmas=["0"], target_epsilons=[], label_epsilons=[],
+              num_examples=10)
+
+
+def test_sweep_refuses_another_point_set_and_honours_overwrite(tmp_path, capsys):
+  workdir = tmp_path / "sweep"
+  code, err = _call(capsys, "sweep", workdir=str(workdir), **_SWEEP)
+  assert code == 0, err
+  first = _snapshot(workdir)
+  code, err = _call(capsys, "sweep", workdir=str(workdir), **_SWEEP)  # identical: kept
+  assert code == 0, err
+  before = _snapshot(workdir)
+  assert {k: v[0] for k, v in before.items() if not k.endswith(".png")} == {
+      k: v[0] for k, v in first.items() if not k.endswith(".png")}
+  other = dict(_SWEEP, sigmas=["1"])
+  code, err = _call(capsys, "sweep", workdir=str(workdir), **other)
+  _assert_one_clear_line(code, err, ("holds results of another configuration (differs in: "
+                                     "points", "use --overwrite"))
+  assert _snapshot(workdir) == before
+  code, err = _call(capsys, "sweep", workdir=str(workdir), overwrite=True, **other)
+  assert code == 0, err
+  assert [row["point"] for row in json.loads((workdir / "sweep.json").read_text())] == [
+      "no_dp", "sigma_1", "sigma_inf"]
+
+
+def test_reproduce_refuses_a_workdir_of_another_study(tmp_path, capsys):
+  workdir = tmp_path / "r"
+  workdir.mkdir()
+  (workdir / "results.json").write_text(json.dumps({"preset": "quick",
+                                                    "datasets": {"adult": {}}}))
+  before = _snapshot(workdir)
+  code, err = _call(capsys, "reproduce", workdir=str(workdir), preset="tiny",
+                    datasets=["synthetic"])
+  _assert_one_clear_line(code, err, ("holds a study of --preset=quick on ['adult']",
+                                     "use --overwrite"))
+  assert _snapshot(workdir) == before
