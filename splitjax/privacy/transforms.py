@@ -136,16 +136,20 @@ def _clip_rows(updates: optax.Updates, l2_clip_norm) -> optax.Updates:
   # Atypical rows: compare in the scaled space, where ~(a <= b) also counts NaN as over;
   # rows whose scaled norm is 0 (zero rows, or subnormals flushed by the backend) become +-0.
   atyp_over = ~(st.scaled <= clip * st.pow2)
-  atyp_factor = clip / jnp.where(st.scaled > 0, st.scaled, 1.0)
+  atyp_post = jnp.where(st.scaled > 0,
+                        jnp.where(atyp_over, clip / jnp.where(st.scaled > 0, st.scaled, 1.0),
+                                  1.0 / st.pow2), 0.0)
+  # Every row is output as (x * pre) * post with pre = 1 on typical, zero and non-finite rows, so
+  # typical rows get exactly the original x * scale (and the same rounding where a backend
+  # fuses that product with the noise that follows).
+  m_zero = st.scaled == 0
+  pre = jnp.where(st.typical | ~st.finite | m_zero, 1.0, st.pow2)
+  post = jnp.where(st.typical, scale, atyp_post)
 
   def apply(x):
-    b = lambda v: v.reshape((-1,) + (1,) * (x.ndim - 1))
-    typ = x * b(scale).astype(x.dtype)
-    xs = x.astype(st.dtype)
-    atyp = jnp.where(b(st.scaled > 0),
-                     jnp.where(b(atyp_over), (xs * b(st.pow2)) * b(atyp_factor), xs), xs * 0)
-    out = jnp.where(b(st.typical), typ, atyp.astype(x.dtype))
-    return jnp.where(b(st.finite), out, jnp.zeros_like(out))  # non-finite rows: zero rows
+    b = lambda v: v.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    x = jnp.where(b(st.finite) > 0, x, jnp.zeros_like(x))  # non-finite rows: zero rows
+    return (x * b(pre)) * b(post)
 
   return jax.tree.unflatten(treedef, [apply(x) for x in leaves])
 
