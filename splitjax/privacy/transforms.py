@@ -138,12 +138,11 @@ def _clip_rows(updates: optax.Updates, l2_clip_norm) -> optax.Updates:
   atyp_over = ~(st.scaled <= clip * st.pow2)
   atyp_post = jnp.where(st.scaled > 0,
                         jnp.where(atyp_over, clip / jnp.where(st.scaled > 0, st.scaled, 1.0),
-                                  1.0 / st.pow2), 0.0)
-  # Every row is output as (x * pre) * post with pre = 1 on typical, zero and non-finite rows, so
-  # typical rows get exactly the original x * scale (and the same rounding where a backend
-  # fuses that product with the noise that follows).
-  m_zero = st.scaled == 0
-  pre = jnp.where(st.typical | ~st.finite | m_zero, 1.0, st.pow2)
+                                  1.0), 0.0)
+  # Every row is output as (x * pre) * post; pre = 1 except on atypical rows that are clipped,
+  # so typical rows get exactly the original x * scale (and the same rounding where a backend
+  # fuses that product with the noise that follows) and unclipped rows pass unchanged.
+  pre = jnp.where(~st.typical & st.finite & (st.scaled > 0) & atyp_over, st.pow2, 1.0)
   post = jnp.where(st.typical, scale, atyp_post)
 
   def apply(x):
