@@ -4,8 +4,8 @@ r"""Attack a trained workdir with EXACT and the no-gradient baselines.
   python -m experiments.attack --workdir=/tmp/adult_sl                      # test users, clip-aware
   python -m experiments.attack --workdir=/tmp/adult_sl --users=train --variant=paper
 
-Writes ``attack.json`` (default attack) or ``attack_<attack>_<variant>_<users>.json``
-into the workdir and prints a Markdown table.
+Writes ``attack.json`` (default attack: ``--variant=auto --prior=auto`` on test users) or
+``attack_<attack>_<variant>_<prior>_<users>.json`` into the workdir and prints a Markdown table.
 """
 
 from absl import app
@@ -16,7 +16,12 @@ from experiments import common
 from experiments.configs import base
 
 flags.DEFINE_string("attack", "exact", "Attack name (see splitjax.attacks.ATTACKS).")
-flags.DEFINE_string("variant", "clip_aware", "clip_aware, paper (clip-unaware) or bayes.")
+flags.DEFINE_string("variant", "auto", "Scoring: clip_aware (nearest clipped candidate), paper "
+                    "(nearest unclipped), bayes (Gaussian likelihood + prior); auto = bayes when "
+                    "the cut layer is noised, else clip_aware.")
+flags.DEFINE_string("prior", "auto", "The attacker's prior: uniform, marginal (train marginals) or "
+                    "informed (k-NN joint prior on an auxiliary sample + the device model's "
+                    "P(y | h, x)); auto = informed for bayes and under label DP, else uniform.")
 flags.DEFINE_string("users", "test", "test (replayed once through the final model) or train "
                     "(the recorded last-epoch transcript).")
 flags.DEFINE_integer("top_k", 1, "Per-feature majority vote over the top-k candidates.")

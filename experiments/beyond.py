@@ -265,7 +265,9 @@ def _label_attack(name, dataset, restored, config, transcript, split_name, clip,
   dummy = np.zeros_like(true_feats)
   record = attacking.score(dataset, restored, config, transcript, dummy, res.labels,
                            np.ones(len(res.labels), np.int32), true_feats, true_y,
-                           clip=clip, sigma=sigma)
+                           clip=clip, sigma=sigma, prior="uniform",
+                           informed=attacking.informed_prior(restored, config, transcript,
+                                                             split_name))
   record["features"] = {}
   record["ties"] = 0
   record["label"]["auc"] = metrics.roc_auc(res.scores, true_y)
@@ -323,7 +325,9 @@ def _feature_attack(name, dataset, restored, config, options, transcript, split_
   true_feats, true_y = split.priv_cat[rows], split.y[rows]
   if model.spec.topology == "device_top":
     record = attacking.score(dataset, restored, config, transcript, feats, labels, ties,
-                             true_feats, true_y, clip=clip, sigma=sigma)
+                             true_feats, true_y, clip=clip, sigma=sigma, prior="marginal",
+                             informed=attacking.informed_prior(restored, config, transcript,
+                                                               split_name))
     if np.isfinite(label_scores).all():
       record["label"]["auc"] = metrics.roc_auc(label_scores, true_y)
   else:

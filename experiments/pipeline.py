@@ -122,6 +122,30 @@ def validate(config: configs_base.TrainConfig) -> None:
                       "or the label): leave at least one column to the server in the schema")
 
 
+CLIP_SOURCES = {
+    "auto": ("public: half the mean ||g_i|| under the initial model on the server's own rows, "
+             "private values and labels drawn uniformly from their domains"),
+    "none": "no clip", "number": "public: the number given (--dp_clip)"}
+
+
+def public_clip_split(dataset: sj_data.TabularData, seed: int):
+  """The training rows as the server sees them, with uniform private values and labels.
+
+  Server features are the server's own; private categorical values, private dense values (in
+  their scaled range [0, 1]) and labels are drawn uniformly from the public domains with
+  ``np.random.default_rng([seed, 11])``, so anything computed from it is public.
+  """
+  train = dataset.train
+  rng = np.random.default_rng([seed, 11])
+  n = len(train)
+  priv_cat = np.stack([rng.integers(0, k, n) for k in dataset.priv_cardinalities], axis=1) \
+      if dataset.priv_cardinalities else train.priv_cat
+  return dataclasses.replace(
+      train, priv_cat=priv_cat.astype(np.int32),
+      priv_dense=rng.random(train.priv_dense.shape).astype(np.float32),
+      y=rng.integers(0, 2, n).astype(np.int32), p_y_pub=None, p_y_full=None, p_priv_pub=None)
+
+
 def recipe_of(config) -> training.Recipe:
   recipe = training.RECIPES[config.recipe]
   updates = {k: getattr(config, k) for k in ("epochs", "learning_rate", "batch_size")
@@ -281,7 +305,11 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   # Cut-layer DP parameters (public).
   if "l2_clip_norm" not in extra:
     init = _state_template(model, config)
-    mean_norm = (training.mean_cut_grad_norm(model, init, dataset.train)
+    # --dp_clip=auto reads public information only: the server's own features (hence h) under
+    # the initial model, with private values and labels drawn uniformly from their public
+    # domains. A C computed from the private gradients would itself be an unaccounted release
+    # (and would read the true labels, voiding label DP).
+    mean_norm = (training.mean_cut_grad_norm(model, init, public_clip_split(dataset, config.seed))
                  if config.topology == "device_top" else float("nan"))
     if config.dp_clip == "none":
       clip = math.inf
@@ -296,7 +324,9 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
       sigma = accounting.calibrate_noise_multiplier(
           target_epsilon=config.target_epsilon, target_delta=config.target_delta,
           releases=releases)
-    extra = {"l2_clip_norm": clip, "noise_multiplier": sigma, "mean_grad_norm_init": mean_norm}
+    extra = {"l2_clip_norm": clip, "noise_multiplier": sigma, "mean_grad_norm_init": mean_norm,
+             "clip_source": CLIP_SOURCES[config.dp_clip if config.dp_clip in ("auto", "none")
+                                         else "number"]}
   clip, sigma = float(extra["l2_clip_norm"]), float(extra["noise_multiplier"])
   frozen_server = math.isinf(sigma)
   if frozen_server and progress:
@@ -348,6 +378,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
       "seconds_per_epoch": float(np.median(epoch_seconds[1:] or epoch_seconds)),
       "num_train": len(dataset.train), "num_test": len(dataset.test),
       "mean_grad_norm_init": extra["mean_grad_norm_init"],
+      "clip_source": extra.get("clip_source", "private training data (splitjax < 0.2)"),
       "frozen_server": frozen_server,
       # Rows the DP clip sent as zero rows because they held an inf or NaN (0 for a sane model).
       "nonfinite_rows_zeroed": int(sum(h.get("nonfinite_rows_zeroed", 0) for h in history)),

@@ -24,7 +24,15 @@ from experiments.configs import base as configs_base
 SIGMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 TARGET_EPSILONS = (1.0, 4.0, 16.0)
 LABEL_EPSILONS = (0.5, 1.0, 2.0, 4.0)
-ATTACK_VARIANTS = ("clip_aware", "bayes", "paper")
+# Sweep attack name -> (variant, prior) of experiments.attack. "informed" is the default attack
+# (Bayes with the informed prior under noise; nearest clipped candidate, informed label under
+# label DP); "bayes" is Bayes with the marginal prior (splitjax 0.1's bayes).
+ATTACK_SPECS = {"informed": ("auto", "auto"), "clip_aware": ("clip_aware", "uniform"),
+                "bayes": ("bayes", "marginal"), "paper": ("paper", "uniform")}
+ATTACK_VARIANTS = tuple(ATTACK_SPECS)
+_FIELDS = ("accuracy", "ci", "macro_f1", "prior_accuracy", "knn_accuracy", "knn_h_accuracy",
+           "prior_only_accuracy", "informed_prior_accuracy", "gain", "marks", "bound",
+           "bound_kind", "bound_prior", "bound_marginal", "bound_label_dp", "mu_hat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +101,14 @@ def run_point(base_config, point: Point, workdir: pathlib.Path, *, seeds, varian
     row["attacks"] = None  # pure noise: the Bayes-optimal attacker falls back to the prior
   else:
     for variant in variants:
-      acfg = configs_base.AttackConfig(variant=variant, num_examples=num_examples)
+      scoring, prior = ATTACK_SPECS[variant]
+      acfg = configs_base.AttackConfig(variant=scoring, prior=prior, num_examples=num_examples)
       rec = attacking.attack_workdir(wd0, acfg, resume=True, overwrite=overwrite,
                                      progress=None, kill_switch=kill_switch)
       row["attacks"][variant] = {
-          name: {k: r.get(k) for k in ("accuracy", "ci", "macro_f1", "prior_accuracy",
-                                       "knn_accuracy", "knn_h_accuracy", "bound_marginal",
-                                       "bound_knn", "bound_label_dp", "mu_hat")}
+          name: {k: r.get(k) for k in _FIELDS}
           for name, r in list(rec["features"].items()) + [("label", rec["label"])]}
+      row.setdefault("attack_resolved", {})[variant] = [rec["variant"], rec["prior"]]
       row["attack_seconds"] = rec["attack_seconds"]
       row["attack_examples"] = rec["num_examples"]
       row["candidates_per_second"] = rec["candidates_per_second"]
@@ -168,30 +176,32 @@ def to_csv(rows) -> str:
   w = csv.writer(buf)
   w.writerow(["point", "kind", "value", "noise_multiplier", "l2_clip_norm", "epsilon",
               "attack_epsilon", "label_epsilon", "mu", "auc_mean", "auc_sd", "variant", "secret",
-              "accuracy", "ci_lo", "ci_hi", "prior_accuracy", "knn_accuracy", "bound_marginal",
-              "bound_knn", "mu_hat"])
+              "accuracy", "ci_lo", "ci_hi", "prior_only_accuracy", "gain", "gain_lo", "gain_hi",
+              "prior_accuracy", "knn_accuracy", "bound", "bound_kind", "bound_marginal",
+              "mu_hat"])
   for r in rows:
     head = [r["point"], r["kind"], r["value"], r["noise_multiplier"], r["l2_clip_norm"],
             r["epsilon"], r["attack_epsilon"], r.get("label_epsilon"), r["mu"], r["auc_mean"],
             r["auc_sd"]]
     if not r["attacks"]:
-      w.writerow(head + ["none"] + [""] * 9)
+      w.writerow(head + ["none"] + [""] * 14)
       continue
     for variant, secrets in r["attacks"].items():
       for secret, s in secrets.items():
         w.writerow(head + [variant, secret, s["accuracy"], s["ci"][0], s["ci"][1],
-                           s["prior_accuracy"], s["knn_accuracy"], s["bound_marginal"],
-                           s["bound_knn"], s.get("mu_hat")])
+                           s["prior_only_accuracy"], s["gain"]["difference"], s["gain"]["ci"][0],
+                           s["gain"]["ci"][1], s["prior_accuracy"], s["knn_accuracy"],
+                           s["bound"], s["bound_kind"], s["bound_marginal"], s.get("mu_hat")])
   return buf.getvalue()
 
 
-def to_markdown(rows, variants=("clip_aware", "bayes", "paper")) -> str:
+def to_markdown(rows, variants=ATTACK_VARIANTS) -> str:
   """Table: per point the epsilons, AUC and attack accuracy per secret for the named variants."""
   secrets = _secrets(rows)
   head = ["point", "sigma", "C", "epsilon (train)", "attack epsilon", "mu", "AUC"]
   for v in variants:
     head += [f"{s} ({v})" for s in secrets]
-  head += [f"{s} bound" for s in secrets]
+  head += [f"{s} bound (kind)" for s in secrets]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     cells = [r["point"], _fmt(r["noise_multiplier"]), _fmt(r["l2_clip_norm"], 3),
@@ -204,9 +214,17 @@ def to_markdown(rows, variants=("clip_aware", "bayes", "paper")) -> str:
                      else "prior")
     for s in secrets:
       a = next(iter((r["attacks"] or {"": {}}).values()), {}).get(s)
-      cells.append(f"{a['bound_marginal']:.3f}" if a else "")
+      cells.append(_bound_cell(a))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _bound_cell(a) -> str:
+  if not a:
+    return ""
+  if a.get("bound") is None:
+    return "none (unprotected)"
+  return f"{a['bound']:.3f} ({a['bound_kind'].split(':')[0]})"
 
 
 def plot(rows, out_dir, title: str) -> list[str]:
@@ -227,16 +245,19 @@ def plot(rows, out_dir, title: str) -> list[str]:
     fig, axes = plt.subplots(1, len(secrets), figsize=(3.2 * len(secrets), 3.2), squeeze=False)
     eps = [float(r["attack_epsilon"]) for r in cut]
     for ax, s in zip(axes[0], secrets):
-      for v, style in (("clip_aware", "o-"), ("bayes", "s--"), ("paper", "x:")):
+      for v, style in (("informed", "D-"), ("clip_aware", "o-"), ("bayes", "s--"),
+                       ("paper", "x:")):
         acc = [r["attacks"].get(v, {}).get(s, {}).get("accuracy") for r in cut]
         if all(a is not None for a in acc):
           ax.plot(eps, acc, style, label=v)
       prior = cut[0]["attacks"]["clip_aware"][s]["prior_accuracy"]
       ax.axhline(prior, color="gray", lw=1, label="prior")
-      ax.plot(eps, [r["attacks"]["clip_aware"][s]["bound_marginal"] for r in cut], "k-",
-              lw=0.8, label="bound (marginal)")
-      ax.plot(eps, [r["attacks"]["clip_aware"][s]["bound_knn"] for r in cut], "k--",
-              lw=0.8, label="bound (k-NN est.)")
+      marg = [r["attacks"]["clip_aware"][s]["bound_marginal"] for r in cut]
+      if all(b is not None for b in marg):
+        ax.plot(eps, marg, "k-", lw=0.8, label="bound (marginal prior)")
+      bnd = [r["attacks"]["clip_aware"][s]["bound"] for r in cut]
+      if all(b is not None for b in bnd):
+        ax.plot(eps, bnd, "k--", lw=0.8, label="bound (informed est.)")
       ax.set_xscale("log")
       ax.set_title(s)
       ax.set_xlabel("attack epsilon (delta 1e-5)")

@@ -4,6 +4,8 @@ Everything here runs in numpy/scipy in float64 on the host. Inputs may be numpy 
 are copied to the host with `np.asarray`). Ground truth of an attack reaches only these functions.
 """
 
+import math
+
 import numpy as np
 from scipy import stats
 
@@ -307,3 +309,41 @@ def feature_report(pred, true, num_classes: int, *, prior_pred=None, knn_pred=No
       'knn_accuracy': _baseline(knn_pred, 'knn_pred'),
       'n': acc['n'],
   }
+
+
+def paired_difference(correct_a, correct_b, *, confidence: float = 0.95) -> dict:
+  """Accuracy of A minus accuracy of B on the same users, with a McNemar-type interval.
+
+  Only the discordant users carry information: `b` where A is right and B wrong, `c` the reverse.
+  The difference is `(b - c) / n` and its interval the Wald interval of a paired difference,
+  `+- z sqrt((b + c) - (b - c)^2 / n) / n` (clipped to [-1, 1]); `p_value` is the exact two-sided
+  McNemar (binomial) test of b = c.
+
+  Args:
+    correct_a: `[N]` bool, A's answer is right.
+    correct_b: `[N]` bool, B's answer is right (same users, same order).
+    confidence: level of the interval.
+
+  Returns:
+    `{'difference', 'ci': [lo, hi], 'p_value', 'discordant': [b, c], 'n'}`.
+
+  Raises:
+    ValueError: shapes differ or no users.
+
+  References:
+    McNemar, "Note on the sampling error of the difference between correlated proportions or
+    percentages", Psychometrika 12 (1947).
+  """
+  a = np.asarray(correct_a, bool).reshape(-1)
+  b_ = np.asarray(correct_b, bool).reshape(-1)
+  if a.shape != b_.shape or a.size == 0:
+    raise ValueError(f'correct_a and correct_b must be non-empty [N] arrays of the same shape, got '
+                     f'{a.shape} and {b_.shape}')
+  n = a.size
+  b, c = int(np.sum(a & ~b_)), int(np.sum(~a & b_))
+  diff = (b - c) / n
+  z = float(stats.norm.ppf(0.5 + confidence / 2))
+  half = z * math.sqrt(max((b + c) - (b - c) ** 2 / n, 0.0)) / n
+  p_value = float(stats.binomtest(b, b + c).pvalue) if b + c else 1.0
+  return {'difference': diff, 'ci': [max(-1.0, diff - half), min(1.0, diff + half)],
+          'p_value': p_value, 'discordant': [b, c], 'n': n}

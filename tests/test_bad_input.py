@@ -444,7 +444,7 @@ def test_attack_overwrites_another_configuration_only_when_asked(workdirs, tmp_p
   code, err = _call(capsys, "attack", workdir=str(workdir), num_examples=5, variant="paper")
   assert code == 0, err
   assert _snapshot(workdir)["attack.json"] == after
-  assert (workdir / "attack_exact_paper_test.json").exists()
+  assert (workdir / "attack_exact_paper_auto_test.json").exists()
 
 
 def _timing_free(record: dict) -> dict:
@@ -484,12 +484,12 @@ def test_attack_resume_ignores_a_partial_of_another_configuration(workdirs, tmp_
   with pytest.raises(_Killed), flagsaver.flagsaver(workdir=str(workdir), users="train"):
     attack_bin.main([])
   monkeypatch.delenv(common.KILL_ENV)
-  assert (workdir / "attack_exact_clip_aware_train.json.partial.npz").exists()
+  assert (workdir / "attack_exact_auto_auto_train.json.partial.npz").exists()
   for wd, extra in ((workdir, {"resume": True}), (fresh, {})):
     code, err = _call(capsys, "attack", workdir=str(wd), users="train", num_examples=100, **extra)
     assert code == 0, err
-  got = json.loads((workdir / "attack_exact_clip_aware_train.json").read_text())
-  want = json.loads((fresh / "attack_exact_clip_aware_train.json").read_text())
+  got = json.loads((workdir / "attack_exact_auto_auto_train.json").read_text())
+  want = json.loads((fresh / "attack_exact_auto_auto_train.json").read_text())
   assert _timing_free(got) == _timing_free(want)
 
 

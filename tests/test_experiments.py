@@ -54,11 +54,15 @@ def test_attack_recovers_everything_without_dp(trained):
   assert rec["num_examples"] == 30
   for name, r in list(rec["features"].items()) + [("label", rec["label"])]:
     for key in ("accuracy", "ci", "macro_f1", "prior_accuracy", "knn_accuracy",
-                "bound_marginal", "bound_knn"):
+                "prior_only_accuracy", "gain", "bound", "bound_kind", "bound_marginal"):
       assert key in r, (name, key)
     # No DP: exact recovers every secret up to reported ties.
     assert r["accuracy"] >= 1.0 - rec["ties"] / 30, name
   assert "mu_hat" in rec["label"]
+  assert rec["schema_version"] == 2 and (rec["variant"], rec["prior"]) == ("clip_aware", "uniform")
+  # No noise: the cut channel is unprotected, so there is no bound to print.
+  assert rec["label"]["bound"] is None
+  assert rec["label"]["bound_kind"] == "none:channel_unprotected"
 
 
 def test_attack_records_from_before_a_new_config_field_still_count(trained):
@@ -78,11 +82,12 @@ def test_attack_train_users_and_paper_variant(trained):
   with flagsaver.flagsaver(workdir=str(trained), users="train", variant="paper",
                            num_examples=40):
     attack_bin.main([])
-  rec = json.loads((trained / "attack_exact_paper_train.json").read_text())
+  rec = json.loads((trained / "attack_exact_paper_auto_train.json").read_text())
   assert rec["users"] == "train" and rec["num_examples"] == 40
   assert rec["label"]["accuracy"] >= 1.0 - rec["ties"] / 40
   # The default attack.json of the other test is untouched by this configuration.
   assert json.loads((trained / "attack.json").read_text())["variant"] == "clip_aware"
+  assert rec["label"]["bound_kind"] == "none:channel_unprotected"  # training users, no DP-SGD
 
 
 def test_sweep_writes_csv_and_table(tmp_path):
@@ -179,12 +184,15 @@ def test_attacks_under_dp_stay_below_true_prior_bounds(tmp_path):
   for variant in ("bayes", "clip_aware", "paper"):
     with flagsaver.flagsaver(workdir=str(tmp_path), variant=variant):
       attack_bin.main([])
-  rec = json.loads((tmp_path / "attack_exact_bayes_test.json").read_text())
+  rec = json.loads((tmp_path / "attack_exact_bayes_auto_test.json").read_text())
+  assert rec["prior"] == "informed" and rec["mu_reference"] == pytest.approx(1.0)
   assert rec["mu"] == pytest.approx(2.0 * np.sqrt(2))  # 2 releases at sigma = 1
   assert rec["attack_epsilon"] == pytest.approx(9.9973, rel=1e-3)  # mu = 2, delta 1e-5
+  assert "public" in rec["clip_source"]
   for r in list(rec["features"].values()) + [rec["label"]]:
-    assert 0 < r["bound_true_prior"] <= 1
-    assert r["ci"][0] <= r["bound_true_prior"]
+    assert r["bound_kind"] == "guarantee:true_prior"
+    assert 0 < r["bound"] <= 1
+    assert r["ci"][0] <= r["bound"]
 
 
 @pytest.mark.parametrize("dp_clip", ["none", "auto"])
@@ -198,7 +206,7 @@ def test_exact_on_a_trained_adult_model(tmp_path, dp_clip):
   for variant in ("clip_aware", "paper"):
     with flagsaver.flagsaver(workdir=str(tmp_path), variant=variant, num_examples=n):
       attack_bin.main([])
-    name = "attack.json" if variant == "clip_aware" else "attack_exact_paper_test.json"
+    name = f"attack_exact_{variant}_auto_test.json"
     recs[variant] = json.loads((tmp_path / name).read_text())
   for variant, rec in recs.items():
     secrets = list(rec["features"].values()) + [rec["label"]]

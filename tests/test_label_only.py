@@ -98,7 +98,7 @@ def tiny_workdir(tmp_path_factory):
 def test_runner_writes_the_attack_record_with_auc(tiny_workdir, attack):
   config = configs_base.AttackConfig(attack=attack, num_examples=30)
   rec = beyond.attack_workdir(tiny_workdir, config, progress=None)
-  saved = json.loads((tiny_workdir / f'attack_{attack}_clip_aware_test.json').read_text())
+  saved = json.loads((tiny_workdir / f'attack_{attack}_auto_test.json').read_text())
   assert saved['label']['auc'] == rec['label']['auc']
   assert 0.0 <= rec['label']['auc'] <= 1.0
   for key in ('accuracy', 'ci', 'macro_f1', 'prior_accuracy', 'knn_accuracy', 'bound_marginal'):

@@ -283,7 +283,7 @@ def test_train_killed_after_its_last_checkpoint_resumes(reference, tmp_path, mon
 def test_attack_killed_then_resumed_equals_uninterrupted(reference, tmp_path):
   workdir = tmp_path / "w"
   shutil.copytree(reference, workdir)
-  name = "attack_exact_clip_aware_train.json"
+  name = "attack_exact_auto_auto_train.json"
   (workdir / name).unlink()
   # The train users' transcript has one block per parameter version (6 for the tiny config).
   killed = _run(["-m", "experiments.attack", "--users=train", f"--workdir={workdir}"],

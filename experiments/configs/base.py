@@ -47,7 +47,10 @@ class AttackConfig:
   """What ``experiments.attack`` runs on a trained workdir."""
 
   attack: str = "exact"
-  variant: str = "clip_aware"
+  # auto: bayes when the cut layer is noised (sigma > 0, finite C), else clip_aware.
+  variant: str = "auto"
+  # uniform, marginal or informed; auto: informed for bayes and under label DP, else uniform.
+  prior: str = "auto"
   users: str = "test"
   num_examples: int = 0
   top_k: int = 1
@@ -79,4 +82,6 @@ class StudyConfig:
   frozen: bool = True
   target_epsilons: tuple[float, ...] = (4.0,)
   label_epsilons: tuple[float, ...] = (1.0,)
-  variants: tuple[str, ...] = ("clip_aware", "bayes", "paper")
+  # Sweep attack names (experiments.sweeping.ATTACK_SPECS): informed = the default attack (Bayes
+  # with the informed prior under noise), bayes = Bayes with the marginal prior.
+  variants: tuple[str, ...] = ("informed", "clip_aware", "bayes", "paper")

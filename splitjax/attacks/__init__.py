@@ -27,6 +27,15 @@ from splitjax.attacks.optimize import OptimizeResult
 from splitjax.attacks.optimize import hybrid
 from splitjax.attacks.optimize import optimize
 from splitjax.attacks.optimize import relaxed_device_apply
+from splitjax.attacks import priors
+from splitjax.attacks.priors import PRIORS
+from splitjax.attacks.priors import InformedPrior
+from splitjax.attacks.priors import candidate_label_probability
+from splitjax.attacks.priors import debias_label_probability
+from splitjax.attacks.priors import fit_informed_prior
+from splitjax.attacks.priors import pair_log_prior
+from splitjax.attacks.priors import prior_guess
+from splitjax.attacks.priors import tuple_codes
 
 # Name -> attack function (array API). The transcript-level runner wraps these.
 ATTACKS: dict[str, Callable[..., Any]] = {

@@ -46,6 +46,10 @@ class Split:
     p_y_pub: [N] float64 or None. Synthetic data only: the generator's exact P(y=1 | x_pub),
       the private features marginalised out.
     p_y_full: [N] float64 or None. Synthetic data only: the exact P(y=1 | x_pub, x_priv).
+    p_priv_pub: [N, sum K_j] float64 or None. Synthetic data only: the exact
+      P(priv_j = k | x_pub) of each private categorical feature j, the features' blocks side by
+      side (the attacker's true prior given what the server knows; features are independent given
+      x_pub).
   """
 
   priv_cat: np.ndarray
@@ -55,6 +59,7 @@ class Split:
   y: np.ndarray
   p_y_pub: np.ndarray | None = None
   p_y_full: np.ndarray | None = None
+  p_priv_pub: np.ndarray | None = None
 
   def __len__(self) -> int:
     return int(self.y.shape[0])

@@ -52,7 +52,8 @@ def synthetic(*, num_examples: int = 2000, priv_cardinalities: Sequence[int] = (
     exact marginal of each private categorical feature), and per example `Split.p_y_full`
     = P(y=1 | x_pub, x_priv) and `Split.p_y_pub` = P(y=1 | x_pub) (private features
     marginalised exactly over categories, and over the private dense part by 64-node
-    Gauss-Hermite quadrature; None when the categories have more than 65,536 combinations).
+    Gauss-Hermite quadrature; None when the categories have more than 65,536 combinations) and
+    `Split.p_priv_pub` = P(priv_j | x_pub) for every private categorical feature.
 
   Raises:
     DataError: bad sizes, a correlation outside [0, 1], correlation > 0 without a server
@@ -143,7 +144,7 @@ def synthetic(*, num_examples: int = 2000, priv_cardinalities: Sequence[int] = (
   vocab["y"] = ("0", "1")
   dense = {name: priv_dense[:, j] for j, name in enumerate(names["priv_dense"])} | {
       name: pub_dense[:, k] for k, name in enumerate(names["pub_dense"])}
-  extras = {"p_y_full": p_full}
+  extras = {"p_y_full": p_full, "p_priv_pub": np.concatenate(cond, axis=1)}
   if p_pub is not None:
     extras["p_y_pub"] = p_pub
   return tabular.assemble(

@@ -276,3 +276,57 @@ def knn_bound(posteriors, mu) -> float:
     raise _checks.PrivacyError(f'posteriors must be [N, K] with N >= 1, got shape '
                                f'{posteriors.shape}.')
   return float(np.mean(prior_bound(posteriors, mu)))
+
+
+BOUND_KINDS = ('guarantee:true_prior', 'estimate:knn_prior', 'estimate:marginal_prior',
+               'none:channel_unprotected')
+
+
+def reference_mu(*, noise_multiplier: float, releases: int = 1,
+                 device_noise_multiplier: float | None = None, device_releases: int = 0) -> float:
+  """`mu_ref = sqrt(k_cut / sigma^2 + k_dev / sigma_dev^2)`: 1/sigma per release, composed.
+
+  The reference for reconstructing a secret with K > 2 values: every released row lies in the
+  ball of radius C around 0, so each Gaussian release of std sigma C moves the attacker by at most
+  1/sigma (the binary bound uses the replace-one mu = 2 mu_ref). Valid only when the clip comes
+  immediately before the noise and the parameters at each release depend on the example only
+  through earlier released outputs: test users (k_cut = 1, k_dev = 0), training users only with
+  device DP-SGD.
+
+  Args:
+    noise_multiplier: sigma of the cut layer (0 or inf allowed: mu_ref inf or 0).
+    releases: k_cut, the example's cut-layer releases.
+    device_noise_multiplier: sigma_dev of device DP-SGD, or None (no device releases).
+    device_releases: k_dev.
+
+  Returns:
+    mu_ref >= 0 (inf when any channel is noise-free).
+  """
+  total = 0.0
+  for sigma, k in ((noise_multiplier, releases), (device_noise_multiplier, device_releases)):
+    if not k:
+      continue
+    if sigma is None or sigma == 0:
+      return math.inf
+    total += k / float(sigma) ** 2
+  return math.sqrt(total)
+
+
+def per_user_bound(prior, mu_ref: float) -> np.ndarray:
+  """Per-user bound `[N]` for a secret with per-user prior `[N, K]` (what the attacker knows).
+
+  K = 2: `binary_bound(p_u, 2 mu_ref)`; K > 2: `1 - G_{mu_ref}(kappa_u)` with kappa_u the user's
+  largest prior probability (the binary bound is never above the reference bound).
+
+  Formal guarantees:
+    A guarantee when `prior` is the attacker's true prior given everything it knows (synthetic
+    data with the generator's prior); an estimate otherwise.
+  """
+  prior = np.asarray(prior, dtype=np.float64)
+  if prior.ndim != 2 or prior.shape[-1] < 2:
+    raise _checks.PrivacyError(f'prior must be [N, K] with K >= 2, got shape {prior.shape}.')
+  if math.isinf(mu_ref):
+    return np.ones(len(prior))
+  if prior.shape[-1] == 2:
+    return np.asarray(binary_bound(np.clip(prior[:, 1], 0.0, 1.0), 2.0 * mu_ref), np.float64)
+  return np.asarray(reconstruction_bound(np.clip(prior.max(-1), 0.0, 1.0), mu_ref), np.float64)
