@@ -92,3 +92,53 @@ def test_reference_bound_holds_for_three_antipodal_like_candidates():
   old = float(privacy.bounds.reconstruction_bound(1 / 3, 2 / sigma))
   assert abs(acc - 0.696) < 0.01 and abs(valid - 0.715) < 0.002 and abs(old - 0.942) < 0.002
   assert acc < valid < old
+
+
+def test_bayes_attack_with_the_true_prior_matches_monte_carlo_over_the_noise():
+  """Known means and a known prior: the attack's per-feature accuracy on one noise draw equals
+  the Bayes accuracy averaged by Monte Carlo over many draws (computed here in numpy from the
+  clipped candidate gradients), two-sided."""
+  rng = np.random.default_rng(3)
+  cards, n, sigma, clip = (2, 3), 1500, 1.0, C
+  table = attacks.candidate_table(cards)
+  emb = jnp.asarray(rng.normal(size=(sum(cards), 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, D)) / math.sqrt(D), jnp.float32)
+
+  def device_apply(params, h, x_priv):
+    del params
+    e = emb[x_priv[0]] + emb[cards[0] + x_priv[1]]
+    return jnp.sum(jnp.tanh(w @ h + e)) / 4
+
+  h = rng.normal(size=(n, D)).astype(np.float32)
+  # Per-user true prior over the 6 x 2 pairs; the truth is drawn from it.
+  prior = rng.dirichlet(np.full(len(table) * 2, 0.7), size=n)
+  pair = np.array([rng.choice(len(prior[u]), p=prior[u]) for u in range(n)])
+  cand, lab = pair // 2, pair % 2
+
+  def grads(hi):  # clipped candidate gradients [C*2, D], label fastest
+    def one(x, y):
+      z, v = jax.value_and_grad(lambda hh: device_apply(None, hh, x))(hi)
+      g = (jax.nn.sigmoid(z) - y) * v
+      return g * jnp.minimum(1.0, clip / jnp.maximum(jnp.linalg.norm(g), 1e-30))
+    return jax.vmap(lambda x: jnp.stack([one(x, 0.0), one(x, 1.0)]))(jnp.asarray(table)).reshape(
+        -1, D)
+
+  means = np.asarray(jax.vmap(grads)(jnp.asarray(h)), np.float64)  # [n, 12, D]
+  g_obs = means[np.arange(n), pair] + rng.normal(0, sigma * clip, (n, D))
+  res = attacks.exact(device_apply, None, h, g_obs.astype(np.float32), cards, l2_clip_norm=clip,
+                      noise_stddev=sigma * clip, log_prior=np.log(prior))
+  hit = res.features[:, 0] == table[cand, 0]
+
+  def bayes_hit(obs):  # numpy: the marginal-posterior argmax of feature 0
+    ll = -np.sum((obs[:, None, :] - means) ** 2, axis=-1) / (2 * (sigma * clip) ** 2)
+    post = np.exp(ll - ll.max(axis=1, keepdims=True)) * prior
+    f0 = np.stack([post[:, np.repeat(table[:, 0] == k, 2)].sum(1) for k in range(cards[0])], 1)
+    return f0.argmax(axis=1) == table[cand, 0]
+
+  draws = np.stack([bayes_hit(means[np.arange(n), pair] + rng.normal(0, sigma * clip, (n, D)))
+                    for _ in range(200)])
+  p_u = draws.mean(axis=0)
+  assert np.mean(bayes_hit(g_obs) == hit) > 0.995  # the same decisions on the same draw
+  sd = math.sqrt(np.sum(p_u * (1 - p_u))) / n
+  z = (hit.mean() - p_u.mean()) / sd
+  assert abs(z) < Z_CRIT, (hit.mean(), p_u.mean(), z)
