@@ -152,8 +152,22 @@ class Informed(NamedTuple):
   flip: float                 # randomized-response flip probability (0 without label DP)
 
 
+_INFORMED_CACHE: dict = {}  # the last few fits: the variants of one sweep point share theirs
+
+
 def informed_prior(restored, config, transcript, split_name: str) -> Informed:
   """Fits the informed prior on the split not attacked and evaluates it for the attacked rows."""
+  key = (restored.fingerprint, split_name, config.seed,
+         io.fingerprint(transcript.example_index.tolist()),
+         io.fingerprint(transcript.param_index.tolist()))
+  if key not in _INFORMED_CACHE:
+    if len(_INFORMED_CACHE) >= 4:
+      _INFORMED_CACHE.pop(next(iter(_INFORMED_CACHE)))
+    _INFORMED_CACHE[key] = _fit_informed(restored, config, transcript, split_name)
+  return _INFORMED_CACHE[key]
+
+
+def _fit_informed(restored, config, transcript, split_name: str) -> Informed:
   dataset, model, state = restored.dataset, restored.model, restored.state
   ref = dataset.test if split_name == "train" else dataset.train
   query = getattr(dataset, split_name).take(transcript.example_index)

@@ -119,9 +119,8 @@ def joint_prior(neighbour_codes: np.ndarray, ref_joint: np.ndarray, *, k: int,
                 lam: float) -> np.ndarray:
   """`(1 - lam) * counts among the first k neighbours / k + lam * ref_joint`: `[N, C]`."""
   n, c = len(neighbour_codes), len(ref_joint)
-  counts = np.zeros((n, c), np.float64)
-  rows = np.repeat(np.arange(n), k)
-  np.add.at(counts, (rows, np.asarray(neighbour_codes)[:, :k].reshape(-1)), 1.0)
+  flat = (np.arange(n)[:, None] * c + np.asarray(neighbour_codes)[:, :k]).reshape(-1)
+  counts = np.bincount(flat, minlength=n * c).reshape(n, c).astype(np.float64)
   return (1.0 - lam) * counts / k + lam * ref_joint[None, :]
 
 
@@ -148,7 +147,8 @@ def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int =
 def fit_informed_prior(spaces: dict, ref_values: np.ndarray, cardinalities: Sequence[int], *,
                        query_spaces: dict, exclude: np.ndarray | None = None,
                        ks: Sequence[int] = (10, 30, 100), lams: Sequence[float] = (0.05, 0.2, 0.5),
-                       holdout: float = 0.2, seed: int = 0) -> InformedPrior:
+                       holdout: float = 0.2, max_holdout: int = 2000,
+                       seed: int = 0) -> InformedPrior:
   """Fits and evaluates the informed prior over private tuples.
 
   The hyper-parameters (k, lam, space) minimise the mean log-loss of the true tuple on a random
@@ -163,7 +163,8 @@ def fit_informed_prior(spaces: dict, ref_values: np.ndarray, cardinalities: Sequ
     exclude: optional [N] index of each query's own row among the reference rows (-1: none), so
       that leave-one-out priors of training users never use their own row.
     ks, lams: the grid.
-    holdout: fraction of reference rows held out for the grid search.
+    holdout: fraction of reference rows held out for the grid search (at most `max_holdout`
+      rows: the neighbour search dominates the cost).
     seed: seeds the hold-out split (`np.random.default_rng(seed)`).
 
   Returns:
@@ -180,7 +181,7 @@ def fit_informed_prior(spaces: dict, ref_values: np.ndarray, cardinalities: Sequ
     raise exact_lib.AttackError(f"the informed prior needs at least 2 reference rows, got {r}")
   rng = np.random.default_rng(seed)
   perm = rng.permutation(r)
-  n_hold = max(1, int(round(holdout * r)))
+  n_hold = max(1, min(int(round(holdout * r)), max_holdout))
   hold, fit = perm[:n_hold], perm[n_hold:]
   ks = sorted({min(int(k), len(fit)) for k in ks})
   fit_joint = reference_joint(codes[fit], num)
@@ -189,14 +190,17 @@ def fit_informed_prior(spaces: dict, ref_values: np.ndarray, cardinalities: Sequ
     ref_x = np.asarray(ref_x, np.float32)
     neigh = fit[nearest_neighbours(ref_x[fit], ref_x[hold], max(ks))]
     ncodes = codes[neigh]
+    # The held-out log-loss needs only the prior of the true tuple: its count among the first k.
+    true_counts = np.cumsum(ncodes == codes[hold][:, None], axis=1)
     for k in ks:
       for lam in lams:
-        p = joint_prior(ncodes, fit_joint, k=k, lam=lam)
-        loss = float(-np.mean(np.log(np.maximum(p[np.arange(n_hold), codes[hold]], _LOG_FLOOR))))
+        p_true = (1.0 - lam) * true_counts[:, k - 1] / k + lam * fit_joint[codes[hold]]
+        loss = float(-np.mean(np.log(np.maximum(p_true, _LOG_FLOOR))))
         table[f"{name}/k={k}/lam={lam:g}"] = loss
         if best is None or loss < best[0]:
-          best = (loss, name, k, lam, p)
-  _, space, k, lam, p_hold = best
+          best = (loss, name, k, lam, ncodes)
+  _, space, k, lam, best_codes = best
+  p_hold = joint_prior(best_codes, fit_joint, k=k, lam=lam)
   ece = {}
   truth = np.asarray(ref_values)[hold]
   for j, marg in enumerate(feature_marginals(p_hold, cards)):
