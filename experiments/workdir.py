@@ -167,11 +167,21 @@ def swap_in(workdir) -> list[str]:
     shutil.rmtree(replaced)
   replaced.mkdir()
   old = _visible(workdir)
-  for name in old:
-    os.replace(workdir / name, replaced / name)
   new = sorted(_visible(staging), key=lambda n: n == MANIFEST)
-  for name in new:
-    os.replace(staging / name, workdir / name)
+  moved = []  # (src, dst) renames done, undone in reverse order if a later one fails
+  try:
+    for name in old:
+      os.replace(workdir / name, replaced / name)
+      moved.append((workdir / name, replaced / name))
+    for name in new:
+      os.replace(staging / name, workdir / name)
+      moved.append((staging / name, workdir / name))
+  except OSError as e:
+    for src, dst in reversed(moved):
+      os.replace(dst, src)
+    raise WorkdirError(f"could not swap the new run into {workdir} ({e.strerror or e}); the "
+                       f"earlier run is back in place and the new one is in {staging}: free the "
+                       "space or fix the permissions, then rerun with --overwrite") from None
   shutil.rmtree(replaced)
   shutil.rmtree(staging)
   return old

@@ -14,6 +14,7 @@ lose results" promise, overwrite protection, is checked at the end for ``train``
 """
 
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
@@ -629,3 +630,66 @@ def test_reproduce_refuses_a_workdir_of_another_study(tmp_path, capsys):
   _assert_one_clear_line(code, err, ("holds a study of --preset=quick on ['adult']",
                                      "use --overwrite"))
   assert _snapshot(workdir) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Disk full and read-only filesystems, injected (CI runs as root: permission bits prove nothing).
+
+
+def _failing(real, errno_code, when):
+  def wrapper(*args, **kwargs):
+    if when(*args):
+      raise OSError(errno_code, os.strerror(errno_code))
+    return real(*args, **kwargs)
+  return wrapper
+
+
+def test_disk_full_during_the_overwrite_swap_puts_the_old_run_back(workdirs, tmp_path, capsys,
+                                                                   monkeypatch):
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  before = _snapshot(workdir)
+  real = os.replace
+  # The third rename of the swap fails (the old run is half moved away at that point).
+  calls = {"n": 0}
+
+  def third_swap_rename(src, dst):
+    if os.path.dirname(str(src)) != os.path.dirname(str(dst)):  # a move, not an atomic write
+      calls["n"] += 1
+      return calls["n"] == 3
+    return False
+
+  monkeypatch.setattr(os, "replace", _failing(real, errno.ENOSPC, third_swap_rename))
+  code, err = _call(capsys, "train", workdir=str(workdir), config=TINY, overwrite=True)
+  monkeypatch.setattr(os, "replace", real)
+  _assert_one_clear_line(code, err, ("could not swap the new run into",
+                                     "the earlier run is back in place"))
+  after = {k: v for k, v in _snapshot(workdir).items() if not k.startswith(".staging")}
+  assert after == before
+
+
+def test_disk_full_while_writing_the_manifest_leaves_no_partial_file(tmp_path, capsys,
+                                                                     monkeypatch):
+  workdir = tmp_path / "w"
+  real = os.fsync
+  monkeypatch.setattr(os, "fsync", _failing(real, errno.ENOSPC, lambda fd: os.path.basename(
+      os.readlink(f"/proc/self/fd/{fd}")).startswith(".run.json.")))
+  code, err = _call(capsys, "train", workdir=str(workdir), config=TINY)
+  monkeypatch.setattr(os, "fsync", real)
+  _assert_one_clear_line(code, err, ("No space left on device",))
+  names = set(_snapshot(workdir))
+  assert "run.json" not in names and not any(n.startswith(".run.json") for n in names)
+  assert "metrics.json" in names  # everything before the manifest was written whole
+
+
+def test_read_only_workdir_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+  workdir = tmp_path / "ro"
+  workdir.mkdir()
+  real = os.open
+  monkeypatch.setattr(os, "open", _failing(real, errno.EROFS,
+                                           lambda path, *a: str(path).startswith(str(workdir))))
+  code, err = _call(capsys, "train", workdir=str(workdir), config=TINY)
+  monkeypatch.setattr(os, "open", real)
+  _assert_one_clear_line(code, err, ("is not writable (Read-only file system)",
+                                     "choose another --workdir"))
+  assert not any(workdir.iterdir())
