@@ -507,7 +507,14 @@ def score(dataset, restored, config, transcript, feats, labels, ties, true_feats
     else:
       bound = float(np.mean(bounds.per_user_bound(user_prior, mu_ref)))
       bound_marginal = float(np.mean(bounds.per_user_bound(marginal, mu_ref)))
-    if is_label and label_eps:
+    clip_read_labels = cfg.dp_clip == "auto" and str(
+        restored.metrics.get("clip_source", "private")).startswith("private")
+    if is_label and label_eps and clip_read_labels:
+      # splitjax < 0.2 computed --dp_clip=auto from the true training labels: a release that
+      # nothing accounts for, so the label's randomized-response guarantee is void.
+      rep["label_guarantee_void"] = ("the clip norm was computed from the private training "
+                                     "labels (splitjax < 0.2 --dp_clip=auto): retrain")
+    elif is_label and label_eps:
       # Randomized response bounds the label end to end (also for training users): the public
       # clip reads no true label. Under label DP alone the unnoised gradient reveals x_priv, so
       # the per-user prior is P(y | x_pub, x_priv).
