@@ -24,7 +24,7 @@ def table(results: dict) -> str:
         continue
       a = r["attacks"]
       out.append(f"\n**{ds} SL {point}** (attack epsilon {r['attack_epsilon']}, C "
-                 f"{r['l2_clip_norm']:.4g})\n")
+                 f"{r['l2_clip_norm']})\n")
       out.append("| secret | informed [95% CI] | Bayes marginal | clip-aware | paper | "
                  "informed prior only | gain [95% CI] | bound (kind) |")
       out.append("|---|---|---|---|---|---|---|---|")
