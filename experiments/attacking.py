@@ -118,11 +118,8 @@ def marginal_log_prior(dataset) -> np.ndarray:
 
   ``[C * 2]`` in ``attacks.candidate_table`` order, label fastest.
   """
-  table = attacks.candidate_table(dataset.priv_cardinalities)
-  logp = np.zeros(len(table))
-  for j, card in enumerate(dataset.priv_cardinalities):
-    p = np.bincount(dataset.train.priv_cat[:, j], minlength=card) + 1.0
-    logp += np.log(p / p.sum())[table[:, j]]
+  logp = attacks.priors.marginal_tuple_log_prior(dataset.train.priv_cat,
+                                                 dataset.priv_cardinalities)
   py = np.bincount(dataset.train.y, minlength=2) + 1.0
   return (logp[:, None] + np.log(py / py.sum())[None, :]).reshape(-1)
 

@@ -212,14 +212,20 @@ def fit_informed_prior(spaces: dict, ref_values: np.ndarray, cardinalities: Sequ
   return InformedPrior(probs, int(k_all), float(lam), space, table, ece)
 
 
-def marginal_tuple_prior(ref_values: np.ndarray, cardinalities: Sequence[int]) -> np.ndarray:
-  """Product of the reference rows' per-feature marginals (one pseudo-count per value): [C]."""
+def marginal_tuple_log_prior(ref_values: np.ndarray, cardinalities: Sequence[int]) -> np.ndarray:
+  """Log of the product of the reference rows' per-feature marginals (one pseudo-count per
+  value): `[C]` in `candidate_table` order (features independent: the `marginal` prior)."""
   table = exact_lib.candidate_table(cardinalities)
   logp = np.zeros(len(table))
   for j, card in enumerate(cardinalities):
     p = np.bincount(np.asarray(ref_values)[:, j], minlength=card) + 1.0
     logp += np.log(p / p.sum())[table[:, j]]
-  return np.exp(logp)
+  return logp
+
+
+def marginal_tuple_prior(ref_values: np.ndarray, cardinalities: Sequence[int]) -> np.ndarray:
+  """`exp(marginal_tuple_log_prior(...))`: `[C]` probabilities."""
+  return np.exp(marginal_tuple_log_prior(ref_values, cardinalities))
 
 
 def candidate_label_probability(device_apply: Callable, params, h: np.ndarray,
