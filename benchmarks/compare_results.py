@@ -2,7 +2,8 @@
 
   python -m benchmarks.compare_results docs/results/results.json workdirs/quick/results.json
 
-Keys that hold wall times or throughputs (``*seconds*``, ``candidates_per_second``) are skipped;
+Keys that hold wall times or throughputs (``*seconds*``, ``candidates_per_second``) and the
+``environment`` blocks (versions, devices, UTC time) are skipped;
 every other leaf must be equal (floats within --rtol, default 0: bit for bit as JSON prints them).
 Exits 1 and lists the differing paths when any differ.
 """
@@ -17,7 +18,7 @@ _TIMING = ("seconds", "candidates_per_second", "per_second")
 def leaves(obj, path=""):
   if isinstance(obj, dict):
     for k, v in obj.items():
-      if not any(t in str(k) for t in _TIMING):
+      if not any(t in str(k) for t in _TIMING) and k != "environment":
         yield from leaves(v, f"{path}.{k}" if path else str(k))
   elif isinstance(obj, list):
     for i, v in enumerate(obj):

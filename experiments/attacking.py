@@ -24,6 +24,7 @@ from splitjax.privacy import bounds
 from splitjax.privacy import label_dp
 
 from experiments import pipeline
+from experiments import records
 from experiments.configs import base as configs_base
 
 VARIANTS = ("clip_aware", "paper", "bayes")
@@ -377,6 +378,7 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
       record["stale_model"] = _stale_report(dataset, feats, labels, true_feats, true_y, stale)
       record["first_local_step"] = _stale_report(dataset, feats, labels, true_feats, true_y,
                                                  ~stale)
+  record["environment"] = records.environment()
   io.atomic_write_json(out_path, record)
   partial_path.unlink(missing_ok=True)
   return record

@@ -42,6 +42,7 @@ from splitjax.privacy import bounds
 
 from experiments import attacking
 from experiments import pipeline
+from experiments import records
 from experiments.configs import base as configs_base
 
 # The module (the package re-exports the function `optimize` under its name).
@@ -247,6 +248,7 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
                              progress=progress, kill_switch=kill_switch)
   record["seconds"] = time.time() - t0
   record["config"] = cfg_record
+  record["environment"] = records.environment()
   io.atomic_write_json(out_path, record)
   partial_path.unlink(missing_ok=True)
   return record

@@ -29,10 +29,13 @@ CONFIG = flags.DEFINE_string("config", None, "Config name in experiments/configs
 DATASET = flags.DEFINE_string("dataset", "adult", "adult, bank, credit, taobao, csv or synthetic.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed (parameters, data split and order, DP noise).")
 NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "Attack only the first N users (0 = all).")
+DATA_PATH = flags.DEFINE_string(
+    "data_path", "", "The table for --dataset=csv (a delimited text file, plain or gzip), a UCI "
+    "bank-full.csv for bank, or the directory of the taobao files.")
 SCHEMA = flags.DEFINE_string(
     "schema", "", "Column roles of --data_path (csv, bank, taobao): a JSON file with keys among "
-    "private_categorical, private_dense, server_categorical, server_dense, label, delimiter, "
-    "positive_label.")
+    "private_categorical, private_dense, server_categorical, server_dense, label, ignore, "
+    "delimiter, positive_label. For csv, columns it does not list go to the server by type.")
 
 KILL_ENV = "SPLITJAX_TEST_KILL_AFTER"
 

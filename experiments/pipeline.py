@@ -28,6 +28,7 @@ from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import label_dp
 
+from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 
@@ -116,10 +117,7 @@ def validate(config: configs_base.TrainConfig) -> None:
     raise ConfigError(f"--seed={config.seed} must be an integer >= 0 (split seed "
                       f"{config.split_seed} likewise)")
   dataset = load_data(config)  # sj_data.DataError: one line naming the file/column and the fix
-  spec = model_of(config, dataset).spec  # e.g. no private feature left after the role overrides
-  if not spec.pub_cardinalities and not spec.num_pub_dense:
-    raise ConfigError(f"the server holds no feature of {config.dataset} (every column is private "
-                      "or the label): leave at least one column to the server in the schema")
+  model_of(config, dataset)  # the model builds for these columns
 
 
 CLIP_SOURCES = {
@@ -280,7 +278,7 @@ def _run_status(workdir: pathlib.Path, cfg: dict, config) -> tuple[str, int]:
 
 
 TRAIN_ARTIFACTS = ("config.json", "checkpoint.msgpack", "transcript.npz",
-                   "transcript_params.msgpack", "metrics.json")
+                   "transcript_params.msgpack", "history.jsonl", "metrics.json")
 
 
 def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, kill_switch) -> dict:
@@ -288,6 +286,9 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
   io.check_config_compatible(workdir, cfg, overwrite=False)
   dataset = load_data(config)
+  if progress:
+    for note in dataset.notes:
+      progress(note)
   model = model_of(config, dataset)
   recipe = recipe_of(config)
   releases = releases_of(config)
@@ -349,6 +350,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     history.append(log)
     io.save_checkpoint(ckpt_path, st, metadata={
         "fingerprint": fingerprint, "epoch": epoch + 1, "history": history, "extra": extra})
+    records.write_history(workdir, history)  # from the checkpointed history
     if kill_switch is not None:
       kill_switch.tick()
 
@@ -366,6 +368,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     raise io.CheckpointError(f"{workdir} holds a finished checkpoint but no transcript: rerun "
                              "experiments.train with --overwrite")
   # Killed after the last checkpoint? Then only the evaluation below is redone.
+  records.write_history(workdir, history)
   test = training.evaluate(model, state, dataset.test)
   epoch_seconds = [h["seconds"] for h in history]
   metrics = {
@@ -382,6 +385,11 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
       "frozen_server": frozen_server,
       # Rows the DP clip sent as zero rows because they held an inf or NaN (0 for a sane model).
       "nonfinite_rows_zeroed": int(sum(h.get("nonfinite_rows_zeroed", 0) for h in history)),
+      # What ran, beside the requested config (config.json, which compatibility checks compare):
+      # the recipe with the flag overrides applied, and the releases each example made.
+      "resolved_config": {**dataclasses.asdict(recipe), "releases": releases,
+                          "hidden": list(config.hidden)},
+      "environment": records.environment(),
   }
   metrics.update(accounting.privacy_report(
       noise_multiplier=sigma, l2_clip_norm=clip, releases=releases, delta=config.target_delta,

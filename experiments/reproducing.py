@@ -22,6 +22,7 @@ import numpy as np
 
 from splitjax import io
 from experiments import pipeline
+from experiments import records
 from experiments import sweeping
 from experiments.configs import base as configs_base
 
@@ -388,6 +389,8 @@ def write_report(results: dict, studies: dict, workdir) -> str:
         (workdir / f).replace(target)
         out += ["", f"![{ds} {proto} {f}]({target.name})"]
     out += ["", "### Table 4 — cost", ""] + table4(res, study, res["dims"])
+  if results.get("environment"):
+    out += ["", "---", "", records.environment_footer(results["environment"])]
   text = "\n".join(out) + "\n"
   io.atomic_write_text(workdir / "REPORT.md", text)
   return text

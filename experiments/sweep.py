@@ -1,6 +1,8 @@
 r"""Sweep cut-layer DP and label DP: AUC over seeds and attack success against epsilon.
 
   python -m experiments.sweep --dataset=adult --workdir=/tmp/adult_sweep
+  python -m experiments.sweep --dataset=csv --data_path=my.csv --schema=my_schema.json \
+      --workdir=/tmp/my_sweep
 
 Points: no DP; sigma in {0, 0.01, 0.03, 0.1, 0.3, 1, 3, 10} with --dp_clip=auto;
 sigma = inf (server frozen); --target_epsilon in {1, 4, 16}; label DP epsilon in
@@ -56,6 +58,7 @@ def _seeds(values):
 def main(argv):
   del argv
   base = common.load_train_config(common.CONFIG.value, common.DATASET.value)
+  base = common.apply_flag_overrides(base, ["dataset", "data_path", "schema"])
   # Every flag is checked before anything is trained or written (a bad value found half-way
   # through would leave a partial sweep behind).
   sigmas = _check(_floats(_SIGMAS.value, "sigmas"), "sigmas", lambda v: v >= 0,

@@ -18,6 +18,7 @@ import numpy as np
 from splitjax import io
 from experiments import attacking
 from experiments import pipeline
+from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 
@@ -133,7 +134,8 @@ def run_sweep(base_config, workdir, *, points, seeds=(0, 1, 2), variants=ATTACK_
                "seeds": list(seeds), "variants": list(variants), "num_examples": num_examples}
   if not overwrite and not (workdir / "sweep_config.json").exists() and (
       workdir / "sweep.json").exists():  # written by splitjax < 0.2: compare its points
-    old_points = [row.get("point") for row in io.read_json(workdir / "sweep.json")]
+    old = io.read_json(workdir / "sweep.json")
+    old_points = [row.get("point") for row in (old["rows"] if isinstance(old, dict) else old)]
     if old_points != sweep_cfg["points"]:
       raise io.WorkdirError(f"workdir {workdir} holds a sweep of other points ({old_points}): "
                             "use --overwrite or another --workdir")
@@ -146,7 +148,12 @@ def run_sweep(base_config, workdir, *, points, seeds=(0, 1, 2), variants=ATTACK_
     rows.append(run_point(base_config, point, workdir, seeds=tuple(seeds), variants=variants,
                           num_examples=num_examples, overwrite=overwrite, progress=progress,
                           kill_switch=kill_switch))
-  io.atomic_write_json(workdir / "sweep.json", rows)
+  # One object: the rows (each point's summary), and where they were computed. An identical
+  # rerun keeps the file (and its environment) as it was.
+  summary_path = workdir / "sweep.json"
+  old = io.read_json(summary_path) if summary_path.exists() else None
+  if not (isinstance(old, dict) and old.get("rows") == io.to_jsonable(rows)):
+    io.atomic_write_json(summary_path, {"rows": rows, "environment": records.environment()})
   io.atomic_write_text(workdir / "sweep.csv", to_csv(rows))
   io.atomic_write_text(workdir / "sweep.md", to_markdown(rows))
   return rows

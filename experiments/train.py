@@ -15,7 +15,6 @@ from experiments import common
 from experiments import pipeline
 from experiments.configs import base
 
-flags.DEFINE_string("data_path", "", "File or directory for bank-full, taobao or csv data.")
 flags.DEFINE_list("private_dense", [], "Numeric columns moved to the device.")
 flags.DEFINE_enum("protocol", "sl", ["sl", "fsl"], "Split learning or federated split learning.")
 flags.DEFINE_string("recipe", "tuned", "tuned (splitjax's) or paper (the authors').")

@@ -31,6 +31,7 @@ import pytest
 from experiments import attack as attack_bin
 from experiments import common
 from experiments import pipeline
+from experiments import records
 from experiments import reproduce as reproduce_bin
 from experiments import sweep as sweep_bin
 from experiments import train as train_bin
@@ -241,7 +242,7 @@ CASES = [
      ("--label_epsilons value 0 is invalid",)),
     ("sweep", dict(config=TINY, seeds=["0", "0"]), ("--seeds has duplicates",)),
     # ---- CSV files given to --dataset=csv / bank --data_path ----------------------------------
-    ("train", dict(dataset="csv"), ("csv needs path=FILE",)),
+    ("train", dict(dataset="csv"), ("csv needs a table: give --data_path=FILE",)),
     ("train", dict(dataset="csv", data_path="{files}/missing.csv"),
      ("file not found", "missing.csv", "check the path")),
     ("train", dict(dataset="csv", data_path="{files}"), ("is a directory, not a file",)),
@@ -261,7 +262,7 @@ CASES = [
     ("train", dict(dataset="csv", data_path="{files}/binary.csv"),
      ("binary.csv is a binary file", "export the table as UTF-8 CSV")),
     ("train", dict(dataset="csv", data_path="{files}/good.csv"),
-     ("no label column for good.csv", "give label=COLUMN")),
+     ("no label column for good.csv", "\"label\" key of --schema")),
     ("train", dict(dataset="bank", data_path="{files}/bank_three_labels.csv"),
      ("label 'y' must be binary but has 3 distinct value(s)", "choose a two-valued label")),
     pytest.param(("train", dict(dataset="csv", data_path="{files}/three_labels.csv",
@@ -449,7 +450,8 @@ def test_attack_overwrites_another_configuration_only_when_asked(workdirs, tmp_p
 
 
 def _timing_free(record: dict) -> dict:
-  return {k: v for k, v in record.items() if "seconds" not in k and k != "candidates_per_second"}
+  return {k: v for k, v in records.without_environment(record).items()
+          if "seconds" not in k and k != "candidates_per_second"}
 
 
 def test_attack_after_train_overwrite_is_of_the_new_model(workdirs, tmp_path, capsys):
@@ -498,7 +500,7 @@ def test_attack_resume_ignores_a_partial_of_another_configuration(workdirs, tmp_
 # Reruns keep results (H1), foreign directories are never touched (H2), everything is validated
 # before the workdir is touched (M2), sweeps refuse another point set and honour --overwrite (M7).
 
-CHANGED_BY_RETRAINING = ["checkpoint.msgpack", "metrics.json"]  # they record timings
+CHANGED_BY_RETRAINING = ["checkpoint.msgpack", "history.jsonl", "metrics.json"]  # they record timings
 _ALL_PRIVATE = {"private_categorical": ["a", "b", "d"], "private_dense": ["c"], "label": "y"}
 
 RERUN_CASES = [
@@ -578,7 +580,8 @@ def test_manifest_records_data_and_artifact_hashes(workdirs):
   manifest = json.loads((workdirs["a"] / "run.json").read_text())
   assert manifest["kind"] == "train" and manifest["splitjax_version"] == "0.2.0"
   assert set(manifest["artifacts"]) == {"config.json", "checkpoint.msgpack", "transcript.npz",
-                                        "transcript_params.msgpack", "metrics.json"}
+                                        "transcript_params.msgpack", "history.jsonl",
+                                        "metrics.json"}
   for name, digest in manifest["artifacts"].items():
     assert hashlib.sha256((workdirs["a"] / name).read_bytes()).hexdigest() == digest
 
@@ -615,7 +618,7 @@ def test_sweep_refuses_another_point_set_and_honours_overwrite(tmp_path, capsys)
   assert _snapshot(workdir) == before
   code, err = _call(capsys, "sweep", workdir=str(workdir), overwrite=True, **other)
   assert code == 0, err
-  assert [row["point"] for row in json.loads((workdir / "sweep.json").read_text())] == [
+  assert [row["point"] for row in json.loads((workdir / "sweep.json").read_text())["rows"]] == [
       "no_dp", "sigma_1", "sigma_inf"]
 
 

@@ -11,6 +11,7 @@ from scipy import stats
 
 from splitjax import data
 from splitjax.data import bundled
+import tables
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +174,74 @@ def test_csv_with_json_schema(tmp_path):
   # Keywords override the schema; positive_label flips the mapping; a dict schema works too.
   flipped = data.load("csv", path=path, schema=schema, server_dense="income",
                       positive_label="no")
-  assert flipped.roles.server_dense == ("income",)
+  # spend, no longer listed, goes to the server by type (a csv table's unlisted columns do).
+  assert flipped.roles.server_dense == ("income", "spend")
+  assert flipped.notes == ("t.csv: 1 unlisted column(s) go to the server: server_dense (spend) "
+                           '(list any under "ignore" in --schema to drop it)',)
   assert _all(flipped.train, flipped.test, "y").sum() == 6
   semi = data.load("csv", path=_write(tmp_path, "s.csv", _TABLE.replace(",", ";")),
                    schema=schema)  # Delimiter detected from the header.
   assert semi.priv_cardinalities == (2,)
+
+
+def test_own_table_unlisted_columns_go_to_the_server_by_type(tmp_path):
+  """A German-credit-shaped table with a schema naming only the label and the private columns."""
+  path = tables.german_like(tmp_path / "german.csv")
+  table = data.load("csv", path=path, schema=tables.SCHEMA)
+  assert table.roles.private_categorical == ("personal_status", "housing")
+  assert set(table.roles.server_dense) == set(tables.NUMERIC)
+  assert set(table.roles.server_categorical) == set(tables.CATEGORICAL) - {"personal_status",
+                                                                             "housing"}
+  assert len(table.roles.features()) == 20
+  assert table.pub_cardinalities == tuple(len(tables.CATEGORICAL[c])
+                                          for c in table.roles.server_categorical)
+  (note,) = table.notes
+  assert "german.csv: 18 unlisted column(s) go to the server" in note and '"ignore"' in note
+  for col in tables.NUMERIC + ("checking_status", "telephone"):
+    assert col in note, col
+  assert len(table.train) + len(table.test) == 1000
+  # Everything listed: no note. "ignore" drops columns on purpose, from any dataset.
+  listed = data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=["purpose"]),
+                     server_dense=[c for c in tables.NUMERIC if c != "age"],
+                     server_categorical=[c for c in tables.CATEGORICAL if c not in (
+                         "purpose", "personal_status", "housing")],
+                     private_dense=["age"])
+  assert listed.notes == ()
+  assert "age" not in listed.roles.server_dense and listed.roles.private_dense == ("age",)
+  adult = data.load("adult", ignore=["education"])
+  assert "education" not in adult.roles.features() and adult.notes == ()
+  # The built-in datasets keep their documented roles: their other columns are not used.
+  assert data.load("adult").roles == data.DEFAULT_ROLES["adult"]
+
+
+def test_own_table_refuses_an_id_and_an_empty_server_side(tmp_path):
+  path = tables.german_like(tmp_path / "german.csv", num_rows=200, id_column=True)
+  with pytest.raises(data.DataError, match=r"categorical column 'application_id' of .*german.csv "
+                     r"has 200 distinct values in 200 rows, like an identifier: list it under "
+                     r'"ignore" in --schema'):
+    data.load("csv", path=path, schema=tables.SCHEMA)
+  table = data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=["application_id"]))
+  assert "application_id" not in table.roles.features()
+  assert "application_id" not in table.notes[0]
+  # The id listed on purpose as a server category is refused too.
+  with pytest.raises(data.DataError, match="like an identifier"):
+    data.load("csv", path=path, schema=dict(tables.SCHEMA, server_categorical=["application_id"]))
+  every_other = [c for c in ("application_id",) + tables.NUMERIC + tuple(tables.CATEGORICAL)
+                 if c not in ("personal_status", "housing")]
+  with pytest.raises(data.DataError, match=r"the server holds no feature for .*german.csv; list "
+                     r'its columns under "server_categorical" or "server_dense" in --schema'):
+    data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=every_other))
+  with pytest.raises(data.DataError, match=r"the server holds no feature for adult"):
+    data.load("adult", ignore=list(data.DEFAULT_ROLES["adult"].server_categorical
+                                   + data.DEFAULT_ROLES["adult"].server_dense))
+  with pytest.raises(data.DataError, match=r"column 'class' is given two roles \(label and ignore"):
+    data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=["class"]))
+  with pytest.raises(data.DataError, match=r"column 'income' is both the label and in \"ignore\""):
+    data.load("adult", ignore=["income"])
+  with pytest.raises(data.DataError, match=r"unknown column 'nope'"):
+    data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=["nope"]))
+  with pytest.raises(data.DataError, match=r"given two roles \(ignore and server_dense\)"):
+    data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=["age"], server_dense=["age"]))
 
 
 _RAW_SAMPLE = """\
@@ -243,7 +307,7 @@ def test_taobao_join_fills_and_shifts(tmp_path):
 
 def test_taobao_errors(tmp_path):
   directory = _taobao_dir(tmp_path)
-  with pytest.raises(data.DataError, match="taobao needs path=DIR"):
+  with pytest.raises(data.DataError, match="taobao needs --data_path=DIR"):
     data.load("taobao")
   (directory / "ad_feature.csv").write_text(_AD_FEATURE.replace("12,4280", "13,4280"))
   with pytest.raises(data.DataError, match=r"adgroup_id '12' at raw_sample\.csv line 5"):

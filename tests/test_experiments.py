@@ -11,11 +11,16 @@ from absl.testing import flagsaver
 import numpy as np
 import pytest
 
+import splitjax
+
 from experiments import attack as attack_bin
 from experiments import common
+from experiments import records
 from experiments import reproduce as reproduce_bin
 from experiments import sweep as sweep_bin
 from experiments import train as train_bin
+
+import tables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(config="synthetic_tiny")
@@ -38,6 +43,15 @@ def test_train_writes_metrics_checkpoint_and_transcript(trained):
     assert key in metrics, key
   assert 0.0 <= metrics["test_auc"] <= 1.0
   assert metrics["epochs"] == 2 and metrics["epsilon"] == "inf"
+  env = metrics["environment"]
+  assert env["splitjax"] == splitjax.__version__ and env["backend"] == "cpu"
+  for key in ("git_commit", "python", "jax", "jaxlib", "flax", "optax", "dp-accounting", "numpy",
+              "devices", "utc_time"):
+    assert key in env, key
+  assert metrics["resolved_config"]["epochs"] == 2 and metrics["resolved_config"]["batch_size"] == 64
+  history = [json.loads(l) for l in (trained / "history.jsonl").read_text().splitlines()]
+  assert [h["epoch"] for h in history] == [1, 2]
+  assert history[-1]["train_loss"] == metrics["train_loss"]
   assert (trained / "checkpoint.msgpack").exists()
   with np.load(trained / "transcript.npz") as z:
     assert z["h"].shape == z["g"].shape
@@ -103,8 +117,9 @@ def test_sweep_writes_csv_and_table(tmp_path):
 
 
 def _strip_cost(report: str) -> str:
-  """The report without Table 4 (wall-clock timings differ between runs)."""
-  return re.sub(r"### Table 4 — cost.*?(?=\n## |\Z)", "", report, flags=re.S)
+  """The report without Table 4 (wall-clock timings) and the environment footer (UTC time)."""
+  report = re.sub(r"### Table 4 — cost.*?(?=\n## |\Z)", "", report, flags=re.S)
+  return "\n".join(l for l in report.splitlines() if not l.startswith(records.FOOTER_PREFIX))
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +257,32 @@ def test_exact_on_a_trained_adult_model(tmp_path, dp_clip):
   for name in ref["features"]:
     assert abs(rec["features"][name]["accuracy"] - ref["features"][name]["accuracy"]) <= 1 / n
   assert abs(rec["label"]["accuracy"] - ref["label"]["accuracy"]) <= 1 / n
+
+
+def test_own_table_through_the_binaries(tmp_path, capsys):
+  """--dataset=csv with a schema naming only the label and the private columns trains, lists the
+  columns it gave the server, and is attacked; reproduce builds a csv study from the preset."""
+  path = tables.german_like(tmp_path / "german.csv")
+  schema = tmp_path / "schema.json"
+  schema.write_text(json.dumps(tables.SCHEMA))
+  wd = tmp_path / "w"
+  with flagsaver.flagsaver(workdir=str(wd), dataset="csv", data_path=str(path), schema=str(schema),
+                           **TINY):
+    train_bin.main([])
+  out = capsys.readouterr().out
+  assert "german.csv: 18 unlisted column(s) go to the server: server_dense (duration," in out
+  metrics = json.loads((wd / "metrics.json").read_text())
+  assert metrics["dataset"] == "csv" and 0.0 <= metrics["test_auc"] <= 1.0
+  with flagsaver.flagsaver(workdir=str(wd)):
+    attack_bin.main([])
+  rec = json.loads((wd / "attack.json").read_text())
+  assert set(rec["features"]) == {"personal_status", "housing"}
+  # No DP: EXACT recovers every attacked user up to reported ties.
+  for r in list(rec["features"].values()) + [rec["label"]]:
+    assert r["accuracy"] >= 1.0 - rec["ties"] / rec["num_examples"], r
+  study = reproduce_bin.csv_study("quick", str(path), str(schema))
+  assert (study.train.dataset, study.train.data_path, study.recipes) == ("csv", str(path),
+                                                                         ("tuned",))
+  with flagsaver.flagsaver(workdir=str(tmp_path / "r"), preset="tiny", datasets=["csv"]):
+    with pytest.raises(common.UsageError, match="--datasets=csv needs your table and its roles"):
+      reproduce_bin.main([])

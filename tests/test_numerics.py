@@ -23,6 +23,7 @@ import pytest
 
 from experiments import attack as attack_bin
 from experiments import common
+from experiments import records
 from experiments import sweep as sweep_bin
 from experiments import train as train_bin
 from splitjax import attacks
@@ -44,9 +45,15 @@ def _run(args, env_extra=None) -> subprocess.CompletedProcess:
 
 
 def _timing_free(record: dict) -> dict:
-  """A results dict without wall-clock keys (``*seconds*``, throughput)."""
-  return {k: v for k, v in record.items()
+  """A results dict without wall-clock keys (``*seconds*``, throughput) and the environment."""
+  return {k: v for k, v in records.without_environment(record).items()
           if "seconds" not in k and k != "candidates_per_second"}
+
+
+def _history(workdir: pathlib.Path) -> list[dict]:
+  """history.jsonl without the epochs' wall-clock seconds."""
+  lines = (workdir / "history.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(l).items() if "seconds" not in k} for l in lines]
 
 
 def _assert_same_training(got: pathlib.Path, want: pathlib.Path):
@@ -56,6 +63,9 @@ def _assert_same_training(got: pathlib.Path, want: pathlib.Path):
   assert m_got["test_auc"] == m_want["test_auc"]
   assert m_got["test_log_loss"] == m_want["test_log_loss"]
   assert _timing_free(m_got) == _timing_free(m_want)
+  assert m_got["environment"]["jax"] == m_want["environment"]["jax"]
+  # history.jsonl is rewritten from the checkpointed history: a resumed run's equals this one's.
+  assert _history(got) == _history(want) and len(_history(want)) == m_want["epochs"]
   with np.load(got / "transcript.npz") as a, np.load(want / "transcript.npz") as b:
     assert sorted(a.files) == sorted(b.files)
     for key in b.files:

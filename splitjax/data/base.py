@@ -88,6 +88,8 @@ class TabularData:
     dense_ranges: train (min, max) of each dense column before scaling.
     priv_priors: synthetic data only: the exact marginal prior of each private categorical
       feature, one [cardinality] float64 array per feature; None for real data.
+    notes: one-line messages on how the table was read (e.g. for csv, the unlisted columns
+      given to the server), for the caller to show.
   """
 
   name: str
@@ -99,3 +101,4 @@ class TabularData:
   vocab: dict[str, tuple[str, ...]]
   dense_ranges: dict[str, tuple[float, float]]
   priv_priors: tuple[np.ndarray, ...] | None = None
+  notes: tuple[str, ...] = ()

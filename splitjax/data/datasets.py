@@ -1,5 +1,6 @@
 """The dataset registry: `load(name, ...)` for adult, bank, credit, taobao, csv and synthetic."""
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -45,7 +46,7 @@ DEFAULT_ROLES = {
 # The value of each dataset's default label that maps to y = 1.
 _POSITIVE = {"adult": ">50K", "bank": "yes", "credit": "1", "taobao": "1"}
 
-SCHEMA_KEYS = tabular.ROLE_NAMES + ("label", "delimiter", "positive_label")
+SCHEMA_KEYS = tabular.ROLE_NAMES + ("label", "ignore", "delimiter", "positive_label")
 
 # Options accepted through **kwargs, per dataset (synthetic takes `synthetic`'s arguments).
 _OPTIONS = {
@@ -69,7 +70,8 @@ _TAOBAO_LEVELS = {"age_level": (0, 7, 0), "pvalue_level": (1, 3, 1),
 
 def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, schema=None,
          private_categorical=None, private_dense=None, server_categorical=None,
-         server_dense=None, label: str | None = None, **kwargs) -> base.TabularData:
+         server_dense=None, label: str | None = None, ignore=None,
+         **kwargs) -> base.TabularData:
   """Loads a dataset of the registry, encoded, split and scaled (DESIGN.md §5).
 
   Categorical columns are coded densely from 0 over the whole table, categories in sorted
@@ -86,18 +88,23 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
       the directory holding raw_sample.csv, user_profile.csv and ad_feature.csv; `csv`: the
       table. Plain or gzip, UTF-8.
     schema: a dict or the path of a JSON file with keys among `SCHEMA_KEYS` (role lists,
-      `label`, optional `delimiter` and `positive_label`); keyword arguments override it.
+      `label`, `ignore`, optional `delimiter` and `positive_label`); keyword arguments override
+      it.
     private_categorical: device-held categorical columns (a tuple or "a,b").
     private_dense: device-held numeric columns, e.g. `('age',)` moves age to the device.
     server_categorical: server-held categorical columns.
     server_dense: server-held numeric columns.
     label: the binary label column.
+    ignore: columns dropped on purpose (e.g. an id column).
     **kwargs: `delimiter` (bank, csv), `max_rows` (bank, taobao, csv: keep the first rows of
       the file, of raw_sample.csv for taobao), `positive_label` (csv: the label value mapped to
       1; default the larger value), and `synthetic`'s arguments for `synthetic`.
 
   A role given explicitly replaces that role's default columns, and the columns it names leave
-  the roles they had by default. Columns in no role are ignored.
+  the roles they had by default. For `csv`, every column in no role and not in `ignore` goes to
+  the server by type (all cells numbers: server dense, else server categorical), named in
+  `TabularData.notes`; a categorical column with about one value per row (an id) is refused.
+  The built-in datasets keep their documented roles: their other columns are not used.
 
   Returns:
     The `TabularData`.
@@ -106,10 +113,11 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
     DataError: an unknown dataset, option or column; a missing, unreadable, empty, binary or
       non-UTF-8 file; a checksum mismatch of a bundled file; malformed rows; a wrong delimiter;
       a label that is not binary; NaN or text in a dense column; a column given two roles; no
-      private feature.
+      private or no server feature; a csv categorical column that looks like an identifier.
 
   References:
-    Kariyappa et al., "Evaluating Privacy Leakage in Split Learning", arXiv:2305.12997.
+    Qiu, Leontiadis, Melis, Sablayrolles, Stock, "Evaluating Privacy Leakage in Split
+    Learning", arXiv:2305.12997.
 
   Example:
     >>> data = load("adult", private_dense=("age",))
@@ -127,10 +135,10 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
   overrides = dict(private_categorical=private_categorical, private_dense=private_dense,
                    server_categorical=server_categorical, server_dense=server_dense)
   if name == "synthetic":
-    if path is not None or schema is not None or label is not None or any(
+    if path is not None or schema is not None or label is not None or ignore is not None or any(
         v is not None for v in overrides.values()):
       given = [k for k, v in (("path", path), ("schema", schema), ("label", label),
-                              *overrides.items()) if v is not None]
+                              ("ignore", ignore), *overrides.items()) if v is not None]
       raise base.DataError(
           f"synthetic takes no path, schema or column roles (got {', '.join(given)}); drop "
           f"{'it' if len(given) == 1 else 'them'} and size the table with num_examples, "
@@ -142,6 +150,7 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
       if overrides[role] is None:
         overrides[role] = spec.get(role)
     label = label if label is not None else spec.get("label")
+    ignore = ignore if ignore is not None else spec.get("ignore")
     for key in ("delimiter", "positive_label"):
       if key in spec and kwargs.get(key) is None:
         if key not in _OPTIONS[name]:
@@ -149,8 +158,8 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
         kwargs[key] = spec[key]
   if name in ("adult", "credit") and path is not None:
     raise base.DataError(
-        f"{name} is bundled with splitjax and takes no path; for your own copy use "
-        "load('csv', path=..., schema=...)")
+        f"{name} is bundled with splitjax and takes no --data_path; for your own copy use "
+        "--dataset=csv with --data_path and --schema")
   max_rows = kwargs.get("max_rows")
   if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 2):
     raise base.DataError(f"max_rows must be an integer >= 2, got {max_rows!r}; or leave it None")
@@ -166,16 +175,25 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
                    for col, (_, size, _) in _TAOBAO_LEVELS.items()}
   else:  # csv
     if path is None:
-      raise base.DataError("csv needs path=FILE (a delimited text table) and column roles")
+      raise base.DataError("csv needs a table: give --data_path=FILE (a delimited text file) and "
+                           "--schema=FILE.json naming at least the label and the private columns")
     table = reader.read_csv(path, delimiter=kwargs.get("delimiter"), max_rows=max_rows)
+  source = name if name != "csv" else table.source
   roles = tabular.resolve_roles(DEFAULT_ROLES.get(name), table.header, overrides=overrides,
-                                label=label, source=name if name != "csv" else table.source)
+                                label=label, source=source, ignore=ignore)
+  notes = ()
+  if name == "csv":
+    roles, note = tabular.assign_unlisted(table, roles, ignore=ignore)
+    notes = (note,) if note else ()
+    tabular.check_no_identifiers(table, roles)
+  tabular.check_server_side(roles, source=source)
   positive = kwargs.get("positive_label")
   if positive is None and name in _POSITIVE and roles.label == DEFAULT_ROLES[name].label:
     positive = _POSITIVE[name]
-  return tabular.from_raw(table, roles, name=name, seed=seed, test_fraction=test_fraction,
+  data = tabular.from_raw(table, roles, name=name, seed=seed, test_fraction=test_fraction,
                           positive=None if positive is None else str(positive),
                           fixed_vocab=fixed_vocab)
+  return dataclasses.replace(data, notes=notes) if notes else data
 
 
 def read_schema(schema) -> dict:
@@ -262,7 +280,7 @@ def taobao_table(path, *, max_rows: int | None = None) -> reader.RawTable:
   """
   if path is None:
     raise base.DataError(
-        f"taobao needs path=DIR holding {', '.join(TAOBAO_FILES)} (Alibaba 'Ad Display/Click "
+        f"taobao needs --data_path=DIR (or --taobao_dir) holding {', '.join(TAOBAO_FILES)} (Alibaba 'Ad Display/Click "
         "Data on Taobao.com'); it is not bundled")
   path = os.fspath(path)
   if not os.path.isdir(path):

@@ -26,12 +26,12 @@ def as_columns(value) -> tuple[str, ...] | None:
 
 def resolve_roles(defaults: base.Roles | None, header: Sequence[str], *,
                   overrides: Mapping[str, object], label: str | None,
-                  source: str) -> base.Roles:
+                  source: str, ignore=None) -> base.Roles:
   """Applies role overrides to the defaults and validates the result against the header.
 
   A role given explicitly replaces that role's default columns, and every column it names is
   removed from the roles it had by default (so `private_dense=('age',)` moves age to the
-  device).
+  device). Columns in `ignore` leave every role.
 
   Args:
     defaults: the dataset's default roles, or None (then roles not given are empty).
@@ -39,15 +39,21 @@ def resolve_roles(defaults: base.Roles | None, header: Sequence[str], *,
     overrides: role name (one of `ROLE_NAMES`) -> columns, or None where not given.
     label: the label column if given, else None (the default label is kept).
     source: dataset or file name used in messages.
+    ignore: columns dropped on purpose (the schema's "ignore" key), or None.
 
   Returns:
-    The resolved roles.
+    The resolved roles (the server side may still be empty: see `check_server_side`).
 
   Raises:
     DataError: a column in two roles, an unknown column, no label, or no private feature.
   """
   given = {role: as_columns(overrides.get(role)) for role in ROLE_NAMES}
+  ignored = as_columns(ignore) or ()
   owner = {}
+  for col in ignored:
+    if col in owner:
+      raise base.DataError(f"column {col!r} is listed twice in \"ignore\"; list it once")
+    owner[col] = "ignore"
   for role, columns in given.items():
     for col in columns or ():
       if col in owner and owner[col] == role:
@@ -73,11 +79,11 @@ def resolve_roles(defaults: base.Roles | None, header: Sequence[str], *,
   if label is None:
     label = defaults.label if defaults is not None else None
   if not label:
-    raise base.DataError(f"no label column for {source}; give label=COLUMN (a binary column; "
-                         "in a schema file the \"label\" key)")
+    raise base.DataError(f"no label column for {source}; name a binary column with the "
+                         "\"label\" key of --schema")
   roles = base.Roles(label=label, **final)
   known = set(header)
-  for col in roles.features() + (label,):
+  for col in roles.features() + (label,) + ignored:
     if col not in known:
       raise base.DataError(
           f"unknown column {col!r} for {source}; available columns: {', '.join(header)}")
@@ -85,11 +91,84 @@ def resolve_roles(defaults: base.Roles | None, header: Sequence[str], *,
     if label in final[role]:
       raise base.DataError(
           f"column {label!r} is given two roles (label and {role}); give each column one role")
+  if label in ignored:
+    raise base.DataError(f"column {label!r} is both the label and in \"ignore\"; drop one")
   if not roles.private_categorical and not roles.private_dense:
     raise base.DataError(
-        f"no private feature for {source}; give private_categorical=... or private_dense=... "
-        "(the device must hold at least one feature)")
+        f"no private feature for {source}; list the device's columns under "
+        "\"private_categorical\" or \"private_dense\" in --schema (the device must hold at "
+        "least one feature)")
   return roles
+
+
+def check_server_side(roles: base.Roles, *, source: str) -> None:
+  """Raises DataError when the server holds no feature (the cut layer would carry nothing)."""
+  if not roles.server_categorical and not roles.server_dense:
+    raise base.DataError(
+        f"the server holds no feature for {source}; list its columns under "
+        "\"server_categorical\" or \"server_dense\" in --schema (or leave them unlisted: for "
+        "csv, unlisted columns go to the server)")
+
+
+# A categorical column with at least this many distinct values, and at least this fraction of
+# the rows distinct, reads as an identifier (a row id, a name): one embedding row per example.
+ID_MIN_DISTINCT = 50
+ID_MIN_FRACTION = 0.5
+
+
+def looks_numeric(values: np.ndarray) -> bool:
+  """Whether every cell of a string column parses as a finite number."""
+  try:
+    return bool(np.all(np.isfinite(values.astype(np.float64))))
+  except ValueError:
+    return False
+
+
+def assign_unlisted(table: reader.RawTable, roles: base.Roles, *, ignore=None
+                    ) -> tuple[base.Roles, str | None]:
+  """Gives every column without a role (and not in `ignore`) to the server, by type.
+
+  A column whose every cell is a finite number becomes server dense, any other one server
+  categorical (appended after the listed server columns, in file order).
+
+  Args:
+    table: the raw table.
+    roles: resolved roles.
+    ignore: columns dropped on purpose, or None.
+
+  Returns:
+    (the roles with the unlisted columns added, a one-line note naming them or None when every
+    column was listed).
+  """
+  taken = set(roles.features()) | {roles.label} | set(as_columns(ignore) or ())
+  unlisted = [c for c in table.header if c not in taken]
+  if not unlisted:
+    return roles, None
+  dense = tuple(c for c in unlisted if looks_numeric(table.column(c)))
+  cat = tuple(c for c in unlisted if c not in dense)
+  roles = base.Roles(
+      private_categorical=roles.private_categorical, private_dense=roles.private_dense,
+      server_categorical=roles.server_categorical + cat,
+      server_dense=roles.server_dense + dense, label=roles.label)
+  parts = [f"server_dense ({', '.join(dense)})" if dense else "",
+           f"server_categorical ({', '.join(cat)})" if cat else ""]
+  note = (f"{table.source}: {len(unlisted)} unlisted column(s) go to the server: "
+          f"{'; '.join(p for p in parts if p)} (list any under \"ignore\" in --schema to drop "
+          "it)")
+  return roles, note
+
+
+def check_no_identifiers(table: reader.RawTable, roles: base.Roles) -> None:
+  """Refuses a categorical column with about one value per row (an id or a name)."""
+  for col in roles.private_categorical + roles.server_categorical:
+    values = table.column(col)
+    num_rows = int(values.shape[0])
+    distinct = int(np.unique(values).shape[0])
+    if distinct >= ID_MIN_DISTINCT and distinct >= ID_MIN_FRACTION * num_rows:
+      raise base.DataError(
+          f"categorical column {col!r} of {table.source} has {distinct:,} distinct values in "
+          f"{num_rows:,} rows, like an identifier: list it under \"ignore\" in --schema (a "
+          "per-row category teaches the model nothing and EXACT would enumerate every value)")
 
 
 def _sort_key(values: np.ndarray) -> np.ndarray:
