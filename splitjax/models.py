@@ -185,16 +185,61 @@ class Head(nn.Module):
     return out + lin + fm
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CustomSpec:
+  """What splitjax needs to know of a split model it did not build (`SplitModel.from_apply_fns`).
+
+  Always the paper's orientation (``device_top``): the server encodes its features into ``h``,
+  the device holds the private features and the label and computes the logit.
+
+  Attributes:
+    priv_cardinalities: cardinality of each private categorical feature (what EXACT enumerates).
+    num_priv_dense: number of private dense features.
+    cut_dim: width d of ``h``, or None when not given.
+    name: a label for the architecture (it enters the fingerprint).
+  """
+
+  priv_cardinalities: tuple[int, ...]
+  num_priv_dense: int = 0
+  cut_dim: int | None = None
+  name: str = "custom"
+  topology: str = dataclasses.field(default="device_top", init=False)
+  head: str = dataclasses.field(default="custom", init=False)
+
+  def __post_init__(self):
+    cards = tuple(int(c) for c in self.priv_cardinalities)
+    if any(c < 1 for c in cards):
+      raise ValueError(f"priv_cardinalities must all be >= 1, got {self.priv_cardinalities}")
+    if not cards and not self.num_priv_dense:
+      raise ValueError("the device needs at least one private feature: give priv_cardinalities "
+                       "or num_priv_dense")
+    object.__setattr__(self, "priv_cardinalities", cards)
+
+  @property
+  def encoder_side(self) -> str:
+    return "server"
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+  def fingerprint(self) -> str:
+    """Short hash of these fields (the functions themselves are not hashed)."""
+    blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 class SplitModel(NamedTuple):
   """Pure functions of a split model (see module docstring).
 
   ``encoder_apply(params, cat[P] int32, dense[Pd]) -> [d]`` and
   ``head_apply(params, h[d], cat, dense) -> scalar logit`` act on one example.
   In ``device_top`` the server owns the encoder and the device the head; in
-  ``device_bottom`` the other way round.
+  ``device_bottom`` the other way round. Build one with `make_model` (splitjax's DeepFM or
+  MLP) or, for your own model, with `SplitModel.from_apply_fns`.
   """
 
-  spec: ModelSpec
+  spec: ModelSpec | CustomSpec
   encoder_init: Callable[[jax.Array], Any]
   encoder_apply: Callable[..., jax.Array]
   head_init: Callable[[jax.Array], Any]
@@ -207,6 +252,38 @@ class SplitModel(NamedTuple):
   def head_batch(self, params, h, cat, dense):
     """``h: [N, d], cat: [N, P], dense: [N, Pd] -> logits [N]``."""
     return jax.vmap(self.head_apply, in_axes=(None, 0, 0, 0))(params, h, cat, dense)
+
+  @classmethod
+  def from_apply_fns(cls, server_init: Callable[[jax.Array], Any],
+                     server_apply: Callable[..., jax.Array],
+                     device_init: Callable[[jax.Array], Any],
+                     device_apply: Callable[..., jax.Array],
+                     priv_cardinalities, *, num_priv_dense: int = 0,
+                     cut_dim: int | None = None, name: str = "custom") -> "SplitModel":
+    """A split model from your own functions (Flax linen or NNX, Haiku, plain JAX).
+
+    Every function acts on ONE example; splitjax vmaps them.
+
+    Args:
+      server_init: ``key -> theta`` (a pytree).
+      server_apply: ``(theta, pub_cat [Sc] int32, pub_dense [Sd] float32) -> h [d]``.
+      device_init: ``key -> phi``.
+      device_apply: ``(phi, h [d], priv_cat [P] int32, priv_dense [Pd] float32) -> logit``
+        (a scalar).
+      priv_cardinalities: cardinality of each private categorical feature, in the order of
+        ``priv_cat`` (e.g. ``TabularData.priv_cardinalities``).
+      num_priv_dense: Pd, the number of private dense features.
+      cut_dim: d, if you want it recorded (nothing in training or EXACT needs it).
+      name: names the architecture in fingerprints and records.
+
+    Returns:
+      A `SplitModel` with a `CustomSpec` that `training.fit`, `protocol` and `attacks.exact`
+      accept. (`attacks.optimize.relaxed_device_apply` rewrites splitjax's own head and refuses
+      it; write a relaxed ``device_apply`` of your model for `attacks.optimize` instead.)
+    """
+    spec = CustomSpec(priv_cardinalities=tuple(priv_cardinalities),
+                      num_priv_dense=int(num_priv_dense), cut_dim=cut_dim, name=name)
+    return cls(spec, server_init, server_apply, device_init, device_apply)
 
   # Names of the paper's orientation.
   @property

@@ -155,6 +155,10 @@ def relaxed_device_apply(model: models.SplitModel) -> Callable[..., jax.Array]:
     raise AttackError(f'relaxed_device_apply needs a device_top model (the device runs the head); '
                       f'got topology {spec.topology!r}. For device_bottom attack the activations '
                       '(splitjax.attacks.activations).')
+  if not isinstance(spec, models.ModelSpec):
+    raise AttackError('relaxed_device_apply rewrites splitjax\'s own DeepFM/MLP head; a model from '
+                      'SplitModel.from_apply_fns needs a relaxed device_apply(params, h, probs, '
+                      'dense) written for it (or use attacks.exact)')
   e = spec.embed_dim
   num_h_fields = len(spec.pub_cardinalities)
   num_cat = len(spec.priv_cardinalities)

@@ -13,7 +13,7 @@ Typical cut-layer use, applied by the device to its rows `g: [batch, d_cut]` bef
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,14 +100,14 @@ def _row_stats(leaves) -> _RowStats:
   return _RowStats(dtype, typical, finite, norm, pow2, scaled)
 
 
-def per_example_global_norm(updates: optax.Updates) -> jax.Array:
+def per_example_global_norm(updates: Any) -> jax.Array:
   """The L2 norm of each example's row over all leaves.
 
   Exact up to rounding for every finite input (no overflow for entries near the float32 maximum
   other than a norm that itself exceeds it, which is inf; no underflow for tiny entries).
 
   Args:
-    updates: pytree whose leaves are `[batch, ...]`.
+    updates: a pytree (optax updates) whose leaves are `[batch, ...]`.
 
   Returns:
     `[batch]` norms, in float32 (or the widest leaf dtype if wider); inf for rows with an
@@ -119,7 +119,7 @@ def per_example_global_norm(updates: optax.Updates) -> jax.Array:
   return _row_stats(jax.tree.leaves(updates)).norm
 
 
-def nonfinite_rows(updates: optax.Updates) -> jax.Array:
+def nonfinite_rows(updates: Any) -> jax.Array:
   """`[batch]` bool: rows holding an inf or NaN in any leaf (`clip_per_example` zeroes them)."""
   leaves = jax.tree.leaves(updates)
   _batch_size(leaves)
