@@ -33,7 +33,8 @@ LETTERS = ("a", "b", "c", "d", "e")
 NUMBERS = ("0", "1", "2", "10", "-3")  # sorted numerically: -3, 0, 1, 2, 10
 LABELS = (("no", "yes"), ("0", "1"), ("<=50K", ">50K"))
 SCHEMA = {"private_categorical": ["p_letter", "p_number"], "private_dense": ["p_dense"],
-          "server_categorical": ["s_letter"], "server_dense": ["s_dense"], "label": "y"}
+          "server_categorical": ["s_letter"], "server_dense": ["s_dense"], "label": "y",
+          "ignore": ["ignored"]}  # dropped on purpose (an unlisted csv column goes to the server)
 _DENSE = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 
 
