@@ -11,11 +11,13 @@ Writes ``attack.json`` (default attack: ``--variant=auto --prior=auto`` on test 
 from absl import app
 from absl import flags
 
+from splitjax import attacks
+from experiments import attack_flags  # pylint: disable=unused-import (defines --num_examples)
 from experiments import attacking
 from experiments import common
 from experiments.configs import base
 
-flags.DEFINE_string("attack", "exact", "Attack name (see splitjax.attacks.ATTACKS).")
+flags.DEFINE_string("attack", "exact", f"Attack: one of {', '.join(attacks.ATTACKS)}.")
 flags.DEFINE_string("variant", "auto", "Scoring: clip_aware (nearest clipped candidate), paper "
                     "(nearest unclipped), bayes (Gaussian likelihood + prior); auto = bayes when "
                     "the cut layer is noised, else clip_aware.")
@@ -31,6 +33,7 @@ flags.DEFINE_string("screen_dtype", "none", "none, bfloat16 or float16: EXACT sc
                     "with low-precision matmuls, rescores the best in float32 (faster; falls back "
                     "to float32 for users the screen cannot decide). Not with --variant=bayes.")
 flags.mark_flags_as_required(["workdir"])
+common.declare_key_flags("attack")
 
 
 def main(argv):
@@ -38,7 +41,8 @@ def main(argv):
   config = common.apply_flag_overrides(base.AttackConfig(),
                                        common.config_dict(base.AttackConfig()))
   record = attacking.attack_workdir(common.WORKDIR.value, config, resume=common.resume(),
-                                    overwrite=common.overwrite(), kill_switch=common.KillSwitch())
+                                    overwrite=common.overwrite(), progress=common.progress,
+                                    kill_switch=common.KillSwitch())
   if "resolved_attack" in record.get("config", {}):
     from experiments import beyond  # pylint: disable=g-import-not-at-top
     print(beyond.markdown_table(record))

@@ -23,6 +23,7 @@ from splitjax.privacy import accounting
 from splitjax.privacy import bounds
 from splitjax.privacy import label_dp
 
+from experiments import common
 from experiments import pipeline
 from experiments import records
 from experiments.configs import base as configs_base
@@ -240,7 +241,7 @@ def _targets(dataset, split_name: str, rows: np.ndarray):
 
 
 def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool = False,
-                   overwrite: bool = False, progress=print, kill_switch=None) -> dict:
+                   overwrite: bool = False, progress=common.progress, kill_switch=None) -> dict:
   """Runs ``config`` against the trained ``workdir``; writes and returns the attack record."""
   validate(config)
   restored = None if config.attack != "exact" else pipeline.Restored(workdir)
@@ -314,6 +315,13 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   redone = done.get("screen_fallback", np.zeros(n, bool))  # users the bf16 screen left undecided
   label_post = done.get("label_posterior", np.full((n, 2), np.nan))  # P(label | g), Bayes only
   map_codes = done.get("map_codes", np.full(n, -1, np.int64))  # joint MAP / nearest tuple
+  if progress:
+    est = attacks.estimate(device_apply, transcript.params_at(int(transcript.param_index[0])),
+                           transcript.h.shape[1], dataset.priv_cardinalities,
+                           int((~finished).sum()))
+    progress(f"EXACT: {est.num_users:,} users x {est.num_pairs:,} pairs, about "
+             f"{est.seconds:.2g} s after compilation (estimate: {est.flops_per_candidate:,} "
+             f"FLOPs per candidate at half of {est.matmul_flops_per_second / 1e9:.0f} GFLOP/s)")
   t0 = time.time()
   bar = training.ProgressPrinter(n, f"attack {variant}/{prior} {config.users}",
                                  printer=progress) if progress else None
@@ -586,6 +594,13 @@ def markdown_table(record: dict) -> str:
                  f"{r['knn_h_accuracy']:.4f} | {fmt(r['bound'])} ({r['bound_kind']}) | "
                  f"{fmt(r['bound_marginal'])} | {', '.join(r['marks'])} |")
   lines.append("")
-  lines.append(f"ties: {record['ties']}; attack epsilon {record['attack_epsilon']} "
-               f"(delta {record['delta']}); {record['candidates_per_second']:.3g} candidates/s")
+  eps = lambda x: x if isinstance(x, str) else f"{float(x):.4g}"
+  lines.append(f"ties: {record['ties']} (users whose best candidates scored equal: the answer "
+               f"took the first); epsilon of one attacked release {eps(record['attack_epsilon'])}"
+               f" (cut layer, delta {record['delta']}); {record['candidates_per_second']:.3g} "
+               "candidates/s")
+  lines.append("prior only: the same prior's guess without the gradient; gain: accuracy minus "
+               "it (paired, McNemar 95% CI); bound: the most an attacker with that prior can "
+               "reach; mu_hat (in the JSON): the smallest mu consistent with the accuracy, only "
+               "where the bound is a guarantee.")
   return "\n".join(lines)

@@ -41,6 +41,7 @@ from splitjax.privacy import accounting
 from splitjax.privacy import bounds
 
 from experiments import attacking
+from experiments import common
 from experiments import pipeline
 from experiments import records
 from experiments.configs import base as configs_base
@@ -210,7 +211,7 @@ class _KnownDenseApply:
 
 
 def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool = False,
-                   overwrite: bool = False, progress=print, kill_switch=None,
+                   overwrite: bool = False, progress=common.progress, kill_switch=None,
                    options: BeyondOptions | None = None) -> dict:
   """Runs ``config`` (an attack of :data:`ATTACKS`) on ``workdir``; writes and returns the record.
 

@@ -3,12 +3,14 @@
 import dataclasses
 import importlib
 import importlib.util
+import logging as std_logging
 import os
 import pathlib
 import sys
 import traceback
 
 from absl import flags
+from absl import logging
 
 FLAGS = flags.FLAGS
 
@@ -28,7 +30,6 @@ CONFIG = flags.DEFINE_string("config", None, "Config name in experiments/configs
                              "(default: the config named by --dataset).")
 DATASET = flags.DEFINE_string("dataset", "adult", "adult, bank, credit, taobao, csv or synthetic.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed (parameters, data split and order, DP noise).")
-NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "Attack only the first N users (0 = all).")
 DATA_PATH = flags.DEFINE_string(
     "data_path", "", "The table for --dataset=csv (a delimited text file, plain or gzip), a UCI "
     "bank-full.csv for bank, or the directory of the taobao files.")
@@ -39,9 +40,57 @@ SCHEMA = flags.DEFINE_string(
 
 KILL_ENV = "SPLITJAX_TEST_KILL_AFTER"
 
+# Lines that tell a user nothing: JAX probing for a TPU on a CPU/GPU machine, and matplotlib
+# building its font cache. Their loggers are quietened; JAX_PLATFORMS stays the user's choice.
+for _name, _level in (("jax._src.xla_bridge", std_logging.WARNING),
+                      ("matplotlib.font_manager", std_logging.ERROR)):
+  std_logging.getLogger(_name).setLevel(_level)
+
+# The shared flags each binary uses, declared as its key flags so that its --help lists them.
+SHARED_FLAGS = {
+    "train": ("workdir", "config", "dataset", "data_path", "schema", "seed", "resume",
+              "overwrite", "debug", "coordinator_address", "num_processes", "process_id"),
+    "attack": ("workdir", "seed", "num_examples", "resume", "overwrite", "debug",
+               "coordinator_address", "num_processes", "process_id"),
+    "sweep": ("workdir", "config", "dataset", "data_path", "schema", "num_examples", "overwrite",
+              "debug"),
+    "reproduce": ("workdir", "data_path", "schema", "overwrite", "debug"),
+}
+
+
+def declare_key_flags(binary: str) -> None:
+  """Makes the shared flags `binary` uses key flags of the calling module (listed by --help)."""
+  for name in SHARED_FLAGS[binary]:
+    flags.declare_key_flag(name)
+
+
+def progress(message: str) -> None:
+  """Progress and diagnostics of the binaries: absl logging (see --verbosity, --log_dir)."""
+  logging.info("%s", message)
+
 
 class UsageError(ValueError):
   """A bad flag value: the message names the flag and the fix."""
+
+
+def format_number(value, digits: int = 4) -> str:
+  """A number with `digits` significant digits ("inf" and "nan" as such; strings pass through)."""
+  if isinstance(value, str):
+    return value
+  return f"{float(value):.{digits}g}"
+
+
+def format_epsilons(metrics: dict) -> str:
+  """Every epsilon of a privacy report with the channel it covers (never a bare "epsilon")."""
+  delta = format_number(metrics.get("delta", 0.0), 3)
+  parts = [f"cut layer in training {format_number(metrics['epsilon'])} "
+           f"(k = {metrics.get('releases', '?')} releases)",
+           f"one attacked release {format_number(metrics['attack_epsilon'])}"]
+  if "label_epsilon" in metrics:
+    parts.append(f"label (randomized response) {format_number(metrics['label_epsilon'])}")
+  parts.append(f"device updates {format_number(metrics['device_epsilon'])}")
+  parts.append(f"total {format_number(metrics['total_epsilon'])}")
+  return f"epsilon at delta {delta}: " + "; ".join(parts)
 
 
 def debug() -> bool:
@@ -60,6 +109,8 @@ def run_main(main_fn):
   """Wraps ``main(argv)``: known errors print one line and exit 2 (traceback with --debug)."""
 
   def wrapped(argv):
+    if FLAGS.log_dir:
+      logging.get_absl_handler().use_absl_log_file()
     if _COORDINATOR.value:
       from splitjax import training  # pylint: disable=g-import-not-at-top
       training.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,

@@ -28,6 +28,7 @@ from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import label_dp
 
+from experiments import common
 from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
@@ -188,7 +189,7 @@ def _state_template(model, config):
 
 
 def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = False,
-                  overwrite: bool = False, keep_identical: bool = False, progress=print,
+                  overwrite: bool = False, keep_identical: bool = False, progress=common.progress,
                   kill_switch=None) -> dict:
   """Trains per ``config`` into ``workdir``; returns the metrics dict (also in metrics.json).
 
@@ -344,7 +345,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
 
   def on_transcript(transcript):
     # Written before the last checkpoint: a finished checkpoint implies a transcript.
-    write_transcript(workdir, transcript)
+    write_transcript(workdir, transcript, device_params=config.record_device_params)
 
   def on_epoch_end(epoch, st, log):
     history.append(log)
@@ -409,14 +410,16 @@ def run_fingerprint(model, stored_config: dict) -> str:
   return io.fingerprint({"spec": model.spec.to_dict(), "config": stored_config})
 
 
-def write_transcript(workdir: pathlib.Path, transcript: protocol.Transcript) -> None:
-  """Atomically writes the transcript arrays and the device parameters behind them."""
+def write_transcript(workdir: pathlib.Path, transcript: protocol.Transcript, *,
+                     device_params: bool = True) -> None:
+  """Atomically writes the transcript arrays and (if `device_params`) the parameters behind them."""
   import io as _pyio
   buf = _pyio.BytesIO()
   np.savez_compressed(buf, **transcript.to_arrays())
-  io.save_checkpoint(workdir / "transcript_params.msgpack", transcript.device_params,
-                     metadata={"fingerprint": "transcript", "versions":
-                               int(jax.tree.leaves(transcript.device_params)[0].shape[0])})
+  if device_params:
+    io.save_checkpoint(workdir / "transcript_params.msgpack", transcript.device_params,
+                       metadata={"fingerprint": "transcript", "versions":
+                                 int(jax.tree.leaves(transcript.device_params)[0].shape[0])})
   io.atomic_write_bytes(workdir / "transcript.npz", buf.getvalue())
 
 
@@ -469,6 +472,12 @@ class Restored:
     except Exception as e:  # corrupted file
       raise io.CheckpointError(f"transcript {path} is unreadable ({type(e).__name__}): rerun "
                                "experiments.train with --overwrite") from None
+    if not (self.workdir / "transcript_params.msgpack").exists() and not getattr(
+        self.config, "record_device_params", True):
+      raise io.CheckpointError(
+          f"{self.workdir} was trained without the per-step device parameters that attacking "
+          "training users needs: retrain with experiments.train --record_device_params "
+          "--overwrite (sweep points leave them out), or attack test users (--users=test)")
     versions = int(arrays["param_index"].max()) + 1 if len(arrays["param_index"]) else 1
     template = jax.tree.map(lambda x: np.zeros((versions,) + x.shape, x.dtype),
                             jax.device_get(self.state.device_params))

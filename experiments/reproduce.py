@@ -27,6 +27,7 @@ _PRESET = flags.DEFINE_string("preset", "quick", "quick, full or tiny (configs <
 _DATASETS = flags.DEFINE_list("datasets", ["adult", "bank", "credit"], "Datasets to study.")
 _TAOBAO = flags.DEFINE_string("taobao_dir", "", "Directory with the Taobao files (adds taobao).")
 flags.mark_flags_as_required(["workdir"])
+common.declare_key_flags("reproduce")
 
 
 def _presets() -> dict[str, list[str]]:

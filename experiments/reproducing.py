@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from splitjax import io
+from experiments import common
 from experiments import pipeline
 from experiments import records
 from experiments import sweeping
@@ -35,7 +36,7 @@ def _group_dir(workdir, dataset, protocol, recipe) -> pathlib.Path:
 
 
 def run_study(study: configs_base.StudyConfig, workdir, *, overwrite: bool = False,
-              progress=print, kill_switch=None) -> dict:
+              progress=common.progress, kill_switch=None) -> dict:
   """Runs (or resumes) one dataset's study; returns its results dict (also study.json).
 
   A finished study.json of the same study is reused; one of another study (or, with
@@ -184,11 +185,12 @@ def table1(res) -> list[str]:
 
 
 def table_auc(res) -> list[str]:
-  lines = ["| protocol | recipe | test AUC (mean ± sd) | seeds | epochs |",
+  lines = ["| protocol | recipe | test AUC (mean ± sd over seeds) | seeds | epochs |",
            "|---|---|---|---|---|"]
   for key, row in res["auc"].items():
     proto, recipe = key.split("_", 1)
-    lines.append(f"| {proto.upper()} | {recipe} | {row['auc_mean']:.4f} ± {row['auc_sd']:.4f} | "
+    lines.append(f"| {proto.upper()} | {recipe} | "
+                 f"{sweeping.auc_cell(row['auc_mean'], row['auc_sd'], len(row['seeds']))} | "
                  f"{len(row['seeds'])} | {row['epochs']} |")
   return lines
 
@@ -208,7 +210,7 @@ def table2(rows, no_dp_auc) -> list[str]:
     nm = float(r["noise_multiplier"])
     mu1 = _num(2.0 / nm if nm else math.inf) if r["kind"] != "none" else "∞"
     cells = [sigma, _num(r["l2_clip_norm"]), _num(r["epsilon"]), _num(r["attack_epsilon"]), mu1,
-             f"{r['auc_mean']:.4f} ± {r['auc_sd']:.4f}", f"{r['auc_mean'] - no_dp_auc:+.4f}"]
+             sweeping.row_auc_cell(r), f"{r['auc_mean'] - no_dp_auc:+.4f}"]
     for s in secrets:
       if not r["attacks"]:
         cells.append("no signal: prior")
@@ -232,7 +234,7 @@ def table3(rows, no_dp_auc) -> list[str]:
          ["label: prior only / gain [CI]", "label bound (randomized response, per user)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [f"{r['value']:g}", f"{r['auc_mean']:.4f} ± {r['auc_sd']:.4f}",
+    cells = [f"{r['value']:g}", sweeping.row_auc_cell(r),
              f"{r['auc_mean'] - no_dp_auc:+.4f}"]
     best = _strongest(r["attacks"])
     for s in secrets:

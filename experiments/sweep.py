@@ -15,6 +15,7 @@ import math
 from absl import app
 from absl import flags
 
+from experiments import attack_flags
 from experiments import common
 from experiments import pipeline
 from experiments import sweeping
@@ -26,6 +27,7 @@ _TARGETS = flags.DEFINE_list("target_epsilons", [str(e) for e in sweeping.TARGET
 _LABEL = flags.DEFINE_list("label_epsilons", [str(e) for e in sweeping.LABEL_EPSILONS],
                            "Label-DP epsilons.")
 flags.mark_flags_as_required(["workdir"])
+common.declare_key_flags("sweep")
 
 
 def _floats(values, flag):
@@ -68,14 +70,14 @@ def main(argv):
   label_eps = _check(_floats(_LABEL.value, "label_epsilons"), "label_epsilons",
                      lambda v: 0 < v < math.inf, "a positive finite epsilon")
   seeds = _seeds(_SEEDS.value)
-  if common.NUM_EXAMPLES.value < 0:
-    raise common.UsageError(f"--num_examples={common.NUM_EXAMPLES.value} must be >= 0 "
+  if attack_flags.NUM_EXAMPLES.value < 0:
+    raise common.UsageError(f"--num_examples={attack_flags.NUM_EXAMPLES.value} must be >= 0 "
                             "(0 = every test user)")
   pipeline.validate(base)
   points = sweeping.default_points(sigmas, targets, label_eps)
   rows = sweeping.run_sweep(base, common.WORKDIR.value, points=points, seeds=seeds,
-                            num_examples=common.NUM_EXAMPLES.value, overwrite=common.overwrite(),
-                            kill_switch=common.KillSwitch())
+                            num_examples=attack_flags.NUM_EXAMPLES.value, overwrite=common.overwrite(),
+                            progress=common.progress, kill_switch=common.KillSwitch())
   sweeping.plot(rows, common.WORKDIR.value, base.dataset)
   print(sweeping.to_markdown(rows))
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from splitjax import io
 from experiments import attacking
+from experiments import common
 from experiments import pipeline
 from experiments import records
 from experiments import workdir as workdir_lib
@@ -73,7 +74,7 @@ def default_points(sigmas=SIGMAS, target_epsilons=TARGET_EPSILONS,
 
 
 def run_point(base_config, point: Point, workdir: pathlib.Path, *, seeds, variants,
-              num_examples: int, overwrite: bool = False, progress=print,
+              num_examples: int, overwrite: bool = False, progress=common.progress,
               kill_switch=None) -> dict:
   """Trains every seed and attacks the first seed's model; returns one summary row.
 
@@ -82,7 +83,8 @@ def run_point(base_config, point: Point, workdir: pathlib.Path, *, seeds, varian
   """
   aucs, metrics = [], None
   for seed in seeds:
-    cfg = dataclasses.replace(point.apply(base_config), seed=seed)
+    # Sweep points attack test users: the per-step device parameters are not written.
+    cfg = dataclasses.replace(point.apply(base_config), seed=seed, record_device_params=False)
     wd = workdir / "points" / point.name / f"seed{seed}"
     m = pipeline.train_workdir(cfg, wd, resume=True, overwrite=overwrite, keep_identical=True,
                                progress=None, kill_switch=kill_switch)
@@ -121,7 +123,7 @@ def run_point(base_config, point: Point, workdir: pathlib.Path, *, seeds, varian
 
 
 def run_sweep(base_config, workdir, *, points, seeds=(0, 1, 2), variants=ATTACK_VARIANTS,
-              num_examples=0, overwrite: bool = False, progress=print,
+              num_examples=0, overwrite: bool = False, progress=common.progress,
               kill_switch=None) -> list[dict]:
   """Runs (or resumes) every point; writes sweep.json, sweep.csv and sweep.md into workdir.
 
@@ -205,7 +207,7 @@ def to_csv(rows) -> str:
 def to_markdown(rows, variants=ATTACK_VARIANTS) -> str:
   """Table: per point the epsilons, AUC and attack accuracy per secret for the named variants."""
   secrets = _secrets(rows)
-  head = ["point", "sigma", "C", "epsilon (train)", "attack epsilon", "mu", "AUC"]
+  head = ["point", "sigma", "C", "epsilon (train)", "attack epsilon", "mu (train)", "AUC"]
   for v in variants:
     head += [f"{s} ({v})" for s in secrets]
   head += [f"{s} bound (kind)" for s in secrets]
@@ -213,7 +215,7 @@ def to_markdown(rows, variants=ATTACK_VARIANTS) -> str:
   for r in rows:
     cells = [r["point"], _fmt(r["noise_multiplier"]), _fmt(r["l2_clip_norm"], 3),
              _fmt(r["epsilon"], 3), _fmt(r["attack_epsilon"], 3), _fmt(r["mu"], 3),
-             f"{r['auc_mean']:.4f} ± {r['auc_sd']:.4f}"]
+             row_auc_cell(r)]
     for v in variants:
       for s in secrets:
         a = (r["attacks"] or {}).get(v, {}).get(s)
@@ -223,7 +225,24 @@ def to_markdown(rows, variants=ATTACK_VARIANTS) -> str:
       a = next(iter((r["attacks"] or {"": {}}).values()), {}).get(s)
       cells.append(_bound_cell(a))
     lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "Epsilons at the report's delta: train = the cut layer over training (k releases "
+            "per example), attack = one replayed test release; mu (train) is the composed GDP mu "
+            "of training. AUC: mean ± sd over seeds (n = 1: one seed, no sd). Bounds: the most "
+            "any attacker with the stated prior can reach (guarantee: true prior; estimate: "
+            "informed prior; none: the channel is unprotected)."]
   return "\n".join(lines) + "\n"
+
+
+def row_auc_cell(row) -> str:
+  """`auc_cell` of a sweep row (its seeds counted from `aucs`)."""
+  return auc_cell(row["auc_mean"], row["auc_sd"], len(row.get("aucs") or row.get("seeds") or []))
+
+
+def auc_cell(mean: float, sd: float, n: int) -> str:
+  """"mean ± sd (n=k)" over k seeds; one seed has no sd: "mean (n=1)"."""
+  if n <= 1:
+    return f"{mean:.4f} (n=1)"
+  return f"{mean:.4f} ± {sd:.4f} (n={n})"
 
 
 def _bound_cell(a) -> str:

@@ -33,7 +33,11 @@ flags.DEFINE_float("target_delta", 1e-5, "Delta of every reported epsilon.")
 flags.DEFINE_float("device_dp_clip", 0.0, "Device DP-SGD per-example clip norm (0 = off).")
 flags.DEFINE_float("device_dp_noise_multiplier", 0.0, "Device DP-SGD noise multiplier.")
 flags.DEFINE_float("label_dp_epsilon", 0.0, "Randomized-response label DP epsilon (0 = off).")
+flags.DEFINE_bool("record_device_params", True, "Write the device parameters behind every "
+                  "transcript row (transcript_params.msgpack; about 35 MB for adult SL): "
+                  "attack --users=train needs them.")
 flags.mark_flags_as_required(["workdir"])
+common.declare_key_flags("train")
 
 
 def main(argv):
@@ -41,10 +45,12 @@ def main(argv):
   config = common.load_train_config(common.CONFIG.value, common.DATASET.value)
   config = common.apply_flag_overrides(config, common.config_dict(base.TrainConfig()))
   metrics = pipeline.train_workdir(config, common.WORKDIR.value, resume=common.resume(),
-                                   overwrite=common.overwrite(), kill_switch=common.KillSwitch())
+                                   overwrite=common.overwrite(), progress=common.progress,
+                                   kill_switch=common.KillSwitch())
   print(f"test AUC {metrics['test_auc']:.4f}  log-loss {metrics['test_log_loss']:.4f}  "
-        f"accuracy {metrics['test_accuracy']:.4f}  epsilon {metrics['epsilon']}  "
-        f"({metrics['seconds_per_epoch']:.1f} s/epoch) -> {common.WORKDIR.value}/metrics.json")
+        f"accuracy {metrics['test_accuracy']:.4f}  ({metrics['seconds_per_epoch']:.1f} s/epoch)")
+  print(common.format_epsilons(metrics))
+  print(f"-> {common.WORKDIR.value}/metrics.json")
 
 
 if __name__ == "__main__":

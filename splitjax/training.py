@@ -409,21 +409,32 @@ def mean_cut_grad_norm(model, state: TrainState, split, batch_size: int = 4096) 
 
 
 class ProgressPrinter:
-  """Prints one line per ``every`` seconds (progress on long runs)."""
+  """Hands one progress line per ``every`` seconds to ``printer`` (progress on long runs).
+
+  The first step includes compilation, so the rate behind the ETA is measured from the end of the
+  first step on; until a second step has finished no ETA is given.
+  """
 
   def __init__(self, total: int, label: str, every: float = 5.0,
-               printer: Callable[[str], None] = print):
-    self.total, self.label, self.every, self.printer = total, label, every, printer
+               printer: Callable[[str], None] | None = None):
+    self.total, self.label, self.every = total, label, every
+    self.printer = printer if printer is not None else (lambda line: None)
     self.start = self.last = time.time()
+    self.first_done = None  # time at which the first (compiling) step finished
 
   def __call__(self, done: int, extra: str = ""):
     now = time.time()
+    if done >= 1 and self.first_done is None:
+      self.first_done = now
     if now - self.last >= self.every or done == self.total:
       self.last = now
-      rate = done / max(now - self.start, 1e-9)
-      eta = (self.total - done) / max(rate, 1e-9)
+      if done >= 2 and now > self.first_done:
+        rate = (done - 1) / (now - self.first_done)
+        eta = f"eta {(self.total - done) / rate:.1f}s"
+      else:
+        eta = "eta after the first compiled step"
       self.printer(f"[{self.label}] {done}/{self.total} ({100.0 * done / max(self.total, 1):.0f}%)"
-                   f" {now - self.start:.1f}s elapsed, eta {eta:.1f}s {extra}")
+                   f" {now - self.start:.1f}s elapsed, {eta} {extra}".rstrip())
 
 
 # ---------------------------------------------------------------- the training loop
@@ -453,7 +464,7 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
         start_epoch: int = 0, record_last_epoch: bool = True,
         on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
         on_transcript: Callable[[Any], None] | None = None,
-        progress: Callable[[str], None] | None = print) -> FitResult:
+        progress: Callable[[str], None] | None = None) -> FitResult:
   """Trains a split model with SL or FSL.
 
   Args:
@@ -481,7 +492,8 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
       what must outlive the callback.
     on_transcript: ``callback(transcript)`` once the last epoch's transcript is
       complete, before that epoch's ``on_epoch_end``.
-    progress: printer for progress lines, or None.
+    progress: called with each progress line (per-step lines every few seconds and one line
+      per epoch with its training loss), or None (the default: the library prints nothing).
 
   Returns:
     :class:`FitResult`.
@@ -555,6 +567,9 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     log = {"epoch": epoch + 1, "train_loss": loss, "seconds": time.time() - t0,
            "nonfinite_rows_zeroed": int(sum(int(to_host(x)) for x in nonfinite))}
     history.append(log)
+    if progress:
+      progress(f"[{protocol_name}] epoch {epoch + 1}/{recipe.epochs}: train loss {loss:.4f} "
+               f"({log['seconds']:.1f} s)")
     if rec is not None:
       transcript = rec.finish(dp)
       if on_transcript is not None:

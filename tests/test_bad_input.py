@@ -18,6 +18,7 @@ import errno
 import gzip
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -530,20 +531,19 @@ def test_refused_rerun_leaves_workdir_and_files_as_they_were(case, workdirs, fil
   test_bad_input_gives_one_clear_line_and_keeps_results(case, workdirs, files, tmp_path, capsys)
 
 
-def test_identical_rerun_keeps_every_file(workdirs, tmp_path, capsys):
+def test_identical_rerun_keeps_every_file(workdirs, tmp_path, caplog):
   workdir = tmp_path / "w"
   shutil.copytree(workdirs["a"], workdir)
   before = _snapshot(workdir)
   assert "attack.json" in before and "run.json" in before
-  capsys.readouterr()
+  caplog.set_level(logging.INFO)
   with flagsaver.flagsaver(workdir=str(workdir), config=TINY):
     train_bin.main([])
-  out = capsys.readouterr().out
-  assert "already trained (test AUC" in out and "--overwrite to retrain" in out
+  assert "already trained (test AUC" in caplog.text and "--overwrite to retrain" in caplog.text
   assert _snapshot(workdir) == before
 
 
-def test_overwrite_builds_beside_and_a_kill_loses_nothing(workdirs, tmp_path, capsys,
+def test_overwrite_builds_beside_and_a_kill_loses_nothing(workdirs, tmp_path, caplog,
                                                           monkeypatch):
   workdir = tmp_path / "w"
   shutil.copytree(workdirs["a"], workdir)
@@ -560,10 +560,11 @@ def test_overwrite_builds_beside_and_a_kill_loses_nothing(workdirs, tmp_path, ca
   monkeypatch.delenv(common.KILL_ENV)
   after = _snapshot(workdir)
   assert {k: v for k, v in after.items() if not k.startswith(".staging")} == before
-  capsys.readouterr()
+  caplog.clear()
+  caplog.set_level(logging.INFO)
   with flagsaver.flagsaver(workdir=str(workdir), config=TINY, overwrite=True):
     train_bin.main([])
-  out = capsys.readouterr().out
+  out = caplog.text
   assert "replaced the earlier one" in out and "attack.json" in out  # names what it removed
   files_now = set(_snapshot(workdir))
   assert not any(name.startswith((".staging", ".replaced")) for name in files_now)

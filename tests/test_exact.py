@@ -552,3 +552,21 @@ def test_sharded_over_four_devices_equals_single_device():
   proc = forced_devices.run(_MULTI_DEVICE_SCRIPT, os.path.abspath(__file__), timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'OK 4' in proc.stdout
+
+
+def test_estimate_counts_the_candidate_flops_and_scales_with_users():
+  """FLOPs per candidate of tanh(h W[x0]) . v: forward h W (2dm) and its transpose for dl/dh
+  (2dm), plus O(m) for the dot with v; the estimate is linear in users and candidates."""
+  d, m = 8, 16
+  params = {"W": jnp.ones((3, d, m)), "v": jnp.ones((m,))}
+  apply = lambda p, h, x: jnp.tanh(h @ p["W"][x[0]]) @ p["v"]
+  est = splitjax.attacks.estimate(apply, params, d, (3, 2), num_users=100)
+  assert 4 * d * m <= est.flops_per_candidate <= 4 * d * m + 8 * m, est
+  assert (est.num_candidates, est.num_pairs, est.num_users) == (6, 12, 100)
+  assert est.matmul_flops_per_second > 0 and est.bytes_per_candidate > 0
+  twice = splitjax.attacks.estimate(apply, params, d, (3, 2), num_users=200)
+  assert twice.seconds == pytest.approx(2 * est.seconds)
+  assert est.seconds == pytest.approx(100 * 6 * est.flops_per_candidate
+                                      / (0.5 * est.matmul_flops_per_second))
+  with pytest.raises(splitjax.attacks.AttackError, match="efficiency"):
+    splitjax.attacks.estimate(apply, params, d, (3, 2), num_users=1, efficiency=0)

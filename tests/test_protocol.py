@@ -1,5 +1,7 @@
 """The cut layer: split gradients equal end-to-end gradients, in both topologies."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,19 +46,21 @@ def test_split_gradients_equal_end_to_end(topology, head):
     logits = model.head_batch(head_p, h, *head_in)
     return jnp.sum(mask * protocol.bce_loss(logits, y)) / jnp.sum(mask)
 
-  ref_enc, ref_head = jax.grad(composed, argnums=(0, 1))(enc, top)
-  h = protocol.bottom_forward(model, enc, *enc_in)
-  out = protocol.top_step(model, top, h, *head_in, y, mask)
-  enc_grads = protocol.bottom_backward(model, enc, *enc_in, out.cut_grads, jnp.sum(mask))
-  np.testing.assert_allclose(out.loss, composed(enc, top), rtol=1e-5)
+  # Jitted (op-by-op dispatch of the Flax modules is slow); the maths is the same.
+  ref_enc, ref_head = jax.jit(jax.grad(composed, argnums=(0, 1)))(enc, top)
+  h = jax.jit(functools.partial(protocol.bottom_forward, model))(enc, *enc_in)
+  out = jax.jit(functools.partial(protocol.top_step, model))(top, h, *head_in, y, mask)
+  enc_grads = jax.jit(functools.partial(protocol.bottom_backward, model))(
+      enc, *enc_in, out.cut_grads, jnp.sum(mask))
+  np.testing.assert_allclose(out.loss, jax.jit(composed)(enc, top), rtol=1e-5)
   for got, want in zip(jax.tree.leaves(out.param_grads), jax.tree.leaves(ref_head)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   for got, want in zip(jax.tree.leaves(enc_grads), jax.tree.leaves(ref_enc)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   # Row i of g is example i's own dl_i/dh_i; padded rows are zero.
   i = 2
-  g_i = jax.grad(lambda hi: protocol.bce_loss(
-      model.head_apply(top, hi, head_in[0][i], head_in[1][i])[None], y[i:i + 1])[0])(h[i])
+  g_i = jax.jit(jax.grad(lambda hi: protocol.bce_loss(
+      model.head_apply(top, hi, head_in[0][i], head_in[1][i])[None], y[i:i + 1])[0]))(h[i])
   np.testing.assert_allclose(out.cut_grads[i], g_i, rtol=1e-5, atol=1e-7)
   assert np.all(np.asarray(out.cut_grads[-3:]) == 0)
 

@@ -36,6 +36,9 @@ class TrainConfig:
   device_dp_clip: float = 0.0  # device DP-SGD per-example clip (0 = off)
   device_dp_noise_multiplier: float = 0.0
   seed: int = 0
+  # Write the device parameters behind every transcript row (transcript_params.msgpack, about
+  # 35 MB for adult SL): attacking training users needs them. Off for sweep points.
+  record_device_params: bool = True
   split_seed: int = 0  # the 90/10 split (and synthetic data) is fixed across training seeds
   # synthetic dataset only
   synthetic_examples: int = 2000

@@ -13,8 +13,10 @@ from splitjax.attacks.baselines import server_feature_matrix
 from splitjax.attacks.exact import DISTANCES
 from splitjax.attacks.exact import SCREEN_DTYPES
 from splitjax.attacks.exact import AttackError
+from splitjax.attacks.exact import Estimate
 from splitjax.attacks.exact import ExactResult
 from splitjax.attacks.exact import candidate_table
+from splitjax.attacks.exact import estimate
 from splitjax.attacks.exact import exact
 from splitjax.attacks.exact import low_precision_matmuls
 from splitjax.attacks.activations import ActivationResult

@@ -30,6 +30,7 @@ import functools
 import itertools
 import math
 import numbers
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -603,6 +604,103 @@ def _bytes_per_candidate(device_apply, params, d: int, dtype, num_features: int,
   itemsize = np.dtype(dtype).itemsize
   scoring = (d * (num_labels + 2) + 8 * num_labels) * itemsize
   return int(_MEMORY_FACTOR * (traced + scoring)) + 1
+
+
+def _dependent_flops(jaxpr, dependent_invars) -> int:
+  """FLOPs (2 per multiply-add) of the dot products in `jaxpr` that depend on the given inputs."""
+  dep = set(v for v, d in zip(jaxpr.invars, dependent_invars) if d)
+  total = 0
+  for eqn in jaxpr.eqns:
+    if not any((not hasattr(v, 'val')) and v in dep for v in eqn.invars):
+      continue
+    for sub in _subjaxprs(eqn):
+      total += _dependent_flops(sub, [True] * len(sub.invars))
+    dep.update(eqn.outvars)
+    if eqn.primitive.name == 'dot_general':
+      (lhs_contract, _), _ = eqn.params['dimension_numbers']
+      lhs_shape = eqn.invars[0].aval.shape
+      contracted = int(np.prod([lhs_shape[i] for i in lhs_contract], dtype=np.int64))
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape, dtype=np.int64)) * contracted
+  return total
+
+
+class Estimate(NamedTuple):
+  """The size and expected duration of an EXACT enumeration (see `estimate`).
+
+  Attributes:
+    num_users: users attacked.
+    num_candidates: private candidates per user (one gradient serves every label).
+    num_pairs: (candidate, label) pairs per user.
+    flops_per_candidate: FLOPs of one candidate's gradient that depend on the candidate
+      (dot products, 2 per multiply-add, counted on the traced computation).
+    bytes_per_candidate: memory of one candidate's intermediates (what the chunk planner uses).
+    matmul_flops_per_second: float32 matmul rate measured on the default device just now.
+    seconds: estimated wall time, `num_users * num_candidates * flops_per_candidate /
+      (efficiency * matmul_flops_per_second)`, compilation not included.
+  """
+
+  num_users: int
+  num_candidates: int
+  num_pairs: int
+  flops_per_candidate: int
+  bytes_per_candidate: int
+  matmul_flops_per_second: float
+  seconds: float
+
+
+@functools.lru_cache(maxsize=4)
+def matmul_flops_per_second(platform: str, n: int = 512, budget_seconds: float = 0.2) -> float:
+  """The float32 matmul rate of the default device, measured in about `budget_seconds`."""
+  del platform  # the cache key: one measurement per backend and process
+  a = jnp.ones((n, n), jnp.float32)
+  fn = jax.jit(lambda x: x @ x)
+  fn(a).block_until_ready()  # compile
+  reps, start = 0, time.perf_counter()
+  while True:
+    fn(a).block_until_ready()
+    reps += 1
+    elapsed = time.perf_counter() - start
+    if elapsed >= budget_seconds or reps >= 1000:
+      return 2.0 * n**3 * reps / max(elapsed, 1e-9)
+
+
+def estimate(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array], device_params: Any,
+             d: int, cardinalities: Sequence[int], num_users: int, *, num_labels: int = 2,
+             dtype=jnp.float32, efficiency: float = 0.5) -> Estimate:
+  """Sizes an EXACT run and estimates its duration before it starts (in well under a second).
+
+  FLOPs per candidate are counted on the traced gradient of `device_apply` (dot products that
+  depend on the candidate); the rate is a float32 matmul measured on the default device (about
+  0.2 s, once per process); `efficiency` is the fraction of that rate EXACT reaches (0.7-0.8
+  measured for DeepFM heads on CPUs, BUILD_NOTES.md "EXACT throughput"; 0.5 leaves a margin).
+
+  Args:
+    device_apply: `(params, h [d], x_priv [P] int32) -> scalar logit`, as for `exact`.
+    device_params: one version of the device parameters.
+    d: the width of `h`.
+    cardinalities: the private features' cardinalities.
+    num_users: users to attack.
+    num_labels: labels per candidate (2).
+    dtype: the dtype of `h`.
+    efficiency: fraction of the matmul rate assumed, in (0, 1].
+
+  Returns:
+    An `Estimate`.
+  """
+  if not 0 < efficiency <= 1:
+    raise AttackError(f'efficiency must be in (0, 1], got {efficiency}')
+  cards = tuple(int(c) for c in cardinalities)
+  closed = jax.make_jaxpr(jax.value_and_grad(device_apply, argnums=1))(
+      device_params, jax.ShapeDtypeStruct((d,), dtype), jax.ShapeDtypeStruct((len(cards),),
+                                                                              jnp.int32))
+  flags = [False] * len(jax.tree.leaves(device_params)) + [True, True]
+  flops = _dependent_flops(closed.jaxpr, flags)
+  per_cand = _bytes_per_candidate(device_apply, device_params, d, dtype, len(cards), num_labels)
+  rate = matmul_flops_per_second(jax.default_backend())
+  num_cand = math.prod(cards)
+  seconds = num_users * num_cand * max(flops, 1) / (efficiency * rate)
+  return Estimate(int(num_users), num_cand, num_cand * num_labels, int(flops), int(per_cand),
+                  float(rate), float(seconds))
 
 
 def _params_signature(params):
