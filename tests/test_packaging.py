@@ -166,13 +166,29 @@ def test_binaries_define_no_test_only_flags():
   One process imports all four binaries (their flags share one registry, so this is the union of
   every binary's `--helpfull`) and lists the module that defined each flag.
   """
-  code = ("import experiments.train, experiments.attack, experiments.sweep, experiments.reproduce\n"
+  code = ("import experiments.train, experiments.reproduce\n"
           "from absl import flags\n"
+          "print('TRAIN_AND_REPRODUCE_TAKE_NUM_EXAMPLES', 'num_examples' in flags.FLAGS)\n"
+          "import experiments.attack, experiments.sweep\n"
           "for module, fl in flags.FLAGS.flags_by_module_dict().items():\n"
-          "  print(module, ' '.join(f.name for f in fl))\n")
+          "  print(module, ' '.join(f.name for f in fl))\n"
+          "for name in ('train', 'attack', 'sweep', 'reproduce'):\n"
+          "  mod = getattr(experiments, name)\n"
+          "  print('KEY', name, ' '.join(sorted(f.name for f in\n"
+          "                                    flags.FLAGS.get_key_flags_for_module(mod))))\n")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "workdir" in out.stdout
   for marker in ("chex", "absl.testing", "test_randomize_ordering_seed", "test_srcdir"):
     assert marker not in out.stdout, marker
+  # --num_examples exists only where it applies; each binary's --help lists the shared flags
+  # it uses (its key flags).
+  assert "TRAIN_AND_REPRODUCE_TAKE_NUM_EXAMPLES False" in out.stdout
+  keys = {line.split()[1]: set(line.split()[2:]) for line in out.stdout.splitlines()
+          if line.startswith("KEY ")}
+  assert {"workdir", "data_path", "schema", "dataset", "seed", "resume"} <= keys["train"]
+  assert {"workdir", "num_examples", "attack", "variant"} <= keys["attack"]
+  assert {"data_path", "schema", "num_examples", "seeds"} <= keys["sweep"]
+  assert {"data_path", "schema", "preset", "datasets"} <= keys["reproduce"]
+  assert "num_examples" not in keys["train"] | keys["reproduce"]
