@@ -33,7 +33,8 @@ flags.DEFINE_string("screen_dtype", "none", "none, bfloat16 or float16: EXACT sc
                     "with low-precision matmuls, rescores the best in float32 (faster; falls back "
                     "to float32 for users the screen cannot decide). Not with --variant=bayes.")
 flags.mark_flags_as_required(["workdir"])
-common.declare_key_flags("attack")
+for _name in common.SHARED_FLAGS["attack"]:
+  flags.declare_key_flag(_name)
 
 
 def main(argv):

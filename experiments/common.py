@@ -46,7 +46,9 @@ for _name, _level in (("jax._src.xla_bridge", std_logging.WARNING),
                       ("matplotlib.font_manager", std_logging.ERROR)):
   std_logging.getLogger(_name).setLevel(_level)
 
-# The shared flags each binary uses, declared as its key flags so that its --help lists them.
+# The shared flags each binary uses. Each binary declares them as its key flags
+# (`flags.declare_key_flag` at its top level: absl finds the declaring module on the stack), so
+# that its --help lists them.
 SHARED_FLAGS = {
     "train": ("workdir", "config", "dataset", "data_path", "schema", "seed", "resume",
               "overwrite", "debug", "coordinator_address", "num_processes", "process_id"),
@@ -56,12 +58,6 @@ SHARED_FLAGS = {
               "debug"),
     "reproduce": ("workdir", "data_path", "schema", "overwrite", "debug"),
 }
-
-
-def declare_key_flags(binary: str) -> None:
-  """Makes the shared flags `binary` uses key flags of the calling module (listed by --help)."""
-  for name in SHARED_FLAGS[binary]:
-    flags.declare_key_flag(name)
 
 
 def progress(message: str) -> None:

@@ -27,7 +27,8 @@ _PRESET = flags.DEFINE_string("preset", "quick", "quick, full or tiny (configs <
 _DATASETS = flags.DEFINE_list("datasets", ["adult", "bank", "credit"], "Datasets to study.")
 _TAOBAO = flags.DEFINE_string("taobao_dir", "", "Directory with the Taobao files (adds taobao).")
 flags.mark_flags_as_required(["workdir"])
-common.declare_key_flags("reproduce")
+for _name in common.SHARED_FLAGS["reproduce"]:
+  flags.declare_key_flag(_name)
 
 
 def _presets() -> dict[str, list[str]]:

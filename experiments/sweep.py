@@ -27,7 +27,8 @@ _TARGETS = flags.DEFINE_list("target_epsilons", [str(e) for e in sweeping.TARGET
 _LABEL = flags.DEFINE_list("label_epsilons", [str(e) for e in sweeping.LABEL_EPSILONS],
                            "Label-DP epsilons.")
 flags.mark_flags_as_required(["workdir"])
-common.declare_key_flags("sweep")
+for _name in common.SHARED_FLAGS["sweep"]:
+  flags.declare_key_flag(_name)
 
 
 def _floats(values, flag):

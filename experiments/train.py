@@ -37,7 +37,8 @@ flags.DEFINE_bool("record_device_params", True, "Write the device parameters beh
                   "transcript row (transcript_params.msgpack; about 35 MB for adult SL): "
                   "attack --users=train needs them.")
 flags.mark_flags_as_required(["workdir"])
-common.declare_key_flags("train")
+for _name in common.SHARED_FLAGS["train"]:
+  flags.declare_key_flag(_name)
 
 
 def main(argv):
