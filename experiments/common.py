@@ -70,7 +70,10 @@ class UsageError(ValueError):
 
 
 def format_number(value, digits: int = 4) -> str:
-  """A number with `digits` significant digits ("inf" and "nan" as such; strings pass through)."""
+  """A number with `digits` significant digits ("inf" and "nan" as such; strings pass through;
+  None is empty)."""
+  if value is None:
+    return ""
   if isinstance(value, str):
     return value
   return f"{float(value):.{digits}g}"

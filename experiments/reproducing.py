@@ -156,6 +156,14 @@ def _acc(a) -> str:
   return f"{a['accuracy']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]"
 
 
+def _eps(x) -> str:
+  """An epsilon with 4 significant digits ("∞" when infinite)."""
+  if x is None:
+    return "–"
+  x = float(x)
+  return "∞" if math.isinf(x) else f"{x:.4g}"
+
+
 def _num(x, nd=3) -> str:
   if x is None:
     return "–"
@@ -209,7 +217,7 @@ def table2(rows, no_dp_auc) -> list[str]:
       sigma += f" (target ε={r['value']:g})"
     nm = float(r["noise_multiplier"])
     mu1 = _num(2.0 / nm if nm else math.inf) if r["kind"] != "none" else "∞"
-    cells = [sigma, _num(r["l2_clip_norm"]), _num(r["epsilon"]), _num(r["attack_epsilon"]), mu1,
+    cells = [sigma, _num(r["l2_clip_norm"]), _eps(r["epsilon"]), _eps(r["attack_epsilon"]), mu1,
              sweeping.row_auc_cell(r), f"{r['auc_mean'] - no_dp_auc:+.4f}"]
     for s in secrets:
       if not r["attacks"]:
@@ -300,7 +308,7 @@ def claims(results: dict) -> list[str]:
         c_verdicts.append(max(near.values()) <= NEAR_PRIOR)
         c_notes.append(
             f"{ds} {proto.upper()}: at the paper's sigma = {PAPER_SIGMA} (training ε "
-            f"{_num(paper['epsilon'])}, attack ε {_num(paper['attack_epsilon'])}) the clip-aware "
+            f"{_eps(paper['epsilon'])}, attack ε {_eps(paper['attack_epsilon'])}) the clip-aware "
             f"attack is above the prior by " + ", ".join(f"{s} {v:+.3f}" for s, v in near.items())
             + "; the paper's clip-unaware variant by "
             + ", ".join(f"{s} {pa['paper'][s]['accuracy'] - pa['paper'][s]['prior_accuracy']:+.3f}"

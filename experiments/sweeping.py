@@ -214,7 +214,8 @@ def to_markdown(rows, variants=ATTACK_VARIANTS) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     cells = [r["point"], _fmt(r["noise_multiplier"]), _fmt(r["l2_clip_norm"], 3),
-             _fmt(r["epsilon"], 3), _fmt(r["attack_epsilon"], 3), _fmt(r["mu"], 3),
+             common.format_number(r["epsilon"]), common.format_number(r["attack_epsilon"]),
+             _fmt(r["mu"], 3),
              row_auc_cell(r)]
     for v in variants:
       for s in secrets:
