@@ -34,8 +34,21 @@ HEADS = ("deepfm", "mlp")
 TOPOLOGIES = ("device_top", "device_bottom")
 
 
+class _SpecRecord:
+  """`to_dict` and `fingerprint` of a spec dataclass (the functions are not hashed)."""
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+  def fingerprint(self) -> str:
+    """Short hash identifying the architecture (checked when restoring)."""
+    blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelSpec:
+class ModelSpec(_SpecRecord):
   """Static description of a split model.
 
   Attributes:
@@ -92,14 +105,6 @@ class ModelSpec:
       return self.priv_cardinalities, self.num_priv_dense
     return self.pub_cardinalities, self.num_pub_dense
 
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-  def fingerprint(self) -> str:
-    """Short hash identifying the architecture (checked when restoring)."""
-    blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class Encoder(nn.Module):
@@ -186,7 +191,7 @@ class Head(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CustomSpec:
+class CustomSpec(_SpecRecord):
   """What splitjax needs to know of a split model it did not build (`SplitModel.from_apply_fns`).
 
   Always the paper's orientation (``device_top``): the server encodes its features into ``h``,
@@ -219,14 +224,6 @@ class CustomSpec:
   def encoder_side(self) -> str:
     return "server"
 
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-  def fingerprint(self) -> str:
-    """Short hash of these fields (the functions themselves are not hashed)."""
-    blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class SplitModel(NamedTuple):

@@ -575,17 +575,23 @@ def _subjaxprs(eqn):
         yield item.jaxpr
 
 
-def _dependent_bytes(jaxpr, dependent_invars) -> int:
-  """Bytes of all intermediates in `jaxpr` that depend on the given input variables."""
+def _dependent_eqns(jaxpr, dependent_invars):
+  """Every equation of `jaxpr` (and of its sub-jaxprs) that depends on the given input variables."""
   dep = set(v for v, d in zip(jaxpr.invars, dependent_invars) if d)
-  total = 0
   for eqn in jaxpr.eqns:
     if not any((not hasattr(v, 'val')) and v in dep for v in eqn.invars):
       continue
     for sub in _subjaxprs(eqn):
-      total += _dependent_bytes(sub, [True] * len(sub.invars))
+      yield from _dependent_eqns(sub, [True] * len(sub.invars))
+    dep.update(eqn.outvars)
+    yield eqn
+
+
+def _dependent_bytes(jaxpr, dependent_invars) -> int:
+  """Bytes of all intermediates in `jaxpr` that depend on the given input variables."""
+  total = 0
+  for eqn in _dependent_eqns(jaxpr, dependent_invars):
     for v in eqn.outvars:
-      dep.add(v)
       aval = v.aval
       if hasattr(aval, 'shape') and hasattr(aval, 'dtype'):
         total += int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
@@ -608,14 +614,8 @@ def _bytes_per_candidate(device_apply, params, d: int, dtype, num_features: int,
 
 def _dependent_flops(jaxpr, dependent_invars) -> int:
   """FLOPs (2 per multiply-add) of the dot products in `jaxpr` that depend on the given inputs."""
-  dep = set(v for v, d in zip(jaxpr.invars, dependent_invars) if d)
   total = 0
-  for eqn in jaxpr.eqns:
-    if not any((not hasattr(v, 'val')) and v in dep for v in eqn.invars):
-      continue
-    for sub in _subjaxprs(eqn):
-      total += _dependent_flops(sub, [True] * len(sub.invars))
-    dep.update(eqn.outvars)
+  for eqn in _dependent_eqns(jaxpr, dependent_invars):
     if eqn.primitive.name == 'dot_general':
       (lhs_contract, _), _ = eqn.params['dimension_numbers']
       lhs_shape = eqn.invars[0].aval.shape
