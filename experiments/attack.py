@@ -32,6 +32,9 @@ flags.DEFINE_integer("knn_k", 30, "k of the k-NN baselines.")
 flags.DEFINE_string("screen_dtype", "none", "none, bfloat16 or float16: EXACT screens every pair "
                     "with low-precision matmuls, rescores the best in float32 (faster; falls back "
                     "to float32 for users the screen cannot decide). Not with --variant=bayes.")
+_SKIP_MEMORY_CHECK = flags.DEFINE_bool(
+    "skip_memory_check", False, "Run EXACT even when its memory estimate exceeds 80% of the "
+    "free memory (it is then likely to fail or swap).")
 flags.mark_flags_as_required(["workdir"])
 for _name in common.SHARED_FLAGS["attack"]:
   flags.declare_key_flag(_name)
@@ -43,7 +46,8 @@ def main(argv):
                                        common.config_dict(base.AttackConfig()))
   record = attacking.attack_workdir(common.WORKDIR.value, config, resume=common.resume(),
                                     overwrite=common.overwrite(), progress=common.progress,
-                                    kill_switch=common.KillSwitch())
+                                    kill_switch=common.KillSwitch(),
+                                    check_memory=not _SKIP_MEMORY_CHECK.value)
   if "resolved_attack" in record.get("config", {}):
     from experiments import beyond  # pylint: disable=g-import-not-at-top
     print(beyond.markdown_table(record))

@@ -3,4 +3,5 @@ into one process). `train` and `reproduce` do not import this module, so they do
 
 from absl import flags
 
-NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "Attack only the first N users (0 = all).")
+NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None,
+                                    "Attack only the first N users (unset = all).")

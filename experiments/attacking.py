@@ -5,6 +5,7 @@ each row) and public knowledge (domains, train-set marginals, C, sigma); ground
 truth is used only to score the answers.
 """
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -26,6 +27,7 @@ from splitjax.privacy import label_dp
 from experiments import common
 from experiments import pipeline
 from experiments import records
+from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 
 VARIANTS = ("clip_aware", "paper", "bayes")
@@ -90,8 +92,8 @@ def validate(config: configs_base.AttackConfig) -> None:
   if config.users not in USERS:
     raise pipeline.ConfigError(f"unknown --users {config.users!r}: choose one of {USERS}")
   if config.num_examples < 0:
-    raise pipeline.ConfigError(f"--num_examples={config.num_examples} must be >= 0 "
-                               "(0 = every user)")
+    raise pipeline.ConfigError(f"--num_examples={config.num_examples} must be > 0 (omit it to "
+                               "attack every user)")
   for name in ("top_k", "knn_k"):
     if getattr(config, name) < 1:
       raise pipeline.ConfigError(f"--{name}={getattr(config, name)} must be >= 1")
@@ -241,9 +243,40 @@ def _targets(dataset, split_name: str, rows: np.ndarray):
 
 
 def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool = False,
-                   overwrite: bool = False, progress=common.progress, kill_switch=None) -> dict:
-  """Runs ``config`` against the trained ``workdir``; writes and returns the attack record."""
+                   overwrite: bool = False, progress=common.progress, kill_switch=None,
+                   check_memory: bool = True) -> dict:
+  """Runs ``config`` against the trained ``workdir``; writes and returns the attack record.
+
+  Holds the workdir's lock shared (exclusive with ``overwrite``) and the record's exclusive, so
+  several attacks of other configurations can run on one workdir at once (experiments/workdir.py).
+  With ``check_memory``, an EXACT run whose smallest possible peak memory exceeds 80 % of the
+  free memory is refused before it starts (``common.check_memory``).
+  """
   validate(config)
+  with owned_for_attack(workdir, config, overwrite=overwrite):
+    return _attack_owned(workdir, config, resume=resume, overwrite=overwrite, progress=progress,
+                         kill_switch=kill_switch, check_memory=check_memory)
+
+
+@contextlib.contextmanager
+def owned_for_attack(workdir, config: configs_base.AttackConfig, *, overwrite: bool):
+  """The locks of an attack on ``workdir``: the workdir's (shared, or exclusive with
+  ``overwrite``), then its record's (exclusive). A path that is not a directory is left to the
+  restore, which names it."""
+  workdir = pathlib.Path(workdir).expanduser()
+  if not workdir.is_dir():
+    yield
+    return
+  name = results_name(config)
+  with workdir_lib.locked(workdir, exclusive=overwrite), workdir_lib.locked(
+      workdir, exclusive=True, name=f".{name}.lock", what=f"{workdir / name}"):
+    for p in workdir.glob(f".{name}.*.tmp"):  # an earlier attack of this record, killed mid-write
+      p.unlink(missing_ok=True)
+    yield
+
+
+def _attack_owned(workdir, config: configs_base.AttackConfig, *, resume: bool, overwrite: bool,
+                  progress, kill_switch, check_memory: bool = True) -> dict:
   restored = None if config.attack != "exact" else pipeline.Restored(workdir)
   if restored is None or (restored.model.spec.topology != "device_top"
                           or restored.model.spec.num_priv_dense):
@@ -258,6 +291,7 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
                                  progress=progress, kill_switch=kill_switch)
   workdir = pathlib.Path(workdir)
   dataset, model = restored.dataset, restored.model
+  check_knn_k(config, dataset)
   name = results_name(config)
   out_path = workdir / name
   cfg = dataclasses.asdict(config)
@@ -266,6 +300,9 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
                             "schema_version": SCHEMA_VERSION})
   if out_path.exists() and not overwrite:
     old = io.read_json(out_path)
+    if not isinstance(old, dict) or "config" not in old:
+      raise io.ResultsError(f"{out_path} is not an attack record (edited or damaged): "
+                            "--overwrite to recompute it")
     if old.get("schema_version") != SCHEMA_VERSION:
       raise io.WorkdirError(f"{out_path} was written by splitjax < 0.2 (attack record schema "
                             f"{old.get('schema_version', 1)}, this splitjax writes "
@@ -292,6 +329,11 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   transcript, split_name = observed_transcript(restored, config, clip, sigma)
   n = transcript.num_rows
   device_apply = models.device_logit_fn(model)
+  if check_memory:  # before anything sized by the candidates (the informed prior's pair table)
+    est = attacks.estimate(device_apply, transcript.params_at(int(transcript.param_index[0])),
+                           transcript.h.shape[1], dataset.priv_cardinalities, n)
+    common.check_memory(est.min_peak_bytes, f"EXACT over {est.num_pairs:,} (candidate, label) "
+                        "pairs per user", "--skip_memory_check")
   informed = informed_prior(restored, config, transcript, split_name)
   pair_lp = None
   if prior == "informed":
@@ -302,12 +344,8 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
 
   # Resumable: blocks of rows grouped by parameter version.
   done = {}
-  if resume and partial_path.exists():
-    with np.load(partial_path) as z:
-      if "run_key" in z.files and str(z["run_key"]) == run_key:
-        done = {k: z[k] for k in z.files if k != "run_key"}
-      elif progress:
-        progress(f"ignoring {partial_path}: written by another attack or model")
+  if resume:
+    done = read_partial(partial_path, run_key, n)
   feats = done.get("features", np.full((n, len(dataset.priv_cardinalities)), -1, np.int32))
   labels = done.get("labels", np.full(n, -1, np.int32))
   ties = done.get("ties", np.zeros(n, np.int32))
@@ -351,10 +389,11 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
       if res.screen_fallback is not None:
         redone[rows] = res.screen_fallback
       finished[rows] = True
-      io.atomic_write_bytes(partial_path, _npz(features=feats, labels=labels, ties=ties,
-                                               screen_fallback=redone, finished=finished,
-                                               label_posterior=label_post, map_codes=map_codes,
-                                               run_key=np.str_(run_key)))
+      if workdir_lib.is_writer():
+        io.atomic_write_bytes(partial_path, _npz(
+            features=feats, labels=labels, ties=ties, screen_fallback=redone, finished=finished,
+            label_posterior=label_post, map_codes=map_codes, run_key=np.str_(run_key)))
+      common.checkpointed(f"{int(finished.sum()):,} of {n:,} attacked users")
       if bar:
         bar(int(finished.sum()))
       if kill_switch is not None:
@@ -387,9 +426,43 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
       record["first_local_step"] = _stale_report(dataset, feats, labels, true_feats, true_y,
                                                  ~stale)
   record["environment"] = records.environment()
-  io.atomic_write_json(out_path, record)
-  partial_path.unlink(missing_ok=True)
+  if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
+    io.atomic_write_json(out_path, record)
+    partial_path.unlink(missing_ok=True)
   return record
+
+
+def check_knn_k(config: configs_base.AttackConfig, dataset) -> None:
+  """--knn_k against the reference split the k-NN baselines vote from, before any attack runs."""
+  ref = dataset.test if config.users == "train" else dataset.train
+  if config.knn_k > len(ref):
+    raise pipeline.ConfigError(f"--knn_k={config.knn_k} exceeds the {len(ref):,} rows of the "
+                               "reference split the k-NN baselines vote from: give at most "
+                               f"{len(ref):,} (the paper uses 30)")
+
+
+def read_partial(path: pathlib.Path, run_key: str, num_rows: int) -> dict:
+  """The arrays of an attack's ``.partial.npz`` for ``--resume``, or {} (attack from the start)
+  when there is none, or it is of another attack or model, unreadable (truncated, garbage) or of
+  another size: each of those says so in one line (stderr) and is replaced as the attack goes."""
+  if not path.exists():
+    return {}
+  why = None
+  try:
+    io.check_regular_file(path)
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except Exception as e:  # np.load raises many types on truncated or garbage files
+    why = f"unreadable ({type(e).__name__})"
+  else:
+    if "run_key" not in arrays or str(arrays.pop("run_key")) != run_key:
+      why = "written by another attack or model"
+    elif any(np.ndim(v) < 1 or len(v) != num_rows for v in arrays.values()):
+      why = f"not of these {num_rows:,} users"
+  if why:
+    print(f"warning: ignoring {path}: {why}; attacking every user again", file=sys.stderr)
+    return {}
+  return arrays
 
 
 def _first_rows(kwargs: dict, rows) -> dict:

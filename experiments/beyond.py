@@ -44,6 +44,7 @@ from experiments import attacking
 from experiments import common
 from experiments import pipeline
 from experiments import records
+from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 
 # The module (the package re-exports the function `optimize` under its name).
@@ -221,10 +222,17 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
     io.WorkdirError: the results file holds another configuration (use ``overwrite``).
   """
   attacking.validate(config)
+  with attacking.owned_for_attack(workdir, config, overwrite=overwrite):
+    return _attack_owned(workdir, config, resume=resume, overwrite=overwrite, progress=progress,
+                         kill_switch=kill_switch, options=options)
+
+
+def _attack_owned(workdir, config, *, resume, overwrite, progress, kill_switch, options) -> dict:
   options = options or options_of(config)
   restored = pipeline.Restored(workdir)
   workdir = pathlib.Path(workdir)
   dataset, model = restored.dataset, restored.model
+  attacking.check_knn_k(config, dataset)
   name = _resolve(config, model)
   out_path = workdir / attacking.results_name(config)
   partial_path = workdir / (out_path.name + ".partial.npz")
@@ -232,6 +240,9 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   cfg_record = dict(cfg, options=dataclasses.asdict(options), resolved_attack=name)
   if out_path.exists() and not overwrite:
     old = io.read_json(out_path)
+    if not isinstance(old, dict) or "config" not in old:
+      raise io.ResultsError(f"{out_path} is not an attack record (edited or damaged): "
+                            "--overwrite to recompute it")
     if old.get("config") == io.to_jsonable(cfg_record):
       if progress:
         progress(f"{out_path} already holds this attack; nothing to do")
@@ -250,8 +261,9 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   record["seconds"] = time.time() - t0
   record["config"] = cfg_record
   record["environment"] = records.environment()
-  io.atomic_write_json(out_path, record)
-  partial_path.unlink(missing_ok=True)
+  if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
+    io.atomic_write_json(out_path, record)
+    partial_path.unlink(missing_ok=True)
   return record
 
 
@@ -286,9 +298,10 @@ def _feature_attack(name, dataset, restored, config, options, transcript, split_
   clip_arg = clip if (math.isfinite(clip) and config.variant != "paper") else None
   bayes = config.variant == "bayes" and sigma > 0 and math.isfinite(clip)
   done = {}
-  if resume and partial_path.exists():
-    with np.load(partial_path) as z:
-      done = {k: z[k] for k in z.files}
+  run_key = io.fingerprint({"attack": dataclasses.asdict(config),
+                            "options": dataclasses.asdict(options), "model": restored.fingerprint})
+  if resume:
+    done = attacking.read_partial(partial_path, run_key, n)
   feats = done.get("features", np.full((n, num_cat), -1, np.int32))
   dense = done.get("dense", np.full((n, num_dense), np.nan, np.float32))
   labels = done.get("labels", np.full(n, -1, np.int32))
@@ -315,9 +328,10 @@ def _feature_attack(name, dataset, restored, config, options, transcript, split_
       if "label_scores" in out:
         label_scores[rows] = out["label_scores"]
       finished[rows] = True
-      io.atomic_write_bytes(partial_path, attacking._npz(  # pylint: disable=protected-access
-          features=feats, dense=dense, labels=labels, ties=ties, label_scores=label_scores,
-          finished=finished))
+      if workdir_lib.is_writer():
+        io.atomic_write_bytes(partial_path, attacking._npz(  # pylint: disable=protected-access
+            features=feats, dense=dense, labels=labels, ties=ties, label_scores=label_scores,
+            finished=finished, run_key=np.str_(run_key)))
       if bar:
         bar(int(finished.sum()))
       if kill_switch is not None:

@@ -7,7 +7,6 @@ import logging as std_logging
 import os
 import pathlib
 import sys
-import traceback
 
 from absl import flags
 from absl import logging
@@ -114,22 +113,87 @@ def run_main(main_fn):
       from splitjax import training  # pylint: disable=g-import-not-at-top
       training.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                       _PROCESS_ID.value)
+    CHECKPOINTS.clear()
     try:
       return main_fn(argv)
-    except (ValueError, OSError, FloatingPointError, KeyError) as e:  # one clear line
+    except KeyboardInterrupt:  # Ctrl-C: one line, exit 130 (128 + SIGINT)
       if _DEBUG.value:
         raise
-      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      print(f"error: {msg}", file=sys.stderr)
+      done = f"after {CHECKPOINTS[-1]}" if CHECKPOINTS else "before its first checkpoint"
+      print(f"interrupted {done}; rerun the same command with --resume to continue",
+            file=sys.stderr)
+      sys.exit(130)
+    except KeyError as e:  # a bare KeyError prints as 'name': say what is missing
+      if _DEBUG.value:
+        raise
+      print(f"error: a file or config lacks the entry {e.args[0]!r} that this splitjax needs; "
+            "rerun with --debug to see which, then fix or regenerate it", file=sys.stderr)
       sys.exit(2)
-    except Exception:  # unexpected: still no bare traceback unless --debug
+    except (ValueError, OSError, FloatingPointError) as e:  # one clear line
       if _DEBUG.value:
         raise
-      last = traceback.format_exc().strip().splitlines()[-1]
-      print(f"error: internal error ({last}); rerun with --debug and report it", file=sys.stderr)
+      print(f"error: {first_line(e)}", file=sys.stderr)
+      sys.exit(2)
+    except Exception as e:  # unexpected: still no bare traceback unless --debug
+      if _DEBUG.value:
+        raise
+      print(f"error: internal error ({type(e).__name__}: {first_line(e)}); rerun with --debug "
+            "and report it", file=sys.stderr)
       sys.exit(3)
 
   return wrapped
+
+
+# What the running binary has checkpointed so far ("epoch 3 of 10"), for the Ctrl-C line.
+CHECKPOINTS: list[str] = []
+
+
+def checkpointed(what: str) -> None:
+  """Records that ``what`` is on disk (a rerun with --resume continues after it)."""
+  CHECKPOINTS.append(what)
+
+
+def first_line(e: BaseException) -> str:
+  """The first line of an exception's message (JAX's traceback-filtering note, which it adds
+  as a note or after the message, never reaches the console), or its type name."""
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+MEMORY_FRACTION = 0.8  # refuse a run whose estimated memory exceeds this share of what is free
+
+
+def available_memory_bytes() -> tuple[int, str]:
+  """(bytes, where) free for a run on the default device: the accelerator's free memory
+  (``memory_stats``), or on CPU the host's MemAvailable (``/proc/meminfo``, else ``os.sysconf``)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+      return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"{device.platform} memory"
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024, "available RAM"
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
+
+
+def check_memory(estimate_bytes: int, what: str, override_flag: str) -> None:
+  """Refuses a run whose memory estimate exceeds MEMORY_FRACTION of the free memory.
+
+  Raises:
+    UsageError: naming the estimate, the memory and ``override_flag``.
+  """
+  free, where = available_memory_bytes()
+  if estimate_bytes > MEMORY_FRACTION * free:
+    raise UsageError(f"{what} needs at least {estimate_bytes / 2**30:,.1f} GiB, more than "
+                     f"{MEMORY_FRACTION:.0%} of the {free / 2**30:,.1f} GiB of {where}: use fewer "
+                     f"or lower-cardinality private features, or pass {override_flag} to try "
+                     "anyway")
 
 
 class KillSwitch:
@@ -157,7 +221,17 @@ def load_config(name_or_path: str, default_name: str, module_prefix: str = "expe
       raise UsageError(f"--config file {name} not found: give a path to a .py file with get_config()")
     spec = importlib.util.spec_from_file_location("splitjax_user_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+      spec.loader.exec_module(module)
+      if not callable(getattr(module, "get_config", None)):
+        raise UsageError(f"--config file {name} defines no get_config(): add a function "
+                         "get_config() that returns a TrainConfig (see experiments/configs)")
+      return module.get_config()
+    except UsageError:
+      raise
+    except Exception as e:  # the user's file: say where in it
+      raise UsageError(f"--config file {name}{_line_in(e, path)}: {type(e).__name__}: "
+                       f"{first_line(e)}; fix that file") from None
   else:
     try:
       module = importlib.import_module(f"{module_prefix}.{name}")
@@ -167,6 +241,18 @@ def load_config(name_or_path: str, default_name: str, module_prefix: str = "expe
                      and p.stem != "base")
       raise UsageError(f"unknown config {name!r}: choose one of {names} or a .py path") from None
   return module.get_config()
+
+
+def _line_in(e: BaseException, path: pathlib.Path) -> str:
+  """" line N" of the deepest traceback frame (or syntax error) in the file ``path``."""
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f" line {e.lineno}"
+  line, tb, target = "", e.__traceback__, os.path.realpath(path)
+  while tb is not None:
+    if os.path.realpath(tb.tb_frame.f_code.co_filename) == target:
+      line = f" line {tb.tb_lineno}"
+    tb = tb.tb_next
+  return line
 
 
 def load_train_config(name_or_path: str, default_name: str):
@@ -203,9 +289,16 @@ def apply_flag_overrides(config, flag_names):
   for name, fix in _ZERO_MEANS_OFF.items():
     if name in fields and name in flag_names and given(name) and FLAGS[name].value == 0:
       raise UsageError(f"--{name}=0 is not a valid epsilon (it must be > 0): {fix}")
+  for name in flag_names:
+    # An override flag left unset (None) keeps the config's value; an explicit 0 is a mistake
+    # (it used to mean "the recipe's value" silently: --epochs=0 trained 10 epochs).
+    if name in fields and given(name) and FLAGS[name].default is None and (
+        FLAGS[name].value == 0):
+      raise UsageError(f"--{name}={FLAGS[name].value} must be > 0: omit --{name} for the "
+                       "config's (recipe's) value")
   updates = {}
   for name in flag_names:
-    if name in fields and given(name):
+    if name in fields and given(name) and FLAGS[name].value is not None:
       value = FLAGS[name].value
       if isinstance(getattr(config, name), tuple):
         value = tuple(type(getattr(config, name)[0])(v) if getattr(config, name) else v

@@ -75,6 +75,9 @@ def validate(config: configs_base.TrainConfig) -> None:
                                 or math.isinf(config.target_epsilon)):
     raise ConfigError(f"--target_epsilon={config.target_epsilon} must be a positive finite number "
                       "(omit it for no calibration)")
+  if config.target_epsilon and s:
+    raise ConfigError(f"--dp_noise_multiplier={s} and --target_epsilon={config.target_epsilon} "
+                      "contradict each other (the calibration chooses sigma): give one of them")
   if not 0 < config.target_delta < 1:
     raise ConfigError(f"--target_delta={config.target_delta} must lie in (0, 1), e.g. 1e-5")
   if config.label_dp_epsilon and (math.isnan(config.label_dp_epsilon)
@@ -85,10 +88,13 @@ def validate(config: configs_base.TrainConfig) -> None:
   for name in ("samples_per_device", "devices_per_round", "local_steps"):
     if getattr(config, name) < 1:
       raise ConfigError(f"--{name}={getattr(config, name)} must be >= 1")
-  if config.epochs < 0 or config.batch_size < 0:
-    raise ConfigError("--epochs and --batch_size must be >= 0 (0 = the recipe's value)")
+  for name in ("epochs", "batch_size"):
+    if getattr(config, name) < 0:
+      raise ConfigError(f"--{name}={getattr(config, name)} must be > 0 (omit it for the "
+                        "recipe's value)")
   if math.isnan(config.learning_rate) or config.learning_rate < 0:
-    raise ConfigError(f"--learning_rate={config.learning_rate} must be >= 0 (0 = the recipe's)")
+    raise ConfigError(f"--learning_rate={config.learning_rate} must be > 0 (omit it for the "
+                      "recipe's value)")
   if (s > 0 or config.target_epsilon) and config.dp_clip == "none":
     raise ConfigError("noise needs a clip norm: set --dp_clip=auto or a number")
   if (s > 0 or config.target_epsilon) and clip is not None and math.isinf(clip):
@@ -152,6 +158,33 @@ def recipe_of(config) -> training.Recipe:
   return dataclasses.replace(recipe, **updates)
 
 
+def clamped_sizes(config, num_train: int):
+  """The recipe and FSL sizes, with batch and device sizes larger than the data clamped to it.
+
+  Returns:
+    (recipe, {"samples_per_device", "devices_per_round"}, notes): one note per clamped value
+    (a batch of 10^9 rows would otherwise allocate for 10^9 rows).
+  """
+  recipe = recipe_of(config)
+  notes = []
+  if recipe.batch_size > num_train:
+    notes.append(f"--batch_size={recipe.batch_size} is larger than the {num_train:,} training "
+                 f"rows: clamped to {num_train:,}")
+    recipe = dataclasses.replace(recipe, batch_size=num_train)
+  per_device, devices = config.samples_per_device, config.devices_per_round
+  if config.protocol == "fsl":
+    if per_device > num_train:
+      notes.append(f"--samples_per_device={per_device} is larger than the {num_train:,} "
+                   f"training rows: clamped to {num_train:,}")
+      per_device = num_train
+    most = max(1, num_train // per_device)
+    if devices > most:
+      notes.append(f"--devices_per_round={devices} x --samples_per_device={per_device} is more "
+                   f"than the {num_train:,} training rows: devices_per_round clamped to {most:,}")
+      devices = most
+  return recipe, {"samples_per_device": per_device, "devices_per_round": devices}, notes
+
+
 def releases_of(config) -> int:
   """Cut-layer gradients each training example sends: epochs (x local steps in FSL)."""
   epochs = recipe_of(config).epochs
@@ -181,11 +214,23 @@ def model_of(config, dataset: sj_data.TabularData) -> models.SplitModel:
   return models.make_model(spec)
 
 
+# Initial train states by (architecture, recipe, frozen server, seed): flax initialises eagerly
+# (an op at a time, about a second per state), and every restore and the public clip need one.
+# Read-only (JAX arrays are immutable); a handful of entries at most per process.
+_TEMPLATES: dict = {}
+
+
 def _state_template(model, config):
+  """The initial train state of ``config`` (also the structure checkpoints restore into)."""
   recipe = recipe_of(config)
   frozen = math.isinf(config.dp_noise_multiplier)
-  return training.init_state(model, training.server_optimizer(recipe, frozen),
-                             training.make_optimizer(recipe), config.seed)
+  key = (io.fingerprint(model.spec.to_dict()), recipe, frozen, config.seed)
+  if key not in _TEMPLATES:
+    if len(_TEMPLATES) >= 8:
+      _TEMPLATES.pop(next(iter(_TEMPLATES)))
+    _TEMPLATES[key] = training.init_state(model, training.server_optimizer(recipe, frozen),
+                                          training.make_optimizer(recipe), config.seed)
+  return _TEMPLATES[key]
 
 
 def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = False,
@@ -215,14 +260,26 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
   if resume and overwrite and not keep_identical:
     raise ConfigError("--resume and --overwrite contradict each other: --resume continues the "
                       "run in --workdir, --overwrite replaces it; give one of them")
-  workdir = workdir_lib.claim(workdir, "train")
+  with workdir_lib.own(workdir, "train") as workdir:
+    metrics = _train_owned(config, workdir, resume=resume, overwrite=overwrite,
+                           keep_identical=keep_identical, progress=progress,
+                           kill_switch=kill_switch)
+  workdir_lib.barrier("train-written")  # jax.distributed: process 0's files are on disk
+  return metrics
+
+
+def _train_owned(config, workdir: pathlib.Path, *, resume, overwrite, keep_identical, progress,
+                 kill_switch) -> dict:
+  """`train_workdir` once the workdir is claimed and locked."""
   cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
   status, epoch = _run_status(workdir, cfg, config)
+  # jax.distributed: every process has read the workdir before process 0 writes into it.
+  workdir_lib.barrier("train-status")
   epochs = recipe_of(config).epochs
   if status == "finished" and not (overwrite and not keep_identical):
     metrics = io.read_json(workdir / "metrics.json")
     if progress:
-      progress(f"already trained (test AUC {metrics['test_auc']:.4f}) in {workdir}: kept; "
+      progress(f"already trained (test AUC {auc_text(metrics)}) in {workdir}: kept; "
                "--overwrite to retrain")
     return metrics
   if status == "unfinished" and resume:
@@ -239,14 +296,24 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
     io.check_config_compatible(workdir, cfg, overwrite=False)  # raises, naming the differences
     raise workdir_lib.WorkdirError(f"workdir {workdir} holds another run: use --overwrite or "
                                    "another --workdir")
-  staging = workdir_lib.fresh_staging(workdir)
+  staging = workdir_lib.fresh_staging(workdir) if workdir_lib.is_writer() else (
+      workdir / workdir_lib.STAGING)
   metrics = _train_in_place(config, staging, resume=False, progress=progress,
                             kill_switch=kill_switch)
+  if not workdir_lib.is_writer():
+    return metrics
   removed = workdir_lib.swap_in(workdir)
   if progress:
     progress(f"--overwrite: the new run replaced the earlier one in {workdir} (removed "
              f"{', '.join(removed)})")
   return metrics
+
+
+def auc_text(metrics: dict) -> str:
+  """The test AUC with 4 decimals, or "undefined (...)" for a one-class test split."""
+  if metrics.get("test_auc_note"):
+    return "undefined (one class in the test split)"
+  return f"{float(metrics['test_auc']):.4f}"
 
 
 def _run_status(workdir: pathlib.Path, cfg: dict, config) -> tuple[str, int]:
@@ -285,15 +352,20 @@ TRAIN_ARTIFACTS = ("config.json", "checkpoint.msgpack", "transcript.npz",
 def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, kill_switch) -> dict:
   """Trains (or resumes) in ``workdir``; writes metrics.json, then the manifest last."""
   cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-  io.check_config_compatible(workdir, cfg, overwrite=False)
+  writer = workdir_lib.is_writer()  # under jax.distributed only process 0 writes
+  if writer:
+    io.check_config_compatible(workdir, cfg, overwrite=False)
   dataset = load_data(config)
   if progress:
     for note in dataset.notes:
       progress(note)
   model = model_of(config, dataset)
-  recipe = recipe_of(config)
+  recipe, sizes, notes = clamped_sizes(config, len(dataset.train))
+  if progress:
+    for note in notes:
+      progress(note)
   releases = releases_of(config)
-  fingerprint = run_fingerprint(model, io.read_json(workdir / "config.json"))
+  fingerprint = run_fingerprint(model, json.loads(io.dumps_json(cfg)))  # = config.json
   ckpt_path = workdir / "checkpoint.msgpack"
 
   state, start_epoch, history, extra = None, 0, [], {}
@@ -345,19 +417,22 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
 
   def on_transcript(transcript):
     # Written before the last checkpoint: a finished checkpoint implies a transcript.
-    write_transcript(workdir, transcript, device_params=config.record_device_params)
+    if writer:
+      write_transcript(workdir, transcript, device_params=config.record_device_params)
 
   def on_epoch_end(epoch, st, log):
     history.append(log)
-    io.save_checkpoint(ckpt_path, st, metadata={
-        "fingerprint": fingerprint, "epoch": epoch + 1, "history": history, "extra": extra})
-    records.write_history(workdir, history)  # from the checkpointed history
+    if writer:
+      io.save_checkpoint(ckpt_path, st, metadata={
+          "fingerprint": fingerprint, "epoch": epoch + 1, "history": history, "extra": extra})
+      records.write_history(workdir, history)  # from the checkpointed history
+    common.checkpointed(f"epoch {epoch + 1} of {recipe.epochs}")
     if kill_switch is not None:
       kill_switch.tick()
 
   fit_kwargs = dict(recipe=recipe, seed=config.seed, protocol_name=config.protocol, dp=dp,
-                    samples_per_device=config.samples_per_device,
-                    devices_per_round=config.devices_per_round, local_steps=config.local_steps,
+                    samples_per_device=sizes["samples_per_device"],
+                    devices_per_round=sizes["devices_per_round"], local_steps=config.local_steps,
                     labels=labels, state=state, start_epoch=start_epoch,
                     on_epoch_end=on_epoch_end, on_transcript=on_transcript,
                     progress=progress)
@@ -369,14 +444,23 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     raise io.CheckpointError(f"{workdir} holds a finished checkpoint but no transcript: rerun "
                              "experiments.train with --overwrite")
   # Killed after the last checkpoint? Then only the evaluation below is redone.
-  records.write_history(workdir, history)
+  if writer:
+    records.write_history(workdir, history)
   test = training.evaluate(model, state, dataset.test)
+  auc_note = None
+  if math.isnan(test["auc"]):
+    classes = np.unique(dataset.test.y)
+    auc_note = (f"undefined: the {len(dataset.test):,} test rows all have label "
+                f"{int(classes[0]) if len(classes) else '?'} (AUC needs both classes); use more "
+                "data or another split")
+    print(f"warning: test AUC {auc_note}", file=sys.stderr)
   epoch_seconds = [h["seconds"] for h in history]
   metrics = {
       "dataset": config.dataset, "protocol": config.protocol, "recipe": config.recipe,
       "topology": config.topology, "head": config.head, "seed": config.seed,
       "epochs": recipe.epochs, "test_auc": test["auc"], "test_log_loss": test["log_loss"],
       "test_accuracy": test["accuracy"], "train_loss": history[-1]["train_loss"],
+      **({"test_auc_note": auc_note} if auc_note else {}),
       "train_seconds": float(sum(epoch_seconds)),
       # The first epoch includes compilation: leave it out when there are others.
       "seconds_per_epoch": float(np.median(epoch_seconds[1:] or epoch_seconds)),
@@ -389,6 +473,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
       # What ran, beside the requested config (config.json, which compatibility checks compare):
       # the recipe with the flag overrides applied, and the releases each example made.
       "resolved_config": {**dataclasses.asdict(recipe), "releases": releases,
+                          **{k: v for k, v in sizes.items() if v != getattr(config, k)},
                           "hidden": list(config.hidden)},
       "environment": records.environment(),
   }
@@ -398,6 +483,8 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
       device_noise_multiplier=(config.device_dp_noise_multiplier
                                if config.device_dp_clip else None),
       device_releases=releases if config.device_dp_clip else None))
+  if not writer:
+    return metrics
   io.atomic_write_json(workdir / "metrics.json", metrics)
   workdir_lib.write_manifest(workdir, kind="train", config_fingerprint=io.fingerprint(cfg),
                              artifacts=[a for a in TRAIN_ARTIFACTS if (workdir / a).exists()],
@@ -453,6 +540,8 @@ class Restored:
       print(f"warning: unverified: {workdir} was written by splitjax < 0.2 (no {workdir_lib.MANIFEST});"
             " its files are read as they are", file=sys.stderr)
     self.config = config_from_json(raw)
+    if self.manifest is not None:
+      workdir_lib.verify(workdir, self.manifest, data=workdir_lib.data_files(self.config))
     self.workdir = workdir
     self.metrics = io.read_json(workdir / "metrics.json")
     self.dataset = load_data(self.config)
@@ -467,22 +556,40 @@ class Restored:
     path = self.workdir / "transcript.npz"
     if not path.exists():
       raise io.CheckpointError(f"no transcript in {self.workdir}: rerun experiments.train")
+    io.check_regular_file(path, io.CheckpointError)
     try:
-      arrays = dict(np.load(path))
+      with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+      rows = {len(arrays[k]) for k in ("h", "g", "example_index", "param_index", "local_step")}
     except Exception as e:  # corrupted file
       raise io.CheckpointError(f"transcript {path} is unreadable ({type(e).__name__}): rerun "
                                "experiments.train with --overwrite") from None
+    num_train = len(self.dataset.train)
+    index = arrays["example_index"]
+    if len(rows) != 1 or (len(index) and (index.min() < 0 or index.max() >= num_train)):
+      raise io.CheckpointError(
+          f"transcript {path} does not fit this run's data ({len(index):,} rows with example "
+          f"indices in [{index.min() if len(index) else 0}, "
+          f"{index.max() if len(index) else 0}], {num_train:,} training rows): rerun "
+          "experiments.train with --overwrite")
     if not (self.workdir / "transcript_params.msgpack").exists() and not getattr(
         self.config, "record_device_params", True):
       raise io.CheckpointError(
           f"{self.workdir} was trained without the per-step device parameters that attacking "
           "training users needs: retrain with experiments.train --record_device_params "
           "--overwrite (sweep points leave them out), or attack test users (--users=test)")
-    versions = int(arrays["param_index"].max()) + 1 if len(arrays["param_index"]) else 1
+    params_path = self.workdir / "transcript_params.msgpack"
+    _, meta = io._load_checkpoint_file(params_path)  # pylint: disable=protected-access
+    pidx = arrays["param_index"]
+    versions = int(meta.get("versions", int(pidx.max()) + 1 if len(pidx) else 1))
+    if len(pidx) and (pidx.min() < 0 or pidx.max() >= versions):
+      raise io.CheckpointError(
+          f"transcript {path} refers to parameter versions [{pidx.min()}, {pidx.max()}] but "
+          f"{params_path.name} holds {versions}: the two files are of different runs; rerun "
+          "experiments.train with --overwrite")
     template = jax.tree.map(lambda x: np.zeros((versions,) + x.shape, x.dtype),
                             jax.device_get(self.state.device_params))
-    params, _ = io.restore_checkpoint(self.workdir / "transcript_params.msgpack", template,
-                                      fingerprint="transcript")
+    params, _ = io.restore_checkpoint(params_path, template, fingerprint="transcript")
     return protocol.Transcript(
         h=arrays["h"], g=arrays["g"], example_index=arrays["example_index"],
         param_index=arrays["param_index"], local_step=arrays["local_step"],

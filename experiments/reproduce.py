@@ -115,7 +115,11 @@ def main(argv):
       study = dataclasses.replace(study, train=dataclasses.replace(study.train,
                                                                    data_path=_TAOBAO.value))
     studies[ds] = study
-  workdir = workdir_lib.claim(common.WORKDIR.value, "reproduce")
+  with workdir_lib.own(common.WORKDIR.value, "reproduce") as workdir:
+    _reproduce(workdir, studies)
+
+
+def _reproduce(workdir, studies) -> None:
   _check_same_study(workdir, studies)
   t0 = time.time()
   kill = common.KillSwitch()

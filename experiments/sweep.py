@@ -71,13 +71,14 @@ def main(argv):
   label_eps = _check(_floats(_LABEL.value, "label_epsilons"), "label_epsilons",
                      lambda v: 0 < v < math.inf, "a positive finite epsilon")
   seeds = _seeds(_SEEDS.value)
-  if attack_flags.NUM_EXAMPLES.value < 0:
-    raise common.UsageError(f"--num_examples={attack_flags.NUM_EXAMPLES.value} must be >= 0 "
-                            "(0 = every test user)")
+  num_examples = attack_flags.NUM_EXAMPLES.value
+  if num_examples is not None and num_examples < 1:
+    raise common.UsageError(f"--num_examples={num_examples} must be >= 1 (omit it to attack "
+                            "every test user)")
   pipeline.validate(base)
   points = sweeping.default_points(sigmas, targets, label_eps)
   rows = sweeping.run_sweep(base, common.WORKDIR.value, points=points, seeds=seeds,
-                            num_examples=attack_flags.NUM_EXAMPLES.value, overwrite=common.overwrite(),
+                            num_examples=num_examples or 0, overwrite=common.overwrite(),
                             progress=common.progress, kill_switch=common.KillSwitch())
   sweeping.plot(rows, common.WORKDIR.value, base.dataset)
   print(sweeping.to_markdown(rows))

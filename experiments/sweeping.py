@@ -131,7 +131,14 @@ def run_sweep(base_config, workdir, *, points, seeds=(0, 1, 2), variants=ATTACK_
   another point set is refused before any work unless ``overwrite``, which replaces the root
   files at the end and every point run whose config changed (identical ones are kept).
   """
-  workdir = workdir_lib.claim(workdir, "sweep")
+  with workdir_lib.own(workdir, "sweep") as owned:
+    return _run_sweep(base_config, owned, points=points, seeds=seeds, variants=variants,
+                      num_examples=num_examples, overwrite=overwrite, progress=progress,
+                      kill_switch=kill_switch)
+
+
+def _run_sweep(base_config, workdir, *, points, seeds, variants, num_examples, overwrite,
+               progress, kill_switch) -> list[dict]:
   sweep_cfg = {"base": dataclasses.asdict(base_config), "points": [p.name for p in points],
                "seeds": list(seeds), "variants": list(variants), "num_examples": num_examples}
   if not overwrite and not (workdir / "sweep_config.json").exists() and (

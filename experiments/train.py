@@ -18,9 +18,11 @@ from experiments.configs import base
 flags.DEFINE_list("private_dense", [], "Numeric columns moved to the device.")
 flags.DEFINE_enum("protocol", "sl", ["sl", "fsl"], "Split learning or federated split learning.")
 flags.DEFINE_string("recipe", "tuned", "tuned (splitjax's) or paper (the authors').")
-flags.DEFINE_integer("epochs", 0, "Override the recipe's epochs (0 = recipe).")
-flags.DEFINE_float("learning_rate", 0.0, "Override the recipe's learning rate (0 = recipe).")
-flags.DEFINE_integer("batch_size", 0, "Override the recipe's batch size (0 = recipe).")
+flags.DEFINE_integer("epochs", None, "Override the recipe's epochs (unset = the recipe's).")
+flags.DEFINE_float("learning_rate", None,
+                  "Override the recipe's learning rate (unset = the recipe's).")
+flags.DEFINE_integer("batch_size", None,
+                    "Override the recipe's batch size (unset = the recipe's; clamped to the data).")
 flags.DEFINE_string("head", "deepfm", "deepfm or mlp.")
 flags.DEFINE_string("topology", "device_top", "device_top (the paper's) or device_bottom.")
 flags.DEFINE_integer("samples_per_device", 16, "FSL: examples per device.")
@@ -28,11 +30,12 @@ flags.DEFINE_integer("devices_per_round", 16, "FSL: devices per round.")
 flags.DEFINE_integer("local_steps", 2, "FSL: local steps per round.")
 flags.DEFINE_string("dp_clip", "none", "Cut-layer clip norm: a number, auto or none.")
 flags.DEFINE_float("dp_noise_multiplier", 0.0, "Cut-layer noise multiplier sigma (inf = frozen).")
-flags.DEFINE_float("target_epsilon", 0.0, "Calibrate sigma to this epsilon (0 = off).")
+flags.DEFINE_float("target_epsilon", None, "Calibrate sigma to this epsilon (unset = off).")
 flags.DEFINE_float("target_delta", 1e-5, "Delta of every reported epsilon.")
 flags.DEFINE_float("device_dp_clip", 0.0, "Device DP-SGD per-example clip norm (0 = off).")
 flags.DEFINE_float("device_dp_noise_multiplier", 0.0, "Device DP-SGD noise multiplier.")
-flags.DEFINE_float("label_dp_epsilon", 0.0, "Randomized-response label DP epsilon (0 = off).")
+flags.DEFINE_float("label_dp_epsilon", None,
+                  "Randomized-response label DP epsilon (unset = off).")
 flags.DEFINE_bool("record_device_params", True, "Write the device parameters behind every "
                   "transcript row (transcript_params.msgpack; about 35 MB for adult SL): "
                   "attack --users=train needs them.")
@@ -48,7 +51,7 @@ def main(argv):
   metrics = pipeline.train_workdir(config, common.WORKDIR.value, resume=common.resume(),
                                    overwrite=common.overwrite(), progress=common.progress,
                                    kill_switch=common.KillSwitch())
-  print(f"test AUC {metrics['test_auc']:.4f}  log-loss {metrics['test_log_loss']:.4f}  "
+  print(f"test AUC {pipeline.auc_text(metrics)}  log-loss {metrics['test_log_loss']:.4f}  "
         f"accuracy {metrics['test_accuracy']:.4f}  ({metrics['seconds_per_epoch']:.1f} s/epoch)")
   print(common.format_epsilons(metrics))
   print(f"-> {common.WORKDIR.value}/metrics.json")

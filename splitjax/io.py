@@ -1,12 +1,14 @@
 """Atomic writes of results and checkpoints, workdir checks and configuration fingerprints."""
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
 import pathlib
+import stat
 import tempfile
 
 from flax import serialization
@@ -28,6 +30,41 @@ class CheckpointError(ValueError):
 
 class WorkdirError(ValueError):
   """A workdir cannot be written, or holds results of another configuration."""
+
+
+class WriteError(OSError):
+  """A file could not be written (disk full, read-only, ...): the message names the file.
+
+  Attributes:
+    path: the file that was being written.
+    errno: the errno of the failure (e.g. ``errno.ENOSPC``).
+  """
+
+  def __init__(self, path, cause: OSError):
+    reason = cause.strerror or str(cause)
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+      fix = 'free space on that filesystem or choose another --workdir'
+    elif cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+      fix = 'make the directory writable or choose another --workdir'
+    else:
+      fix = 'check that filesystem or choose another --workdir'
+    super().__init__(f'could not write {path} ({reason}): {fix}; the earlier file, if any, is '
+                     'unchanged')
+    self.errno = cause.errno
+    self.path = pathlib.Path(path)
+
+
+def check_regular_file(path, error=ValueError) -> None:
+  """Raises `error` when `path` exists but is not a regular file (reading a FIFO would hang)."""
+  try:
+    mode = os.stat(path).st_mode
+  except OSError:
+    return  # missing: the caller's read reports it
+  if not stat.S_ISREG(mode):
+    kind = 'a directory' if stat.S_ISDIR(mode) else 'a FIFO' if stat.S_ISFIFO(mode) else (
+        'not a regular file')
+    raise error(f'{path} is {kind}, not a regular file: remove it (splitjax writes a regular '
+                'file there) and rerun')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +108,8 @@ def atomic_write_bytes(path, data) -> pathlib.Path:
 
   Raises:
     TypeError: if `data` is not bytes-like.
-    OSError: if the directory cannot be written (the old file is then unchanged).
+    WriteError: (an `OSError`) naming `path`, if it cannot be written (disk full, read-only):
+      the old file is then unchanged.
   """
   if not isinstance(data, (bytes, bytearray, memoryview)):
     raise TypeError(f'atomic_write_bytes needs bytes, got {type(data).__name__}')
@@ -81,7 +119,10 @@ def atomic_write_bytes(path, data) -> pathlib.Path:
     mode = path.stat().st_mode & 0o7777
   except OSError:
     mode = 0o666 & ~_umask()
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=directory)
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=directory)
+  except OSError as e:
+    raise WriteError(path, e) from None
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
@@ -89,11 +130,13 @@ def atomic_write_bytes(path, data) -> pathlib.Path:
       os.fsync(f.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     try:
       os.unlink(tmp)
     except OSError:
       pass
+    if isinstance(e, OSError) and not isinstance(e, WriteError):
+      raise WriteError(path, e) from None
     raise
   _fsync_dir(directory)
   return path
@@ -205,6 +248,7 @@ def read_json(path):
       the file is missing, unreadable, not UTF-8 or not valid JSON.
   """
   path = pathlib.Path(path)
+  check_regular_file(path, ResultsError)
   try:
     raw = path.read_bytes()
   except FileNotFoundError:
@@ -397,6 +441,7 @@ def save_checkpoint(path, pytree, *, metadata: dict) -> pathlib.Path:
 
 def _load_checkpoint_file(path: pathlib.Path):
   """Reads and verifies a checkpoint file; returns (state_dict, metadata)."""
+  check_regular_file(path, CheckpointError)
   try:
     raw = path.read_bytes()
   except FileNotFoundError:

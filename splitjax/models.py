@@ -349,15 +349,21 @@ def device_logit_fn(model: SplitModel, priv_dense=None) -> Callable[..., jax.Arr
     raise ValueError("device_logit_fn needs topology='device_top'")
   nd = model.spec.num_priv_dense
   fixed = jnp.zeros((nd,), jnp.float32) if priv_dense is None else priv_dense
-  return _DeviceLogit(model.head_apply, fixed)
+  return _DeviceLogit(model.head_apply, fixed, model.spec.priv_cardinalities)
 
 
 class _DeviceLogit:
-  """Hashable callable so EXACT's compile cache recognises the same model."""
+  """Hashable callable so EXACT's compile cache recognises the same model.
 
-  def __init__(self, head_apply, dense):
+  ``priv_cardinalities`` tells the attacks the model's private features, so that a wrong
+  cardinality tuple is refused rather than clamped by JAX's out-of-range indexing.
+  """
+
+  def __init__(self, head_apply, dense, priv_cardinalities=None):
     self._head_apply = head_apply
     self._dense = dense
+    self.priv_cardinalities = (None if priv_cardinalities is None
+                               else tuple(int(k) for k in priv_cardinalities))
 
   def __call__(self, params, h, x_priv):
     return self._head_apply(params, h, x_priv, self._dense)

@@ -22,10 +22,14 @@ import logging
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 
 from absl.testing import flagsaver
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -36,8 +40,11 @@ from experiments import records
 from experiments import reproduce as reproduce_bin
 from experiments import sweep as sweep_bin
 from experiments import train as train_bin
+from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
+import splitjax
 from splitjax import data as sj_data
+from splitjax import io as sj_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "synthetic_tiny"
@@ -70,11 +77,13 @@ def _run(args, env_extra=None) -> subprocess.CompletedProcess:
 
 
 def _snapshot(root: pathlib.Path) -> dict:
-  """Every file under ``root``: relative path -> (bytes, mtime_ns)."""
+  """Every file under ``root``: relative path -> (bytes, mtime_ns). Lock files (``.lock``,
+  ``.<record>.lock``) are left out: they hold the last holder's pid, not results."""
   if root.is_file():
     return {".": (root.read_bytes(), root.stat().st_mtime_ns)}
   return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-          for p in sorted(root.rglob("*")) if p.is_file()}
+          for p in sorted(root.rglob("*"))
+          if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".lock"))}
 
 
 def _assert_one_clear_line(code: int, err: str, expected: tuple[str, ...]) -> str:
@@ -132,6 +141,13 @@ BAD_FILES = {
     "schema.json": json.dumps({"private_categorical": ["a", "b"], "server_categorical": ["d"],
                                "server_dense": ["c"], "label": "y"}).encode(),
     "a_regular_file": b"not a directory\n",
+    # A quote opened on line 5 and never closed (the csv module would read to the end of file).
+    "open_quote.csv": "\n".join(line.replace(",", ',"', 1) if i == 4 else line
+                                 for i, line in enumerate(_GOOD.split("\n"))).encode(),
+    "syntax_config.py": b"from experiments.configs import base\n\ndef get_config(:\n",
+    "raising_config.py": (b"from experiments.configs import base\n\n\ndef get_config():\n"
+                          b"  return base.TrainConfig(dataset=undefined_name)\n"),
+    "no_get_config.py": b"X = 1\n",
 }
 
 
@@ -188,7 +204,7 @@ CASES = [
     ("attack", dict(users="nope"), ("unknown --users 'nope'", "choose one of")),
     ("attack", dict(distance="nope"), ("unknown --distance 'nope'", "choose one of")),
     ("attack", dict(top_k=0), ("--top_k=0 must be >= 1",)),
-    ("attack", dict(num_examples=-1), ("--num_examples=-1 must be >= 0",)),
+    ("attack", dict(num_examples=-1), ("--num_examples=-1 must be > 0",)),
     ("sweep", dict(dataset="nope"), ("unknown dataset 'nope' (--dataset)", "choose one of")),
     ("sweep", dict(config=TINY, seeds=["x"]), ("--seeds must be a comma-separated list",)),
     ("reproduce", dict(preset="nope"), ("unknown --preset 'nope'", "choose one of")),
@@ -272,21 +288,22 @@ CASES = [
                  marks=pytest.mark.skipif(not HAS_SCHEMA, reason="TrainConfig has no schema "
                                           "field yet (see issue 6 report)")),
     # ---- checkpoints and results files --------------------------------------------------------
-    ("attack", dict(), ("no checkpoint at", "checkpoint.msgpack", "run experiments.train"),
+    # (attack verifies every artifact against run.json before reading it; the checkpoint's own
+    # checks, for workdirs without a manifest, are in test_checkpoint_checks_without_a_manifest)
+    ("attack", dict(), ("checkpoint.msgpack is missing", "run.json lists it"),
      _on("checkpoint.msgpack", os.remove)),
-    ("attack", dict(), ("is corrupted or truncated", "rerun experiments.train"),
+    ("attack", dict(), ("checkpoint.msgpack changed since run.json", "--overwrite"),
      _on("checkpoint.msgpack", _truncate)),
-    ("attack", dict(), ("is corrupted or truncated", "checksum mismatch"),
+    ("attack", dict(), ("checkpoint.msgpack changed since run.json",),
      _on("checkpoint.msgpack", _flip_byte)),
-    ("attack", dict(), ("written for a different model/config", "fresh --workdir"),
+    ("attack", dict(), ("checkpoint.msgpack changed since run.json",),
      _from_b("checkpoint.msgpack")),
-    ("attack", dict(), ("written for a different model/config", "fresh --workdir"),
-     _from_b("config.json")),
+    ("attack", dict(), ("config.json changed since run.json",), _from_b("config.json")),
     ("attack", dict(), ("config.json is corrupted", "delete it and rerun"),
      _on("config.json", _truncate)),
     ("attack", dict(), ("no finished training run", "run experiments.train"),
      _on("metrics.json", os.remove)),
-    ("attack", dict(users="train"), ("transcript", "is unreadable", "rerun experiments.train"),
+    ("attack", dict(users="train"), ("transcript.npz changed since run.json",),
      _on("transcript.npz", _truncate)),
     ("train", dict(_TINY_TRAIN, resume=True),
      ("is damaged: checkpoint.msgpack changed since run.json", "--overwrite to retrain"),
@@ -313,6 +330,48 @@ CASES = [
      ("holds results of another configuration (differs in: seed)", "use --overwrite")),
     ("attack", dict(num_examples=5),
      ("attack.json holds another attack configuration", "use --overwrite")),
+    # ==== issue "one owner per workdir" ========================================================
+    # ---- M4: two ways to choose sigma --------------------------------------------------------
+    ("train", dict(_TINY_TRAIN, dp_clip="auto", dp_noise_multiplier=1.0, target_epsilon=2.0),
+     ("--dp_noise_multiplier=1.0 and --target_epsilon=2.0 contradict each other",
+      "give one of them")),
+    # ---- L10: numeric overrides are unset by default; an explicit 0 is an error --------------
+    ("train", dict(_TINY_TRAIN, epochs=0), ("--epochs=0 must be > 0", "omit --epochs")),
+    ("train", dict(_TINY_TRAIN, batch_size=0), ("--batch_size=0 must be > 0",)),
+    ("train", dict(_TINY_TRAIN, learning_rate=0.0), ("--learning_rate=0.0 must be > 0",)),
+    ("attack", dict(num_examples=0), ("--num_examples=0 must be > 0", "omit --num_examples")),
+    ("sweep", dict(config=TINY, num_examples=0), ("--num_examples=0 must be >= 1",)),
+    # ---- M6, L1, L8: artifacts and data tied to their run (manifest verified by attack) -------
+    ("attack", dict(), ("transcript.npz changed since run.json recorded it",
+                        "copied from another run", "experiments.train --overwrite"),
+     _from_b("transcript.npz")),
+    ("attack", dict(users="train"), ("transcript_params.msgpack changed since run.json",),
+     _from_b("transcript_params.msgpack")),
+    ("attack", dict(), ("metrics.json changed since run.json recorded it",),
+     _on("metrics.json", lambda p: p.write_text(json.dumps(
+         dict(json.loads(p.read_text()), noise_multiplier=1.0, epsilon=0.5))))),
+    ("attack", dict(), ("checkpoint.msgpack changed since run.json",),
+     _on("checkpoint.msgpack", lambda p: (os.remove(p), os.mkfifo(p)))),  # no hang on a FIFO
+    # ---- L2: corrupted records --------------------------------------------------------------
+    ("attack", dict(num_examples=10), ("attack.json is corrupted", "--overwrite"),
+     _on("attack.json", _truncate)),
+    ("attack", dict(num_examples=10), ("attack.json is not an attack record", "--overwrite"),
+     _on("attack.json", lambda p: p.write_text("[1, 2, 3]"))),
+    # ---- L3: the user's --config file, with the line --------------------------------------
+    ("train", dict(config="{files}/syntax_config.py"),
+     ("--config file", "syntax_config.py line 3: SyntaxError", "fix that file")),
+    ("train", dict(config="{files}/raising_config.py"),
+     ("raising_config.py line 5: NameError: name 'undefined_name' is not defined",)),
+    ("train", dict(config="{files}/no_get_config.py"), ("defines no get_config()",)),
+    # ---- L5: inputs that fail before any work -------------------------------------------------
+    ("attack", dict(knn_k=10**6), ("--knn_k=1000000 exceeds the", "reference split")),
+    ("train", dict(dataset="csv", data_path="{files}/open_quote.csv"),
+     ("open_quote.csv line 5: a quoted field opens there and is not closed",
+      "balance the quotes")),
+    ("train", dict(_TINY_TRAIN, resume=True), ("checkpoint.msgpack is a FIFO, not a regular file",
+                                               "remove it"),
+     lambda wd, wds: (os.remove(wd / "checkpoint.msgpack"), os.mkfifo(wd / "checkpoint.msgpack"),
+                      os.remove(wd / "metrics.json"))),
 ]
 
 
@@ -375,7 +434,7 @@ def test_three_class_label_message_from_the_csv_loader(files):
 @pytest.mark.parametrize("args, expected", [
     (["experiments.train", "--dataset=csv", "--data_path={files}/binary.csv"],
      "binary.csv is a binary file"),
-    (["experiments.attack", "--users=train"], "is corrupted or truncated"),
+    (["experiments.attack", "--users=train"], "checkpoint.msgpack changed since run.json"),
     (["experiments.sweep", f"--config={TINY}", "--sigmas=0,-0.5"], "--sigmas value -0.5"),
     (["experiments.reproduce", "--preset=huge"], "unknown --preset 'huge'"),
 ], ids=["train-binary-csv", "attack-truncated-checkpoint", "sweep-negative-sigma",
@@ -697,3 +756,309 @@ def test_read_only_workdir_is_refused_before_anything_is_written(tmp_path, capsy
   _assert_one_clear_line(code, err, ("is not writable (Read-only file system)",
                                      "choose another --workdir"))
   assert not any(workdir.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------
+# One writer per workdir (M1): flock on WORKDIR/.lock, held by a subprocess that a test hook keeps
+# waiting on a sentinel file (no sleeps: the test waits for the holder's ".held" file, and kills
+# it with SIGKILL at the end; the kernel releases its locks).
+
+
+def _holding(tmp_path, lock_name: str, args) -> tuple[subprocess.Popen, pathlib.Path]:
+  """Starts ``python -m args``, held by the test hook once it has taken ``lock_name``; returns
+  when the hook says so on stdout (a blocking read: no polling, no sleeps; killed after 60 s)."""
+  sentinel = tmp_path / "release"
+  env = dict(os.environ)
+  env.pop(common.KILL_ENV, None)
+  env[workdir_lib.HOLD_ENV] = f"{lock_name}:{sentinel}"
+  proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  timer = threading.Timer(60, proc.kill)
+  timer.start()
+  for line in proc.stdout:
+    if line.startswith(workdir_lib.HELD_MARKER):
+      break
+  timer.cancel()
+  assert proc.poll() is None, proc.communicate(timeout=60)[1][-2000:]
+  return proc, sentinel
+
+
+def _kill(proc: subprocess.Popen) -> None:
+  proc.kill()  # SIGKILL: no cleanup; the kernel releases the process's locks
+  proc.communicate(timeout=60)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(workdirs, tmp_path, capsys):
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  proc, _ = _holding(tmp_path, ".lock", ["experiments.train", f"--config={TINY}", "--seed=3",
+                                         f"--workdir={workdir}", "--overwrite"])
+  try:
+    before = _snapshot(workdir)
+    for binary, extra in (("train", dict(config=TINY)), ("train", dict(config=TINY,
+                                                                       overwrite=True)),
+                          ("attack", dict(num_examples=10, variant="paper"))):
+      code, err = _call(capsys, binary, workdir=str(workdir), **extra)
+      _assert_one_clear_line(code, err, (
+          f"workdir {workdir} is in use by pid {proc.pid} on {socket.gethostname()}",
+          "python -m experiments.train", "--seed=3", "exclusive since",
+          "wait for it to finish, or use another --workdir"))
+      assert _snapshot(workdir) == before, binary
+  finally:
+    _kill(proc)
+  # SIGKILL released the lock: the workdir can be owned again (and the copy was never touched).
+  with workdir_lib.locked(workdir, exclusive=True):
+    pass
+  assert _snapshot(workdir) == before
+
+
+def test_attacks_of_other_records_share_a_workdir_and_one_record_has_one_writer(
+    workdirs, tmp_path, capsys):
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  record = ".attack_exact_paper_auto_test.json.lock"  # held: the workdir's lock (shared) too
+  proc, _ = _holding(tmp_path, record, ["experiments.attack", "--variant=paper",
+                                        "--num_examples=10", f"--workdir={workdir}"])
+  try:
+    code, err = _call(capsys, "attack", workdir=str(workdir), num_examples=10, variant="paper")
+    _assert_one_clear_line(code, err, (f"{workdir / 'attack_exact_paper_auto_test.json'} is in "
+                                       f"use by pid {proc.pid}", "experiments.attack"))
+    for binary, extra in (("train", dict(config=TINY)),
+                          ("attack", dict(num_examples=10, overwrite=True))):
+      code, err = _call(capsys, binary, workdir=str(workdir), **extra)
+      _assert_one_clear_line(code, err, (f"workdir {workdir} is in use by pid {proc.pid}",
+                                         "shared since"))
+    # Another attack configuration runs beside it (both hold the workdir's lock shared).
+    code, err = _call(capsys, "attack", workdir=str(workdir), num_examples=10,
+                      variant="clip_aware")
+    assert code == 0, err
+    assert (workdir / "attack_exact_clip_aware_auto_test.json").exists()
+  finally:
+    _kill(proc)
+
+
+def test_the_next_owner_removes_temp_files_of_a_killed_write(workdirs, tmp_path, capsys,
+                                                             monkeypatch):
+  """A kill exactly between the temp file's fsync and the rename (os.replace wrapped) leaves the
+  old file whole and a temp file beside it; the next run that owns the workdir removes it."""
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  before = _snapshot(workdir)
+  real_replace, real_unlink = os.replace, os.unlink
+
+  def killed_before_renaming_the_record(src, dst):
+    if os.path.basename(str(dst)) == "attack.json":
+      # The process dies here: no except/finally of it runs (its temp file stays).
+      monkeypatch.setattr(os, "unlink", lambda path, *a, **k: None if str(path).endswith(
+          ".tmp") else real_unlink(path, *a, **k))
+      raise _Killed()
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", killed_before_renaming_the_record)
+  with pytest.raises(_Killed):
+    _call(capsys, "attack", workdir=str(workdir), num_examples=5, overwrite=True)
+  monkeypatch.setattr(os, "replace", real_replace)
+  monkeypatch.setattr(os, "unlink", real_unlink)
+  temps = sorted(p.name for p in workdir.glob(".attack.json.*.tmp"))
+  assert len(temps) == 1, temps
+  assert (workdir / "attack.json").read_bytes() == before["attack.json"][0]
+  code, err = _call(capsys, "train", workdir=str(workdir), config=TINY)  # kept: same config
+  assert code == 0, err
+  assert not list(workdir.glob("*.tmp")) and not list(workdir.glob(".*.tmp"))
+  # Everything else as it was, and the killed attack's partial results kept for --resume.
+  after = {k: v for k, v in _snapshot(workdir).items() if not k.startswith(".")}
+  assert set(after) - set(before) == {"attack.json.partial.npz"}
+  assert {k: v for k, v in after.items() if k in before} == {
+      k: v for k, v in before.items() if not k.startswith(".")}
+
+
+# --------------------------------------------------------------------------------------------------
+# The rest of the workdir-ownership issue's faults, each with its test.
+
+
+def _errors(code: int, err: str, want_code: int = 2) -> list[str]:
+  """The "error:" lines of a run that must fail with ``want_code`` and print no traceback."""
+  assert code == want_code, f"exit status {code}, stderr:\n{err}"
+  assert "Traceback" not in err, err
+  return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def _legacy(workdir: pathlib.Path) -> None:
+  os.remove(workdir / workdir_lib.MANIFEST)  # as splitjax < 0.2 wrote it: nothing to verify
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (lambda wd: _truncate(wd / "checkpoint.msgpack"), "is corrupted or truncated"),
+    (lambda wd: shutil.copyfile(wd.parent / "b" / "checkpoint.msgpack", wd / "checkpoint.msgpack"),
+     "written for a different model/config"),
+    (lambda wd: np.savez(wd / "transcript.npz", **dict(np.load(wd / "transcript.npz"),
+                                                       example_index=np.full(320, 10**6))),
+     "does not fit this run's data"),
+    (lambda wd: (wd / "metrics.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((wd / "metrics.json").read_text()).items()
+         if k != "l2_clip_norm"})), "lacks the entry 'l2_clip_norm'"),
+], ids=["truncated-checkpoint", "checkpoint-of-another-model", "transcript-index-out-of-range",
+        "metrics-missing-a-key"])
+def test_checks_of_a_workdir_without_a_manifest(setup, expected, workdirs, tmp_path, capsys):
+  """Workdirs of splitjax < 0.2 (no run.json) are read with one warning line; what is wrong in
+  them still gets one error line (no internal error, no bare key)."""
+  workdir = tmp_path / "a"
+  shutil.copytree(workdirs["a"], workdir)
+  shutil.copytree(workdirs["b"], tmp_path / "b")
+  _legacy(workdir)
+  setup(workdir)
+  code, err = _call(capsys, "attack", workdir=str(workdir), users="train", num_examples=20)
+  errors = _errors(code, err)
+  assert len(errors) == 1 and expected in errors[0], err
+  assert "warning: unverified" in err
+
+
+def test_an_unreadable_partial_is_ignored_with_one_line_and_resume_works(workdirs, tmp_path,
+                                                                        capsys):
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  name = "attack_exact_paper_auto_test.json"
+  for garbage in (b"PK\x03\x04 truncated zip", b"\x00" * 100):
+    (workdir / f"{name}.partial.npz").write_bytes(garbage)
+    code, err = _call(capsys, "attack", workdir=str(workdir), variant="paper", num_examples=10,
+                      resume=True, overwrite=True)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "ignoring" in line]
+    assert len(warnings) == 1 and "unreadable" in warnings[0] and name in warnings[0], err
+    assert json.loads((workdir / name).read_text())["num_examples"] == 10
+    assert not (workdir / f"{name}.partial.npz").exists()
+
+
+def test_an_edited_training_csv_is_refused_by_attack(files, tmp_path, capsys):
+  workdir, table = tmp_path / "w", tmp_path / "table.csv"
+  shutil.copyfile(files / "good.csv", table)
+  flag_values = dict(dataset="csv", data_path=str(table), schema=str(files / "schema.json"),
+                     epochs=1)
+  code, err = _call(capsys, "train", workdir=str(workdir), **flag_values)
+  assert code == 0, err
+  table.write_text(table.read_text().replace("yes", "no", 3))  # three labels flipped
+  before = _snapshot(workdir)
+  code, err = _call(capsys, "attack", workdir=str(workdir))
+  _assert_one_clear_line(code, err, (f"the training data file {table} changed since this run",
+                                     "restore the file or retrain"))
+  assert _snapshot(workdir) == before
+
+
+def test_exact_that_cannot_fit_in_memory_is_refused_before_it_runs(workdirs, tmp_path, capsys,
+                                                                   monkeypatch):
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  monkeypatch.setattr(common, "available_memory_bytes", lambda: (1 << 10, "available RAM"))
+  before = _snapshot(workdir)
+  code, err = _call(capsys, "attack", workdir=str(workdir), variant="paper", num_examples=10)
+  _assert_one_clear_line(code, err, ("EXACT over", "pairs per user needs at least",
+                                     "GiB of available RAM", "--skip_memory_check"))
+  assert _snapshot(workdir) == before
+  code, err = _call(capsys, "attack", workdir=str(workdir), variant="paper", num_examples=10,
+                    skip_memory_check=True)
+  assert code == 0, err
+  # 10^9 candidates (three features of 1000 values): the smallest peak is 30 GB of pair scores.
+  est = splitjax.attacks.estimate(lambda p, h, x: jnp.sum(h) * p["w"][x[0]], {"w": jnp.ones(1000)},
+                                  4, (1000, 1000, 1000), num_users=1)
+  assert est.min_peak_bytes >= 10**9 * 2 * 16
+
+
+def test_batch_and_device_sizes_larger_than_the_data_are_clamped(tmp_path, capsys, caplog):
+  caplog.set_level(logging.INFO)
+  for extra, clamped in ((dict(batch_size=10**9), {"batch_size"}),
+                         (dict(protocol="fsl", samples_per_device=10**9,
+                               devices_per_round=10**9), {"samples_per_device",
+                                                          "devices_per_round"})):
+    workdir = tmp_path / extra.get("protocol", "sl")
+    code, err = _call(capsys, "train", workdir=str(workdir), config=TINY, epochs=1, **extra)
+    assert code == 0, err
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    resolved, num_train = metrics["resolved_config"], metrics["num_train"]
+    notes = [r.getMessage() for r in caplog.records if "clamped" in r.getMessage()]
+    for name in clamped:
+      assert any(f"--{name}=1000000000" in n for n in notes), notes
+    if "batch_size" in clamped:
+      assert resolved["batch_size"] == num_train
+    else:
+      assert resolved["samples_per_device"] == num_train and resolved["devices_per_round"] == 1
+    caplog.clear()
+
+
+def test_ctrl_c_prints_one_line_and_exits_130_then_resume_finishes(tmp_path, capsys,
+                                                                   monkeypatch):
+  workdir = tmp_path / "w"
+
+  def interrupt(self):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(common.KillSwitch, "tick", interrupt)  # Ctrl-C after the first checkpoint
+  code, err = _call(capsys, "train", workdir=str(workdir), config=TINY)
+  monkeypatch.undo()
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert code == 130 and "Traceback" not in err, err
+  assert lines == ["interrupted after epoch 1 of 2; rerun the same command with --resume to "
+                   "continue"], err
+  code, err = _call(capsys, "train", workdir=str(workdir), config=TINY, resume=True)
+  assert code == 0, err
+  assert json.loads((workdir / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_an_internal_error_is_one_line_without_jax_notes(capsys):
+  def fails_inside_jit(argv):
+    del argv
+    jax.jit(lambda x: x.reshape(7))(jnp.ones(3))
+
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    common.run_main(fails_inside_jit)([])
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert e.value.code == 3 and len(lines) == 1, err
+  assert lines[0].startswith("error: internal error (TypeError: cannot reshape"), lines
+  assert "JAX" not in lines[0] and "Traceback" not in err
+
+
+def test_attack_on_a_read_only_workdir_fails_before_the_attack(workdirs, tmp_path, capsys,
+                                                               monkeypatch):
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["a"], workdir)
+  before = _snapshot(workdir)
+  real = os.open
+  monkeypatch.setattr(os, "open", _failing(real, errno.EROFS, lambda path, *a: str(path).startswith(
+      str(workdir)) and bool(a and a[0] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))))
+  monkeypatch.setattr(pipeline, "Restored", None)  # reaching the restore would fail loudly
+  code, err = _call(capsys, "attack", workdir=str(workdir), variant="paper")
+  monkeypatch.undo()
+  _assert_one_clear_line(code, err, ("cannot create the lock file", "Read-only file system",
+                                     "must be writable"))
+  assert _snapshot(workdir) == before
+
+
+def test_disk_full_names_the_file(tmp_path):
+  real = os.fsync
+  target = tmp_path / "results.json"
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(os, "fsync", _failing(real, errno.ENOSPC, lambda fd: True))
+    with pytest.raises(sj_io.WriteError, match=f"could not write {target} \\(No space left on "
+                       "device\\): free space on that filesystem") as e:
+      sj_io.atomic_write_json(target, {"a": 1})
+  assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
+  assert not list(tmp_path.iterdir())
+
+
+def test_a_one_class_test_split_reports_auc_as_undefined(tmp_path, capsys, monkeypatch):
+  real_load = pipeline.load_data
+
+  def one_class_test_split(config):
+    data = real_load(config)
+    return dataclasses.replace(data, test=dataclasses.replace(data.test,
+                                                              y=np.zeros_like(data.test.y)))
+
+  monkeypatch.setattr(pipeline, "load_data", one_class_test_split)
+  workdir = tmp_path / "w"
+  code, err = _call(capsys, "train", workdir=str(workdir), config=TINY, epochs=1)
+  assert code == 0, err
+  assert "warning: test AUC undefined: the 40 test rows all have label 0" in err, err
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert metrics["test_auc"] == "nan" and metrics["test_auc_note"].startswith("undefined")
+  assert pipeline.auc_text(metrics) == "undefined (one class in the test split)"

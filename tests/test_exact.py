@@ -570,3 +570,23 @@ def test_estimate_counts_the_candidate_flops_and_scales_with_users():
                                       / (0.5 * est.matmul_flops_per_second))
   with pytest.raises(splitjax.attacks.AttackError, match="efficiency"):
     splitjax.attacks.estimate(apply, params, d, (3, 2), num_users=1, efficiency=0)
+
+
+def test_cardinalities_are_checked_against_the_model_and_empty_means_label_only():
+  """device_logit_fn carries the model's cardinalities: a wrong tuple is refused (JAX would clamp
+  the out-of-range indices and answer silently wrong). An empty tuple is a label-only run."""
+  from splitjax import models  # pylint: disable=import-outside-toplevel
+  model = models.make_model(models.ModelSpec(pub_cardinalities=(3,), num_pub_dense=1,
+                                             priv_cardinalities=(2, 3), hidden=(4,)))
+  apply, phi = models.device_logit_fn(model), model.device_init(jax.random.key(0))
+  h = np.asarray(model.encode_batch(model.server_init(jax.random.key(1)),
+                                    np.zeros((2, 1), np.int32), np.ones((2, 1), np.float32)))
+  g = np.ones_like(h)
+  for wrong in ((2,), (2, 3, 4), (3, 3)):
+    with pytest.raises(splitjax.attacks.AttackError, match=r"do not match the model behind "
+                       r"device_apply, whose private features have cardinalities \(2, 3\)"):
+      splitjax.attacks.exact(apply, phi, h, g, wrong)
+  assert splitjax.attacks.exact(apply, phi, h, g, (2, 3)).features.shape == (2, 2)
+  label_only = splitjax.attacks.exact(lambda p, hh, x: jnp.sum(hh) * p, 1.0, h, g, ())
+  assert label_only.features.shape == (2, 0) and set(label_only.labels) <= {0, 1}
+  assert splitjax.attacks.tuple_codes(np.zeros((2, 0), np.int32), ()).tolist() == [0, 0]

@@ -264,3 +264,16 @@ def test_training_reports_rows_zeroed_for_nonfinite_values():
   assert int(nonfinite) == 1
   np.testing.assert_array_equal(np.asarray(sent[1:3]), 0.0)
   assert np.all(np.linalg.norm(np.asarray(sent, np.float64), axis=1) <= 1 + 1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: privacy.clip_per_example(1.0),
+    lambda: privacy.cut_layer_dp(1.0, 1.0, key=jax.random.key(0)),
+    lambda: privacy.dp_aggregate(1.0, 1.0, key=jax.random.key(0)),
+], ids=["clip_per_example", "cut_layer_dp", "dp_aggregate"])
+def test_an_empty_batch_is_a_value_error_naming_the_problem(make):
+  tx = make()
+  for empty in (jnp.zeros((0, 3)), {"a": jnp.zeros((0, 2)), "b": jnp.zeros((0,))}):
+    with pytest.raises(privacy.PrivacyError, match="the batch is empty") as e:
+      tx.update(empty, tx.init(empty))
+    assert isinstance(e.value, ValueError)

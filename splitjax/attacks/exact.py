@@ -158,7 +158,10 @@ def candidate_table(cardinalities: Sequence[int]) -> np.ndarray:
 # Validation.
 
 
-def _check_cardinalities(cardinalities) -> tuple[int, ...]:
+def _check_cardinalities(cardinalities, device_apply=None) -> tuple[int, ...]:
+  """The cardinalities as ints; checked against `device_apply.priv_cardinalities` when the
+  callable carries them (`models.device_logit_fn`): a wrong feature count or cardinality would
+  otherwise give silently wrong answers (JAX clamps out-of-range embedding indices)."""
   if isinstance(cardinalities, numbers.Integral):
     raise AttackError(f'cardinalities must be a sequence of ints (one per private feature), got the '
                       f'int {cardinalities!r}; pass e.g. ({cardinalities},).')
@@ -172,7 +175,13 @@ def _check_cardinalities(cardinalities) -> tuple[int, ...]:
     if k < 1:
       raise AttackError(f'cardinalities[{j}] must be >= 1, got {k} in {cards}; every private feature '
                         'needs at least one value.')
-  return tuple(int(k) for k in cards)
+  cards = tuple(int(k) for k in cards)
+  known = getattr(device_apply, 'priv_cardinalities', None)
+  if known is not None and tuple(known) != cards:
+    raise AttackError(f'cardinalities {cards} do not match the model behind device_apply, whose '
+                      f'private features have cardinalities {tuple(known)}: pass '
+                      'model.spec.priv_cardinalities (or the dataset\'s priv_cardinalities).')
+  return cards
 
 
 def _check_positive_int(value, name: str, *, allow_none: bool = True) -> int | None:
@@ -637,6 +646,10 @@ class Estimate(NamedTuple):
     matmul_flops_per_second: float32 matmul rate measured on the default device just now.
     seconds: estimated wall time, `num_users * num_candidates * flops_per_candidate /
       (efficiency * matmul_flops_per_second)`, compilation not included.
+    min_peak_bytes: a lower bound on the run's peak memory: the `[C, P]` candidate table (host
+      and device copies) plus one user's chunk (its candidates' intermediates, up to the
+      memory budget, and its `C * num_labels` pair scores, which no chunking divides). A run
+      whose `min_peak_bytes` exceeds the free memory cannot fit.
   """
 
   num_users: int
@@ -646,6 +659,7 @@ class Estimate(NamedTuple):
   bytes_per_candidate: int
   matmul_flops_per_second: float
   seconds: float
+  min_peak_bytes: int = 0
 
 
 @functools.lru_cache(maxsize=4)
@@ -699,8 +713,11 @@ def estimate(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array], dev
   rate = matmul_flops_per_second(jax.default_backend())
   num_cand = math.prod(cards)
   seconds = num_users * num_cand * max(flops, 1) / (efficiency * rate)
+  table_bytes = 2 * num_cand * len(cards) * 4
+  one_user = min(num_cand, max(1, MEMORY_BUDGET_BYTES // per_cand)) * per_cand + (
+      num_cand * num_labels * 4 * 4)
   return Estimate(int(num_users), num_cand, num_cand * num_labels, int(flops), int(per_cand),
-                  float(rate), float(seconds))
+                  float(rate), float(seconds), int(table_bytes + one_user))
 
 
 def _params_signature(params):
@@ -929,7 +946,7 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
     Qiu et al., Evaluating Privacy Leakage in Split Learning, arXiv:2305.12997 (EXACT; clip-unaware
     scoring is theirs, clip-aware and Bayes scoring are splitjax's).
   """
-  cards = _check_cardinalities(cardinalities)
+  cards = _check_cardinalities(cardinalities, device_apply)
   if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 2:
     raise AttackError(f'num_labels must be an int >= 2, got {num_labels!r}.')
   if num_labels != 2:

@@ -63,8 +63,11 @@ class InformedPrior(NamedTuple):
 def tuple_codes(values: np.ndarray, cardinalities: Sequence[int]) -> np.ndarray:
   """Flat candidate index of each row of private codes `[N, P]` -> `[N]` int64."""
   cards = tuple(int(c) for c in cardinalities)
-  values = np.asarray(values, np.int64).reshape(-1, len(cards))
-  return np.ravel_multi_index(tuple(values.T), cards) if cards else np.zeros(len(values), np.int64)
+  values = np.asarray(values, np.int64)
+  if not cards:  # no private categorical features: one (empty) candidate
+    return np.zeros(len(values) if values.ndim else 1, np.int64)
+  values = values.reshape(-1, len(cards))
+  return np.ravel_multi_index(tuple(values.T), cards)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))

@@ -134,8 +134,10 @@ def parse(text: str, *, source: str, delimiter: str | None = None,
   reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True)
   rows, lines = [], []
   header = names
+  end = 0  # physical line where the previous row ended
   try:
     for row in reader:
+      start, end = end + 1, reader.line_num  # a quoted field may span lines
       if not row or (len(row) == 1 and not row[0].strip()):
         continue
       if skip_prefix is not None and row[0].startswith(skip_prefix):
@@ -155,6 +157,10 @@ def parse(text: str, *, source: str, delimiter: str | None = None,
           raise base.DataError(
               f"{source} has duplicate column names {duplicates}; rename them in the header")
         continue
+      if len(row) != len(header) and end > start and any("\n" in f for f in row):
+        raise base.DataError(
+            f"{source} line {start}: a quoted field opens there and is not closed where the "
+            f"row should end (it runs on to line {end}); balance the quotes of that row")
       if len(row) != len(header):
         raise base.DataError(
             f"{source} line {reader.line_num}: {len(row)} fields, expected {len(header)} "
@@ -165,7 +171,7 @@ def parse(text: str, *, source: str, delimiter: str | None = None,
         break
   except csv.Error as e:
     raise base.DataError(
-        f"{source} line {reader.line_num}: malformed CSV ({e}); fix the quoting of that row"
+        f"{source} line {end + 1}: malformed CSV ({e}); fix the quoting of that row"
     ) from None
   if header is None:
     raise base.DataError(f"{source} is empty; give a CSV file with a header row and data rows")

@@ -53,6 +53,10 @@ def _batch_size(leaves) -> int:
     raise _checks.PrivacyError(
         f'every leaf needs the same leading batch axis, got shapes {shapes}; '
         'stack per-example values along axis 0.')
+  if shapes[0][0] == 0:
+    raise _checks.PrivacyError(
+        f'the batch is empty (leaf shapes {shapes}): per-example DP needs at least one example; '
+        'skip the step instead of calling the transform on zero rows.')
   return shapes[0][0]
 
 
