@@ -73,7 +73,7 @@ def _run(args, env_extra=None) -> subprocess.CompletedProcess:
   env.pop(common.KILL_ENV, None)
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=60)
 
 
 def _snapshot(root: pathlib.Path) -> dict:
@@ -739,7 +739,8 @@ def test_disk_full_while_writing_the_manifest_leaves_no_partial_file(tmp_path, c
       os.readlink(f"/proc/self/fd/{fd}")).startswith(".run.json.")))
   code, err = _call(capsys, "train", workdir=str(workdir), config=TINY)
   monkeypatch.setattr(os, "fsync", real)
-  _assert_one_clear_line(code, err, ("No space left on device",))
+  _assert_one_clear_line(code, err, (f"could not write {workdir / 'run.json'} (No space left on "
+                                     "device): free space",))
   names = set(_snapshot(workdir))
   assert "run.json" not in names and not any(n.startswith(".run.json") for n in names)
   assert "metrics.json" in names  # everything before the manifest was written whole

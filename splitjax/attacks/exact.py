@@ -878,7 +878,11 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
       `param_index`, several versions stacked along a leading axis of every leaf.
     h: [N, d] cut activations the server computed.
     g_obs: [N, d] gradients the server received (after any DP transform).
-    cardinalities: P ints >= 1, the number of values of each private feature.
+    cardinalities: P ints >= 1, the number of values of each private feature (P = 0: no private
+      categorical feature, the label alone is enumerated). Checked against the model when
+      `device_apply` carries `priv_cardinalities` (`models.device_logit_fn` does). For a bare
+      `device_apply` they are not: JAX clamps out-of-range embedding indices instead of raising,
+      so a wrong feature count or cardinality gives silently wrong answers.
     num_labels: 2 (binary cross-entropy); other values are not supported.
     top_k: >= 1; with top_k > 1 and no noise, per-feature majority vote over the top_k nearest pairs.
     chunk_size: private candidates scored at once per user (None: all of them, unless one user's
