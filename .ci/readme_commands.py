@@ -20,8 +20,10 @@ def commands(readme: str) -> dict[str, str]:
   for name in NAMES:
     match = re.search(r"<!-- ci:%s -->\s*\n```[^\n]*\n(.*?)\n```" % name, readme, re.S)
     if match is None:
-      raise ValueError(f"README.md has no '<!-- ci:{name} -->' marker before a fenced code block "
-                       f"holding the {name} command")
+      raise ValueError(
+        f"README.md has no '<!-- ci:{name} -->' marker before a fenced code block "
+        f"holding the {name} command"
+      )
     lines = [line for line in match.group(1).splitlines() if line.strip()]
     if len(lines) != 1:
       raise ValueError(f"the {name} block of README.md must hold one command line, got {lines}")

@@ -34,8 +34,9 @@ def differences(old, new, rtol=0.0):
   for p in sorted(set(a) & set(b)):
     x, y = a[p], b[p]
     if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
-      same = x == y or (math.isnan(x) and math.isnan(y)) or (
-          rtol and math.isclose(x, y, rel_tol=rtol))
+      same = (
+        x == y or (math.isnan(x) and math.isnan(y)) or (rtol and math.isclose(x, y, rel_tol=rtol))
+      )
     else:
       same = x == y
     if not same:

@@ -32,13 +32,22 @@ exact_lib = importlib.import_module('splitjax.attacks.exact')
 
 _DATASETS = flags.DEFINE_list('datasets', ['adult', 'bank'], 'Shapes to benchmark.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs after compilation (median reported).')
-_SWEEP = flags.DEFINE_list('sweep', ['1', '2', '4', '8', '16', '32', '64'],
-                           'users_per_chunk values for the chunk-size sweep (empty: skip).')
-_PLAIN_USERS = flags.DEFINE_list('plain_users_per_chunk', ['2', '4', '8', '16'],
-                                 'Chunk sizes tried for the plain vmap(grad); its best is reported.')
-_LOOP_USERS = flags.DEFINE_integer('python_loop_users', 2,
-                                   'Users timed with a per-candidate Python loop (authors\' style; '
-                                   '0 to skip); extrapolated to all users.')
+_SWEEP = flags.DEFINE_list(
+  'sweep',
+  ['1', '2', '4', '8', '16', '32', '64'],
+  'users_per_chunk values for the chunk-size sweep (empty: skip).',
+)
+_PLAIN_USERS = flags.DEFINE_list(
+  'plain_users_per_chunk',
+  ['2', '4', '8', '16'],
+  'Chunk sizes tried for the plain vmap(grad); its best is reported.',
+)
+_LOOP_USERS = flags.DEFINE_integer(
+  'python_loop_users',
+  2,
+  'Users timed with a per-candidate Python loop (authors\' style; '
+  '0 to skip); extrapolated to all users.',
+)
 _JSON = flags.DEFINE_string('json', None, 'Optional path for the figures as JSON.')
 
 
@@ -58,8 +67,8 @@ class Shape:
 
 
 SHAPES = {
-    'adult': Shape('adult', 4885, 4, 4, (2, 5, 6, 7)),
-    'bank': Shape('bank', 453, 3, 7, (3, 12, 4, 2, 2, 3)),
+  'adult': Shape('adult', 4885, 4, 4, (2, 5, 6, 7)),
+  'bank': Shape('bank', 453, 3, 7, (3, 12, 4, 2, 2, 3)),
 }
 
 
@@ -70,14 +79,21 @@ def init_deepfm(key, s: Shape):
   h1, h2 = s.hidden
   num_priv = len(s.priv_cardinalities)
   return dict(
-      w_h=normal((s.d,), 1 / math.sqrt(s.d)), bias=normal((), 0.1),
-      w_priv=tuple(normal((k,), 0.5) for k in s.priv_cardinalities),
-      emb=tuple(normal((k, s.embed_dim), 0.3) for k in s.priv_cardinalities),
-      W1_h=normal((s.d, h1), math.sqrt(2 / s.d)),
-      W1_priv=tuple(normal((s.embed_dim, h1), math.sqrt(2 / (s.embed_dim * num_priv)))
-                    for _ in s.priv_cardinalities),
-      b1=normal((h1,), 0.1), W2=normal((h1, h2), math.sqrt(2 / h1)), b2=normal((h2,), 0.1),
-      w3=normal((h2,), 1 / math.sqrt(h2)), b3=normal((), 0.1))
+    w_h=normal((s.d,), 1 / math.sqrt(s.d)),
+    bias=normal((), 0.1),
+    w_priv=tuple(normal((k,), 0.5) for k in s.priv_cardinalities),
+    emb=tuple(normal((k, s.embed_dim), 0.3) for k in s.priv_cardinalities),
+    W1_h=normal((s.d, h1), math.sqrt(2 / s.d)),
+    W1_priv=tuple(
+      normal((s.embed_dim, h1), math.sqrt(2 / (s.embed_dim * num_priv)))
+      for _ in s.priv_cardinalities
+    ),
+    b1=normal((h1,), 0.1),
+    W2=normal((h1, h2), math.sqrt(2 / h1)),
+    b2=normal((h2,), 0.1),
+    w3=normal((h2,), 1 / math.sqrt(h2)),
+    b3=normal((), 0.1),
+  )
 
 
 def make_apply(s: Shape):
@@ -91,8 +107,9 @@ def make_apply(s: Shape):
     fields = jnp.concatenate([h[:sf].reshape(s.num_server_fields, s.embed_dim), jnp.stack(e)])
     tot = fields.sum(0)
     fm = 0.5 * jnp.sum(tot * tot - jnp.sum(fields * fields, 0))
-    a1 = (h @ p['W1_h'] + sum((p['emb'][j] @ p['W1_priv'][j])[x[j]] for j in range(num_priv))
-          + p['b1'])
+    a1 = (
+      h @ p['W1_h'] + sum((p['emb'][j] @ p['W1_priv'][j])[x[j]] for j in range(num_priv)) + p['b1']
+    )
     a2 = jax.nn.relu(jax.nn.relu(a1) @ p['W2'] + p['b2'])
     return lin + fm + a2 @ p['w3'] + p['b3']
 
@@ -141,7 +158,8 @@ def screened_pair_errors(apply, params, h, cards, num_users: int = 64) -> np.nda
   results = []
   for fn in (vg, exact_lib.low_precision_matmuls(vg)):
     z, v = jax.jit(jax.vmap(jax.vmap(fn, (None, None, 0)), (None, 0, None)))(
-        params, h[:num_users], table)
+      params, h[:num_users], table
+    )
     a = exact_lib.loss_factors(z)
     results.append(a[..., None] * v[:, :, None, :])
   ref, low = results
@@ -160,6 +178,7 @@ def make_plain(apply, params, s: Shape, users_per_chunk: int):
     def one_user(h_u, g_u):
       cand = jax.vmap(grad, in_axes=(None, 0, 0))(h_u, pairs_x, pairs_y)  # [2C, d]
       return jnp.argmin(jnp.sum(jnp.square(cand - g_u), axis=-1))
+
     return jax.vmap(one_user)(h, g)
 
   def run(h, g):
@@ -168,8 +187,13 @@ def make_plain(apply, params, s: Shape, users_per_chunk: int):
     pad = num * users_per_chunk - n
     hp = np.concatenate([h, np.repeat(h[:1], pad, 0)])
     gp = np.concatenate([g, np.repeat(g[:1], pad, 0)])
-    outs = [chunk(hp[i * users_per_chunk:(i + 1) * users_per_chunk],
-                  gp[i * users_per_chunk:(i + 1) * users_per_chunk]) for i in range(num)]
+    outs = [
+      chunk(
+        hp[i * users_per_chunk : (i + 1) * users_per_chunk],
+        gp[i * users_per_chunk : (i + 1) * users_per_chunk],
+      )
+      for i in range(num)
+    ]
     return jnp.concatenate(outs)[:n]
 
   return run
@@ -199,8 +223,9 @@ def benchmark(s: Shape, peak: float, peak_bf16: float) -> dict:
   h = (0.5 * rng.normal(size=(n, s.d))).astype(np.float32)
   x = np.stack([rng.integers(0, k, n) for k in s.priv_cardinalities], 1).astype(np.int32)
   y = rng.integers(0, 2, n).astype(np.float32)
-  g = np.asarray(jax.jit(jax.vmap(jax.grad(lambda h_, x_, y_: bce(apply, params, h_, x_, y_))))(
-      h, x, y))
+  g = np.asarray(
+    jax.jit(jax.vmap(jax.grad(lambda h_, x_, y_: bce(apply, params, h_, x_, y_))))(h, x, y)
+  )
   num_cand = math.prod(s.priv_cardinalities)
   flops = analytic_flops_per_candidate(s)
   repeats = _REPEATS.value
@@ -222,11 +247,25 @@ def benchmark(s: Shape, peak: float, peak_bf16: float) -> dict:
       jax.block_until_ready(fn())
       times.append(time.perf_counter() - t0)
   t_exact, t_screen = float(np.median(times_f32)), float(np.median(times_screen))
-  plan = exact_lib._plan(apply, params, s.d, np.float32, s.priv_cardinalities, 2, n,  # pylint: disable=protected-access
-                         jax.device_count(), jax.devices()[0].platform, None, None)
+  plan = exact_lib._plan(
+    apply,
+    params,
+    s.d,
+    np.float32,
+    s.priv_cardinalities,
+    2,
+    n,  # pylint: disable=protected-access
+    jax.device_count(),
+    jax.devices()[0].platform,
+    None,
+    None,
+  )
 
-  agree = float(np.mean((screened.map_features == r.map_features).all(1)
-                        & (screened.map_labels == r.map_labels)))
+  agree = float(
+    np.mean(
+      (screened.map_features == r.map_features).all(1) & (screened.map_labels == r.map_labels)
+    )
+  )
   errors = screened_pair_errors(apply, params, h, s.priv_cardinalities)
 
   sweep = {}
@@ -239,8 +278,9 @@ def benchmark(s: Shape, peak: float, peak_bf16: float) -> dict:
     plain[u] = median_time(lambda: run(h, g), max(1, min(3, repeats)))
   plain_best = min(plain, key=plain.get)
   check = np.asarray(make_plain(apply, params, s, plain_best)(h[:64], g[:64]))
-  plain_agrees = float(np.mean(check == _flat_index(r.map_features[:64], r.map_labels[:64],
-                                                    s.priv_cardinalities)))
+  plain_agrees = float(
+    np.mean(check == _flat_index(r.map_features[:64], r.map_labels[:64], s.priv_cardinalities))
+  )
 
   loop = None
   if _LOOP_USERS.value > 0:
@@ -248,29 +288,39 @@ def benchmark(s: Shape, peak: float, peak_bf16: float) -> dict:
 
   grads_per_s = n * num_cand / t_exact
   out = dict(
-      dataset=s.name, users=n, private_candidates=num_cand, pairs=2 * num_cand,
-      exact_seconds=t_exact, first_call_seconds=t_compile, exact_accuracy_no_dp=acc,
-      plan=plan._asdict(), sweep_seconds=sweep, plain_vmap_grad_seconds=plain,
-      plain_best_users_per_chunk=plain_best, plain_agrees_on_64_users=plain_agrees,
-      python_loop_seconds_extrapolated=loop,
-      candidate_gradients_per_second=grads_per_s,
-      pairs_per_second=2 * grads_per_s,
-      speedup_vs_plain=plain[plain_best] / t_exact,
-      analytic_flops_per_candidate=flops,
-      achieved_flops_per_second=grads_per_s * flops,
-      roofline_fraction=grads_per_s * flops / peak,
-      exact_seconds_all=times_f32,
-      screened_seconds=t_screen,
-      screened_seconds_all=times_screen,
-      screened_speedup=t_exact / t_screen,
-      screened_agrees=agree,
-      screened_fallback_fraction=float(screened.screen_fallback.mean()),
-      screened_flops_per_second=n * num_cand * flops / t_screen,
-      screened_fraction_of_f32_roofline=n * num_cand * flops / t_screen / peak,
-      screened_fraction_of_bf16_roofline=n * num_cand * flops / t_screen / peak_bf16,
-      screened_speedup_vs_plain=plain[plain_best] / t_screen,
-      screen_pair_error_quantiles={q: float(np.quantile(errors, q))
-                                   for q in (0.5, 0.9, 0.97, 0.99, 1.0)})
+    dataset=s.name,
+    users=n,
+    private_candidates=num_cand,
+    pairs=2 * num_cand,
+    exact_seconds=t_exact,
+    first_call_seconds=t_compile,
+    exact_accuracy_no_dp=acc,
+    plan=plan._asdict(),
+    sweep_seconds=sweep,
+    plain_vmap_grad_seconds=plain,
+    plain_best_users_per_chunk=plain_best,
+    plain_agrees_on_64_users=plain_agrees,
+    python_loop_seconds_extrapolated=loop,
+    candidate_gradients_per_second=grads_per_s,
+    pairs_per_second=2 * grads_per_s,
+    speedup_vs_plain=plain[plain_best] / t_exact,
+    analytic_flops_per_candidate=flops,
+    achieved_flops_per_second=grads_per_s * flops,
+    roofline_fraction=grads_per_s * flops / peak,
+    exact_seconds_all=times_f32,
+    screened_seconds=t_screen,
+    screened_seconds_all=times_screen,
+    screened_speedup=t_exact / t_screen,
+    screened_agrees=agree,
+    screened_fallback_fraction=float(screened.screen_fallback.mean()),
+    screened_flops_per_second=n * num_cand * flops / t_screen,
+    screened_fraction_of_f32_roofline=n * num_cand * flops / t_screen / peak,
+    screened_fraction_of_bf16_roofline=n * num_cand * flops / t_screen / peak_bf16,
+    screened_speedup_vs_plain=plain[plain_best] / t_screen,
+    screen_pair_error_quantiles={
+      q: float(np.quantile(errors, q)) for q in (0.5, 0.9, 0.97, 0.99, 1.0)
+    },
+  )
   return out
 
 
@@ -292,35 +342,51 @@ def main(argv):
   for name in _DATASETS.value:
     res = benchmark(SHAPES[name], peak, peak_bf16)
     results['shapes'][name] = res
-    print(f'\n== {name}: {res["users"]} users x {res["pairs"]} (candidate, label) pairs '
-          f'({res["private_candidates"]} gradients per user)')
-    print(f'splitjax exact: {res["exact_seconds"]:.3f} s (first call incl. compile '
-          f'{res["first_call_seconds"]:.2f} s), plan {res["plan"]}, accuracy without DP '
-          f'{res["exact_accuracy_no_dp"]:.4f}')
-    print(f'  {res["candidate_gradients_per_second"] / 1e6:.2f} M candidate gradients/s '
-          f'({res["pairs_per_second"] / 1e6:.2f} M pairs/s); '
-          f'{res["analytic_flops_per_candidate"] / 1e3:.1f} kFLOP per gradient -> '
-          f'{res["achieved_flops_per_second"] / 1e9:.1f} GFLOP/s = '
-          f'{100 * res["roofline_fraction"]:.1f} % of the matmul roofline')
-    print(f'bf16-screened exact: {res["screened_seconds"]:.3f} s (alternating with f32) -> '
-          f'{res["screened_speedup"]:.2f}x; answers equal '
-          f'to f32 for {100 * res["screened_agrees"]:.2f} % of users, '
-          f'{100 * res["screened_fallback_fraction"]:.2f} % redone in f32; '
-          f'{res["screened_flops_per_second"] / 1e9:.1f} GFLOP/s-equivalent = '
-          f'{100 * res["screened_fraction_of_f32_roofline"]:.1f} % of the f32 / '
-          f'{100 * res["screened_fraction_of_bf16_roofline"]:.1f} % of the bf16 matmul roofline; '
-          f'{res["screened_speedup_vs_plain"]:.2f}x the plain vmap(grad)')
-    print('  relative error of bf16 pair gradients (quantiles): ' + ', '.join(
-        f'{q}: {v:.1e}' for q, v in res['screen_pair_error_quantiles'].items()))
-    print('  users_per_chunk sweep: ' + ', '.join(
-        f'{u}: {t:.3f} s' for u, t in res['sweep_seconds'].items()))
-    print('plain vmap(grad) over pairs: ' + ', '.join(
-        f'{u}: {t:.3f} s' for u, t in res['plain_vmap_grad_seconds'].items())
-          + f' -> speed-up {res["speedup_vs_plain"]:.2f}x (agreement with exact on 64 users: '
-          f'{res["plain_agrees_on_64_users"]:.3f})')
+    print(
+      f'\n== {name}: {res["users"]} users x {res["pairs"]} (candidate, label) pairs '
+      f'({res["private_candidates"]} gradients per user)'
+    )
+    print(
+      f'splitjax exact: {res["exact_seconds"]:.3f} s (first call incl. compile '
+      f'{res["first_call_seconds"]:.2f} s), plan {res["plan"]}, accuracy without DP '
+      f'{res["exact_accuracy_no_dp"]:.4f}'
+    )
+    print(
+      f'  {res["candidate_gradients_per_second"] / 1e6:.2f} M candidate gradients/s '
+      f'({res["pairs_per_second"] / 1e6:.2f} M pairs/s); '
+      f'{res["analytic_flops_per_candidate"] / 1e3:.1f} kFLOP per gradient -> '
+      f'{res["achieved_flops_per_second"] / 1e9:.1f} GFLOP/s = '
+      f'{100 * res["roofline_fraction"]:.1f} % of the matmul roofline'
+    )
+    print(
+      f'bf16-screened exact: {res["screened_seconds"]:.3f} s (alternating with f32) -> '
+      f'{res["screened_speedup"]:.2f}x; answers equal '
+      f'to f32 for {100 * res["screened_agrees"]:.2f} % of users, '
+      f'{100 * res["screened_fallback_fraction"]:.2f} % redone in f32; '
+      f'{res["screened_flops_per_second"] / 1e9:.1f} GFLOP/s-equivalent = '
+      f'{100 * res["screened_fraction_of_f32_roofline"]:.1f} % of the f32 / '
+      f'{100 * res["screened_fraction_of_bf16_roofline"]:.1f} % of the bf16 matmul roofline; '
+      f'{res["screened_speedup_vs_plain"]:.2f}x the plain vmap(grad)'
+    )
+    print(
+      '  relative error of bf16 pair gradients (quantiles): '
+      + ', '.join(f'{q}: {v:.1e}' for q, v in res['screen_pair_error_quantiles'].items())
+    )
+    print(
+      '  users_per_chunk sweep: '
+      + ', '.join(f'{u}: {t:.3f} s' for u, t in res['sweep_seconds'].items())
+    )
+    print(
+      'plain vmap(grad) over pairs: '
+      + ', '.join(f'{u}: {t:.3f} s' for u, t in res['plain_vmap_grad_seconds'].items())
+      + f' -> speed-up {res["speedup_vs_plain"]:.2f}x (agreement with exact on 64 users: '
+      f'{res["plain_agrees_on_64_users"]:.3f})'
+    )
     if res['python_loop_seconds_extrapolated'] is not None:
-      print(f'per-candidate Python loop (authors\' style), extrapolated: '
-            f'{res["python_loop_seconds_extrapolated"]:.0f} s')
+      print(
+        f'per-candidate Python loop (authors\' style), extrapolated: '
+        f'{res["python_loop_seconds_extrapolated"]:.0f} s'
+      )
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(results, f, indent=2, default=str)

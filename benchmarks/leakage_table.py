@@ -23,20 +23,24 @@ def table(results: dict) -> str:
       if not r or not r["attacks"]:
         continue
       a = r["attacks"]
-      out.append(f"\n**{ds} SL {point}** (attack epsilon {r['attack_epsilon']}, C "
-                 f"{r['l2_clip_norm']})\n")
-      out.append("| secret | informed [95% CI] | Bayes marginal | clip-aware | paper | "
-                 "informed prior only | gain [95% CI] | bound (kind) |")
+      out.append(
+        f"\n**{ds} SL {point}** (attack epsilon {r['attack_epsilon']}, C {r['l2_clip_norm']})\n"
+      )
+      out.append(
+        "| secret | informed [95% CI] | Bayes marginal | clip-aware | paper | "
+        "informed prior only | gain [95% CI] | bound (kind) |"
+      )
       out.append("|---|---|---|---|---|---|---|---|")
       for s, inf in a["informed"].items():
         g = inf["gain"]
         bound = "–" if inf["bound"] is None else f"{inf['bound']:.3f}"
         out.append(
-            f"| {s} | {inf['accuracy']:.3f} [{inf['ci'][0]:.3f}, {inf['ci'][1]:.3f}] | "
-            f"{a['bayes'][s]['accuracy']:.3f} | {a['clip_aware'][s]['accuracy']:.3f} | "
-            f"{a['paper'][s]['accuracy']:.3f} | {inf['prior_only_accuracy']:.3f} | "
-            f"{g['difference']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] | "
-            f"{bound} ({inf['bound_kind']}) |")
+          f"| {s} | {inf['accuracy']:.3f} [{inf['ci'][0]:.3f}, {inf['ci'][1]:.3f}] | "
+          f"{a['bayes'][s]['accuracy']:.3f} | {a['clip_aware'][s]['accuracy']:.3f} | "
+          f"{a['paper'][s]['accuracy']:.3f} | {inf['prior_only_accuracy']:.3f} | "
+          f"{g['difference']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] | "
+          f"{bound} ({inf['bound_kind']}) |"
+        )
   return "\n".join(out)
 
 

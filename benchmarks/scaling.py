@@ -27,13 +27,16 @@ _DOMAINS = flags.DEFINE_list("domains", ["adult", "bank", "large"], "Domains at 
 _DOMAIN_USERS = flags.DEFINE_integer("domain_users", 1000, "Users for the domain sweep.")
 _OUT = flags.DEFINE_string("out", None, "Write the table as JSON here.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one configuration 'domain:users'.")
-_SCREEN = flags.DEFINE_string("screen_dtype", None, "Optional: time exact's low-precision screen "
-                              "(bfloat16 or float16) instead of float32.")
+_SCREEN = flags.DEFINE_string(
+  "screen_dtype",
+  None,
+  "Optional: time exact's low-precision screen (bfloat16 or float16) instead of float32.",
+)
 
 DOMAINS = {
-    "adult": (2, 5, 6, 7),            # 420 private candidates x 2 labels = 840
-    "bank": (3, 12, 4, 2, 2, 3),      # 1,728 x 2 = 3,456
-    "large": (2, 5, 6, 7, 6, 6),      # 15,120 x 2 = 30,240
+  "adult": (2, 5, 6, 7),  # 420 private candidates x 2 labels = 840
+  "bank": (3, 12, 4, 2, 2, 3),  # 1,728 x 2 = 3,456
+  "large": (2, 5, 6, 7, 6, 6),  # 15,120 x 2 = 30,240
 }
 
 
@@ -45,8 +48,9 @@ def run_one(domain: str, num_users: int, screen_dtype=None) -> dict:
   from splitjax import models  # pylint: disable=g-import-not-at-top
 
   cards = DOMAINS[domain]
-  spec = models.ModelSpec(pub_cardinalities=(9, 16, 15, 42), num_pub_dense=4,
-                          priv_cardinalities=cards)
+  spec = models.ModelSpec(
+    pub_cardinalities=(9, 16, 15, 42), num_pub_dense=4, priv_cardinalities=cards
+  )
   model = models.make_model(spec)
   phi = model.head_init(jax.random.key(1))
   apply = models.device_logit_fn(model)
@@ -54,8 +58,13 @@ def run_one(domain: str, num_users: int, screen_dtype=None) -> dict:
   h = rng.normal(scale=0.1, size=(num_users, spec.cut_dim)).astype(np.float32)
   x = np.stack([rng.integers(0, c, num_users) for c in cards], 1).astype(np.int32)
   y = rng.integers(0, 2, num_users).astype(np.float32)
-  grad = jax.jit(jax.vmap(lambda hh, xx, yy: (jax.nn.sigmoid(apply(phi, hh, xx)) - yy)
-                          * jax.grad(apply, argnums=1)(phi, hh, xx)))
+  grad = jax.jit(
+    jax.vmap(
+      lambda hh, xx, yy: (
+        (jax.nn.sigmoid(apply(phi, hh, xx)) - yy) * jax.grad(apply, argnums=1)(phi, hh, xx)
+      )
+    )
+  )
   g = np.asarray(grad(h, x, y))
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   t = time.perf_counter()
@@ -69,14 +78,21 @@ def run_one(domain: str, num_users: int, screen_dtype=None) -> dict:
   seconds = float(np.median(times))
   rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   private = int(np.prod(cards))
-  return {"domain": domain, "users": num_users, "candidates": 2 * private,
-          "screen_dtype": screen_dtype or "none",
-          "devices": jax.device_count(), "seconds": seconds, "compile_seconds": compile_s,
-          "seconds_per_user": seconds / num_users,
-          "ns_per_candidate": 1e9 * seconds / (num_users * 2 * private),
-          "candidate_gradients_per_second": num_users * private / seconds,
-          "peak_rss_mib": rss1 / 1024, "attack_rss_growth_mib": (rss1 - rss0) / 1024,
-          "recovered": float(np.mean(np.all(res.features == x, axis=1) & (res.labels == y)))}
+  return {
+    "domain": domain,
+    "users": num_users,
+    "candidates": 2 * private,
+    "screen_dtype": screen_dtype or "none",
+    "devices": jax.device_count(),
+    "seconds": seconds,
+    "compile_seconds": compile_s,
+    "seconds_per_user": seconds / num_users,
+    "ns_per_candidate": 1e9 * seconds / (num_users * 2 * private),
+    "candidate_gradients_per_second": num_users * private / seconds,
+    "peak_rss_mib": rss1 / 1024,
+    "attack_rss_growth_mib": (rss1 - rss0) / 1024,
+    "recovered": float(np.mean(np.all(res.features == x, axis=1) & (res.labels == y))),
+  }
 
 
 def main(argv):
@@ -86,8 +102,9 @@ def main(argv):
     print("RESULT " + json.dumps(run_one(domain, int(users), _SCREEN.value)), flush=True)
     return
   configs = [("adult", int(u)) for u in _USERS.value]
-  configs += [(d, _DOMAIN_USERS.value) for d in _DOMAINS.value
-              if (d, _DOMAIN_USERS.value) not in configs]
+  configs += [
+    (d, _DOMAIN_USERS.value) for d in _DOMAINS.value if (d, _DOMAIN_USERS.value) not in configs
+  ]
   rows = []
   for domain, users in configs:
     cmd = [sys.executable, "-m", "benchmarks.scaling", f"--worker={domain}:{users}"]
@@ -100,11 +117,14 @@ def main(argv):
       continue
     rows.append(json.loads(line[0][7:]))
     r = rows[-1]
-    print(f"{r['domain']:>6} users {r['users']:>6} candidates {r['candidates']:>6} devices "
-          f"{r['devices']}: {r['seconds']:.2f} s ({r['seconds_per_user'] * 1e3:.3f} ms/user, "
-          f"{r['ns_per_candidate']:.1f} ns/candidate, {r['candidate_gradients_per_second']:.3g} "
-          f"grad/s), peak RSS {r['peak_rss_mib']:.0f} MiB (+{r['attack_rss_growth_mib']:.0f}), "
-          f"recovered {r['recovered']:.3f}", flush=True)
+    print(
+      f"{r['domain']:>6} users {r['users']:>6} candidates {r['candidates']:>6} devices "
+      f"{r['devices']}: {r['seconds']:.2f} s ({r['seconds_per_user'] * 1e3:.3f} ms/user, "
+      f"{r['ns_per_candidate']:.1f} ns/candidate, {r['candidate_gradients_per_second']:.3g} "
+      f"grad/s), peak RSS {r['peak_rss_mib']:.0f} MiB (+{r['attack_rss_growth_mib']:.0f}), "
+      f"recovered {r['recovered']:.3f}",
+      flush=True,
+    )
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(rows, f, indent=1)

@@ -29,10 +29,14 @@ _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 
 def one_hot_features(dataset, split):
-  parts = [np.eye(c, dtype=np.float32)[split.priv_cat[:, j]]
-           for j, c in enumerate(dataset.priv_cardinalities)]
-  parts += [np.eye(c, dtype=np.float32)[split.pub_cat[:, j]]
-            for j, c in enumerate(dataset.pub_cardinalities)]
+  parts = [
+    np.eye(c, dtype=np.float32)[split.priv_cat[:, j]]
+    for j, c in enumerate(dataset.priv_cardinalities)
+  ]
+  parts += [
+    np.eye(c, dtype=np.float32)[split.pub_cat[:, j]]
+    for j, c in enumerate(dataset.pub_cardinalities)
+  ]
   parts += [split.priv_dense, split.pub_dense]
   return np.concatenate(parts, axis=1)
 
@@ -76,9 +80,18 @@ def main(argv):
           with tempfile.TemporaryDirectory() as wd:
             t0 = time.time()
             m = pipeline.train_workdir(cfg, wd, progress=None)
-          results.append({"dataset": ds, "seed": seed, "recipe": recipe, "protocol": proto,
-                          "test_auc": m["test_auc"], "seconds_per_epoch": m["seconds_per_epoch"],
-                          "epochs": m["epochs"], "wall_seconds": time.time() - t0})
+          results.append(
+            {
+              "dataset": ds,
+              "seed": seed,
+              "recipe": recipe,
+              "protocol": proto,
+              "test_auc": m["test_auc"],
+              "seconds_per_epoch": m["seconds_per_epoch"],
+              "epochs": m["epochs"],
+              "wall_seconds": time.time() - t0,
+            }
+          )
           print(json.dumps(results[-1]), flush=True)
   if _OUT.value:
     with open(_OUT.value, "w") as f:

@@ -44,14 +44,16 @@ class DeviceTower(nn.Module):  # one example: h and the private features -> logi
 server = ServerTower(data.pub_cardinalities)
 device = DeviceTower(data.priv_cardinalities)
 pub_example = (jnp.zeros(num_pub_cat, jnp.int32), jnp.zeros(num_pub_dense))
-priv_example = (jnp.zeros(16), jnp.zeros(len(data.priv_cardinalities), jnp.int32),
-                jnp.zeros(0))
+priv_example = (jnp.zeros(16), jnp.zeros(len(data.priv_cardinalities), jnp.int32), jnp.zeros(0))
 model = models.SplitModel.from_apply_fns(
-    server_init=lambda key: server.init(key, *pub_example)["params"],
-    server_apply=lambda theta, cat, dense: server.apply({"params": theta}, cat, dense),
-    device_init=lambda key: device.init(key, *priv_example)["params"],
-    device_apply=lambda phi, h, cat, dense: device.apply({"params": phi}, h, cat, dense),
-    priv_cardinalities=data.priv_cardinalities, cut_dim=16, name="my_towers")
+  server_init=lambda key: server.init(key, *pub_example)["params"],
+  server_apply=lambda theta, cat, dense: server.apply({"params": theta}, cat, dense),
+  device_init=lambda key: device.init(key, *priv_example)["params"],
+  device_apply=lambda phi, h, cat, dense: device.apply({"params": phi}, h, cat, dense),
+  priv_cardinalities=data.priv_cardinalities,
+  cut_dim=16,
+  name="my_towers",
+)
 
 recipe = training.Recipe(optimizer="adam", learning_rate=1e-2, batch_size=64, epochs=3)
 result = training.fit(model, data.train, recipe=recipe, seed=0, progress=None)
@@ -60,14 +62,18 @@ theta, phi = result.state.server_params, result.state.device_params
 # What the server sees of each test user: h (it computed it) and g (the device sent it back).
 test = data.test
 h = model.encode_batch(theta, test.pub_cat, test.pub_dense)
-g = protocol.device_step(model, phi, h, test.priv_cat, test.priv_dense, test.y,
-                         jnp.ones(len(test))).cut_grads
+g = protocol.device_step(
+  model, phi, h, test.priv_cat, test.priv_dense, test.y, jnp.ones(len(test))
+).cut_grads
 found = attacks.exact(models.device_logit_fn(model), phi, h, g, data.priv_cardinalities)
 # [/library-snippet]
 
-recovered = np.mean(np.all(np.asarray(found.features) == test.priv_cat, axis=1)
-                    & (np.asarray(found.labels) == test.y))
+recovered = np.mean(
+  np.all(np.asarray(found.features) == test.priv_cat, axis=1) & (np.asarray(found.labels) == test.y)
+)
 ties = int(np.sum(np.asarray(found.num_ties) > 1))
-print(f"test AUC {training.evaluate(model, result.state, test)['auc']:.3f}; EXACT recovered "
-      f"features and label of {recovered:.1%} of {len(test)} test users ({ties} ties)")
+print(
+  f"test AUC {training.evaluate(model, result.state, test)['auc']:.3f}; EXACT recovered "
+  f"features and label of {recovered:.1%} of {len(test)} test users ({ties} ties)"
+)
 assert recovered >= 1.0 - ties / len(test), "without DP EXACT recovers every user up to ties"

@@ -18,23 +18,41 @@ from experiments import common
 from experiments.configs import base
 
 flags.DEFINE_string("attack", "exact", f"Attack: one of {', '.join(attacks.ATTACKS)}.")
-flags.DEFINE_string("variant", "auto", "Scoring: clip_aware (nearest clipped candidate), paper "
-                    "(nearest unclipped), bayes (Gaussian likelihood + prior); auto = bayes when "
-                    "the cut layer is noised, else clip_aware.")
-flags.DEFINE_string("prior", "auto", "The attacker's prior: uniform, marginal (train marginals) or "
-                    "informed (k-NN joint prior on an auxiliary sample + the device model's "
-                    "P(y | h, x)); auto = informed for bayes and under label DP, else uniform.")
-flags.DEFINE_string("users", "test", "test (replayed once through the final model) or train "
-                    "(the recorded last-epoch transcript).")
+flags.DEFINE_string(
+  "variant",
+  "auto",
+  "Scoring: clip_aware (nearest clipped candidate), paper "
+  "(nearest unclipped), bayes (Gaussian likelihood + prior); auto = bayes when "
+  "the cut layer is noised, else clip_aware.",
+)
+flags.DEFINE_string(
+  "prior",
+  "auto",
+  "The attacker's prior: uniform, marginal (train marginals) or "
+  "informed (k-NN joint prior on an auxiliary sample + the device model's "
+  "P(y | h, x)); auto = informed for bayes and under label DP, else uniform.",
+)
+flags.DEFINE_string(
+  "users",
+  "test",
+  "test (replayed once through the final model) or train (the recorded last-epoch transcript).",
+)
 flags.DEFINE_integer("top_k", 1, "Per-feature majority vote over the top-k candidates.")
 flags.DEFINE_string("distance", "l2", "l2 or cosine.")
 flags.DEFINE_integer("knn_k", 30, "k of the k-NN baselines.")
-flags.DEFINE_string("screen_dtype", "none", "none, bfloat16 or float16: EXACT screens every pair "
-                    "with low-precision matmuls, rescores the best in float32 (faster; falls back "
-                    "to float32 for users the screen cannot decide). Not with --variant=bayes.")
+flags.DEFINE_string(
+  "screen_dtype",
+  "none",
+  "none, bfloat16 or float16: EXACT screens every pair "
+  "with low-precision matmuls, rescores the best in float32 (faster; falls back "
+  "to float32 for users the screen cannot decide). Not with --variant=bayes.",
+)
 _SKIP_MEMORY_CHECK = flags.DEFINE_bool(
-    "skip_memory_check", False, "Run EXACT even when its memory estimate exceeds 80% of the "
-    "free memory (it is then likely to fail or swap).")
+  "skip_memory_check",
+  False,
+  "Run EXACT even when its memory estimate exceeds 80% of the "
+  "free memory (it is then likely to fail or swap).",
+)
 flags.mark_flags_as_required(["workdir"])
 for _name in common.SHARED_FLAGS["attack"]:
   flags.declare_key_flag(_name)
@@ -42,14 +60,19 @@ for _name in common.SHARED_FLAGS["attack"]:
 
 def main(argv):
   del argv
-  config = common.apply_flag_overrides(base.AttackConfig(),
-                                       common.config_dict(base.AttackConfig()))
-  record = attacking.attack_workdir(common.WORKDIR.value, config, resume=common.resume(),
-                                    overwrite=common.overwrite(), progress=common.progress,
-                                    kill_switch=common.KillSwitch(),
-                                    check_memory=not _SKIP_MEMORY_CHECK.value)
+  config = common.apply_flag_overrides(base.AttackConfig(), common.config_dict(base.AttackConfig()))
+  record = attacking.attack_workdir(
+    common.WORKDIR.value,
+    config,
+    resume=common.resume(),
+    overwrite=common.overwrite(),
+    progress=common.progress,
+    kill_switch=common.KillSwitch(),
+    check_memory=not _SKIP_MEMORY_CHECK.value,
+  )
   if "resolved_attack" in record.get("config", {}):
     from experiments import beyond  # pylint: disable=g-import-not-at-top
+
     print(beyond.markdown_table(record))
   else:
     print(attacking.markdown_table(record))

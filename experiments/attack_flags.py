@@ -3,5 +3,6 @@ into one process). `train` and `reproduce` do not import this module, so they do
 
 from absl import flags
 
-NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None,
-                                    "Attack only the first N users (unset = all).")
+NUM_EXAMPLES = flags.DEFINE_integer(
+  "num_examples", None, "Attack only the first N users (unset = all)."
+)

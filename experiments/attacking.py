@@ -35,22 +35,28 @@ USERS = ("test", "train")
 BLOCK = 1024  # attacked rows per resumable block
 SCHEMA_VERSION = 2  # attack.json: 2 = splitjax 0.2 (prior, bounds with kinds, gains)
 INFORMED_ASSUMPTION = (
-    "the attacker holds an auxiliary sample of the population with private attributes (the split "
-    "not attacked) and the device model; Jayaraman & Evans, CCS 2022")
+  "the attacker holds an auxiliary sample of the population with private attributes (the split "
+  "not attacked) and the device model; Jayaraman & Evans, CCS 2022"
+)
 
 
 def results_name(config: configs_base.AttackConfig) -> str:
   """``attack.json`` for the default attack, a suffixed name for every other configuration."""
   if (config.attack, config.variant, config.prior, config.users) == (
-      "exact", "auto", "auto", "test"):
+    "exact",
+    "auto",
+    "auto",
+    "test",
+  ):
     return "attack.json"
   if config.attack != "exact":
     return f"attack_{config.attack}_{config.variant}_{config.users}.json"
   return f"attack_{config.attack}_{config.variant}_{config.prior}_{config.users}.json"
 
 
-def resolve(config: configs_base.AttackConfig, clip: float, sigma: float,
-            label_epsilon: float) -> tuple[str, str]:
+def resolve(
+  config: configs_base.AttackConfig, clip: float, sigma: float, label_epsilon: float
+) -> tuple[str, str]:
   """The (variant, prior) an ``auto`` config means for the workdir's public DP parameters."""
   noisy = sigma > 0 and math.isfinite(clip)
   variant = config.variant if config.variant != "auto" else ("bayes" if noisy else "clip_aware")
@@ -59,12 +65,16 @@ def resolve(config: configs_base.AttackConfig, clip: float, sigma: float,
   else:
     prior = "informed" if (variant == "bayes" or label_epsilon) else "uniform"
   if variant == "bayes" and config.screen_dtype != "none":
-    raise pipeline.ConfigError("--screen_dtype screens distances; the Bayes attack (the default "
-                               "under noise) needs every posterior term in full precision: use "
-                               "--screen_dtype=none or --variant=clip_aware")
+    raise pipeline.ConfigError(
+      "--screen_dtype screens distances; the Bayes attack (the default "
+      "under noise) needs every posterior term in full precision: use "
+      "--screen_dtype=none or --variant=clip_aware"
+    )
   if variant == "bayes" and config.top_k != 1:
-    raise pipeline.ConfigError(f"--variant=bayes answers with the marginal-posterior argmax: use "
-                               f"--top_k=1, not {config.top_k}")
+    raise pipeline.ConfigError(
+      f"--variant=bayes answers with the marginal-posterior argmax: use "
+      f"--top_k=1, not {config.top_k}"
+    )
   return variant, prior
 
 
@@ -78,43 +88,58 @@ def _with_defaults(old_cfg):
 
 def validate(config: configs_base.AttackConfig) -> None:
   if config.attack not in attacks.ATTACKS:
-    raise pipeline.ConfigError(f"unknown --attack {config.attack!r}: choose one of "
-                               f"{sorted(attacks.ATTACKS)}")
+    raise pipeline.ConfigError(
+      f"unknown --attack {config.attack!r}: choose one of {sorted(attacks.ATTACKS)}"
+    )
   if config.variant not in ("auto",) + VARIANTS:
-    raise pipeline.ConfigError(f"unknown --variant {config.variant!r}: choose one of "
-                               f"{('auto',) + VARIANTS}")
+    raise pipeline.ConfigError(
+      f"unknown --variant {config.variant!r}: choose one of {('auto',) + VARIANTS}"
+    )
   if config.prior not in ("auto",) + attacks.PRIORS:
-    raise pipeline.ConfigError(f"unknown --prior {config.prior!r}: choose one of "
-                               f"{('auto',) + attacks.PRIORS}")
+    raise pipeline.ConfigError(
+      f"unknown --prior {config.prior!r}: choose one of {('auto',) + attacks.PRIORS}"
+    )
   if config.prior != "auto" and config.attack != "exact":
-    raise pipeline.ConfigError(f"--prior applies to EXACT; --attack={config.attack} uses none: "
-                               "drop --prior")
+    raise pipeline.ConfigError(
+      f"--prior applies to EXACT; --attack={config.attack} uses none: drop --prior"
+    )
   if config.users not in USERS:
     raise pipeline.ConfigError(f"unknown --users {config.users!r}: choose one of {USERS}")
   if config.num_examples < 0:
-    raise pipeline.ConfigError(f"--num_examples={config.num_examples} must be > 0 (omit it to "
-                               "attack every user)")
+    raise pipeline.ConfigError(
+      f"--num_examples={config.num_examples} must be > 0 (omit it to attack every user)"
+    )
   for name in ("top_k", "knn_k"):
     if getattr(config, name) < 1:
       raise pipeline.ConfigError(f"--{name}={getattr(config, name)} must be >= 1")
   if config.distance not in attacks.DISTANCES:
-    raise pipeline.ConfigError(f"unknown --distance {config.distance!r}: choose one of "
-                               f"{sorted(attacks.DISTANCES)}")
+    raise pipeline.ConfigError(
+      f"unknown --distance {config.distance!r}: choose one of {sorted(attacks.DISTANCES)}"
+    )
   if config.variant == "bayes" and config.distance != "l2":
-    raise pipeline.ConfigError(f"--variant=bayes scores by Gaussian likelihood: use --distance=l2, "
-                               f"not {config.distance!r}")
+    raise pipeline.ConfigError(
+      f"--variant=bayes scores by Gaussian likelihood: use --distance=l2, not {config.distance!r}"
+    )
   if config.screen_dtype != "none" and config.screen_dtype not in attacks.SCREEN_DTYPES:
-    raise pipeline.ConfigError(f"unknown --screen_dtype {config.screen_dtype!r}: choose none or "
-                               f"one of {sorted(attacks.SCREEN_DTYPES)}")
+    raise pipeline.ConfigError(
+      f"unknown --screen_dtype {config.screen_dtype!r}: choose none or "
+      f"one of {sorted(attacks.SCREEN_DTYPES)}"
+    )
   if config.screen_dtype != "none" and config.attack != "exact":
-    raise pipeline.ConfigError(f"--screen_dtype screens EXACT's enumeration; --attack="
-                               f"{config.attack} has none: use --screen_dtype=none")
+    raise pipeline.ConfigError(
+      f"--screen_dtype screens EXACT's enumeration; --attack="
+      f"{config.attack} has none: use --screen_dtype=none"
+    )
   if config.screen_dtype != "none" and config.variant == "bayes":
-    raise pipeline.ConfigError("--screen_dtype screens distances; --variant=bayes needs every "
-                               "posterior term in full precision: use --screen_dtype=none")
+    raise pipeline.ConfigError(
+      "--screen_dtype screens distances; --variant=bayes needs every "
+      "posterior term in full precision: use --screen_dtype=none"
+    )
   if config.variant == "bayes" and config.top_k != 1:
-    raise pipeline.ConfigError(f"--variant=bayes answers with the marginal-posterior argmax: use "
-                               f"--top_k=1, not {config.top_k}")
+    raise pipeline.ConfigError(
+      f"--variant=bayes answers with the marginal-posterior argmax: use "
+      f"--top_k=1, not {config.top_k}"
+    )
 
 
 def marginal_log_prior(dataset) -> np.ndarray:
@@ -122,14 +147,14 @@ def marginal_log_prior(dataset) -> np.ndarray:
 
   ``[C * 2]`` in ``attacks.candidate_table`` order, label fastest.
   """
-  logp = attacks.priors.marginal_tuple_log_prior(dataset.train.priv_cat,
-                                                 dataset.priv_cardinalities)
+  logp = attacks.priors.marginal_tuple_log_prior(dataset.train.priv_cat, dataset.priv_cardinalities)
   py = np.bincount(dataset.train.y, minlength=2) + 1.0
   return (logp[:, None] + np.log(py / py.sum())[None, :]).reshape(-1)
 
 
-def variant_kwargs(variant: str, clip: float, sigma: float, dataset, prior: str = "marginal",
-                   pair_log_prior=None) -> dict:
+def variant_kwargs(
+  variant: str, clip: float, sigma: float, dataset, prior: str = "marginal", pair_log_prior=None
+) -> dict:
   """Keyword arguments of ``attacks.exact`` for a named variant, prior and the DP parameters.
 
   ``pair_log_prior``: the informed prior's per-user ``[N, C, 2]`` log prior (``prior='informed'``).
@@ -147,10 +172,13 @@ def variant_kwargs(variant: str, clip: float, sigma: float, dataset, prior: str 
 
 class Informed(NamedTuple):
   """The informed prior of the attacked rows (see ``splitjax.attacks.priors``)."""
+
   fit: attacks.InformedPrior  # tuple prior [N, C] and how it was chosen
-  label_p1: np.ndarray        # [N, C] P(y = 1 | h, x) for the true label (debiased under label DP)
-  label_noisy_p1: np.ndarray  # [N, C] the model's own P(y~ = 1 | h, x) (= label_p1 without label DP)
-  flip: float                 # randomized-response flip probability (0 without label DP)
+  label_p1: np.ndarray  # [N, C] P(y = 1 | h, x) for the true label (debiased under label DP)
+  label_noisy_p1: (
+    np.ndarray
+  )  # [N, C] the model's own P(y~ = 1 | h, x) (= label_p1 without label DP)
+  flip: float  # randomized-response flip probability (0 without label DP)
 
 
 _INFORMED_CACHE: dict = {}  # the last few fits: the variants of one sweep point share theirs
@@ -158,9 +186,13 @@ _INFORMED_CACHE: dict = {}  # the last few fits: the variants of one sweep point
 
 def informed_prior(restored, config, transcript, split_name: str) -> Informed:
   """Fits the informed prior on the split not attacked and evaluates it for the attacked rows."""
-  key = (restored.fingerprint, split_name, config.seed,
-         io.fingerprint(transcript.example_index.tolist()),
-         io.fingerprint(transcript.param_index.tolist()))
+  key = (
+    restored.fingerprint,
+    split_name,
+    config.seed,
+    io.fingerprint(transcript.example_index.tolist()),
+    io.fingerprint(transcript.param_index.tolist()),
+  )
   if key not in _INFORMED_CACHE:
     if len(_INFORMED_CACHE) >= 4:
       _INFORMED_CACHE.pop(next(iter(_INFORMED_CACHE)))
@@ -173,30 +205,38 @@ def _fit_informed(restored, config, transcript, split_name: str) -> Informed:
   ref = dataset.test if split_name == "train" else dataset.train
   query = getattr(dataset, split_name).take(transcript.example_index)
   predict_h = training.make_predict_h(model)
-  spaces = {"server": attacks.server_feature_matrix(ref.pub_cat, ref.pub_dense,
-                                                    dataset.pub_cardinalities),
-            "h": np.asarray(predict_h(state.server_params, ref.pub_cat, ref.pub_dense))}
-  query_spaces = {"server": attacks.server_feature_matrix(query.pub_cat, query.pub_dense,
-                                                          dataset.pub_cardinalities),
-                  "h": np.asarray(predict_h(state.server_params, query.pub_cat,
-                                            query.pub_dense))}
-  fit = attacks.fit_informed_prior(spaces, ref.priv_cat, dataset.priv_cardinalities,
-                                   query_spaces=query_spaces, seed=config.seed)
+  spaces = {
+    "server": attacks.server_feature_matrix(ref.pub_cat, ref.pub_dense, dataset.pub_cardinalities),
+    "h": np.asarray(predict_h(state.server_params, ref.pub_cat, ref.pub_dense)),
+  }
+  query_spaces = {
+    "server": attacks.server_feature_matrix(
+      query.pub_cat, query.pub_dense, dataset.pub_cardinalities
+    ),
+    "h": np.asarray(predict_h(state.server_params, query.pub_cat, query.pub_dense)),
+  }
+  fit = attacks.fit_informed_prior(
+    spaces, ref.priv_cat, dataset.priv_cardinalities, query_spaces=query_spaces, seed=config.seed
+  )
   device_apply = models.device_logit_fn(model)
   noisy = np.empty((transcript.num_rows, fit.probs.shape[1]), np.float32)
   for version in np.unique(transcript.param_index):
     rows = np.flatnonzero(transcript.param_index == version)
     noisy[rows] = attacks.candidate_label_probability(
-        device_apply, transcript.params_at(int(version)), transcript.h[rows],
-        dataset.priv_cardinalities)
+      device_apply,
+      transcript.params_at(int(version)),
+      transcript.h[rows],
+      dataset.priv_cardinalities,
+    )
   eps = restored.config.label_dp_epsilon
   flip = label_dp.flip_probability(eps) if eps else 0.0
   p1 = attacks.debias_label_probability(noisy, flip) if eps else noisy.astype(np.float64)
   return Informed(fit, p1, noisy, flip)
 
 
-def rr_label_answer(p1_true: np.ndarray, noisy_label_posterior: np.ndarray,
-                    flip: float) -> np.ndarray:
+def rr_label_answer(
+  p1_true: np.ndarray, noisy_label_posterior: np.ndarray, flip: float
+) -> np.ndarray:
   """P(y = 1 | g) from P(y~ | g) [N, 2] and P(y = 1 | h, x) [N] through the RR channel.
 
   ``P(y | g) = sum_y~ P(y~ | g) P(y | y~, h, x)`` with
@@ -225,11 +265,18 @@ def observed_transcript(restored, config, clip: float, sigma: float):
     test_split = dataset.test
     if restored.config.label_dp_epsilon:
       rng = np.random.default_rng([restored.config.seed, 8])
-      test_split = dataclasses.replace(test_split, y=label_dp.randomized_response(
-          test_split.y, restored.config.label_dp_epsilon, rng=rng))
+      test_split = dataclasses.replace(
+        test_split,
+        y=label_dp.randomized_response(test_split.y, restored.config.label_dp_epsilon, rng=rng),
+      )
     transcript = training.replay_transcript(
-        model, state, test_split, dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
-        seed=config.seed + 1000, num_examples=config.num_examples or None)
+      model,
+      state,
+      test_split,
+      dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
+      seed=config.seed + 1000,
+      num_examples=config.num_examples or None,
+    )
     return transcript, "test"
   transcript = restored.transcript()
   if config.num_examples:
@@ -242,9 +289,16 @@ def _targets(dataset, split_name: str, rows: np.ndarray):
   return split.priv_cat[rows], split.y[rows]
 
 
-def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool = False,
-                   overwrite: bool = False, progress=common.progress, kill_switch=None,
-                   check_memory: bool = True) -> dict:
+def attack_workdir(
+  workdir,
+  config: configs_base.AttackConfig,
+  *,
+  resume: bool = False,
+  overwrite: bool = False,
+  progress=common.progress,
+  kill_switch=None,
+  check_memory: bool = True,
+) -> dict:
   """Runs ``config`` against the trained ``workdir``; writes and returns the attack record.
 
   Holds the workdir's lock shared (exclusive with ``overwrite``) and the record's exclusive, so
@@ -254,8 +308,15 @@ def attack_workdir(workdir, config: configs_base.AttackConfig, *, resume: bool =
   """
   validate(config)
   with owned_for_attack(workdir, config, overwrite=overwrite):
-    return _attack_owned(workdir, config, resume=resume, overwrite=overwrite, progress=progress,
-                         kill_switch=kill_switch, check_memory=check_memory)
+    return _attack_owned(
+      workdir,
+      config,
+      resume=resume,
+      overwrite=overwrite,
+      progress=progress,
+      kill_switch=kill_switch,
+      check_memory=check_memory,
+    )
 
 
 @contextlib.contextmanager
@@ -268,27 +329,47 @@ def owned_for_attack(workdir, config: configs_base.AttackConfig, *, overwrite: b
     yield
     return
   name = results_name(config)
-  with workdir_lib.locked(workdir, exclusive=overwrite), workdir_lib.locked(
-      workdir, exclusive=True, name=f".{name}.lock", what=f"{workdir / name}"):
+  with (
+    workdir_lib.locked(workdir, exclusive=overwrite),
+    workdir_lib.locked(workdir, exclusive=True, name=f".{name}.lock", what=f"{workdir / name}"),
+  ):
     for p in workdir.glob(f".{name}.*.tmp"):  # an earlier attack of this record, killed mid-write
       p.unlink(missing_ok=True)
     yield
 
 
-def _attack_owned(workdir, config: configs_base.AttackConfig, *, resume: bool, overwrite: bool,
-                  progress, kill_switch, check_memory: bool = True) -> dict:
+def _attack_owned(
+  workdir,
+  config: configs_base.AttackConfig,
+  *,
+  resume: bool,
+  overwrite: bool,
+  progress,
+  kill_switch,
+  check_memory: bool = True,
+) -> dict:
   restored = None if config.attack != "exact" else pipeline.Restored(workdir)
-  if restored is None or (restored.model.spec.topology != "device_top"
-                          or restored.model.spec.num_priv_dense):
+  if restored is None or (
+    restored.model.spec.topology != "device_top" or restored.model.spec.num_priv_dense
+  ):
     # Attacks beyond enumeration, activation matching (device_bottom) and the hybrid of
     # enumeration and optimisation (private dense features).
     if config.screen_dtype != "none" and restored is not None:
-      raise pipeline.ConfigError("--screen_dtype applies to EXACT on device_top models without "
-                                 "private dense features; this workdir's model needs the "
-                                 "activation or hybrid attack: use --screen_dtype=none")
+      raise pipeline.ConfigError(
+        "--screen_dtype applies to EXACT on device_top models without "
+        "private dense features; this workdir's model needs the "
+        "activation or hybrid attack: use --screen_dtype=none"
+      )
     from experiments import beyond  # pylint: disable=g-import-not-at-top
-    return beyond.attack_workdir(workdir, config, resume=resume, overwrite=overwrite,
-                                 progress=progress, kill_switch=kill_switch)
+
+    return beyond.attack_workdir(
+      workdir,
+      config,
+      resume=resume,
+      overwrite=overwrite,
+      progress=progress,
+      kill_switch=kill_switch,
+    )
   workdir = pathlib.Path(workdir)
   dataset, model = restored.dataset, restored.model
   check_knn_k(config, dataset)
@@ -296,33 +377,43 @@ def _attack_owned(workdir, config: configs_base.AttackConfig, *, resume: bool, o
   out_path = workdir / name
   cfg = dataclasses.asdict(config)
   partial_path = workdir / (name + ".partial.npz")
-  run_key = io.fingerprint({"attack": cfg, "model": restored.fingerprint,
-                            "schema_version": SCHEMA_VERSION})
+  run_key = io.fingerprint(
+    {"attack": cfg, "model": restored.fingerprint, "schema_version": SCHEMA_VERSION}
+  )
   if out_path.exists() and not overwrite:
     old = io.read_json(out_path)
     if not isinstance(old, dict) or "config" not in old:
-      raise io.ResultsError(f"{out_path} is not an attack record (edited or damaged): "
-                            "--overwrite to recompute it")
+      raise io.ResultsError(
+        f"{out_path} is not an attack record (edited or damaged): --overwrite to recompute it"
+      )
     if old.get("schema_version") != SCHEMA_VERSION:
-      raise io.WorkdirError(f"{out_path} was written by splitjax < 0.2 (attack record schema "
-                            f"{old.get('schema_version', 1)}, this splitjax writes "
-                            f"{SCHEMA_VERSION}): --overwrite to recompute it")
+      raise io.WorkdirError(
+        f"{out_path} was written by splitjax < 0.2 (attack record schema "
+        f"{old.get('schema_version', 1)}, this splitjax writes "
+        f"{SCHEMA_VERSION}): --overwrite to recompute it"
+      )
     same_config = _with_defaults(old.get("config")) == io.to_jsonable(cfg)
     if same_config and old.get("model_fingerprint") == restored.fingerprint:
       if progress:
         progress(f"{out_path} already holds this attack; nothing to do")
       return old
     if not same_config:
-      raise io.WorkdirError(f"{out_path} holds another attack configuration: use --overwrite "
-                            "or another --workdir")
+      raise io.WorkdirError(
+        f"{out_path} holds another attack configuration: use --overwrite or another --workdir"
+      )
     # Same attack of an earlier model of this workdir: stale, recompute it.
-  clip = float(restored.metrics["l2_clip_norm"]) if restored.metrics["l2_clip_norm"] != "inf" \
-      else math.inf
+  clip = (
+    float(restored.metrics["l2_clip_norm"])
+    if restored.metrics["l2_clip_norm"] != "inf"
+    else math.inf
+  )
   sigma = restored.metrics["noise_multiplier"]
   sigma = math.inf if sigma == "inf" else float(sigma)
   if math.isinf(sigma):
-    raise pipeline.ConfigError("the model was trained with noise multiplier inf (the server "
-                               "sees pure noise): there is nothing to attack")
+    raise pipeline.ConfigError(
+      "the model was trained with noise multiplier inf (the server "
+      "sees pure noise): there is nothing to attack"
+    )
   label_eps = restored.config.label_dp_epsilon or 0.0
   variant, prior = resolve(config, clip, sigma, label_eps)
 
@@ -330,10 +421,18 @@ def _attack_owned(workdir, config: configs_base.AttackConfig, *, resume: bool, o
   n = transcript.num_rows
   device_apply = models.device_logit_fn(model)
   if check_memory:  # before anything sized by the candidates (the informed prior's pair table)
-    est = attacks.estimate(device_apply, transcript.params_at(int(transcript.param_index[0])),
-                           transcript.h.shape[1], dataset.priv_cardinalities, n)
-    common.check_memory(est.min_peak_bytes, f"EXACT over {est.num_pairs:,} (candidate, label) "
-                        "pairs per user", "--skip_memory_check")
+    est = attacks.estimate(
+      device_apply,
+      transcript.params_at(int(transcript.param_index[0])),
+      transcript.h.shape[1],
+      dataset.priv_cardinalities,
+      n,
+    )
+    common.check_memory(
+      est.min_peak_bytes,
+      f"EXACT over {est.num_pairs:,} (candidate, label) pairs per user",
+      "--skip_memory_check",
+    )
   informed = informed_prior(restored, config, transcript, split_name)
   pair_lp = None
   if prior == "informed":
@@ -354,33 +453,56 @@ def _attack_owned(workdir, config: configs_base.AttackConfig, *, resume: bool, o
   label_post = done.get("label_posterior", np.full((n, 2), np.nan))  # P(label | g), Bayes only
   map_codes = done.get("map_codes", np.full(n, -1, np.int64))  # joint MAP / nearest tuple
   if progress:
-    est = attacks.estimate(device_apply, transcript.params_at(int(transcript.param_index[0])),
-                           transcript.h.shape[1], dataset.priv_cardinalities,
-                           int((~finished).sum()))
-    progress(f"EXACT: {est.num_users:,} users x {est.num_pairs:,} pairs, about "
-             f"{est.seconds:.2g} s after compilation (estimate: {est.flops_per_candidate:,} "
-             f"FLOPs per candidate at half of {est.matmul_flops_per_second / 1e9:.0f} GFLOP/s)")
+    est = attacks.estimate(
+      device_apply,
+      transcript.params_at(int(transcript.param_index[0])),
+      transcript.h.shape[1],
+      dataset.priv_cardinalities,
+      int((~finished).sum()),
+    )
+    progress(
+      f"EXACT: {est.num_users:,} users x {est.num_pairs:,} pairs, about "
+      f"{est.seconds:.2g} s after compilation (estimate: {est.flops_per_candidate:,} "
+      f"FLOPs per candidate at half of {est.matmul_flops_per_second / 1e9:.0f} GFLOP/s)"
+    )
   t0 = time.time()
-  bar = training.ProgressPrinter(n, f"attack {variant}/{prior} {config.users}",
-                                 printer=progress) if progress else None
+  bar = (
+    training.ProgressPrinter(n, f"attack {variant}/{prior} {config.users}", printer=progress)
+    if progress
+    else None
+  )
   # Compile on a first block (exact buckets its chunk plan by powers of two, so blocks of this
   # size reuse it), so that the timed attack measures throughput, not compilation.
   tc = time.time()
   first = np.flatnonzero(transcript.param_index == transcript.param_index[0])[:BLOCK]
-  attacks.exact(device_apply, transcript.params_at(int(transcript.param_index[0])),
-                transcript.h[first], transcript.g[first], dataset.priv_cardinalities,
-                top_k=config.top_k, distance=config.distance, **_first_rows(kwargs, first))
+  attacks.exact(
+    device_apply,
+    transcript.params_at(int(transcript.param_index[0])),
+    transcript.h[first],
+    transcript.g[first],
+    dataset.priv_cardinalities,
+    top_k=config.top_k,
+    distance=config.distance,
+    **_first_rows(kwargs, first),
+  )
   compile_seconds = time.time() - tc
   attack_seconds = 0.0
   for version in np.unique(transcript.param_index):
     rows_v = np.flatnonzero((transcript.param_index == version) & ~finished)
     params = transcript.params_at(int(version))
     for start in range(0, len(rows_v), BLOCK):
-      rows = rows_v[start:start + BLOCK]
+      rows = rows_v[start : start + BLOCK]
       ta = time.time()
-      res = attacks.exact(device_apply, params, transcript.h[rows], transcript.g[rows],
-                          dataset.priv_cardinalities, top_k=config.top_k,
-                          distance=config.distance, **_first_rows(kwargs, rows))
+      res = attacks.exact(
+        device_apply,
+        params,
+        transcript.h[rows],
+        transcript.g[rows],
+        dataset.priv_cardinalities,
+        top_k=config.top_k,
+        distance=config.distance,
+        **_first_rows(kwargs, rows),
+      )
       attack_seconds += time.time() - ta
       feats[rows], labels[rows], ties[rows] = res.features, res.labels, res.num_ties
       map_codes[rows] = attacks.tuple_codes(res.map_features, dataset.priv_cardinalities)
@@ -390,9 +512,19 @@ def _attack_owned(workdir, config: configs_base.AttackConfig, *, resume: bool, o
         redone[rows] = res.screen_fallback
       finished[rows] = True
       if workdir_lib.is_writer():
-        io.atomic_write_bytes(partial_path, _npz(
-            features=feats, labels=labels, ties=ties, screen_fallback=redone, finished=finished,
-            label_posterior=label_post, map_codes=map_codes, run_key=np.str_(run_key)))
+        io.atomic_write_bytes(
+          partial_path,
+          _npz(
+            features=feats,
+            labels=labels,
+            ties=ties,
+            screen_fallback=redone,
+            finished=finished,
+            label_posterior=label_post,
+            map_codes=map_codes,
+            run_key=np.str_(run_key),
+          ),
+        )
       common.checkpointed(f"{int(finished.sum()):,} of {n:,} attacked users")
       if bar:
         bar(int(finished.sum()))
@@ -403,28 +535,46 @@ def _attack_owned(workdir, config: configs_base.AttackConfig, *, resume: bool, o
     # The gradient reveals the noisy label; the true label's answer goes through the RR channel
     # with the device model's (debiased) P(y | h, x) at the recovered tuple.
     p1_at = informed.label_p1[np.arange(n), map_codes]
-    noisy_post = label_post if variant == "bayes" and not np.isnan(label_post).any() else (
-        np.eye(2)[labels])
+    noisy_post = (
+      label_post if variant == "bayes" and not np.isnan(label_post).any() else (np.eye(2)[labels])
+    )
     labels = (rr_label_answer(p1_at, noisy_post, informed.flip) > 0.5).astype(np.int32)
   true_feats, true_y = _targets(dataset, split_name, transcript.example_index)
-  record = score(dataset, restored, config, transcript, feats, labels, ties, true_feats, true_y,
-                 clip=clip, sigma=sigma, prior=prior, informed=informed)
+  record = score(
+    dataset,
+    restored,
+    config,
+    transcript,
+    feats,
+    labels,
+    ties,
+    true_feats,
+    true_y,
+    clip=clip,
+    sigma=sigma,
+    prior=prior,
+    informed=informed,
+  )
   record["variant"], record["prior"] = variant, prior
   candidates = int(np.prod(dataset.priv_cardinalities)) * 2
   if config.screen_dtype != "none":
     record["screen_fallback_fraction"] = float(redone.mean()) if n else 0.0
-  record.update({"seconds": time.time() - t0, "attack_seconds": attack_seconds,
-                 "compile_seconds": compile_seconds,
-                 "model_fingerprint": restored.fingerprint,
-                 "candidates_per_second": n * candidates / max(attack_seconds, 1e-9),
-                 "config": cfg})
+  record.update(
+    {
+      "seconds": time.time() - t0,
+      "attack_seconds": attack_seconds,
+      "compile_seconds": compile_seconds,
+      "model_fingerprint": restored.fingerprint,
+      "candidates_per_second": n * candidates / max(attack_seconds, 1e-9),
+      "config": cfg,
+    }
+  )
   if config.users == "train":
     record["local_steps_attacked"] = sorted(set(int(s) for s in transcript.local_step))
     stale = transcript.local_step > 0
     if stale.any():
       record["stale_model"] = _stale_report(dataset, feats, labels, true_feats, true_y, stale)
-      record["first_local_step"] = _stale_report(dataset, feats, labels, true_feats, true_y,
-                                                 ~stale)
+      record["first_local_step"] = _stale_report(dataset, feats, labels, true_feats, true_y, ~stale)
   record["environment"] = records.environment()
   if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
     io.atomic_write_json(out_path, record)
@@ -436,9 +586,11 @@ def check_knn_k(config: configs_base.AttackConfig, dataset) -> None:
   """--knn_k against the reference split the k-NN baselines vote from, before any attack runs."""
   ref = dataset.test if config.users == "train" else dataset.train
   if config.knn_k > len(ref):
-    raise pipeline.ConfigError(f"--knn_k={config.knn_k} exceeds the {len(ref):,} rows of the "
-                               "reference split the k-NN baselines vote from: give at most "
-                               f"{len(ref):,} (the paper uses 30)")
+    raise pipeline.ConfigError(
+      f"--knn_k={config.knn_k} exceeds the {len(ref):,} rows of the "
+      "reference split the k-NN baselines vote from: give at most "
+      f"{len(ref):,} (the paper uses 30)"
+    )
 
 
 def read_partial(path: pathlib.Path, run_key: str, num_rows: int) -> dict:
@@ -475,6 +627,7 @@ def _first_rows(kwargs: dict, rows) -> dict:
 
 def _npz(**arrays) -> bytes:
   import io as _pyio
+
   buf = _pyio.BytesIO()
   np.savez(buf, **arrays)
   return buf.getvalue()
@@ -488,8 +641,22 @@ def _stale_report(dataset, feats, labels, true_feats, true_y, rows) -> dict:
   return out
 
 
-def score(dataset, restored, config, transcript, feats, labels, ties, true_feats, true_y, *,
-          clip, sigma, prior: str = "marginal", informed: Informed | None = None) -> dict:
+def score(
+  dataset,
+  restored,
+  config,
+  transcript,
+  feats,
+  labels,
+  ties,
+  true_feats,
+  true_y,
+  *,
+  clip,
+  sigma,
+  prior: str = "marginal",
+  informed: Informed | None = None,
+) -> dict:
   """Per-secret metrics, baselines, the prior-only answers and the gain, bounds and the report.
 
   Every secret gets ``accuracy`` (Clopper-Pearson ``ci``), the majority guess ``prior_accuracy``,
@@ -508,21 +675,27 @@ def score(dataset, restored, config, transcript, feats, labels, ties, true_feats
   ref_targets = np.concatenate([ref.priv_cat, ref.y[:, None]], axis=1)
   target_cards = tuple(cards) + (2,)
   ref_x = attacks.server_feature_matrix(ref.pub_cat, ref.pub_dense, dataset.pub_cardinalities)
-  query_x = attacks.server_feature_matrix(query_split.pub_cat[q], query_split.pub_dense[q],
-                                          dataset.pub_cardinalities)
+  query_x = attacks.server_feature_matrix(
+    query_split.pub_cat[q], query_split.pub_dense[q], dataset.pub_cardinalities
+  )
   knn = attacks.knn(ref_x, ref_targets, query_x, target_cards, k=config.knn_k)
-  ref_h = np.asarray(training.make_predict_h(restored.model)(
-      restored.state.server_params, ref.pub_cat, ref.pub_dense))
+  ref_h = np.asarray(
+    training.make_predict_h(restored.model)(
+      restored.state.server_params, ref.pub_cat, ref.pub_dense
+    )
+  )
   knn_h = attacks.knn(ref_h, ref_targets, transcript.h, target_cards, k=config.knn_k)
-  priors = [np.bincount(train.priv_cat[:, j], minlength=c) / len(train)
-            for j, c in enumerate(cards)] + [np.bincount(train.y, minlength=2) / len(train)]
+  priors = [
+    np.bincount(train.priv_cat[:, j], minlength=c) / len(train) for j, c in enumerate(cards)
+  ] + [np.bincount(train.y, minlength=2) / len(train)]
   n = int(transcript.num_rows)
 
   # The prior's own answers (no gradient): the informed prior, or the majority guess.
   if informed is None:
     raise ValueError("score needs the informed prior (attacking.informed_prior)")
   inf_feats, inf_labels, inf_margs, inf_py1 = attacks.prior_guess(
-      informed.fit.probs, informed.label_p1, cards)
+    informed.fit.probs, informed.label_p1, cards
+  )
   inf_preds = [inf_feats[:, j] for j in range(len(cards))] + [inf_labels]
   inf_posts = list(inf_margs) + [np.stack([1 - inf_py1, inf_py1], axis=1)]
 
@@ -536,23 +709,37 @@ def score(dataset, restored, config, transcript, feats, labels, ties, true_feats
     mu_ref = None
   else:
     mu_ref = bounds.reference_mu(
-        noise_multiplier=sigma, releases=releases,
-        device_noise_multiplier=cfg.device_dp_noise_multiplier if device_dp else None,
-        device_releases=releases if (device_dp and config.users == "train") else 0)
+      noise_multiplier=sigma,
+      releases=releases,
+      device_noise_multiplier=cfg.device_dp_noise_multiplier if device_dp else None,
+      device_releases=releases if (device_dp and config.users == "train") else 0,
+    )
   mu = accounting.composed_mu(sigma, releases) if math.isfinite(clip) else math.inf
   label_eps = cfg.label_dp_epsilon
   true_prior = query_split.p_priv_pub is not None and query_split.p_y_pub is not None
-  record = {"schema_version": SCHEMA_VERSION,
-            "dataset": cfg.dataset, "protocol": cfg.protocol,
-            "attack": config.attack, "variant": config.variant, "prior": prior,
-            "users": config.users, "num_examples": n, "ties": int(np.sum(ties > 1)),
-            "features": {}, "label": None,
-            "informed_prior": {"k": informed.fit.k, "lam": informed.fit.lam,
-                               "space": informed.fit.space,
-                               "cv_log_loss": informed.fit.cv_log_loss,
-                               "ece": {name: informed.fit.ece[j] for j, name in
-                                       enumerate(dataset.roles.private_categorical)},
-                               "assumption": INFORMED_ASSUMPTION}}
+  record = {
+    "schema_version": SCHEMA_VERSION,
+    "dataset": cfg.dataset,
+    "protocol": cfg.protocol,
+    "attack": config.attack,
+    "variant": config.variant,
+    "prior": prior,
+    "users": config.users,
+    "num_examples": n,
+    "ties": int(np.sum(ties > 1)),
+    "features": {},
+    "label": None,
+    "informed_prior": {
+      "k": informed.fit.k,
+      "lam": informed.fit.lam,
+      "space": informed.fit.space,
+      "cv_log_loss": informed.fit.cv_log_loss,
+      "ece": {
+        name: informed.fit.ece[j] for j, name in enumerate(dataset.roles.private_categorical)
+      },
+      "assumption": INFORMED_ASSUMPTION,
+    },
+  }
   names = list(dataset.roles.private_categorical) + ["label"]
   preds = [feats[:, j] for j in range(len(cards))] + [labels]
   trues = [true_feats[:, j] for j in range(len(cards))] + [true_y]
@@ -560,8 +747,9 @@ def score(dataset, restored, config, transcript, feats, labels, ties, true_feats
   for j, name in enumerate(names):
     k = target_cards[j]
     is_label = name == "label"
-    rep = metrics.feature_report(preds[j], trues[j], k, prior_pred=int(np.argmax(priors[j])),
-                                 knn_pred=knn.predictions[:, j])
+    rep = metrics.feature_report(
+      preds[j], trues[j], k, prior_pred=int(np.argmax(priors[j])), knn_pred=knn.predictions[:, j]
+    )
     rep["knn_h_accuracy"] = metrics.accuracy(knn_h.predictions[:, j], trues[j])["accuracy"]
     # The same prior without the gradient, on the same users, and the paired gain.
     if prior == "informed" or (is_label and label_eps and prior != "uniform"):
@@ -572,11 +760,15 @@ def score(dataset, restored, config, transcript, feats, labels, ties, true_feats
     rep["informed_prior_accuracy"] = float(np.mean(inf_preds[j] == trues[j]))
     rep["gain"] = metrics.paired_difference(preds[j] == trues[j], base_pred == trues[j])
     rep["marks"] = ([("below_majority_prior")] if rep["ci"][1] < rep["prior_accuracy"] else []) + (
-        ["below_knn"] if rep["accuracy"] < rep["knn_accuracy"] else [])
+      ["below_knn"] if rep["accuracy"] < rep["knn_accuracy"] else []
+    )
     # Per-user priors for the bound: the generator's truth (synthetic), else the informed prior.
     if true_prior:
-      user_prior = (np.stack([1 - query_split.p_y_pub[q], query_split.p_y_pub[q]], axis=1)
-                    if is_label else query_split.p_priv_pub[q][:, offsets[j]:offsets[j + 1]])
+      user_prior = (
+        np.stack([1 - query_split.p_y_pub[q], query_split.p_y_pub[q]], axis=1)
+        if is_label
+        else query_split.p_priv_pub[q][:, offsets[j] : offsets[j + 1]]
+      )
       kind, described = "guarantee:true_prior", "the generator's P(secret | x_pub)"
     else:
       user_prior = inf_posts[j]
@@ -588,12 +780,15 @@ def score(dataset, restored, config, transcript, feats, labels, ties, true_feats
       bound = float(np.mean(bounds.per_user_bound(user_prior, mu_ref)))
       bound_marginal = float(np.mean(bounds.per_user_bound(marginal, mu_ref)))
     clip_read_labels = cfg.dp_clip == "auto" and str(
-        restored.metrics.get("clip_source", "private")).startswith("private")
+      restored.metrics.get("clip_source", "private")
+    ).startswith("private")
     if is_label and label_eps and clip_read_labels:
       # splitjax < 0.2 computed --dp_clip=auto from the true training labels: a release that
       # nothing accounts for, so the label's randomized-response guarantee is void.
-      rep["label_guarantee_void"] = ("the clip norm was computed from the private training "
-                                     "labels (splitjax < 0.2 --dp_clip=auto): retrain")
+      rep["label_guarantee_void"] = (
+        "the clip norm was computed from the private training "
+        "labels (splitjax < 0.2 --dp_clip=auto): retrain"
+      )
     elif is_label and label_eps:
       # Randomized response bounds the label end to end (also for training users): the public
       # clip reads no true label. Under label DP alone the unnoised gradient reveals x_priv, so
@@ -613,8 +808,9 @@ def score(dataset, restored, config, transcript, feats, labels, ties, true_feats
     rep["bound_kind"] = kind if bound is not None else "none:channel_unprotected"
     rep["bound_prior"] = described if bound is not None else None
     rep["bound_marginal"] = bound_marginal
-    rep["bound_marginal_note"] = ("marginal prior (estimate:marginal_prior): not valid against "
-                                  "an attacker who knows h")
+    rep["bound_marginal_note"] = (
+      "marginal prior (estimate:marginal_prior): not valid against an attacker who knows h"
+    )
     rep["mu_hat"] = None
     if k == 2 and bound is not None and rep["bound_kind"].startswith("guarantee"):
       rep["mu_hat"] = bounds.mu_hat(rep["ci"][0], float(np.mean(user_prior[:, 1])))
@@ -623,10 +819,15 @@ def score(dataset, restored, config, transcript, feats, labels, ties, true_feats
     else:
       record["features"][name] = rep
   _check_guarantees(record)
-  record.update(accounting.privacy_report(
-      noise_multiplier=sigma, l2_clip_norm=clip,
-      releases=int(restored.metrics["releases"]), delta=cfg.target_delta,
-      label_epsilon=label_eps or None))
+  record.update(
+    accounting.privacy_report(
+      noise_multiplier=sigma,
+      l2_clip_norm=clip,
+      releases=int(restored.metrics["releases"]),
+      delta=cfg.target_delta,
+      label_epsilon=label_eps or None,
+    )
+  )
   record["mu_attack_bound"] = mu
   record["mu_reference"] = mu_ref
   record["releases_attacked"] = releases
@@ -643,37 +844,47 @@ def _check_guarantees(record) -> None:
   for name, r in list(record["features"].items()) + [("label", record["label"])]:
     if r["bound_kind"].startswith("guarantee") and r["ci"][0] > r["bound"] + 1e-9:
       raise BoundViolation(
-          f"{name}: measured success {r['accuracy']:.4f} (95% CI lower end {r['ci'][0]:.4f}) is "
-          f"above the DP bound {r['bound']:.4f} on synthetic data with a known prior: "
-          "this is a bug in the attack, the DP transform or the accounting; rerun with --debug "
-          "and report it")
+        f"{name}: measured success {r['accuracy']:.4f} (95% CI lower end {r['ci'][0]:.4f}) is "
+        f"above the DP bound {r['bound']:.4f} on synthetic data with a known prior: "
+        "this is a bug in the attack, the DP transform or the accounting; rerun with --debug "
+        "and report it"
+      )
 
 
 def markdown_table(record: dict) -> str:
   """The attack record as a Markdown table (one row per private feature and the label)."""
   fmt = lambda x: "–" if x is None else f"{x:.4f}"
-  lines = [f"### {record['attack']} ({record['variant']}, prior {record.get('prior')}) on "
-           f"{record['num_examples']} {record['users']} users of {record['dataset']} "
-           f"({record['protocol']})", "",
-           "| secret | accuracy | 95% CI | prior only | gain [95% CI] | majority | k-NN (server) |"
-           " k-NN (h) | bound (kind) | bound (marginal) | marks |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"### {record['attack']} ({record['variant']}, prior {record.get('prior')}) on "
+    f"{record['num_examples']} {record['users']} users of {record['dataset']} "
+    f"({record['protocol']})",
+    "",
+    "| secret | accuracy | 95% CI | prior only | gain [95% CI] | majority | k-NN (server) |"
+    " k-NN (h) | bound (kind) | bound (marginal) | marks |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   rows = list(record["features"].items()) + [("label", record["label"])]
   for name, r in rows:
     g = r["gain"]
-    lines.append(f"| {name} | {r['accuracy']:.4f} | [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] | "
-                 f"{r['prior_only_accuracy']:.4f} | {g['difference']:+.4f} [{g['ci'][0]:+.4f}, "
-                 f"{g['ci'][1]:+.4f}] | {r['prior_accuracy']:.4f} | {r['knn_accuracy']:.4f} | "
-                 f"{r['knn_h_accuracy']:.4f} | {fmt(r['bound'])} ({r['bound_kind']}) | "
-                 f"{fmt(r['bound_marginal'])} | {', '.join(r['marks'])} |")
+    lines.append(
+      f"| {name} | {r['accuracy']:.4f} | [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] | "
+      f"{r['prior_only_accuracy']:.4f} | {g['difference']:+.4f} [{g['ci'][0]:+.4f}, "
+      f"{g['ci'][1]:+.4f}] | {r['prior_accuracy']:.4f} | {r['knn_accuracy']:.4f} | "
+      f"{r['knn_h_accuracy']:.4f} | {fmt(r['bound'])} ({r['bound_kind']}) | "
+      f"{fmt(r['bound_marginal'])} | {', '.join(r['marks'])} |"
+    )
   lines.append("")
   eps = lambda x: x if isinstance(x, str) else f"{float(x):.4g}"
-  lines.append(f"ties: {record['ties']} (users whose best candidates scored equal: the answer "
-               f"took the first); epsilon of one attacked release {eps(record['attack_epsilon'])}"
-               f" (cut layer, delta {record['delta']}); {record['candidates_per_second']:.3g} "
-               "candidates/s")
-  lines.append("prior only: the same prior's guess without the gradient; gain: accuracy minus "
-               "it (paired, McNemar 95% CI); bound: the most an attacker with that prior can "
-               "reach; mu_hat (in the JSON): the smallest mu consistent with the accuracy, only "
-               "where the bound is a guarantee.")
+  lines.append(
+    f"ties: {record['ties']} (users whose best candidates scored equal: the answer "
+    f"took the first); epsilon of one attacked release {eps(record['attack_epsilon'])}"
+    f" (cut layer, delta {record['delta']}); {record['candidates_per_second']:.3g} "
+    "candidates/s"
+  )
+  lines.append(
+    "prior only: the same prior's guess without the gradient; gain: accuracy minus "
+    "it (paired, McNemar 95% CI); bound: the most an attacker with that prior can "
+    "reach; mu_hat (in the JSON): the smallest mu consistent with the accuracy, only "
+    "where the bound is a guarantee."
+  )
   return "\n".join(lines)

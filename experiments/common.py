@@ -16,46 +16,88 @@ FLAGS = flags.FLAGS
 _DEBUG = flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue a killed run from its last checkpoint.")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Allow replacing results of another configuration in --workdir.")
+  "overwrite", False, "Allow replacing results of another configuration in --workdir."
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-host: address of process 0 (jax.distributed).")
+  "coordinator_address", None, "Multi-host: address of process 0 (jax.distributed)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
 
 # Flags shared by several binaries are defined once here, so that every binary can be imported
 # in one process (the tests call each main(argv) in-process).
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (required).")
-CONFIG = flags.DEFINE_string("config", None, "Config name in experiments/configs or a .py path "
-                             "(default: the config named by --dataset).")
+CONFIG = flags.DEFINE_string(
+  "config",
+  None,
+  "Config name in experiments/configs or a .py path (default: the config named by --dataset).",
+)
 DATASET = flags.DEFINE_string("dataset", "adult", "adult, bank, credit, taobao, csv or synthetic.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed (parameters, data split and order, DP noise).")
 DATA_PATH = flags.DEFINE_string(
-    "data_path", "", "The table for --dataset=csv (a delimited text file, plain or gzip), a UCI "
-    "bank-full.csv for bank, or the directory of the taobao files.")
+  "data_path",
+  "",
+  "The table for --dataset=csv (a delimited text file, plain or gzip), a UCI "
+  "bank-full.csv for bank, or the directory of the taobao files.",
+)
 SCHEMA = flags.DEFINE_string(
-    "schema", "", "Column roles of --data_path (csv, bank, taobao): a JSON file with keys among "
-    "private_categorical, private_dense, server_categorical, server_dense, label, ignore, "
-    "delimiter, positive_label. For csv, columns it does not list go to the server by type.")
+  "schema",
+  "",
+  "Column roles of --data_path (csv, bank, taobao): a JSON file with keys among "
+  "private_categorical, private_dense, server_categorical, server_dense, label, ignore, "
+  "delimiter, positive_label. For csv, columns it does not list go to the server by type.",
+)
 
 KILL_ENV = "SPLITJAX_TEST_KILL_AFTER"
 
 # Lines that tell a user nothing: JAX probing for a TPU on a CPU/GPU machine, and matplotlib
 # building its font cache. Their loggers are quietened; JAX_PLATFORMS stays the user's choice.
-for _name, _level in (("jax._src.xla_bridge", std_logging.WARNING),
-                      ("matplotlib.font_manager", std_logging.ERROR)):
+for _name, _level in (
+  ("jax._src.xla_bridge", std_logging.WARNING),
+  ("matplotlib.font_manager", std_logging.ERROR),
+):
   std_logging.getLogger(_name).setLevel(_level)
 
 # The shared flags each binary uses. Each binary declares them as its key flags
 # (`flags.declare_key_flag` at its top level: absl finds the declaring module on the stack), so
 # that its --help lists them.
 SHARED_FLAGS = {
-    "train": ("workdir", "config", "dataset", "data_path", "schema", "seed", "resume",
-              "overwrite", "debug", "coordinator_address", "num_processes", "process_id"),
-    "attack": ("workdir", "seed", "num_examples", "resume", "overwrite", "debug",
-               "coordinator_address", "num_processes", "process_id"),
-    "sweep": ("workdir", "config", "dataset", "data_path", "schema", "num_examples", "overwrite",
-              "debug"),
-    "reproduce": ("workdir", "data_path", "schema", "overwrite", "debug"),
+  "train": (
+    "workdir",
+    "config",
+    "dataset",
+    "data_path",
+    "schema",
+    "seed",
+    "resume",
+    "overwrite",
+    "debug",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+  ),
+  "attack": (
+    "workdir",
+    "seed",
+    "num_examples",
+    "resume",
+    "overwrite",
+    "debug",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+  ),
+  "sweep": (
+    "workdir",
+    "config",
+    "dataset",
+    "data_path",
+    "schema",
+    "num_examples",
+    "overwrite",
+    "debug",
+  ),
+  "reproduce": ("workdir", "data_path", "schema", "overwrite", "debug"),
 }
 
 
@@ -81,9 +123,11 @@ def format_number(value, digits: int = 4) -> str:
 def format_epsilons(metrics: dict) -> str:
   """Every epsilon of a privacy report with the channel it covers (never a bare "epsilon")."""
   delta = format_number(metrics.get("delta", 0.0), 3)
-  parts = [f"cut layer in training {format_number(metrics['epsilon'])} "
-           f"(k = {metrics.get('releases', '?')} releases)",
-           f"one attacked release {format_number(metrics['attack_epsilon'])}"]
+  parts = [
+    f"cut layer in training {format_number(metrics['epsilon'])} "
+    f"(k = {metrics.get('releases', '?')} releases)",
+    f"one attacked release {format_number(metrics['attack_epsilon'])}",
+  ]
   if "label_epsilon" in metrics:
     parts.append(f"label (randomized response) {format_number(metrics['label_epsilon'])}")
   parts.append(f"device updates {format_number(metrics['device_epsilon'])}")
@@ -111,8 +155,8 @@ def run_main(main_fn):
       logging.get_absl_handler().use_absl_log_file()
     if _COORDINATOR.value:
       from splitjax import training  # pylint: disable=g-import-not-at-top
-      training.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                      _PROCESS_ID.value)
+
+      training.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     CHECKPOINTS.clear()
     try:
       return main_fn(argv)
@@ -120,14 +164,18 @@ def run_main(main_fn):
       if _DEBUG.value:
         raise
       done = f"after {CHECKPOINTS[-1]}" if CHECKPOINTS else "before its first checkpoint"
-      print(f"interrupted {done}; rerun the same command with --resume to continue",
-            file=sys.stderr)
+      print(
+        f"interrupted {done}; rerun the same command with --resume to continue", file=sys.stderr
+      )
       sys.exit(130)
     except KeyError as e:  # a bare KeyError prints as 'name': say what is missing
       if _DEBUG.value:
         raise
-      print(f"error: a file or config lacks the entry {e.args[0]!r} that this splitjax needs; "
-            "rerun with --debug to see which, then fix or regenerate it", file=sys.stderr)
+      print(
+        f"error: a file or config lacks the entry {e.args[0]!r} that this splitjax needs; "
+        "rerun with --debug to see which, then fix or regenerate it",
+        file=sys.stderr,
+      )
       sys.exit(2)
     except (ValueError, OSError, FloatingPointError) as e:  # one clear line
       if _DEBUG.value:
@@ -137,8 +185,11 @@ def run_main(main_fn):
     except Exception as e:  # unexpected: still no bare traceback unless --debug
       if _DEBUG.value:
         raise
-      print(f"error: internal error ({type(e).__name__}: {first_line(e)}); rerun with --debug "
-            "and report it", file=sys.stderr)
+      print(
+        f"error: internal error ({type(e).__name__}: {first_line(e)}); rerun with --debug "
+        "and report it",
+        file=sys.stderr,
+      )
       sys.exit(3)
 
   return wrapped
@@ -167,6 +218,7 @@ def available_memory_bytes() -> tuple[int, str]:
   """(bytes, where) free for a run on the default device: the accelerator's free memory
   (``memory_stats``), or on CPU the host's MemAvailable (``/proc/meminfo``, else ``os.sysconf``)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   device = jax.devices()[0]
   if device.platform != "cpu":
     stats = device.memory_stats() or {}
@@ -190,10 +242,12 @@ def check_memory(estimate_bytes: int, what: str, override_flag: str) -> None:
   """
   free, where = available_memory_bytes()
   if estimate_bytes > MEMORY_FRACTION * free:
-    raise UsageError(f"{what} needs at least {estimate_bytes / 2**30:,.1f} GiB, more than "
-                     f"{MEMORY_FRACTION:.0%} of the {free / 2**30:,.1f} GiB of {where}: use fewer "
-                     f"or lower-cardinality private features, or pass {override_flag} to try "
-                     "anyway")
+    raise UsageError(
+      f"{what} needs at least {estimate_bytes / 2**30:,.1f} GiB, more than "
+      f"{MEMORY_FRACTION:.0%} of the {free / 2**30:,.1f} GiB of {where}: use fewer "
+      f"or lower-cardinality private features, or pass {override_flag} to try "
+      "anyway"
+    )
 
 
 class KillSwitch:
@@ -218,33 +272,40 @@ def load_config(name_or_path: str, default_name: str, module_prefix: str = "expe
   if name.endswith(".py"):
     path = pathlib.Path(name)
     if not path.is_file():
-      raise UsageError(f"--config file {name} not found: give a path to a .py file with get_config()")
+      raise UsageError(
+        f"--config file {name} not found: give a path to a .py file with get_config()"
+      )
     spec = importlib.util.spec_from_file_location("splitjax_user_config", path)
     module = importlib.util.module_from_spec(spec)
     try:
       spec.loader.exec_module(module)
       if not callable(getattr(module, "get_config", None)):
-        raise UsageError(f"--config file {name} defines no get_config(): add a function "
-                         "get_config() that returns a TrainConfig (see experiments/configs)")
+        raise UsageError(
+          f"--config file {name} defines no get_config(): add a function "
+          "get_config() that returns a TrainConfig (see experiments/configs)"
+        )
       return module.get_config()
     except UsageError:
       raise
     except Exception as e:  # the user's file: say where in it
-      raise UsageError(f"--config file {name}{_line_in(e, path)}: {type(e).__name__}: "
-                       f"{first_line(e)}; fix that file") from None
+      raise UsageError(
+        f"--config file {name}{_line_in(e, path)}: {type(e).__name__}: "
+        f"{first_line(e)}; fix that file"
+      ) from None
   else:
     try:
       module = importlib.import_module(f"{module_prefix}.{name}")
     except ModuleNotFoundError:
       configs_dir = pathlib.Path(__file__).parent / "configs"
-      names = sorted(p.stem for p in configs_dir.glob("*.py") if not p.stem.startswith("_")
-                     and p.stem != "base")
+      names = sorted(
+        p.stem for p in configs_dir.glob("*.py") if not p.stem.startswith("_") and p.stem != "base"
+      )
       raise UsageError(f"unknown config {name!r}: choose one of {names} or a .py path") from None
   return module.get_config()
 
 
 def _line_in(e: BaseException, path: pathlib.Path) -> str:
-  """" line N" of the deepest traceback frame (or syntax error) in the file ``path``."""
+  """ " line N" of the deepest traceback frame (or syntax error) in the file ``path``."""
   if isinstance(e, SyntaxError) and e.lineno:
     return f" line {e.lineno}"
   line, tb, target = "", e.__traceback__, os.path.realpath(path)
@@ -257,10 +318,13 @@ def _line_in(e: BaseException, path: pathlib.Path) -> str:
 
 def load_train_config(name_or_path: str, default_name: str):
   """A TrainConfig by name; a reproduce StudyConfig gives its base training config."""
-  if not name_or_path and not (pathlib.Path(__file__).parent / "configs"
-                                / f"{default_name}.py").exists():
+  if (
+    not name_or_path
+    and not (pathlib.Path(__file__).parent / "configs" / f"{default_name}.py").exists()
+  ):
     # No config module for this dataset (csv, taobao, or a typo the loader reports).
     from experiments.configs import base  # pylint: disable=g-import-not-at-top
+
     return base.TrainConfig(dataset=default_name)
   config = load_config(name_or_path, default_name)
   return getattr(config, "train", config)
@@ -269,8 +333,8 @@ def load_train_config(name_or_path: str, default_name: str):
 # Flags whose value 0 is the "off" default: given explicitly, 0 is a mistake (epsilon = 0 would be
 # perfect privacy, and silently turning DP off instead is the worst reading of it).
 _ZERO_MEANS_OFF = {
-    "target_epsilon": "omit --target_epsilon for no calibration, or give a positive epsilon",
-    "label_dp_epsilon": "omit --label_dp_epsilon for no label DP, or give a positive epsilon",
+  "target_epsilon": "omit --target_epsilon for no calibration, or give a positive epsilon",
+  "label_dp_epsilon": "omit --label_dp_epsilon for no label DP, or give a positive epsilon",
 }
 
 
@@ -292,17 +356,18 @@ def apply_flag_overrides(config, flag_names):
   for name in flag_names:
     # An override flag left unset (None) keeps the config's value; an explicit 0 is a mistake
     # (it used to mean "the recipe's value" silently: --epochs=0 trained 10 epochs).
-    if name in fields and given(name) and FLAGS[name].default is None and (
-        FLAGS[name].value == 0):
-      raise UsageError(f"--{name}={FLAGS[name].value} must be > 0: omit --{name} for the "
-                       "config's (recipe's) value")
+    if name in fields and given(name) and FLAGS[name].default is None and (FLAGS[name].value == 0):
+      raise UsageError(
+        f"--{name}={FLAGS[name].value} must be > 0: omit --{name} for the config's (recipe's) value"
+      )
   updates = {}
   for name in flag_names:
     if name in fields and given(name) and FLAGS[name].value is not None:
       value = FLAGS[name].value
       if isinstance(getattr(config, name), tuple):
-        value = tuple(type(getattr(config, name)[0])(v) if getattr(config, name) else v
-                      for v in value)
+        value = tuple(
+          type(getattr(config, name)[0])(v) if getattr(config, name) else v for v in value
+        )
       updates[name] = value
   return dataclasses.replace(config, **updates)
 

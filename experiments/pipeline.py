@@ -49,12 +49,15 @@ def validate(config: configs_base.TrainConfig) -> None:
   reported before the workdir is touched, so the results already in it stay as they were.
   """
   if config.dataset not in sj_data.DATASETS:
-    raise ConfigError(f"unknown dataset {config.dataset!r} (--dataset): choose one of "
-                      f"{', '.join(sj_data.DATASETS)}")
+    raise ConfigError(
+      f"unknown dataset {config.dataset!r} (--dataset): choose one of {', '.join(sj_data.DATASETS)}"
+    )
   if config.protocol not in PROTOCOLS:
     raise ConfigError(f"unknown --protocol {config.protocol!r}: choose one of {PROTOCOLS}")
   if config.recipe not in training.RECIPES:
-    raise ConfigError(f"unknown --recipe {config.recipe!r}: choose one of {sorted(training.RECIPES)}")
+    raise ConfigError(
+      f"unknown --recipe {config.recipe!r}: choose one of {sorted(training.RECIPES)}"
+    )
   if config.head not in models.HEADS:
     raise ConfigError(f"unknown --head {config.head!r}: choose one of {models.HEADS}")
   if config.topology not in models.TOPOLOGIES:
@@ -64,56 +67,85 @@ def validate(config: configs_base.TrainConfig) -> None:
     try:
       clip = float(config.dp_clip)
     except ValueError:
-      raise ConfigError(f"--dp_clip={config.dp_clip!r} is not a number: give a positive number, "
-                        "'auto' or 'none'") from None
+      raise ConfigError(
+        f"--dp_clip={config.dp_clip!r} is not a number: give a positive number, 'auto' or 'none'"
+      ) from None
     if not clip > 0 or math.isnan(clip):
       raise ConfigError(f"--dp_clip={config.dp_clip} must be a positive number (or 'auto'/'none')")
   s = config.dp_noise_multiplier
   if math.isnan(s) or s < 0:
     raise ConfigError(f"--dp_noise_multiplier={s} must be >= 0 (0 = no noise, inf = frozen server)")
-  if config.target_epsilon and (math.isnan(config.target_epsilon) or config.target_epsilon <= 0
-                                or math.isinf(config.target_epsilon)):
-    raise ConfigError(f"--target_epsilon={config.target_epsilon} must be a positive finite number "
-                      "(omit it for no calibration)")
+  if config.target_epsilon and (
+    math.isnan(config.target_epsilon)
+    or config.target_epsilon <= 0
+    or math.isinf(config.target_epsilon)
+  ):
+    raise ConfigError(
+      f"--target_epsilon={config.target_epsilon} must be a positive finite number "
+      "(omit it for no calibration)"
+    )
   if config.target_epsilon and s:
-    raise ConfigError(f"--dp_noise_multiplier={s} and --target_epsilon={config.target_epsilon} "
-                      "contradict each other (the calibration chooses sigma): give one of them")
+    raise ConfigError(
+      f"--dp_noise_multiplier={s} and --target_epsilon={config.target_epsilon} "
+      "contradict each other (the calibration chooses sigma): give one of them"
+    )
   if not 0 < config.target_delta < 1:
     raise ConfigError(f"--target_delta={config.target_delta} must lie in (0, 1), e.g. 1e-5")
-  if config.label_dp_epsilon and (math.isnan(config.label_dp_epsilon)
-                                  or config.label_dp_epsilon <= 0
-                                  or math.isinf(config.label_dp_epsilon)):
-    raise ConfigError(f"--label_dp_epsilon={config.label_dp_epsilon} must be a positive finite "
-                      "number (omit it for no label DP)")
+  if config.label_dp_epsilon and (
+    math.isnan(config.label_dp_epsilon)
+    or config.label_dp_epsilon <= 0
+    or math.isinf(config.label_dp_epsilon)
+  ):
+    raise ConfigError(
+      f"--label_dp_epsilon={config.label_dp_epsilon} must be a positive finite "
+      "number (omit it for no label DP)"
+    )
   for name in ("samples_per_device", "devices_per_round", "local_steps"):
     if getattr(config, name) < 1:
       raise ConfigError(f"--{name}={getattr(config, name)} must be >= 1")
   for name in ("epochs", "batch_size"):
     if getattr(config, name) < 0:
-      raise ConfigError(f"--{name}={getattr(config, name)} must be > 0 (omit it for the "
-                        "recipe's value)")
+      raise ConfigError(
+        f"--{name}={getattr(config, name)} must be > 0 (omit it for the recipe's value)"
+      )
   if math.isnan(config.learning_rate) or config.learning_rate < 0:
-    raise ConfigError(f"--learning_rate={config.learning_rate} must be > 0 (omit it for the "
-                      "recipe's value)")
+    raise ConfigError(
+      f"--learning_rate={config.learning_rate} must be > 0 (omit it for the recipe's value)"
+    )
   if (s > 0 or config.target_epsilon) and config.dp_clip == "none":
     raise ConfigError("noise needs a clip norm: set --dp_clip=auto or a number")
   if (s > 0 or config.target_epsilon) and clip is not None and math.isinf(clip):
-    raise ConfigError(f"--dp_clip={config.dp_clip} with noise gives infinite noise: set "
-                      "--dp_clip=auto or a finite number")
-  if math.isnan(config.device_dp_clip) or config.device_dp_clip < 0 or math.isnan(
-      config.device_dp_noise_multiplier) or config.device_dp_noise_multiplier < 0:
+    raise ConfigError(
+      f"--dp_clip={config.dp_clip} with noise gives infinite noise: set "
+      "--dp_clip=auto or a finite number"
+    )
+  if (
+    math.isnan(config.device_dp_clip)
+    or config.device_dp_clip < 0
+    or math.isnan(config.device_dp_noise_multiplier)
+    or config.device_dp_noise_multiplier < 0
+  ):
     raise ConfigError("--device_dp_clip and --device_dp_noise_multiplier must be >= 0")
   if config.device_dp_noise_multiplier > 0 and not config.device_dp_clip:
     raise ConfigError("device DP-SGD noise needs --device_dp_clip (a positive number)")
   if config.device_dp_noise_multiplier > 0 and math.isinf(config.device_dp_clip):
-    raise ConfigError(f"--device_dp_clip={config.device_dp_clip} with noise gives infinite noise: "
-                      "give a finite positive number")
-  for flag, sigma, c in (("--dp_noise_multiplier x --dp_clip", s, clip),
-                         ("--device_dp_noise_multiplier x --device_dp_clip",
-                          config.device_dp_noise_multiplier, config.device_dp_clip)):
+    raise ConfigError(
+      f"--device_dp_clip={config.device_dp_clip} with noise gives infinite noise: "
+      "give a finite positive number"
+    )
+  for flag, sigma, c in (
+    ("--dp_noise_multiplier x --dp_clip", s, clip),
+    (
+      "--device_dp_noise_multiplier x --device_dp_clip",
+      config.device_dp_noise_multiplier,
+      config.device_dp_clip,
+    ),
+  ):
     if c is not None and math.isfinite(sigma) and math.isfinite(c) and sigma * c > _FLOAT32_MAX:
-      raise ConfigError(f"{flag} = {sigma * c:.3g} overflows float32 (max {_FLOAT32_MAX:.3g}): "
-                        "the noise would be inf; lower the noise multiplier or the clip norm")
+      raise ConfigError(
+        f"{flag} = {sigma * c:.3g} overflows float32 (max {_FLOAT32_MAX:.3g}): "
+        "the noise would be inf; lower the noise multiplier or the clip norm"
+      )
   if config.device_dp_clip and config.topology != "device_top":
     raise ConfigError("device DP-SGD (--device_dp_clip) is implemented for device_top only")
   if config.protocol == "fsl" and config.topology != "device_top":
@@ -121,16 +153,21 @@ def validate(config: configs_base.TrainConfig) -> None:
   if config.dp_clip == "auto" and config.topology != "device_top":
     raise ConfigError("--dp_clip=auto is defined for gradients (device_top); give a number")
   if config.seed < 0 or config.split_seed < 0:
-    raise ConfigError(f"--seed={config.seed} must be an integer >= 0 (split seed "
-                      f"{config.split_seed} likewise)")
+    raise ConfigError(
+      f"--seed={config.seed} must be an integer >= 0 (split seed {config.split_seed} likewise)"
+    )
   dataset = load_data(config)  # sj_data.DataError: one line naming the file/column and the fix
   model_of(config, dataset)  # the model builds for these columns
 
 
 CLIP_SOURCES = {
-    "auto": ("public: half the mean ||g_i|| under the initial model on the server's own rows, "
-             "private values and labels drawn uniformly from their domains"),
-    "none": "no clip", "number": "public: the number given (--dp_clip)"}
+  "auto": (
+    "public: half the mean ||g_i|| under the initial model on the server's own rows, "
+    "private values and labels drawn uniformly from their domains"
+  ),
+  "none": "no clip",
+  "number": "public: the number given (--dp_clip)",
+}
 
 
 def public_clip_split(dataset: sj_data.TabularData, seed: int):
@@ -143,18 +180,27 @@ def public_clip_split(dataset: sj_data.TabularData, seed: int):
   train = dataset.train
   rng = np.random.default_rng([seed, 11])
   n = len(train)
-  priv_cat = np.stack([rng.integers(0, k, n) for k in dataset.priv_cardinalities], axis=1) \
-      if dataset.priv_cardinalities else train.priv_cat
+  priv_cat = (
+    np.stack([rng.integers(0, k, n) for k in dataset.priv_cardinalities], axis=1)
+    if dataset.priv_cardinalities
+    else train.priv_cat
+  )
   return dataclasses.replace(
-      train, priv_cat=priv_cat.astype(np.int32),
-      priv_dense=rng.random(train.priv_dense.shape).astype(np.float32),
-      y=rng.integers(0, 2, n).astype(np.int32), p_y_pub=None, p_y_full=None, p_priv_pub=None)
+    train,
+    priv_cat=priv_cat.astype(np.int32),
+    priv_dense=rng.random(train.priv_dense.shape).astype(np.float32),
+    y=rng.integers(0, 2, n).astype(np.int32),
+    p_y_pub=None,
+    p_y_full=None,
+    p_priv_pub=None,
+  )
 
 
 def recipe_of(config) -> training.Recipe:
   recipe = training.RECIPES[config.recipe]
-  updates = {k: getattr(config, k) for k in ("epochs", "learning_rate", "batch_size")
-             if getattr(config, k)}
+  updates = {
+    k: getattr(config, k) for k in ("epochs", "learning_rate", "batch_size") if getattr(config, k)
+  }
   return dataclasses.replace(recipe, **updates)
 
 
@@ -168,19 +214,25 @@ def clamped_sizes(config, num_train: int):
   recipe = recipe_of(config)
   notes = []
   if recipe.batch_size > num_train:
-    notes.append(f"--batch_size={recipe.batch_size} is larger than the {num_train:,} training "
-                 f"rows: clamped to {num_train:,}")
+    notes.append(
+      f"--batch_size={recipe.batch_size} is larger than the {num_train:,} training "
+      f"rows: clamped to {num_train:,}"
+    )
     recipe = dataclasses.replace(recipe, batch_size=num_train)
   per_device, devices = config.samples_per_device, config.devices_per_round
   if config.protocol == "fsl":
     if per_device > num_train:
-      notes.append(f"--samples_per_device={per_device} is larger than the {num_train:,} "
-                   f"training rows: clamped to {num_train:,}")
+      notes.append(
+        f"--samples_per_device={per_device} is larger than the {num_train:,} "
+        f"training rows: clamped to {num_train:,}"
+      )
       per_device = num_train
     most = max(1, num_train // per_device)
     if devices > most:
-      notes.append(f"--devices_per_round={devices} x --samples_per_device={per_device} is more "
-                   f"than the {num_train:,} training rows: devices_per_round clamped to {most:,}")
+      notes.append(
+        f"--devices_per_round={devices} x --samples_per_device={per_device} is more "
+        f"than the {num_train:,} training rows: devices_per_round clamped to {most:,}"
+      )
       devices = most
   return recipe, {"samples_per_device": per_device, "devices_per_round": devices}, notes
 
@@ -198,19 +250,22 @@ def load_data(config) -> sj_data.TabularData:
   if config.schema:
     kwargs["schema"] = config.schema
   if config.dataset == "synthetic":
-    kwargs.update(num_examples=config.synthetic_examples,
-                  correlation=config.synthetic_correlation)
-  return sj_data.load(config.dataset, seed=config.split_seed, path=config.data_path or None,
-                      **kwargs)
+    kwargs.update(num_examples=config.synthetic_examples, correlation=config.synthetic_correlation)
+  return sj_data.load(
+    config.dataset, seed=config.split_seed, path=config.data_path or None, **kwargs
+  )
 
 
 def model_of(config, dataset: sj_data.TabularData) -> models.SplitModel:
   spec = models.ModelSpec(
-      pub_cardinalities=tuple(dataset.pub_cardinalities),
-      num_pub_dense=int(dataset.train.pub_dense.shape[1]),
-      priv_cardinalities=tuple(dataset.priv_cardinalities),
-      num_priv_dense=int(dataset.train.priv_dense.shape[1]),
-      hidden=tuple(config.hidden), head=config.head, topology=config.topology)
+    pub_cardinalities=tuple(dataset.pub_cardinalities),
+    num_pub_dense=int(dataset.train.pub_dense.shape[1]),
+    priv_cardinalities=tuple(dataset.priv_cardinalities),
+    num_priv_dense=int(dataset.train.priv_dense.shape[1]),
+    hidden=tuple(config.hidden),
+    head=config.head,
+    topology=config.topology,
+  )
   return models.make_model(spec)
 
 
@@ -228,14 +283,22 @@ def _state_template(model, config):
   if key not in _TEMPLATES:
     if len(_TEMPLATES) >= 8:
       _TEMPLATES.pop(next(iter(_TEMPLATES)))
-    _TEMPLATES[key] = training.init_state(model, training.server_optimizer(recipe, frozen),
-                                          training.make_optimizer(recipe), config.seed)
+    _TEMPLATES[key] = training.init_state(
+      model, training.server_optimizer(recipe, frozen), training.make_optimizer(recipe), config.seed
+    )
   return _TEMPLATES[key]
 
 
-def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = False,
-                  overwrite: bool = False, keep_identical: bool = False, progress=common.progress,
-                  kill_switch=None) -> dict:
+def train_workdir(
+  config: configs_base.TrainConfig,
+  workdir,
+  *,
+  resume: bool = False,
+  overwrite: bool = False,
+  keep_identical: bool = False,
+  progress=common.progress,
+  kill_switch=None,
+) -> dict:
   """Trains per ``config`` into ``workdir``; returns the metrics dict (also in metrics.json).
 
   What is already in ``workdir`` decides (nothing is deleted before a new run is complete):
@@ -258,18 +321,27 @@ def train_workdir(config: configs_base.TrainConfig, workdir, *, resume: bool = F
   """
   validate(config)
   if resume and overwrite and not keep_identical:
-    raise ConfigError("--resume and --overwrite contradict each other: --resume continues the "
-                      "run in --workdir, --overwrite replaces it; give one of them")
+    raise ConfigError(
+      "--resume and --overwrite contradict each other: --resume continues the "
+      "run in --workdir, --overwrite replaces it; give one of them"
+    )
   with workdir_lib.own(workdir, "train") as workdir:
-    metrics = _train_owned(config, workdir, resume=resume, overwrite=overwrite,
-                           keep_identical=keep_identical, progress=progress,
-                           kill_switch=kill_switch)
+    metrics = _train_owned(
+      config,
+      workdir,
+      resume=resume,
+      overwrite=overwrite,
+      keep_identical=keep_identical,
+      progress=progress,
+      kill_switch=kill_switch,
+    )
   workdir_lib.barrier("train-written")  # jax.distributed: process 0's files are on disk
   return metrics
 
 
-def _train_owned(config, workdir: pathlib.Path, *, resume, overwrite, keep_identical, progress,
-                 kill_switch) -> dict:
+def _train_owned(
+  config, workdir: pathlib.Path, *, resume, overwrite, keep_identical, progress, kill_switch
+) -> dict:
   """`train_workdir` once the workdir is claimed and locked."""
   cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
   status, epoch = _run_status(workdir, cfg, config)
@@ -279,33 +351,42 @@ def _train_owned(config, workdir: pathlib.Path, *, resume, overwrite, keep_ident
   if status == "finished" and not (overwrite and not keep_identical):
     metrics = io.read_json(workdir / "metrics.json")
     if progress:
-      progress(f"already trained (test AUC {auc_text(metrics)}) in {workdir}: kept; "
-               "--overwrite to retrain")
+      progress(
+        f"already trained (test AUC {auc_text(metrics)}) in {workdir}: kept; --overwrite to retrain"
+      )
     return metrics
   if status == "unfinished" and resume:
-    return _train_in_place(config, workdir, resume=True, progress=progress,
-                           kill_switch=kill_switch)
+    return _train_in_place(config, workdir, resume=True, progress=progress, kill_switch=kill_switch)
   if status == "empty":
-    return _train_in_place(config, workdir, resume=resume, progress=progress,
-                           kill_switch=kill_switch)
+    return _train_in_place(
+      config, workdir, resume=resume, progress=progress, kill_switch=kill_switch
+    )
   if not overwrite:
     if status == "unfinished":
       raise workdir_lib.WorkdirError(
-          f"an unfinished run (epoch {epoch} of {epochs}) is in {workdir}: --resume to continue, "
-          "--overwrite to restart")
+        f"an unfinished run (epoch {epoch} of {epochs}) is in {workdir}: --resume to continue, "
+        "--overwrite to restart"
+      )
     io.check_config_compatible(workdir, cfg, overwrite=False)  # raises, naming the differences
-    raise workdir_lib.WorkdirError(f"workdir {workdir} holds another run: use --overwrite or "
-                                   "another --workdir")
-  staging = workdir_lib.fresh_staging(workdir) if workdir_lib.is_writer() else (
-      workdir / workdir_lib.STAGING)
-  metrics = _train_in_place(config, staging, resume=False, progress=progress,
-                            kill_switch=kill_switch)
+    raise workdir_lib.WorkdirError(
+      f"workdir {workdir} holds another run: use --overwrite or another --workdir"
+    )
+  staging = (
+    workdir_lib.fresh_staging(workdir)
+    if workdir_lib.is_writer()
+    else (workdir / workdir_lib.STAGING)
+  )
+  metrics = _train_in_place(
+    config, staging, resume=False, progress=progress, kill_switch=kill_switch
+  )
   if not workdir_lib.is_writer():
     return metrics
   removed = workdir_lib.swap_in(workdir)
   if progress:
-    progress(f"--overwrite: the new run replaced the earlier one in {workdir} (removed "
-             f"{', '.join(removed)})")
+    progress(
+      f"--overwrite: the new run replaced the earlier one in {workdir} (removed "
+      f"{', '.join(removed)})"
+    )
   return metrics
 
 
@@ -332,8 +413,9 @@ def _run_status(workdir: pathlib.Path, cfg: dict, config) -> tuple[str, int]:
     changed = workdir_lib.changed_artifacts(workdir, manifest) if manifest else []
     if changed:
       raise workdir_lib.WorkdirError(
-          f"the finished run in {workdir} is damaged: {', '.join(changed)} changed since "
-          f"{workdir_lib.MANIFEST} recorded it; --overwrite to retrain")
+        f"the finished run in {workdir} is damaged: {', '.join(changed)} changed since "
+        f"{workdir_lib.MANIFEST} recorded it; --overwrite to retrain"
+      )
     return "finished", recipe_of(config).epochs
   epoch = 0
   if (workdir / "checkpoint.msgpack").exists():
@@ -345,8 +427,14 @@ def _run_status(workdir: pathlib.Path, cfg: dict, config) -> tuple[str, int]:
   return "unfinished", epoch
 
 
-TRAIN_ARTIFACTS = ("config.json", "checkpoint.msgpack", "transcript.npz",
-                   "transcript_params.msgpack", "history.jsonl", "metrics.json")
+TRAIN_ARTIFACTS = (
+  "config.json",
+  "checkpoint.msgpack",
+  "transcript.npz",
+  "transcript_params.msgpack",
+  "history.jsonl",
+  "metrics.json",
+)
 
 
 def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, kill_switch) -> dict:
@@ -370,8 +458,9 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
 
   state, start_epoch, history, extra = None, 0, [], {}
   if resume and ckpt_path.exists():
-    state, meta = io.restore_checkpoint(ckpt_path, _state_template(model, config),
-                                        fingerprint=fingerprint)
+    state, meta = io.restore_checkpoint(
+      ckpt_path, _state_template(model, config), fingerprint=fingerprint
+    )
     start_epoch, history, extra = meta["epoch"], meta["history"], meta["extra"]
     if progress:
       progress(f"resuming from epoch {start_epoch} of {recipe.epochs} ({ckpt_path})")
@@ -383,8 +472,11 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     # the initial model, with private values and labels drawn uniformly from their public
     # domains. A C computed from the private gradients would itself be an unaccounted release
     # (and would read the true labels, voiding label DP).
-    mean_norm = (training.mean_cut_grad_norm(model, init, public_clip_split(dataset, config.seed))
-                 if config.topology == "device_top" else float("nan"))
+    mean_norm = (
+      training.mean_cut_grad_norm(model, init, public_clip_split(dataset, config.seed))
+      if config.topology == "device_top"
+      else float("nan")
+    )
     if config.dp_clip == "none":
       clip = math.inf
     elif config.dp_clip == "auto":
@@ -396,19 +488,30 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     sigma = config.dp_noise_multiplier
     if config.target_epsilon:
       sigma = accounting.calibrate_noise_multiplier(
-          target_epsilon=config.target_epsilon, target_delta=config.target_delta,
-          releases=releases)
-    extra = {"l2_clip_norm": clip, "noise_multiplier": sigma, "mean_grad_norm_init": mean_norm,
-             "clip_source": CLIP_SOURCES[config.dp_clip if config.dp_clip in ("auto", "none")
-                                         else "number"]}
+        target_epsilon=config.target_epsilon, target_delta=config.target_delta, releases=releases
+      )
+    extra = {
+      "l2_clip_norm": clip,
+      "noise_multiplier": sigma,
+      "mean_grad_norm_init": mean_norm,
+      "clip_source": CLIP_SOURCES[
+        config.dp_clip if config.dp_clip in ("auto", "none") else "number"
+      ],
+    }
   clip, sigma = float(extra["l2_clip_norm"]), float(extra["noise_multiplier"])
   frozen_server = math.isinf(sigma)
   if frozen_server and progress:
-    progress("noise multiplier = inf: the server receives pure noise; its model stays at "
-             "initialisation (the utility floor of this topology)")
+    progress(
+      "noise multiplier = inf: the server receives pure noise; its model stays at "
+      "initialisation (the utility floor of this topology)"
+    )
   device_clip = config.device_dp_clip or math.inf
-  dp = training.DPConfig(np.float32(clip), np.float32(0.0 if frozen_server else sigma),
-                         np.float32(device_clip), np.float32(config.device_dp_noise_multiplier))
+  dp = training.DPConfig(
+    np.float32(clip),
+    np.float32(0.0 if frozen_server else sigma),
+    np.float32(device_clip),
+    np.float32(config.device_dp_noise_multiplier),
+  )
 
   labels = None
   if config.label_dp_epsilon:
@@ -423,26 +526,45 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   def on_epoch_end(epoch, st, log):
     history.append(log)
     if writer:
-      io.save_checkpoint(ckpt_path, st, metadata={
-          "fingerprint": fingerprint, "epoch": epoch + 1, "history": history, "extra": extra})
+      io.save_checkpoint(
+        ckpt_path,
+        st,
+        metadata={
+          "fingerprint": fingerprint,
+          "epoch": epoch + 1,
+          "history": history,
+          "extra": extra,
+        },
+      )
       records.write_history(workdir, history)  # from the checkpointed history
     common.checkpointed(f"epoch {epoch + 1} of {recipe.epochs}")
     if kill_switch is not None:
       kill_switch.tick()
 
-  fit_kwargs = dict(recipe=recipe, seed=config.seed, protocol_name=config.protocol, dp=dp,
-                    samples_per_device=sizes["samples_per_device"],
-                    devices_per_round=sizes["devices_per_round"], local_steps=config.local_steps,
-                    labels=labels, state=state, start_epoch=start_epoch,
-                    on_epoch_end=on_epoch_end, on_transcript=on_transcript,
-                    progress=progress)
+  fit_kwargs = dict(
+    recipe=recipe,
+    seed=config.seed,
+    protocol_name=config.protocol,
+    dp=dp,
+    samples_per_device=sizes["samples_per_device"],
+    devices_per_round=sizes["devices_per_round"],
+    local_steps=config.local_steps,
+    labels=labels,
+    state=state,
+    start_epoch=start_epoch,
+    on_epoch_end=on_epoch_end,
+    on_transcript=on_transcript,
+    progress=progress,
+  )
   if frozen_server:
     fit_kwargs["freeze_server"] = True
   if start_epoch < recipe.epochs:
     state = training.fit(model, dataset.train, **fit_kwargs).state
   elif not (workdir / "transcript.npz").exists():
-    raise io.CheckpointError(f"{workdir} holds a finished checkpoint but no transcript: rerun "
-                             "experiments.train with --overwrite")
+    raise io.CheckpointError(
+      f"{workdir} holds a finished checkpoint but no transcript: rerun "
+      "experiments.train with --overwrite"
+    )
   # Killed after the last checkpoint? Then only the evaluation below is redone.
   if writer:
     records.write_history(workdir, history)
@@ -450,45 +572,69 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   auc_note = None
   if math.isnan(test["auc"]):
     classes = np.unique(dataset.test.y)
-    auc_note = (f"undefined: the {len(dataset.test):,} test rows all have label "
-                f"{int(classes[0]) if len(classes) else '?'} (AUC needs both classes); use more "
-                "data or another split")
+    auc_note = (
+      f"undefined: the {len(dataset.test):,} test rows all have label "
+      f"{int(classes[0]) if len(classes) else '?'} (AUC needs both classes); use more "
+      "data or another split"
+    )
     print(f"warning: test AUC {auc_note}", file=sys.stderr)
   epoch_seconds = [h["seconds"] for h in history]
   metrics = {
-      "dataset": config.dataset, "protocol": config.protocol, "recipe": config.recipe,
-      "topology": config.topology, "head": config.head, "seed": config.seed,
-      "epochs": recipe.epochs, "test_auc": test["auc"], "test_log_loss": test["log_loss"],
-      "test_accuracy": test["accuracy"], "train_loss": history[-1]["train_loss"],
-      **({"test_auc_note": auc_note} if auc_note else {}),
-      "train_seconds": float(sum(epoch_seconds)),
-      # The first epoch includes compilation: leave it out when there are others.
-      "seconds_per_epoch": float(np.median(epoch_seconds[1:] or epoch_seconds)),
-      "num_train": len(dataset.train), "num_test": len(dataset.test),
-      "mean_grad_norm_init": extra["mean_grad_norm_init"],
-      "clip_source": extra.get("clip_source", "private training data (splitjax < 0.2)"),
-      "frozen_server": frozen_server,
-      # Rows the DP clip sent as zero rows because they held an inf or NaN (0 for a sane model).
-      "nonfinite_rows_zeroed": int(sum(h.get("nonfinite_rows_zeroed", 0) for h in history)),
-      # What ran, beside the requested config (config.json, which compatibility checks compare):
-      # the recipe with the flag overrides applied, and the releases each example made.
-      "resolved_config": {**dataclasses.asdict(recipe), "releases": releases,
-                          **{k: v for k, v in sizes.items() if v != getattr(config, k)},
-                          "hidden": list(config.hidden)},
-      "environment": records.environment(),
+    "dataset": config.dataset,
+    "protocol": config.protocol,
+    "recipe": config.recipe,
+    "topology": config.topology,
+    "head": config.head,
+    "seed": config.seed,
+    "epochs": recipe.epochs,
+    "test_auc": test["auc"],
+    "test_log_loss": test["log_loss"],
+    "test_accuracy": test["accuracy"],
+    "train_loss": history[-1]["train_loss"],
+    **({"test_auc_note": auc_note} if auc_note else {}),
+    "train_seconds": float(sum(epoch_seconds)),
+    # The first epoch includes compilation: leave it out when there are others.
+    "seconds_per_epoch": float(np.median(epoch_seconds[1:] or epoch_seconds)),
+    "num_train": len(dataset.train),
+    "num_test": len(dataset.test),
+    "mean_grad_norm_init": extra["mean_grad_norm_init"],
+    "clip_source": extra.get("clip_source", "private training data (splitjax < 0.2)"),
+    "frozen_server": frozen_server,
+    # Rows the DP clip sent as zero rows because they held an inf or NaN (0 for a sane model).
+    "nonfinite_rows_zeroed": int(sum(h.get("nonfinite_rows_zeroed", 0) for h in history)),
+    # What ran, beside the requested config (config.json, which compatibility checks compare):
+    # the recipe with the flag overrides applied, and the releases each example made.
+    "resolved_config": {
+      **dataclasses.asdict(recipe),
+      "releases": releases,
+      **{k: v for k, v in sizes.items() if v != getattr(config, k)},
+      "hidden": list(config.hidden),
+    },
+    "environment": records.environment(),
   }
-  metrics.update(accounting.privacy_report(
-      noise_multiplier=sigma, l2_clip_norm=clip, releases=releases, delta=config.target_delta,
+  metrics.update(
+    accounting.privacy_report(
+      noise_multiplier=sigma,
+      l2_clip_norm=clip,
+      releases=releases,
+      delta=config.target_delta,
       label_epsilon=config.label_dp_epsilon or None,
-      device_noise_multiplier=(config.device_dp_noise_multiplier
-                               if config.device_dp_clip else None),
-      device_releases=releases if config.device_dp_clip else None))
+      device_noise_multiplier=(
+        config.device_dp_noise_multiplier if config.device_dp_clip else None
+      ),
+      device_releases=releases if config.device_dp_clip else None,
+    )
+  )
   if not writer:
     return metrics
   io.atomic_write_json(workdir / "metrics.json", metrics)
-  workdir_lib.write_manifest(workdir, kind="train", config_fingerprint=io.fingerprint(cfg),
-                             artifacts=[a for a in TRAIN_ARTIFACTS if (workdir / a).exists()],
-                             data=workdir_lib.data_files(config))
+  workdir_lib.write_manifest(
+    workdir,
+    kind="train",
+    config_fingerprint=io.fingerprint(cfg),
+    artifacts=[a for a in TRAIN_ARTIFACTS if (workdir / a).exists()],
+    data=workdir_lib.data_files(config),
+  )
   return metrics
 
 
@@ -497,16 +643,23 @@ def run_fingerprint(model, stored_config: dict) -> str:
   return io.fingerprint({"spec": model.spec.to_dict(), "config": stored_config})
 
 
-def write_transcript(workdir: pathlib.Path, transcript: protocol.Transcript, *,
-                     device_params: bool = True) -> None:
+def write_transcript(
+  workdir: pathlib.Path, transcript: protocol.Transcript, *, device_params: bool = True
+) -> None:
   """Atomically writes the transcript arrays and (if `device_params`) the parameters behind them."""
   import io as _pyio
+
   buf = _pyio.BytesIO()
   np.savez_compressed(buf, **transcript.to_arrays())
   if device_params:
-    io.save_checkpoint(workdir / "transcript_params.msgpack", transcript.device_params,
-                       metadata={"fingerprint": "transcript", "versions":
-                                 int(jax.tree.leaves(transcript.device_params)[0].shape[0])})
+    io.save_checkpoint(
+      workdir / "transcript_params.msgpack",
+      transcript.device_params,
+      metadata={
+        "fingerprint": "transcript",
+        "versions": int(jax.tree.leaves(transcript.device_params)[0].shape[0]),
+      },
+    )
   io.atomic_write_bytes(workdir / "transcript.npz", buf.getvalue())
 
 
@@ -532,13 +685,18 @@ class Restored:
   def __init__(self, workdir):
     workdir = pathlib.Path(workdir)
     if not (workdir / "metrics.json").exists():
-      raise io.CheckpointError(f"no finished training run in {workdir}: run experiments.train "
-                               "with this --workdir first (or check the path)")
+      raise io.CheckpointError(
+        f"no finished training run in {workdir}: run experiments.train "
+        "with this --workdir first (or check the path)"
+      )
     raw = io.read_json(workdir / "config.json")
     self.manifest = workdir_lib.read_manifest(workdir)
     if self.manifest is None:
-      print(f"warning: unverified: {workdir} was written by splitjax < 0.2 (no {workdir_lib.MANIFEST});"
-            " its files are read as they are", file=sys.stderr)
+      print(
+        f"warning: unverified: {workdir} was written by splitjax < 0.2 (no {workdir_lib.MANIFEST});"
+        " its files are read as they are",
+        file=sys.stderr,
+      )
     self.config = config_from_json(raw)
     if self.manifest is not None:
       workdir_lib.verify(workdir, self.manifest, data=workdir_lib.data_files(self.config))
@@ -548,9 +706,11 @@ class Restored:
     self.model = model_of(self.config, self.dataset)
     fingerprint = run_fingerprint(self.model, raw)
     self.fingerprint = fingerprint
-    self.state, _ = io.restore_checkpoint(workdir / "checkpoint.msgpack",
-                                          _state_template(self.model, self.config),
-                                          fingerprint=fingerprint)
+    self.state, _ = io.restore_checkpoint(
+      workdir / "checkpoint.msgpack",
+      _state_template(self.model, self.config),
+      fingerprint=fingerprint,
+    )
 
   def transcript(self) -> protocol.Transcript:
     path = self.workdir / "transcript.npz"
@@ -562,36 +722,48 @@ class Restored:
         arrays = {k: z[k] for k in z.files}
       rows = {len(arrays[k]) for k in ("h", "g", "example_index", "param_index", "local_step")}
     except Exception as e:  # corrupted file
-      raise io.CheckpointError(f"transcript {path} is unreadable ({type(e).__name__}): rerun "
-                               "experiments.train with --overwrite") from None
+      raise io.CheckpointError(
+        f"transcript {path} is unreadable ({type(e).__name__}): rerun "
+        "experiments.train with --overwrite"
+      ) from None
     num_train = len(self.dataset.train)
     index = arrays["example_index"]
     if len(rows) != 1 or (len(index) and (index.min() < 0 or index.max() >= num_train)):
       raise io.CheckpointError(
-          f"transcript {path} does not fit this run's data ({len(index):,} rows with example "
-          f"indices in [{index.min() if len(index) else 0}, "
-          f"{index.max() if len(index) else 0}], {num_train:,} training rows): rerun "
-          "experiments.train with --overwrite")
+        f"transcript {path} does not fit this run's data ({len(index):,} rows with example "
+        f"indices in [{index.min() if len(index) else 0}, "
+        f"{index.max() if len(index) else 0}], {num_train:,} training rows): rerun "
+        "experiments.train with --overwrite"
+      )
     if not (self.workdir / "transcript_params.msgpack").exists() and not getattr(
-        self.config, "record_device_params", True):
+      self.config, "record_device_params", True
+    ):
       raise io.CheckpointError(
-          f"{self.workdir} was trained without the per-step device parameters that attacking "
-          "training users needs: retrain with experiments.train --record_device_params "
-          "--overwrite (sweep points leave them out), or attack test users (--users=test)")
+        f"{self.workdir} was trained without the per-step device parameters that attacking "
+        "training users needs: retrain with experiments.train --record_device_params "
+        "--overwrite (sweep points leave them out), or attack test users (--users=test)"
+      )
     params_path = self.workdir / "transcript_params.msgpack"
     _, meta = io._load_checkpoint_file(params_path)  # pylint: disable=protected-access
     pidx = arrays["param_index"]
     versions = int(meta.get("versions", int(pidx.max()) + 1 if len(pidx) else 1))
     if len(pidx) and (pidx.min() < 0 or pidx.max() >= versions):
       raise io.CheckpointError(
-          f"transcript {path} refers to parameter versions [{pidx.min()}, {pidx.max()}] but "
-          f"{params_path.name} holds {versions}: the two files are of different runs; rerun "
-          "experiments.train with --overwrite")
-    template = jax.tree.map(lambda x: np.zeros((versions,) + x.shape, x.dtype),
-                            jax.device_get(self.state.device_params))
+        f"transcript {path} refers to parameter versions [{pidx.min()}, {pidx.max()}] but "
+        f"{params_path.name} holds {versions}: the two files are of different runs; rerun "
+        "experiments.train with --overwrite"
+      )
+    template = jax.tree.map(
+      lambda x: np.zeros((versions,) + x.shape, x.dtype), jax.device_get(self.state.device_params)
+    )
     params, _ = io.restore_checkpoint(params_path, template, fingerprint="transcript")
     return protocol.Transcript(
-        h=arrays["h"], g=arrays["g"], example_index=arrays["example_index"],
-        param_index=arrays["param_index"], local_step=arrays["local_step"],
-        device_params=params, l2_clip_norm=float(arrays["l2_clip_norm"]),
-        noise_multiplier=float(arrays["noise_multiplier"]))
+      h=arrays["h"],
+      g=arrays["g"],
+      example_index=arrays["example_index"],
+      param_index=arrays["param_index"],
+      local_step=arrays["local_step"],
+      device_params=params,
+      l2_clip_norm=float(arrays["l2_clip_norm"]),
+      noise_multiplier=float(arrays["noise_multiplier"]),
+    )

@@ -35,28 +35,35 @@ def _static_environment() -> dict:
   commit = None
   if (_REPO / ".git").exists():
     try:
-      out = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True,
-                           text=True, timeout=10, check=False)
+      out = subprocess.run(
+        ["git", "-C", str(_REPO), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+      )
       if out.returncode == 0:
         commit = out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
       commit = None
   return {
-      "splitjax": version("splitjax"),
-      "git_commit": commit,
-      "python": platform.python_version(),
-      **{name: version(name) for name in _PACKAGES},
-      "backend": jax.default_backend(),
-      "devices": sorted({d.device_kind for d in jax.devices()}),
-      "device_count": jax.device_count(),
-      "process_count": jax.process_count(),
+    "splitjax": version("splitjax"),
+    "git_commit": commit,
+    "python": platform.python_version(),
+    **{name: version(name) for name in _PACKAGES},
+    "backend": jax.default_backend(),
+    "devices": sorted({d.device_kind for d in jax.devices()}),
+    "device_count": jax.device_count(),
+    "process_count": jax.process_count(),
   }
 
 
 def environment() -> dict:
   """The software and hardware of this process, and the UTC time (a fresh dict each call)."""
-  return {**_static_environment(),
-          "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  return {
+    **_static_environment(),
+    "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
 
 
 def without_environment(record):
@@ -72,11 +79,13 @@ def environment_footer(env: dict) -> str:
   """One Markdown line naming where a report was produced (left out of report comparisons)."""
   devices = ", ".join(env.get("devices") or []) or "?"
   commit = (env.get("git_commit") or "unknown")[:12]
-  return (f"<sub>environment: splitjax {env.get('splitjax')} (git {commit}), Python "
-          f"{env.get('python')}, jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax "
-          f"{env.get('flax')}, optax {env.get('optax')}, dp-accounting {env.get('dp-accounting')}, "
-          f"numpy {env.get('numpy')}; {env.get('backend')} ({devices}); {env.get('utc_time')}"
-          "</sub>")
+  return (
+    f"<sub>environment: splitjax {env.get('splitjax')} (git {commit}), Python "
+    f"{env.get('python')}, jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax "
+    f"{env.get('flax')}, optax {env.get('optax')}, dp-accounting {env.get('dp-accounting')}, "
+    f"numpy {env.get('numpy')}; {env.get('backend')} ({devices}); {env.get('utc_time')}"
+    "</sub>"
+  )
 
 
 FOOTER_PREFIX = "<sub>environment: "

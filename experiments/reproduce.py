@@ -23,7 +23,9 @@ from experiments import records
 from experiments import workdir as workdir_lib
 from experiments import reproducing
 
-_PRESET = flags.DEFINE_string("preset", "quick", "quick, full or tiny (configs <dataset>_<preset>).")
+_PRESET = flags.DEFINE_string(
+  "preset", "quick", "quick, full or tiny (configs <dataset>_<preset>)."
+)
 _DATASETS = flags.DEFINE_list("datasets", ["adult", "bank", "credit"], "Datasets to study.")
 _TAOBAO = flags.DEFINE_string("taobao_dir", "", "Directory with the Taobao files (adds taobao).")
 flags.mark_flags_as_required(["workdir"])
@@ -52,29 +54,40 @@ def _check_flags() -> None:
   if not _DATASETS.value and not _TAOBAO.value:
     raise common.UsageError("--datasets is empty: name at least one, e.g. --datasets=adult")
   if len(set(_DATASETS.value)) != len(_DATASETS.value):
-    raise common.UsageError(f"--datasets lists a dataset twice ({','.join(_DATASETS.value)}): "
-                            "list each once")
+    raise common.UsageError(
+      f"--datasets lists a dataset twice ({','.join(_DATASETS.value)}): list each once"
+    )
   valid = [d for d in presets[preset] if d != "taobao"] + ["csv"]
   for ds in _DATASETS.value:
     if ds == "csv" and not (common.DATA_PATH.value and common.SCHEMA.value):
-      raise common.UsageError("--datasets=csv needs your table and its roles: give "
-                              "--data_path=FILE and --schema=FILE.json")
+      raise common.UsageError(
+        "--datasets=csv needs your table and its roles: give "
+        "--data_path=FILE and --schema=FILE.json"
+      )
     if ds == "taobao":
-      raise common.UsageError("taobao is not bundled: drop it from --datasets and give "
-                              "--taobao_dir=DIR with its files instead")
+      raise common.UsageError(
+        "taobao is not bundled: drop it from --datasets and give "
+        "--taobao_dir=DIR with its files instead"
+      )
     if ds not in valid:
-      raise common.UsageError(f"unknown dataset {ds!r} in --datasets for --preset={preset}: "
-                              f"choose among {valid}")
+      raise common.UsageError(
+        f"unknown dataset {ds!r} in --datasets for --preset={preset}: choose among {valid}"
+      )
   if (common.DATA_PATH.value or common.SCHEMA.value) and "csv" not in _DATASETS.value:
-    raise common.UsageError("--data_path and --schema are used for a csv entry of --datasets: "
-                            "add csv to --datasets (or drop them)")
+    raise common.UsageError(
+      "--data_path and --schema are used for a csv entry of --datasets: "
+      "add csv to --datasets (or drop them)"
+    )
   if _TAOBAO.value:
     if "taobao" not in presets[preset]:
-      raise common.UsageError(f"--preset={preset} has no taobao config: use --preset=quick or "
-                              "full with --taobao_dir")
+      raise common.UsageError(
+        f"--preset={preset} has no taobao config: use --preset=quick or full with --taobao_dir"
+      )
     if not pathlib.Path(_TAOBAO.value).is_dir():
-      raise common.UsageError(f"--taobao_dir={_TAOBAO.value} is not a directory: give the "
-                              "directory holding raw_sample.csv, user_profile.csv, ad_feature.csv")
+      raise common.UsageError(
+        f"--taobao_dir={_TAOBAO.value} is not a directory: give the "
+        "directory holding raw_sample.csv, user_profile.csv, ad_feature.csv"
+      )
 
 
 def csv_study(preset: str, data_path: str, schema: str):
@@ -87,18 +100,27 @@ def csv_study(preset: str, data_path: str, schema: str):
 
 def _check_same_study(workdir, studies) -> None:
   """Refuses a workdir holding a study of another preset or datasets unless --overwrite."""
-  cfg = {"preset": _PRESET.value, "datasets": list(studies),
-         "studies": {ds: dataclasses.asdict(s) for ds, s in studies.items()}}
+  cfg = {
+    "preset": _PRESET.value,
+    "datasets": list(studies),
+    "studies": {ds: dataclasses.asdict(s) for ds, s in studies.items()},
+  }
   old_results = workdir / "results.json"
-  if (not common.overwrite() and not (workdir / "reproduce_config.json").exists()
-      and old_results.exists()):  # written by splitjax < 0.2: compare preset and datasets
+  if (
+    not common.overwrite()
+    and not (workdir / "reproduce_config.json").exists()
+    and old_results.exists()
+  ):  # written by splitjax < 0.2: compare preset and datasets
     old = io.read_json(old_results)
     if (old.get("preset"), list(old.get("datasets", {}))) != (cfg["preset"], cfg["datasets"]):
-      raise io.WorkdirError(f"workdir {workdir} holds a study of --preset={old.get('preset')} "
-                            f"on {list(old.get('datasets', {}))}: use --overwrite or another "
-                            "--workdir")
-  io.check_config_compatible(workdir, cfg, overwrite=common.overwrite(),
-                             filename="reproduce_config.json")
+      raise io.WorkdirError(
+        f"workdir {workdir} holds a study of --preset={old.get('preset')} "
+        f"on {list(old.get('datasets', {}))}: use --overwrite or another "
+        "--workdir"
+      )
+  io.check_config_compatible(
+    workdir, cfg, overwrite=common.overwrite(), filename="reproduce_config.json"
+  )
 
 
 def main(argv):
@@ -112,8 +134,9 @@ def main(argv):
       continue
     study = common.load_config(f"{ds}_{_PRESET.value}", "")
     if ds == "taobao":
-      study = dataclasses.replace(study, train=dataclasses.replace(study.train,
-                                                                   data_path=_TAOBAO.value))
+      study = dataclasses.replace(
+        study, train=dataclasses.replace(study.train, data_path=_TAOBAO.value)
+      )
     studies[ds] = study
   with workdir_lib.own(common.WORKDIR.value, "reproduce") as workdir:
     _reproduce(workdir, studies)
@@ -125,8 +148,9 @@ def _reproduce(workdir, studies) -> None:
   kill = common.KillSwitch()
   results = {"preset": _PRESET.value, "datasets": {}}
   for ds, study in studies.items():
-    results["datasets"][ds] = reproducing.run_study(study, workdir, overwrite=common.overwrite(),
-                                                    kill_switch=kill)
+    results["datasets"][ds] = reproducing.run_study(
+      study, workdir, overwrite=common.overwrite(), kill_switch=kill
+    )
   results["seconds"] = time.time() - t0
   results["environment"] = records.environment()
   io.atomic_write_json(workdir / "results.json", results)

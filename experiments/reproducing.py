@@ -35,8 +35,14 @@ def _group_dir(workdir, dataset, protocol, recipe) -> pathlib.Path:
   return pathlib.Path(workdir) / dataset / f"{protocol}_{recipe}"
 
 
-def run_study(study: configs_base.StudyConfig, workdir, *, overwrite: bool = False,
-              progress=common.progress, kill_switch=None) -> dict:
+def run_study(
+  study: configs_base.StudyConfig,
+  workdir,
+  *,
+  overwrite: bool = False,
+  progress=common.progress,
+  kill_switch=None,
+) -> dict:
   """Runs (or resumes) one dataset's study; returns its results dict (also study.json).
 
   A finished study.json of the same study is reused; one of another study (or, with
@@ -59,27 +65,45 @@ def run_study(study: configs_base.StudyConfig, workdir, *, overwrite: bool = Fal
       variants = ("clip_aware",) if recipe == "tuned" else ()
       if progress:
         progress(f"[reproduce] {ds}: {proto.upper()} {recipe} recipe, no DP")
-      row = sweeping.run_point(cfg, sweeping.Point("none"), _group_dir(workdir, ds, proto, recipe),
-                               seeds=study.seeds, variants=variants,
-                               num_examples=study.attack_examples, overwrite=overwrite,
-                               progress=None, kill_switch=kill_switch)
+      row = sweeping.run_point(
+        cfg,
+        sweeping.Point("none"),
+        _group_dir(workdir, ds, proto, recipe),
+        seeds=study.seeds,
+        variants=variants,
+        num_examples=study.attack_examples,
+        overwrite=overwrite,
+        progress=None,
+        kill_switch=kill_switch,
+      )
       res["auc"][f"{proto}_{recipe}"] = row
       if variants:
         res["table1"][proto] = row
   # Tables 2 and 3: cut-layer DP and label DP sweeps.
-  points = sweeping.default_points(study.sigmas, study.target_epsilons, study.label_epsilons,
-                                   frozen=study.frozen)
+  points = sweeping.default_points(
+    study.sigmas, study.target_epsilons, study.label_epsilons, frozen=study.frozen
+  )
   for proto in study.sweep_protocols:
     cfg = dataclasses.replace(study.train, protocol=proto, recipe="tuned")
     rows = []
     for i, point in enumerate(points):
       if progress:
-        progress(f"[reproduce] {ds}: {proto.upper()} sweep point {i + 1}/{len(points)} "
-                 f"({point.name})")
-      rows.append(sweeping.run_point(cfg, point, _group_dir(workdir, ds, proto, "tuned"),
-                                     seeds=study.seeds, variants=study.variants,
-                                     num_examples=study.attack_examples, overwrite=overwrite,
-                                     progress=None, kill_switch=kill_switch))
+        progress(
+          f"[reproduce] {ds}: {proto.upper()} sweep point {i + 1}/{len(points)} ({point.name})"
+        )
+      rows.append(
+        sweeping.run_point(
+          cfg,
+          point,
+          _group_dir(workdir, ds, proto, "tuned"),
+          seeds=study.seeds,
+          variants=study.variants,
+          num_examples=study.attack_examples,
+          overwrite=overwrite,
+          progress=None,
+          kill_switch=kill_switch,
+        )
+      )
     res["sweeps"][proto] = rows
   spec = pipeline.model_of(study.train, pipeline.load_data(study.train)).spec
   res["dims"] = [spec.cut_dim, len(spec.priv_cardinalities)]
@@ -102,6 +126,7 @@ def _decode(obj):
 
 
 # ---------------------------------------------------------------- cost / roofline
+
 
 def analytic_flops_per_candidate(d: int, hidden: tuple[int, ...], num_features: int) -> int:
   """FLOPs of one candidate's logit and dz/dh in the DeepFM head (candidate-dependent part).
@@ -143,14 +168,19 @@ def cost_summary(res) -> dict:
   for key, row in res["auc"].items():
     cost[key] = {"seconds_per_epoch": row["seconds_per_epoch"], "epochs": row["epochs"]}
     if row.get("attacks"):
-      cost[key].update({"attack_seconds": row["attack_seconds"],
-                        "attack_examples": row["attack_examples"],
-                        "candidates_per_second": row["candidates_per_second"]})
+      cost[key].update(
+        {
+          "attack_seconds": row["attack_seconds"],
+          "attack_examples": row["attack_examples"],
+          "candidates_per_second": row["candidates_per_second"],
+        }
+      )
   cost["matmul_flops_per_second"] = peak
   return cost
 
 
 # ---------------------------------------------------------------- report
+
 
 def _acc(a) -> str:
   return f"{a['accuracy']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]"
@@ -182,24 +212,33 @@ def _strongest(attacks: dict) -> dict:
 
 
 def table1(res) -> list[str]:
-  lines = ["| protocol | secret | EXACT accuracy [95% CI] | macro F1 | k-NN (server features) | "
-           "k-NN (h) | majority prior | ties |", "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| protocol | secret | EXACT accuracy [95% CI] | macro F1 | k-NN (server features) | "
+    "k-NN (h) | majority prior | ties |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for proto, row in res["table1"].items():
     for secret, a in row["attacks"]["clip_aware"].items():
-      lines.append(f"| {proto.upper()} | {secret} | {_acc(a)} | {a['macro_f1']:.3f} | "
-                   f"{a['knn_accuracy']:.3f} | {a['knn_h_accuracy']:.3f} | "
-                   f"{a['prior_accuracy']:.3f} | {row['ties']} |")
+      lines.append(
+        f"| {proto.upper()} | {secret} | {_acc(a)} | {a['macro_f1']:.3f} | "
+        f"{a['knn_accuracy']:.3f} | {a['knn_h_accuracy']:.3f} | "
+        f"{a['prior_accuracy']:.3f} | {row['ties']} |"
+      )
   return lines
 
 
 def table_auc(res) -> list[str]:
-  lines = ["| protocol | recipe | test AUC (mean ± sd over seeds) | seeds | epochs |",
-           "|---|---|---|---|---|"]
+  lines = [
+    "| protocol | recipe | test AUC (mean ± sd over seeds) | seeds | epochs |",
+    "|---|---|---|---|---|",
+  ]
   for key, row in res["auc"].items():
     proto, recipe = key.split("_", 1)
-    lines.append(f"| {proto.upper()} | {recipe} | "
-                 f"{sweeping.auc_cell(row['auc_mean'], row['auc_sd'], len(row['seeds']))} | "
-                 f"{len(row['seeds'])} | {row['epochs']} |")
+    lines.append(
+      f"| {proto.upper()} | {recipe} | "
+      f"{sweeping.auc_cell(row['auc_mean'], row['auc_sd'], len(row['seeds']))} | "
+      f"{len(row['seeds'])} | {row['epochs']} |"
+    )
   return lines
 
 
@@ -217,8 +256,15 @@ def table2(rows, no_dp_auc) -> list[str]:
       sigma += f" (target ε={r['value']:g})"
     nm = float(r["noise_multiplier"])
     mu1 = _num(2.0 / nm if nm else math.inf) if r["kind"] != "none" else "∞"
-    cells = [sigma, _num(r["l2_clip_norm"]), _eps(r["epsilon"]), _eps(r["attack_epsilon"]), mu1,
-             sweeping.row_auc_cell(r), f"{r['auc_mean'] - no_dp_auc:+.4f}"]
+    cells = [
+      sigma,
+      _num(r["l2_clip_norm"]),
+      _eps(r["epsilon"]),
+      _eps(r["attack_epsilon"]),
+      mu1,
+      sweeping.row_auc_cell(r),
+      f"{r['auc_mean'] - no_dp_auc:+.4f}",
+    ]
     for s in secrets:
       if not r["attacks"]:
         cells.append("no signal: prior")
@@ -238,18 +284,22 @@ def table3(rows, no_dp_auc) -> list[str]:
   if not rows:
     return ["(no label-DP points in this preset)"]
   secrets = sweeping._secrets(rows)  # pylint: disable=protected-access
-  head = ["label ε", "AUC", "ΔAUC"] + [f"{s} (informed) [CI]" for s in secrets] + \
-         ["label: prior only / gain [CI]", "label bound (randomized response, per user)"]
+  head = (
+    ["label ε", "AUC", "ΔAUC"]
+    + [f"{s} (informed) [CI]" for s in secrets]
+    + ["label: prior only / gain [CI]", "label bound (randomized response, per user)"]
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [f"{r['value']:g}", sweeping.row_auc_cell(r),
-             f"{r['auc_mean'] - no_dp_auc:+.4f}"]
+    cells = [f"{r['value']:g}", sweeping.row_auc_cell(r), f"{r['auc_mean'] - no_dp_auc:+.4f}"]
     best = _strongest(r["attacks"])
     for s in secrets:
       cells.append(_acc(best[s]))
     g = best["label"]["gain"]
-    cells.append(f"{best['label']['prior_only_accuracy']:.3f} / {g['difference']:+.3f} "
-                 f"[{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]")
+    cells.append(
+      f"{best['label']['prior_only_accuracy']:.3f} / {g['difference']:+.3f} "
+      f"[{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]"
+    )
     cells.append(f"{best['label'].get('bound_label_dp', float('nan')):.3f}")
     lines.append("| " + " | ".join(cells) + " |")
   return lines
@@ -259,20 +309,26 @@ def table4(res, study, spec_dims) -> list[str]:
   d, num_features = spec_dims
   flops = analytic_flops_per_candidate(d, tuple(study.train.hidden), num_features)
   peak = res["cost"]["matmul_flops_per_second"]
-  lines = ["| run | s/epoch | attack s | users | candidate gradients/s | roofline fraction |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    "| run | s/epoch | attack s | users | candidate gradients/s | roofline fraction |",
+    "|---|---|---|---|---|---|",
+  ]
   for key, c in res["cost"].items():
     if not isinstance(c, dict):
       continue
     if "candidates_per_second" in c:
       grads = c["candidates_per_second"] / 2  # one gradient serves both labels
-      lines.append(f"| {key} | {c['seconds_per_epoch']:.2f} | {c['attack_seconds']:.2f} | "
-                   f"{c['attack_examples']} | {grads:.3g} | {grads * flops / peak:.1%} |")
+      lines.append(
+        f"| {key} | {c['seconds_per_epoch']:.2f} | {c['attack_seconds']:.2f} | "
+        f"{c['attack_examples']} | {grads:.3g} | {grads * flops / peak:.1%} |"
+      )
     else:
       lines.append(f"| {key} | {c['seconds_per_epoch']:.2f} | – | – | – | – |")
   lines.append("")
-  lines.append(f"Analytic FLOPs per candidate gradient: {flops:,}; measured float32 matmul "
-               f"throughput: {peak / 1e9:.1f} GFLOP/s. Timings vary from run to run.")
+  lines.append(
+    f"Analytic FLOPs per candidate gradient: {flops:,}; measured float32 matmul "
+    f"throughput: {peak / 1e9:.1f} GFLOP/s. Timings vary from run to run."
+  )
   return lines
 
 
@@ -287,96 +343,140 @@ def claims(results: dict) -> list[str]:
     best_feature = max((s for s in acc if s != "label"), key=lambda s: acc[s])
     a_here = acc["label"] >= 0.99 and acc[best_feature] >= 0.99
     a_ok &= a_here
-    a_notes.append(f"{ds}: label {acc['label']:.3f}, best feature {best_feature} "
-                   f"{acc[best_feature]:.3f}, worst "
-                   f"{min(acc.values()):.3f}")
-    beats = {s: a["accuracy"] - max(a["knn_accuracy"], a["knn_h_accuracy"])
-             for s, a in t1["attacks"]["clip_aware"].items()}
+    a_notes.append(
+      f"{ds}: label {acc['label']:.3f}, best feature {best_feature} "
+      f"{acc[best_feature]:.3f}, worst "
+      f"{min(acc.values()):.3f}"
+    )
+    beats = {
+      s: a["accuracy"] - max(a["knn_accuracy"], a["knn_h_accuracy"])
+      for s, a in t1["attacks"]["clip_aware"].items()
+    }
     b_here = all(v > 0 for v in beats.values())
     b_ok &= b_here
-    b_notes.append(f"{ds}: smallest margin over k-NN {min(beats.values()):+.3f} "
-                   f"({min(beats, key=beats.get)})")
+    b_notes.append(
+      f"{ds}: smallest margin over k-NN {min(beats.values()):+.3f} ({min(beats, key=beats.get)})"
+    )
     for proto, rows in res["sweeps"].items():
       by = {r["point"]: r for r in rows}
       none = by.get("no_dp")
-      clip_only, paper, frozen = by.get("sigma_0"), by.get(f"sigma_{PAPER_SIGMA:g}"), \
-          by.get("sigma_inf")
+      clip_only, paper, frozen = (
+        by.get("sigma_0"),
+        by.get(f"sigma_{PAPER_SIGMA:g}"),
+        by.get("sigma_inf"),
+      )
       if paper and none:
         pa = paper["attacks"]
-        near = {s: pa["clip_aware"][s]["accuracy"] - pa["clip_aware"][s]["prior_accuracy"]
-                for s in pa["clip_aware"]}
+        near = {
+          s: pa["clip_aware"][s]["accuracy"] - pa["clip_aware"][s]["prior_accuracy"]
+          for s in pa["clip_aware"]
+        }
         c_verdicts.append(max(near.values()) <= NEAR_PRIOR)
         c_notes.append(
-            f"{ds} {proto.upper()}: at the paper's sigma = {PAPER_SIGMA} (training ε "
-            f"{_eps(paper['epsilon'])}, attack ε {_eps(paper['attack_epsilon'])}) the clip-aware "
-            f"attack is above the prior by " + ", ".join(f"{s} {v:+.3f}" for s, v in near.items())
-            + "; the paper's clip-unaware variant by "
-            + ", ".join(f"{s} {pa['paper'][s]['accuracy'] - pa['paper'][s]['prior_accuracy']:+.3f}"
-                        for s in pa["paper"])
-            + f"; AUC {paper['auc_mean'] - none['auc_mean']:+.4f} vs no DP")
+          f"{ds} {proto.upper()}: at the paper's sigma = {PAPER_SIGMA} (training ε "
+          f"{_eps(paper['epsilon'])}, attack ε {_eps(paper['attack_epsilon'])}) the clip-aware "
+          f"attack is above the prior by "
+          + ", ".join(f"{s} {v:+.3f}" for s, v in near.items())
+          + "; the paper's clip-unaware variant by "
+          + ", ".join(
+            f"{s} {pa['paper'][s]['accuracy'] - pa['paper'][s]['prior_accuracy']:+.3f}"
+            for s in pa["paper"]
+          )
+          + f"; AUC {paper['auc_mean'] - none['auc_mean']:+.4f} vs no DP"
+        )
       if clip_only and none:
         ca = clip_only["attacks"]
         c_notes.append(
-            f"{ds} {proto.upper()}: clipping alone (sigma = 0): clip-aware "
-            + ", ".join(f"{s} {ca['clip_aware'][s]['accuracy']:.3f}" for s in ca["clip_aware"])
-            + "; paper's variant "
-            + ", ".join(f"{s} {ca['paper'][s]['accuracy']:.3f}" for s in ca["paper"]))
+          f"{ds} {proto.upper()}: clipping alone (sigma = 0): clip-aware "
+          + ", ".join(f"{s} {ca['clip_aware'][s]['accuracy']:.3f}" for s in ca["clip_aware"])
+          + "; paper's variant "
+          + ", ".join(f"{s} {ca['paper'][s]['accuracy']:.3f}" for s in ca["paper"])
+        )
       if frozen and none:
-        c_notes.append(f"{ds} {proto.upper()}: sigma = ∞ (server frozen at initialisation) "
-                       f"AUC {frozen['auc_mean']:.4f} vs {none['auc_mean']:.4f} without DP")
+        c_notes.append(
+          f"{ds} {proto.upper()}: sigma = ∞ (server frozen at initialisation) "
+          f"AUC {frozen['auc_mean']:.4f} vs {none['auc_mean']:.4f} without DP"
+        )
       for r in rows:
         if r["kind"] == "label_dp" and r["attacks"]:
           ca = _strongest(r["attacks"])
           feats = [s for s in ca if s != "label"]
-          label_ok = ca["label"]["accuracy"] <= max(
-              ca["label"].get("bound_label_dp", 1.0), ca["label"]["prior_accuracy"]) + NEAR_PRIOR
+          label_ok = (
+            ca["label"]["accuracy"]
+            <= max(ca["label"].get("bound_label_dp", 1.0), ca["label"]["prior_accuracy"])
+            + NEAR_PRIOR
+          )
           d_verdicts.append(label_ok and min(ca[s]["accuracy"] for s in feats) >= 0.9)
           d_notes.append(
-              f"{ds} {proto.upper()} label ε = {r['value']:g}: label {ca['label']['accuracy']:.3f}"
-              f" (bound {ca['label'].get('bound_label_dp', float('nan')):.3f}, prior "
-              f"{ca['label']['prior_accuracy']:.3f}); features "
-              + ", ".join(f"{s} {ca[s]['accuracy']:.3f}" for s in feats))
-  lines.append(f"**(a) Without DP, gradients give near-perfect reconstruction of some private "
-               f"features and of the label** — {'supported' if a_ok else 'NOT supported'}: "
-               + "; ".join(a_notes) + ".")
+            f"{ds} {proto.upper()} label ε = {r['value']:g}: label {ca['label']['accuracy']:.3f}"
+            f" (bound {ca['label'].get('bound_label_dp', float('nan')):.3f}, prior "
+            f"{ca['label']['prior_accuracy']:.3f}); features "
+            + ", ".join(f"{s} {ca[s]['accuracy']:.3f}" for s in feats)
+          )
+  lines.append(
+    f"**(a) Without DP, gradients give near-perfect reconstruction of some private "
+    f"features and of the label** — {'supported' if a_ok else 'NOT supported'}: "
+    + "; ".join(a_notes)
+    + "."
+  )
   lines.append("")
-  lines.append(f"**(b) Gradients beat the no-gradient attacker on every dataset** — "
-               f"{'supported' if b_ok else 'NOT supported'}: " + "; ".join(b_notes) + ".")
+  lines.append(
+    f"**(b) Gradients beat the no-gradient attacker on every dataset** — "
+    f"{'supported' if b_ok else 'NOT supported'}: " + "; ".join(b_notes) + "."
+  )
   lines.append("")
   if c_verdicts:
     c_ok = all(c_verdicts)
-    verdict = ("supported" if c_ok else "NOT supported against the clip-aware attack "
-               f"(it stays more than {NEAR_PRIOR:.2f} above the prior at the paper's setting on "
-               f"{sum(not v for v in c_verdicts)} of {len(c_verdicts)} runs)")
+    verdict = (
+      "supported"
+      if c_ok
+      else "NOT supported against the clip-aware attack "
+      f"(it stays more than {NEAR_PRIOR:.2f} above the prior at the paper's setting on "
+      f"{sum(not v for v in c_verdicts)} of {len(c_verdicts)} runs)"
+    )
   else:
     verdict = "not tested (the preset has no sigma = 0.01 point)"
-  lines.append("**(c) A small amount of cut-layer DP brings attacks near the prior with little AUC "
-               f"loss** — {verdict}: " + "; ".join(c_notes) + ". "
-               "The clip-unaware attack of the paper falls mostly because of clipping (compare "
-               "its sigma = 0 row with the clip-aware attack, which clipping alone does not "
-               "stop), not because of the noise. The epsilon of the paper's setting (Table 2) is "
-               "far too large to be a meaningful formal guarantee. This topology loses little "
-               "AUC at any noise: the sigma = ∞ row freezes the server and keeps most of the "
-               "AUC, because the device's head sees the private features and the label.")
+  lines.append(
+    "**(c) A small amount of cut-layer DP brings attacks near the prior with little AUC "
+    f"loss** — {verdict}: " + "; ".join(c_notes) + ". "
+    "The clip-unaware attack of the paper falls mostly because of clipping (compare "
+    "its sigma = 0 row with the clip-aware attack, which clipping alone does not "
+    "stop), not because of the noise. The epsilon of the paper's setting (Table 2) is "
+    "far too large to be a meaningful formal guarantee. This topology loses little "
+    "AUC at any noise: the sigma = ∞ row freezes the server and keeps most of the "
+    "AUC, because the device's head sees the private features and the label."
+  )
   lines.append("")
-  d_verdict = ("not tested (no label-DP points in this preset)" if not d_verdicts else
-               "supported" if all(d_verdicts) else "NOT supported on "
-               f"{sum(not v for v in d_verdicts)} of {len(d_verdicts)} runs")
-  lines.append("**(d) Label DP protects the label but little of the private features** — "
-               f"{d_verdict}: " + "; ".join(d_notes) + ". The label attack recovers the "
-               "randomized-response label the device used, so its accuracy against the true "
-               "label sits near e^ε/(1+e^ε) or the prior, while the features stay exposed.")
+  d_verdict = (
+    "not tested (no label-DP points in this preset)"
+    if not d_verdicts
+    else "supported"
+    if all(d_verdicts)
+    else f"NOT supported on {sum(not v for v in d_verdicts)} of {len(d_verdicts)} runs"
+  )
+  lines.append(
+    "**(d) Label DP protects the label but little of the private features** — "
+    f"{d_verdict}: " + "; ".join(d_notes) + ". The label attack recovers the "
+    "randomized-response label the device used, so its accuracy against the true "
+    "label sits near e^ε/(1+e^ε) or the prior, while the features stay exposed."
+  )
   return lines
 
 
 def write_report(results: dict, studies: dict, workdir) -> str:
   workdir = pathlib.Path(workdir)
-  out = ["# splitjax reproduction of *Evaluating Privacy Leakage in Split Learning*",
-         "", f"Preset: `{results['preset']}`. Datasets: {', '.join(results['datasets'])}. "
-         "Attacked users: test users, each replayed once through the final model "
-         "(one release; attack epsilon has k = 1). Epsilons at delta = 1e-5, replace-one "
-         "neighbours, sensitivity 2C, no amplification by sampling. Accuracies with "
-         "Clopper-Pearson 95% intervals.", "", "## Claims checked", ""]
+  out = [
+    "# splitjax reproduction of *Evaluating Privacy Leakage in Split Learning*",
+    "",
+    f"Preset: `{results['preset']}`. Datasets: {', '.join(results['datasets'])}. "
+    "Attacked users: test users, each replayed once through the final model "
+    "(one release; attack epsilon has k = 1). Epsilons at delta = 1e-5, replace-one "
+    "neighbours, sensitivity 2C, no amplification by sampling. Accuracies with "
+    "Clopper-Pearson 95% intervals.",
+    "",
+    "## Claims checked",
+    "",
+  ]
   out += claims(results)
   for ds, res in results["datasets"].items():
     study = studies[ds]
@@ -384,13 +484,18 @@ def write_report(results: dict, studies: dict, workdir) -> str:
     out += ["", "Test AUC of the trained models:", ""] + table_auc(res)
     none_auc = res["auc"].get("sl_tuned", next(iter(res["auc"].values())))["auc_mean"]
     for proto, rows in res["sweeps"].items():
-      out += ["", f"### Table 2 — cut-layer DP ({proto.upper()})", "",
-              "Attack accuracy: informed (the default: Bayes with the informed prior under "
-              "noise) / clip-aware / Bayes with the marginal prior / the paper's clip-unaware "
-              "variant; then the bound per user averaged over the attacked users and its kind "
-              "(estimate: from the informed prior, not a guarantee on real data; none: the "
-              "channel is unprotected). The marginal-prior bound, the prior-only accuracy and "
-              "the gain over it are in results.json.", ""]
+      out += [
+        "",
+        f"### Table 2 — cut-layer DP ({proto.upper()})",
+        "",
+        "Attack accuracy: informed (the default: Bayes with the informed prior under "
+        "noise) / clip-aware / Bayes with the marginal prior / the paper's clip-unaware "
+        "variant; then the bound per user averaged over the attacked users and its kind "
+        "(estimate: from the informed prior, not a guarantee on real data; none: the "
+        "channel is unprotected). The marginal-prior bound, the prior-only accuracy and "
+        "the gain over it are in results.json.",
+        "",
+      ]
       out += table2(rows, none_auc)
       out += ["", f"### Table 3 — label DP ({proto.upper()})", ""] + table3(rows, none_auc)
       figs = sweeping.plot(rows, workdir, f"{ds} {proto.upper()}")

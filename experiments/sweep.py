@@ -22,10 +22,12 @@ from experiments import sweeping
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds per point.")
 _SIGMAS = flags.DEFINE_list("sigmas", [str(s) for s in sweeping.SIGMAS], "Noise multipliers.")
-_TARGETS = flags.DEFINE_list("target_epsilons", [str(e) for e in sweeping.TARGET_EPSILONS],
-                             "Calibrated epsilons.")
-_LABEL = flags.DEFINE_list("label_epsilons", [str(e) for e in sweeping.LABEL_EPSILONS],
-                           "Label-DP epsilons.")
+_TARGETS = flags.DEFINE_list(
+  "target_epsilons", [str(e) for e in sweeping.TARGET_EPSILONS], "Calibrated epsilons."
+)
+_LABEL = flags.DEFINE_list(
+  "label_epsilons", [str(e) for e in sweeping.LABEL_EPSILONS], "Label-DP epsilons."
+)
 flags.mark_flags_as_required(["workdir"])
 for _name in common.SHARED_FLAGS["sweep"]:
   flags.declare_key_flag(_name)
@@ -35,8 +37,9 @@ def _floats(values, flag):
   try:
     return [float(v) for v in values]
   except ValueError:
-    raise common.UsageError(f"--{flag} must be a comma-separated list of numbers, got "
-                            f"{','.join(values)!r}") from None
+    raise common.UsageError(
+      f"--{flag} must be a comma-separated list of numbers, got {','.join(values)!r}"
+    ) from None
 
 
 def _check(values, flag, ok, want):
@@ -64,22 +67,39 @@ def main(argv):
   base = common.apply_flag_overrides(base, ["dataset", "data_path", "schema"])
   # Every flag is checked before anything is trained or written (a bad value found half-way
   # through would leave a partial sweep behind).
-  sigmas = _check(_floats(_SIGMAS.value, "sigmas"), "sigmas", lambda v: v >= 0,
-                  ">= 0 (inf = frozen server)")
-  targets = _check(_floats(_TARGETS.value, "target_epsilons"), "target_epsilons",
-                   lambda v: 0 < v < math.inf, "a positive finite epsilon")
-  label_eps = _check(_floats(_LABEL.value, "label_epsilons"), "label_epsilons",
-                     lambda v: 0 < v < math.inf, "a positive finite epsilon")
+  sigmas = _check(
+    _floats(_SIGMAS.value, "sigmas"), "sigmas", lambda v: v >= 0, ">= 0 (inf = frozen server)"
+  )
+  targets = _check(
+    _floats(_TARGETS.value, "target_epsilons"),
+    "target_epsilons",
+    lambda v: 0 < v < math.inf,
+    "a positive finite epsilon",
+  )
+  label_eps = _check(
+    _floats(_LABEL.value, "label_epsilons"),
+    "label_epsilons",
+    lambda v: 0 < v < math.inf,
+    "a positive finite epsilon",
+  )
   seeds = _seeds(_SEEDS.value)
   num_examples = attack_flags.NUM_EXAMPLES.value
   if num_examples is not None and num_examples < 1:
-    raise common.UsageError(f"--num_examples={num_examples} must be >= 1 (omit it to attack "
-                            "every test user)")
+    raise common.UsageError(
+      f"--num_examples={num_examples} must be >= 1 (omit it to attack every test user)"
+    )
   pipeline.validate(base)
   points = sweeping.default_points(sigmas, targets, label_eps)
-  rows = sweeping.run_sweep(base, common.WORKDIR.value, points=points, seeds=seeds,
-                            num_examples=num_examples or 0, overwrite=common.overwrite(),
-                            progress=common.progress, kill_switch=common.KillSwitch())
+  rows = sweeping.run_sweep(
+    base,
+    common.WORKDIR.value,
+    points=points,
+    seeds=seeds,
+    num_examples=num_examples or 0,
+    overwrite=common.overwrite(),
+    progress=common.progress,
+    kill_switch=common.KillSwitch(),
+  )
   sweeping.plot(rows, common.WORKDIR.value, base.dataset)
   print(sweeping.to_markdown(rows))
 

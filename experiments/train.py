@@ -19,10 +19,14 @@ flags.DEFINE_list("private_dense", [], "Numeric columns moved to the device.")
 flags.DEFINE_enum("protocol", "sl", ["sl", "fsl"], "Split learning or federated split learning.")
 flags.DEFINE_string("recipe", "tuned", "tuned (splitjax's) or paper (the authors').")
 flags.DEFINE_integer("epochs", None, "Override the recipe's epochs (unset = the recipe's).")
-flags.DEFINE_float("learning_rate", None,
-                  "Override the recipe's learning rate (unset = the recipe's).")
-flags.DEFINE_integer("batch_size", None,
-                    "Override the recipe's batch size (unset = the recipe's; clamped to the data).")
+flags.DEFINE_float(
+  "learning_rate", None, "Override the recipe's learning rate (unset = the recipe's)."
+)
+flags.DEFINE_integer(
+  "batch_size",
+  None,
+  "Override the recipe's batch size (unset = the recipe's; clamped to the data).",
+)
 flags.DEFINE_string("head", "deepfm", "deepfm or mlp.")
 flags.DEFINE_string("topology", "device_top", "device_top (the paper's) or device_bottom.")
 flags.DEFINE_integer("samples_per_device", 16, "FSL: examples per device.")
@@ -34,11 +38,14 @@ flags.DEFINE_float("target_epsilon", None, "Calibrate sigma to this epsilon (uns
 flags.DEFINE_float("target_delta", 1e-5, "Delta of every reported epsilon.")
 flags.DEFINE_float("device_dp_clip", 0.0, "Device DP-SGD per-example clip norm (0 = off).")
 flags.DEFINE_float("device_dp_noise_multiplier", 0.0, "Device DP-SGD noise multiplier.")
-flags.DEFINE_float("label_dp_epsilon", None,
-                  "Randomized-response label DP epsilon (unset = off).")
-flags.DEFINE_bool("record_device_params", True, "Write the device parameters behind every "
-                  "transcript row (transcript_params.msgpack; about 35 MB for adult SL): "
-                  "attack --users=train needs them.")
+flags.DEFINE_float("label_dp_epsilon", None, "Randomized-response label DP epsilon (unset = off).")
+flags.DEFINE_bool(
+  "record_device_params",
+  True,
+  "Write the device parameters behind every "
+  "transcript row (transcript_params.msgpack; about 35 MB for adult SL): "
+  "attack --users=train needs them.",
+)
 flags.mark_flags_as_required(["workdir"])
 for _name in common.SHARED_FLAGS["train"]:
   flags.declare_key_flag(_name)
@@ -48,11 +55,18 @@ def main(argv):
   del argv
   config = common.load_train_config(common.CONFIG.value, common.DATASET.value)
   config = common.apply_flag_overrides(config, common.config_dict(base.TrainConfig()))
-  metrics = pipeline.train_workdir(config, common.WORKDIR.value, resume=common.resume(),
-                                   overwrite=common.overwrite(), progress=common.progress,
-                                   kill_switch=common.KillSwitch())
-  print(f"test AUC {pipeline.auc_text(metrics)}  log-loss {metrics['test_log_loss']:.4f}  "
-        f"accuracy {metrics['test_accuracy']:.4f}  ({metrics['seconds_per_epoch']:.1f} s/epoch)")
+  metrics = pipeline.train_workdir(
+    config,
+    common.WORKDIR.value,
+    resume=common.resume(),
+    overwrite=common.overwrite(),
+    progress=common.progress,
+    kill_switch=common.KillSwitch(),
+  )
+  print(
+    f"test AUC {pipeline.auc_text(metrics)}  log-loss {metrics['test_log_loss']:.4f}  "
+    f"accuracy {metrics['test_accuracy']:.4f}  ({metrics['seconds_per_epoch']:.1f} s/epoch)"
+  )
   print(common.format_epsilons(metrics))
   print(f"-> {common.WORKDIR.value}/metrics.json")
 

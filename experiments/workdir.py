@@ -48,9 +48,11 @@ STAGING = ".staging"
 _REPLACED = ".replaced"
 _FORMAT = "splitjax-run"
 # What marks an existing directory as a workdir of each kind (manifests of 0.2, files of 0.1).
-_MARKERS = {"train": ("config.json", MANIFEST),
-            "sweep": ("sweep_config.json", "sweep.json", "points"),
-            "reproduce": ("reproduce_config.json", "results.json", "REPORT.md")}
+_MARKERS = {
+  "train": ("config.json", MANIFEST),
+  "sweep": ("sweep_config.json", "sweep.json", "points"),
+  "reproduce": ("reproduce_config.json", "results.json", "REPORT.md"),
+}
 
 
 LOCK = ".lock"
@@ -81,6 +83,7 @@ def is_writer() -> bool:
   if "jax" not in sys.modules:
     return True
   import jax  # pylint: disable=import-outside-toplevel
+
   return jax.process_index() == 0
 
 
@@ -89,8 +92,10 @@ def barrier(name: str) -> None:
   if "jax" not in sys.modules:
     return
   import jax  # pylint: disable=import-outside-toplevel
+
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
     multihost_utils.sync_global_devices(f"splitjax-{name}")
 
 
@@ -99,15 +104,18 @@ def _command_line() -> str:
   if argv and argv[0].endswith(".py"):
     parts = pathlib.Path(argv[0]).with_suffix("").parts
     if "experiments" in parts:
-      argv[0] = "python -m " + ".".join(parts[parts.index("experiments"):])
+      argv[0] = "python -m " + ".".join(parts[parts.index("experiments") :])
   return " ".join(argv)
 
 
 def _holder_text(holders: list[dict]) -> str:
   if not holders:
     return "another process"
-  texts = [f"pid {h.get('pid', '?')} on {h.get('host', '?')} ({h.get('command', '?')}, "
-           f"{h.get('mode', '?')} since {h.get('since', '?')})" for h in holders[-3:]]
+  texts = [
+    f"pid {h.get('pid', '?')} on {h.get('host', '?')} ({h.get('command', '?')}, "
+    f"{h.get('mode', '?')} since {h.get('since', '?')})"
+    for h in holders[-3:]
+  ]
   more = f" and {len(holders) - 3} more" if len(holders) > 3 else ""
   return " and ".join(texts) + more
 
@@ -195,14 +203,20 @@ def locked(workdir, *, exclusive: bool, name: str = LOCK, what: str | None = Non
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
   except OSError as e:
-    raise WorkdirError(f"cannot create the lock file {path} ({e.strerror or e}): the workdir "
-                       "must be writable (results are written into it); copy it to a writable "
-                       "place or fix its permissions") from None
+    raise WorkdirError(
+      f"cannot create the lock file {path} ({e.strerror or e}): the workdir "
+      "must be writable (results are written into it); copy it to a writable "
+      "place or fix its permissions"
+    ) from None
   try:
     _flock(fd, exclusive, path, what or f"workdir {workdir}")
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line(),
-              "mode": "exclusive" if exclusive else "shared",
-              "since": datetime.datetime.now().isoformat(timespec="seconds")}
+    holder = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "command": _command_line(),
+      "mode": "exclusive" if exclusive else "shared",
+      "since": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     line = (json.dumps(holder) + "\n").encode()
     if exclusive:  # the only holder: the file names it alone
       os.ftruncate(fd, 0)
@@ -223,8 +237,12 @@ def _flock(fd: int, exclusive: bool, path: pathlib.Path, what: str) -> None:
     fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
   except BlockingIOError:
     holders = _read_holders(fd)
-    raise WorkdirBusy(f"{what} is in use by {_holder_text(holders)}: wait for it to finish, or "
-                      "use another --workdir", path, holders) from None
+    raise WorkdirBusy(
+      f"{what} is in use by {_holder_text(holders)}: wait for it to finish, or "
+      "use another --workdir",
+      path,
+      holders,
+    ) from None
 
 
 def _hold_for_test(path: pathlib.Path) -> None:
@@ -247,8 +265,11 @@ def remove_temp_files(workdir) -> list[str]:
       p.unlink(missing_ok=True)
       removed.append(p.name)
   if removed:
-    logging.info("removed %d temp file(s) of an interrupted write: %s", len(removed),
-                 ", ".join(sorted(removed)))
+    logging.info(
+      "removed %d temp file(s) of an interrupted write: %s",
+      len(removed),
+      ", ".join(sorted(removed)),
+    )
   return removed
 
 
@@ -296,31 +317,34 @@ def claim(path, kind: str) -> pathlib.Path:
       none of the files a ``kind`` workdir has (a foreign directory), or an unwritable one.
   """
   if path is None or not str(path).strip():
-    raise WorkdirError("--workdir is empty: give a directory for the results, e.g. "
-                       "--workdir=workdirs/run1 (splitjax never writes into the current "
-                       "directory by default)")
+    raise WorkdirError(
+      "--workdir is empty: give a directory for the results, e.g. "
+      "--workdir=workdirs/run1 (splitjax never writes into the current "
+      "directory by default)"
+    )
   p = pathlib.Path(path).expanduser()
   if p.is_dir():
     entries = _visible(p)
     if entries and not any((p / m).exists() for m in _MARKERS[kind]):
-      shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5
-                                        else "")
-      raise WorkdirError(f"workdir {p} is not empty and is not a splitjax {kind} workdir (it "
-                         f"holds {shown}): choose a new or empty --workdir; splitjax does not "
-                         "write into other directories")
+      shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+      raise WorkdirError(
+        f"workdir {p} is not empty and is not a splitjax {kind} workdir (it "
+        f"holds {shown}): choose a new or empty --workdir; splitjax does not "
+        "write into other directories"
+      )
   return io.ensure_workdir(p)
 
 
 def data_files(config) -> list[pathlib.Path]:
   """The files a training config reads: the bundled table, or --data_path (and --schema)."""
   from splitjax.data import bundled  # pylint: disable=import-outside-toplevel
+
   files = []
   if config.data_path:
     root = pathlib.Path(config.data_path).expanduser()
     files += sorted(q for q in root.iterdir() if q.is_file()) if root.is_dir() else [root]
   elif config.dataset in bundled._FILES:  # pylint: disable=protected-access
-    files += [pathlib.Path(bundled.FILES_DIR) / name
-              for name in bundled._FILES[config.dataset]]  # pylint: disable=protected-access
+    files += [pathlib.Path(bundled.FILES_DIR) / name for name in bundled._FILES[config.dataset]]  # pylint: disable=protected-access
   schema = getattr(config, "schema", "")
   if isinstance(schema, str) and schema:
     files.append(pathlib.Path(schema).expanduser())
@@ -342,11 +366,14 @@ def write_manifest(workdir, *, kind: str, config_fingerprint: str, artifacts, da
   """
   workdir = pathlib.Path(workdir)
   manifest = {
-      "format": _FORMAT, "kind": kind, "splitjax_version": splitjax.__version__,
-      "run_id": uuid.uuid4().hex, "config_fingerprint": config_fingerprint,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "data_sha256": {str(p): file_sha256(p) for p in data},
-      "artifacts": {name: file_sha256(workdir / name) for name in sorted(artifacts)},
+    "format": _FORMAT,
+    "kind": kind,
+    "splitjax_version": splitjax.__version__,
+    "run_id": uuid.uuid4().hex,
+    "config_fingerprint": config_fingerprint,
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "data_sha256": {str(p): file_sha256(p) for p in data},
+    "artifacts": {name: file_sha256(workdir / name) for name in sorted(artifacts)},
   }
   io.atomic_write_json(workdir / MANIFEST, manifest)
   return manifest
@@ -359,16 +386,20 @@ def read_manifest(workdir) -> dict | None:
     return None
   manifest = io.read_json(path)
   if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
-    raise WorkdirError(f"{path} is not a splitjax run manifest: rerun experiments.train with "
-                       "--overwrite")
+    raise WorkdirError(
+      f"{path} is not a splitjax run manifest: rerun experiments.train with --overwrite"
+    )
   return manifest
 
 
 def changed_artifacts(workdir, manifest: dict) -> list[str]:
   """Artifacts of ``manifest`` that are missing or whose SHA-256 differs."""
   workdir = pathlib.Path(workdir)
-  return [name for name, digest in manifest["artifacts"].items()
-          if not (workdir / name).is_file() or file_sha256(workdir / name) != digest]
+  return [
+    name
+    for name, digest in manifest["artifacts"].items()
+    if not (workdir / name).is_file() or file_sha256(workdir / name) != digest
+  ]
 
 
 def verify(workdir, manifest: dict, data=()) -> None:
@@ -385,20 +416,26 @@ def verify(workdir, manifest: dict, data=()) -> None:
   workdir = pathlib.Path(workdir)
   for name in changed_artifacts(workdir, manifest):
     if not os.path.lexists(workdir / name):
-      raise WorkdirError(f"{workdir / name} is missing ({MANIFEST} lists it): restore it or "
-                         "retrain with experiments.train --overwrite")
-    raise WorkdirError(f"{workdir / name} changed since {MANIFEST} recorded it (edited, or copied "
-                       "from another run): the results would not be of this run; restore it or "
-                       "retrain with experiments.train --overwrite")
+      raise WorkdirError(
+        f"{workdir / name} is missing ({MANIFEST} lists it): restore it or "
+        "retrain with experiments.train --overwrite"
+      )
+    raise WorkdirError(
+      f"{workdir / name} changed since {MANIFEST} recorded it (edited, or copied "
+      "from another run): the results would not be of this run; restore it or "
+      "retrain with experiments.train --overwrite"
+    )
   recorded = {pathlib.Path(k).name: v for k, v in manifest.get("data_sha256", {}).items()}
   for path in data:
     path = pathlib.Path(path)
     want = recorded.get(path.name)
     if want is not None and path.is_file() and file_sha256(path) != want:
-      raise WorkdirError(f"the training data file {path} changed since this run was trained "
-                         f"(its SHA-256 differs from {workdir / MANIFEST}): attacks would be "
-                         "scored against other rows; restore the file or retrain with "
-                         "experiments.train --overwrite")
+      raise WorkdirError(
+        f"the training data file {path} changed since this run was trained "
+        f"(its SHA-256 differs from {workdir / MANIFEST}): attacks would be "
+        "scored against other rows; restore the file or retrain with "
+        "experiments.train --overwrite"
+      )
 
 
 def fresh_staging(workdir) -> pathlib.Path:
@@ -438,9 +475,11 @@ def swap_in(workdir) -> list[str]:
   except OSError as e:
     for src, dst in reversed(moved):
       os.replace(dst, src)
-    raise WorkdirError(f"could not swap the new run into {workdir} ({e.strerror or e}); the "
-                       f"earlier run is back in place and the new one is in {staging}: free the "
-                       "space or fix the permissions, then rerun with --overwrite") from None
+    raise WorkdirError(
+      f"could not swap the new run into {workdir} ({e.strerror or e}); the "
+      f"earlier run is back in place and the new one is in {staging}: free the "
+      "space or fix the permissions, then rerun with --overwrite"
+    ) from None
   shutil.rmtree(replaced)
   shutil.rmtree(staging)
   return old

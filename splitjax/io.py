@@ -48,8 +48,9 @@ class WriteError(OSError):
       fix = 'make the directory writable or choose another --workdir'
     else:
       fix = 'check that filesystem or choose another --workdir'
-    super().__init__(f'could not write {path} ({reason}): {fix}; the earlier file, if any, is '
-                     'unchanged')
+    super().__init__(
+      f'could not write {path} ({reason}): {fix}; the earlier file, if any, is unchanged'
+    )
     self.errno = cause.errno
     self.path = pathlib.Path(path)
 
@@ -61,10 +62,17 @@ def check_regular_file(path, error=ValueError) -> None:
   except OSError:
     return  # missing: the caller's read reports it
   if not stat.S_ISREG(mode):
-    kind = 'a directory' if stat.S_ISDIR(mode) else 'a FIFO' if stat.S_ISFIFO(mode) else (
-        'not a regular file')
-    raise error(f'{path} is {kind}, not a regular file: remove it (splitjax writes a regular '
-                'file there) and rerun')
+    kind = (
+      'a directory'
+      if stat.S_ISDIR(mode)
+      else 'a FIFO'
+      if stat.S_ISFIFO(mode)
+      else ('not a regular file')
+    )
+    raise error(
+      f'{path} is {kind}, not a regular file: remove it (splitjax writes a regular '
+      'file there) and rerun'
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,15 +260,17 @@ def read_json(path):
   try:
     raw = path.read_bytes()
   except FileNotFoundError:
-    raise ResultsError(f'no results file at {path}: run the step that writes it first or check '
-                       f'--workdir') from None
+    raise ResultsError(
+      f'no results file at {path}: run the step that writes it first or check --workdir'
+    ) from None
   except OSError as e:
     raise ResultsError(f'cannot read {path} ({e.strerror or e}): check --workdir') from None
   try:
     return json.loads(raw.decode('utf-8'))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ResultsError(f'{path} is corrupted ({type(e).__name__}: {e}): delete it and rerun, or '
-                       f'use --overwrite') from None
+    raise ResultsError(
+      f'{path} is corrupted ({type(e).__name__}: {e}): delete it and rerun, or use --overwrite'
+    ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +319,9 @@ def ensure_workdir(path) -> pathlib.Path:
       pass
   except OSError as e:
     reason = e.strerror or str(e)
-    raise WorkdirError(f'workdir {path} is not writable ({reason}): choose another --workdir') from None
+    raise WorkdirError(
+      f'workdir {path} is not writable ({reason}): choose another --workdir'
+    ) from None
   return path
 
 
@@ -327,8 +339,9 @@ def _diff_keys(old, new, prefix: str = '') -> list[str]:
   return [] if old == new else [prefix or '<whole config>']
 
 
-def check_config_compatible(workdir, config, *, overwrite: bool,
-                            filename: str = 'config.json') -> pathlib.Path:
+def check_config_compatible(
+  workdir, config, *, overwrite: bool, filename: str = 'config.json'
+) -> pathlib.Path:
   """Refuses to mix results of different configurations in one workdir, then records `config`.
 
   If `workdir/filename` exists and differs from `config` (compared after `to_jsonable`, so tuples
@@ -358,13 +371,17 @@ def check_config_compatible(workdir, config, *, overwrite: bool,
     try:
       old = read_json(target)
     except ResultsError:
-      raise WorkdirError(f'{target} is unreadable or corrupted, so workdir {workdir} may hold results '
-                         f'of another configuration: use --overwrite or another --workdir') from None
+      raise WorkdirError(
+        f'{target} is unreadable or corrupted, so workdir {workdir} may hold results '
+        f'of another configuration: use --overwrite or another --workdir'
+      ) from None
     diff = _diff_keys(old, new)
     if diff:
       shown = ', '.join(diff[:10]) + (f' and {len(diff) - 10} more' if len(diff) > 10 else '')
-      raise WorkdirError(f'workdir {workdir} holds results of another configuration (differs in: '
-                         f'{shown}): use --overwrite or another --workdir')
+      raise WorkdirError(
+        f'workdir {workdir} holds results of another configuration (differs in: '
+        f'{shown}): use --overwrite or another --workdir'
+      )
     return target
   atomic_write_json(target, new)
   return target
@@ -393,7 +410,8 @@ def _state_dict_diff(expected, saved, where: str = '') -> str | None:
   extra = sorted(set(map(str, saved)) - set(map(str, expected)))
   if missing or extra:
     parts = ([f'missing keys {missing}'] if missing else []) + (
-        [f'unexpected keys {extra}'] if extra else [])
+      [f'unexpected keys {extra}'] if extra else []
+    )
     return f'{where or "<root>"}: checkpoint has ' + ' and '.join(parts)
   for k, v in expected.items():
     diff = _state_dict_diff(v, saved[str(k)], f'{where}/{k}')
@@ -427,15 +445,19 @@ def save_checkpoint(path, pytree, *, metadata: dict) -> pathlib.Path:
   if not isinstance(metadata, dict):
     raise TypeError(f'metadata must be a dict, got {type(metadata).__name__}')
   if 'fingerprint' in metadata and not isinstance(metadata['fingerprint'], str):
-    raise TypeError(f'metadata["fingerprint"] must be a str, got {type(metadata["fingerprint"]).__name__}')
+    raise TypeError(
+      f'metadata["fingerprint"] must be a str, got {type(metadata["fingerprint"]).__name__}'
+    )
   state = serialization.to_state_dict(_keys_to_data(pytree))
   payload = serialization.msgpack_serialize({'state': state, 'metadata': dumps_json(metadata)})
-  blob = serialization.msgpack_serialize({
+  blob = serialization.msgpack_serialize(
+    {
       'format': _CHECKPOINT_FORMAT,
       'version': _CHECKPOINT_VERSION,
       'sha256': hashlib.sha256(payload).hexdigest(),
       'payload': payload,
-  })
+    }
+  )
   return atomic_write_bytes(path, blob)
 
 
@@ -445,12 +467,17 @@ def _load_checkpoint_file(path: pathlib.Path):
   try:
     raw = path.read_bytes()
   except FileNotFoundError:
-    raise CheckpointError(f'no checkpoint at {path}: run experiments.train first or check '
-                          f'--workdir') from None
+    raise CheckpointError(
+      f'no checkpoint at {path}: run experiments.train first or check --workdir'
+    ) from None
   except OSError as e:
-    raise CheckpointError(f'cannot read checkpoint {path} ({e.strerror or e}): check --workdir') from None
-  corrupted = lambda why: (f'checkpoint at {path} is corrupted or truncated ({why}): delete it and '
-                          f'rerun experiments.train, or use --overwrite')
+    raise CheckpointError(
+      f'cannot read checkpoint {path} ({e.strerror or e}): check --workdir'
+    ) from None
+  corrupted = lambda why: (
+    f'checkpoint at {path} is corrupted or truncated ({why}): delete it and '
+    f'rerun experiments.train, or use --overwrite'
+  )
   try:
     outer = serialization.msgpack_restore(raw)
   except Exception as e:  # msgpack raises several unrelated types on bad input.
@@ -461,8 +488,10 @@ def _load_checkpoint_file(path: pathlib.Path):
   if not isinstance(version, int) or isinstance(version, bool):
     raise CheckpointError(corrupted('damaged header'))
   if version != _CHECKPOINT_VERSION:
-    raise CheckpointError(f'checkpoint at {path} has format version {version}, this '
-                          f'splitjax reads {_CHECKPOINT_VERSION}: rerun experiments.train')
+    raise CheckpointError(
+      f'checkpoint at {path} has format version {version}, this '
+      f'splitjax reads {_CHECKPOINT_VERSION}: rerun experiments.train'
+    )
   payload = outer.get('payload')
   if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get('sha256'):
     raise CheckpointError(corrupted('checksum mismatch'))
@@ -499,11 +528,14 @@ def restore_checkpoint(path, target, *, fingerprint=None):  # pylint: disable=re
   state, metadata = _load_checkpoint_file(path)
   if fingerprint is not None and metadata.get('fingerprint') != fingerprint:
     raise CheckpointError(
-        f'checkpoint at {path} was written for a different model/config (fingerprint '
-        f'{metadata.get("fingerprint")!r}, expected {fingerprint!r}); use a fresh --workdir or '
-        f'--overwrite')
-  mismatch = lambda why: (f'checkpoint at {path} does not match the expected model structure ({why}); '
-                         f'use a fresh --workdir or --overwrite')
+      f'checkpoint at {path} was written for a different model/config (fingerprint '
+      f'{metadata.get("fingerprint")!r}, expected {fingerprint!r}); use a fresh --workdir or '
+      f'--overwrite'
+    )
+  mismatch = lambda why: (
+    f'checkpoint at {path} does not match the expected model structure ({why}); '
+    f'use a fresh --workdir or --overwrite'
+  )
   data_target = _keys_to_data(target)
   try:
     diff = _state_dict_diff(serialization.to_state_dict(data_target), state)
@@ -531,9 +563,12 @@ def restore_checkpoint(path, target, *, fingerprint=None):  # pylint: disable=re
     if isinstance(data_tgt, (np.ndarray, jax.Array, np.generic)):
       new = np.asarray(new)
       if new.shape != np.shape(data_tgt) or new.dtype != data_tgt.dtype:
-        raise CheckpointError(mismatch(
+        raise CheckpointError(
+          mismatch(
             f'{where}: saved {new.dtype}{list(new.shape)}, expected '
-            f'{data_tgt.dtype}{list(np.shape(data_tgt))}'))
+            f'{data_tgt.dtype}{list(np.shape(data_tgt))}'
+          )
+        )
       if _is_key_array(tgt):
         new = jax.random.wrap_key_data(new, impl=jax.random.key_impl(tgt))
       elif isinstance(tgt, jax.Array):
@@ -544,7 +579,8 @@ def restore_checkpoint(path, target, *, fingerprint=None):  # pylint: disable=re
       if isinstance(new, np.ndarray) and new.ndim == 0:
         new = new.item()
       if type(new) is not type(data_tgt):  # pylint: disable=unidiomatic-typecheck
-        raise CheckpointError(mismatch(
-            f'{where}: saved {type(new).__name__}, expected {type(data_tgt).__name__}'))
+        raise CheckpointError(
+          mismatch(f'{where}: saved {type(new).__name__}, expected {type(data_tgt).__name__}')
+        )
     out.append(new)
   return jax.tree.unflatten(tgt_def, out), metadata

@@ -19,24 +19,30 @@ def _as_labels(x, name: str) -> np.ndarray:
     return a.astype(np.int64).ravel()
   if a.dtype.kind == 'f':
     if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
-      raise ValueError(f'{name} must hold integer class codes, got non-integer or non-finite values '
-                       f'(dtype {a.dtype}, shape {a.shape})')
+      raise ValueError(
+        f'{name} must hold integer class codes, got non-integer or non-finite values '
+        f'(dtype {a.dtype}, shape {a.shape})'
+      )
     return a.astype(np.int64).ravel()
   raise ValueError(f'{name} must hold integer class codes, got dtype {a.dtype} (shape {a.shape})')
 
 
 def _check_pair(pred: np.ndarray, true: np.ndarray, pred_name='pred', true_name='true'):
   if pred.shape != true.shape:
-    raise ValueError(f'{pred_name} and {true_name} must have the same number of examples, got shapes '
-                     f'{pred.shape} and {true.shape}')
+    raise ValueError(
+      f'{pred_name} and {true_name} must have the same number of examples, got shapes '
+      f'{pred.shape} and {true.shape}'
+    )
   if pred.size == 0:
     raise ValueError(f'{pred_name} and {true_name} are empty: metrics need at least one example')
 
 
 def _check_range(a: np.ndarray, num_classes: int, name: str):
   if a.size and (a.min() < 0 or a.max() >= num_classes):
-    raise ValueError(f'{name} has class codes in [{a.min()}, {a.max()}], outside [0, {num_classes}); '
-                     f'check num_classes')
+    raise ValueError(
+      f'{name} has class codes in [{a.min()}, {a.max()}], outside [0, {num_classes}); '
+      f'check num_classes'
+    )
 
 
 def _check_num_classes(num_classes) -> int:
@@ -75,8 +81,10 @@ def clopper_pearson(successes, trials, confidence: float = 0.95) -> tuple[float,
   """
   k, n = np.asarray(successes), np.asarray(trials)
   if k.ndim or n.ndim or k != np.round(k) or n != np.round(n) or not 0 <= k <= n:
-    raise ValueError(f'clopper_pearson needs integer counts with 0 <= successes <= trials, got '
-                     f'successes={successes!r}, trials={trials!r}')
+    raise ValueError(
+      f'clopper_pearson needs integer counts with 0 <= successes <= trials, got '
+      f'successes={successes!r}, trials={trials!r}'
+    )
   if not 0.0 < confidence < 1.0:
     raise ValueError(f'confidence must be in (0, 1), got {confidence!r}')
   k, n = int(k), int(n)
@@ -180,7 +188,9 @@ def roc_auc(scores, labels) -> float:
   y = _as_labels(labels, 'labels')
   _check_pair(s, y, 'scores', 'labels')
   if not np.all(np.isfinite(s)):
-    raise ValueError(f'scores must be finite, got {int(np.sum(~np.isfinite(s)))} NaN/inf of {s.size}')
+    raise ValueError(
+      f'scores must be finite, got {int(np.sum(~np.isfinite(s)))} NaN/inf of {s.size}'
+    )
   _check_range(y, 2, 'labels')
   n_pos = int(np.sum(y == 1))
   n_neg = int(y.size - n_pos)
@@ -211,7 +221,9 @@ def log_loss(logits, labels) -> float:
   y = np.asarray(labels, dtype=np.float64).ravel()
   _check_pair(z, y, 'logits', 'labels')
   if not np.all(np.isfinite(z)):
-    raise ValueError(f'logits must be finite, got {int(np.sum(~np.isfinite(z)))} NaN/inf of {z.size}')
+    raise ValueError(
+      f'logits must be finite, got {int(np.sum(~np.isfinite(z)))} NaN/inf of {z.size}'
+    )
   if not np.all((y >= 0) & (y <= 1)):
     raise ValueError('labels must lie in [0, 1] for log_loss')
   return float(np.mean(np.maximum(z, 0.0) - y * z + np.log1p(np.exp(-np.abs(z)))))
@@ -267,8 +279,9 @@ def majority_prior(train_values, num_classes: int) -> tuple[int, np.ndarray]:
   return int(np.argmax(probs)), probs
 
 
-def feature_report(pred, true, num_classes: int, *, prior_pred=None, knn_pred=None,
-                   confidence: float = 0.95) -> dict:
+def feature_report(
+  pred, true, num_classes: int, *, prior_pred=None, knn_pred=None, confidence: float = 0.95
+) -> dict:
   """The per-feature record of an attack report (one private feature or the label).
 
   Args:
@@ -302,12 +315,12 @@ def feature_report(pred, true, num_classes: int, *, prior_pred=None, knn_pred=No
     return float(np.mean(b == t))
 
   return {
-      'accuracy': acc['accuracy'],
-      'ci': acc['ci'],
-      'macro_f1': macro_f1(pred, true, num_classes),
-      'prior_accuracy': _baseline(prior_pred, 'prior_pred'),
-      'knn_accuracy': _baseline(knn_pred, 'knn_pred'),
-      'n': acc['n'],
+    'accuracy': acc['accuracy'],
+    'ci': acc['ci'],
+    'macro_f1': macro_f1(pred, true, num_classes),
+    'prior_accuracy': _baseline(prior_pred, 'prior_pred'),
+    'knn_accuracy': _baseline(knn_pred, 'knn_pred'),
+    'n': acc['n'],
   }
 
 
@@ -337,13 +350,20 @@ def paired_difference(correct_a, correct_b, *, confidence: float = 0.95) -> dict
   a = np.asarray(correct_a, bool).reshape(-1)
   b_ = np.asarray(correct_b, bool).reshape(-1)
   if a.shape != b_.shape or a.size == 0:
-    raise ValueError(f'correct_a and correct_b must be non-empty [N] arrays of the same shape, got '
-                     f'{a.shape} and {b_.shape}')
+    raise ValueError(
+      f'correct_a and correct_b must be non-empty [N] arrays of the same shape, got '
+      f'{a.shape} and {b_.shape}'
+    )
   n = a.size
   b, c = int(np.sum(a & ~b_)), int(np.sum(~a & b_))
   diff = (b - c) / n
   z = float(stats.norm.ppf(0.5 + confidence / 2))
   half = z * math.sqrt(max((b + c) - (b - c) ** 2 / n, 0.0)) / n
   p_value = float(stats.binomtest(b, b + c).pvalue) if b + c else 1.0
-  return {'difference': diff, 'ci': [max(-1.0, diff - half), min(1.0, diff + half)],
-          'p_value': p_value, 'discordant': [b, c], 'n': n}
+  return {
+    'difference': diff,
+    'ci': [max(-1.0, diff - half), min(1.0, diff + half)],
+    'p_value': p_value,
+    'discordant': [b, c],
+    'n': n,
+  }

@@ -75,8 +75,7 @@ class ModelSpec(_SpecRecord):
     if self.head not in HEADS:
       raise ValueError(f"unknown head {self.head!r}: choose one of {HEADS}")
     if self.topology not in TOPOLOGIES:
-      raise ValueError(
-          f"unknown topology {self.topology!r}: choose one of {TOPOLOGIES}")
+      raise ValueError(f"unknown topology {self.topology!r}: choose one of {TOPOLOGIES}")
     for name in ("pub_cardinalities", "priv_cardinalities"):
       cards = getattr(self, name)
       if any(int(c) < 1 for c in cards):
@@ -104,7 +103,6 @@ class ModelSpec(_SpecRecord):
     if self.topology == "device_top":
       return self.priv_cardinalities, self.num_priv_dense
     return self.pub_cardinalities, self.num_pub_dense
-
 
 
 class Encoder(nn.Module):
@@ -150,17 +148,21 @@ class Head(nn.Module):
     d_in_total = h.shape[-1] + len(self.cardinalities) * e + self.num_dense
     # First DNN layer, factored: W_h h + sum_j T_j[x_j] + W_d dense + b.
     w_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    w_h = self.param("dnn0_w_h", lambda k, s: w_init(k, s) * (h.shape[-1] / d_in_total) ** 0.5,
-                     (h.shape[-1], width0))
+    w_h = self.param(
+      "dnn0_w_h",
+      lambda k, s: w_init(k, s) * (h.shape[-1] / d_in_total) ** 0.5,
+      (h.shape[-1], width0),
+    )
     b0 = self.param("dnn0_b", nn.initializers.zeros, (width0,))
     pre = h @ w_h + b0
     fields = []
     lin = jnp.zeros((), jnp.float32)
     for j, card in enumerate(self.cardinalities):
       table = self.param(f"emb_{j}", emb_init, (card, e))
-      w_j = self.param(f"dnn0_w_{j}", lambda k, s: w_init(k, s) * (e / d_in_total) ** 0.5,
-                       (e, width0))
-      pre = pre + (table @ w_j)[cat[j]]   # T_j[x_j], T_j computed once per call
+      w_j = self.param(
+        f"dnn0_w_{j}", lambda k, s: w_init(k, s) * (e / d_in_total) ** 0.5, (e, width0)
+      )
+      pre = pre + (table @ w_j)[cat[j]]  # T_j[x_j], T_j computed once per call
       fields.append(table[cat[j]])
       if self.kind == "deepfm":
         lin_j = self.param(f"lin_{j}", nn.initializers.zeros, (card,))
@@ -172,8 +174,7 @@ class Head(nn.Module):
       if self.kind == "deepfm":
         v_d = self.param("emb_dense", emb_init, (self.num_dense, e))
         fields.append(dense[:, None] * v_d)
-        lin = lin + dense @ self.param("lin_dense", nn.initializers.zeros,
-                                       (self.num_dense,))
+        lin = lin + dense @ self.param("lin_dense", nn.initializers.zeros, (self.num_dense,))
     x = nn.relu(pre)
     for i, width in enumerate(self.hidden[1:], start=1):
       x = nn.relu(nn.Dense(width, name=f"dnn{i}")(x))
@@ -216,14 +217,14 @@ class CustomSpec(_SpecRecord):
     if any(c < 1 for c in cards):
       raise ValueError(f"priv_cardinalities must all be >= 1, got {self.priv_cardinalities}")
     if not cards and not self.num_priv_dense:
-      raise ValueError("the device needs at least one private feature: give priv_cardinalities "
-                       "or num_priv_dense")
+      raise ValueError(
+        "the device needs at least one private feature: give priv_cardinalities or num_priv_dense"
+      )
     object.__setattr__(self, "priv_cardinalities", cards)
 
   @property
   def encoder_side(self) -> str:
     return "server"
-
 
 
 class SplitModel(NamedTuple):
@@ -251,12 +252,18 @@ class SplitModel(NamedTuple):
     return jax.vmap(self.head_apply, in_axes=(None, 0, 0, 0))(params, h, cat, dense)
 
   @classmethod
-  def from_apply_fns(cls, server_init: Callable[[jax.Array], Any],
-                     server_apply: Callable[..., jax.Array],
-                     device_init: Callable[[jax.Array], Any],
-                     device_apply: Callable[..., jax.Array],
-                     priv_cardinalities, *, num_priv_dense: int = 0,
-                     cut_dim: int | None = None, name: str = "custom") -> "SplitModel":
+  def from_apply_fns(
+    cls,
+    server_init: Callable[[jax.Array], Any],
+    server_apply: Callable[..., jax.Array],
+    device_init: Callable[[jax.Array], Any],
+    device_apply: Callable[..., jax.Array],
+    priv_cardinalities,
+    *,
+    num_priv_dense: int = 0,
+    cut_dim: int | None = None,
+    name: str = "custom",
+  ) -> "SplitModel":
     """A split model from your own functions (Flax linen or NNX, Haiku, plain JAX).
 
     Every function acts on ONE example; splitjax vmaps them.
@@ -278,8 +285,12 @@ class SplitModel(NamedTuple):
       accept. (`attacks.optimize.relaxed_device_apply` rewrites splitjax's own head and refuses
       it; write a relaxed ``device_apply`` of your model for `attacks.optimize` instead.)
     """
-    spec = CustomSpec(priv_cardinalities=tuple(priv_cardinalities),
-                      num_priv_dense=int(num_priv_dense), cut_dim=cut_dim, name=name)
+    spec = CustomSpec(
+      priv_cardinalities=tuple(priv_cardinalities),
+      num_priv_dense=int(num_priv_dense),
+      cut_dim=cut_dim,
+      name=name,
+    )
     return cls(spec, server_init, server_apply, device_init, device_apply)
 
   # Names of the paper's orientation.
@@ -313,16 +324,21 @@ def make_model(spec: ModelSpec) -> SplitModel:
   """
   enc_cards, enc_dense = spec._encoder_features()
   head_cards, head_dense = spec._head_features()
-  encoder = Encoder(cardinalities=tuple(enc_cards), num_dense=enc_dense,
-                    embed_dim=spec.embed_dim)
-  head = Head(cardinalities=tuple(head_cards), num_dense=head_dense,
-              num_h_fields=len(enc_cards), embed_dim=spec.embed_dim,
-              hidden=tuple(spec.hidden), kind=spec.head)
-  enc_example = (jnp.zeros((len(enc_cards),), jnp.int32),
-                 jnp.zeros((enc_dense,), jnp.float32))
-  head_example = (jnp.zeros((spec.cut_dim,), jnp.float32),
-                  jnp.zeros((len(head_cards),), jnp.int32),
-                  jnp.zeros((head_dense,), jnp.float32))
+  encoder = Encoder(cardinalities=tuple(enc_cards), num_dense=enc_dense, embed_dim=spec.embed_dim)
+  head = Head(
+    cardinalities=tuple(head_cards),
+    num_dense=head_dense,
+    num_h_fields=len(enc_cards),
+    embed_dim=spec.embed_dim,
+    hidden=tuple(spec.hidden),
+    kind=spec.head,
+  )
+  enc_example = (jnp.zeros((len(enc_cards),), jnp.int32), jnp.zeros((enc_dense,), jnp.float32))
+  head_example = (
+    jnp.zeros((spec.cut_dim,), jnp.float32),
+    jnp.zeros((len(head_cards),), jnp.int32),
+    jnp.zeros((head_dense,), jnp.float32),
+  )
 
   def encoder_init(key):
     return encoder.init(key, *enc_example)["params"]
@@ -362,8 +378,9 @@ class _DeviceLogit:
   def __init__(self, head_apply, dense, priv_cardinalities=None):
     self._head_apply = head_apply
     self._dense = dense
-    self.priv_cardinalities = (None if priv_cardinalities is None
-                               else tuple(int(k) for k in priv_cardinalities))
+    self.priv_cardinalities = (
+      None if priv_cardinalities is None else tuple(int(k) for k in priv_cardinalities)
+    )
 
   def __call__(self, params, h, x_priv):
     return self._head_apply(params, h, x_priv, self._dense)
@@ -372,9 +389,12 @@ class _DeviceLogit:
     return hash((self._head_apply, self._dense.shape))
 
   def __eq__(self, other):
-    return (isinstance(other, _DeviceLogit) and other._head_apply is self._head_apply
-            and other._dense.shape == self._dense.shape
-            and bool(jnp.all(other._dense == self._dense)))
+    return (
+      isinstance(other, _DeviceLogit)
+      and other._head_apply is self._head_apply
+      and other._dense.shape == self._dense.shape
+      and bool(jnp.all(other._dense == self._dense))
+    )
 
 
 def count_params(params) -> int:

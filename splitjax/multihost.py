@@ -36,5 +36,6 @@ def to_host(x):
   """The full value of a (possibly multi-process, sharded) array as numpy."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)

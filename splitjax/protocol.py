@@ -59,8 +59,9 @@ def top_step_per_example(model: models.SplitModel, params, h, cat, dense, y, mas
     logit = model.head_apply(p, hi, ci, di)
     return mi * bce_loss(logit[None], yi[None])[0], logit
 
-  grads_fn = jax.vmap(jax.value_and_grad(loss_i, argnums=(0, 1), has_aux=True),
-                      in_axes=(None, 0, 0, 0, 0, 0))
+  grads_fn = jax.vmap(
+    jax.value_and_grad(loss_i, argnums=(0, 1), has_aux=True), in_axes=(None, 0, 0, 0, 0, 0)
+  )
   (losses, logits), (p_grads, h_grads) = grads_fn(params, h, cat, dense, y, mask)
   n = jnp.maximum(jnp.sum(mask), 1.0)
   return TopStepOut(jnp.sum(losses) / n, h_grads, p_grads, logits)
@@ -95,7 +96,8 @@ def top_step(model: models.SplitModel, params, h, cat, dense, y, mask) -> TopSte
     return jnp.sum(mask * bce_loss(logits, y)), logits
 
   (total, logits), (p_grads, h_grads) = jax.value_and_grad(
-      total_loss, argnums=(0, 1), has_aux=True)(params, h)
+    total_loss, argnums=(0, 1), has_aux=True
+  )(params, h)
   n = jnp.maximum(jnp.sum(mask), 1.0)
   p_grads = jax.tree.map(lambda x: x / n, p_grads)
   return TopStepOut(total / n, h_grads * mask[:, None], p_grads, logits)
@@ -134,8 +136,10 @@ def server_backward(model, theta, pub_cat, pub_dense, g, num_valid):
 
 def _check_top(model):
   if model.spec.topology != "device_top":
-    raise ValueError("server_forward/device_step/server_backward are the device_top "
-                     "names; use bottom_forward/top_step/bottom_backward")
+    raise ValueError(
+      "server_forward/device_step/server_backward are the device_top "
+      "names; use bottom_forward/top_step/bottom_backward"
+    )
 
 
 class Transcript(NamedTuple):
@@ -178,12 +182,19 @@ class Transcript(NamedTuple):
   def take(self, idx) -> "Transcript":
     """Rows ``idx`` of the transcript (parameters kept whole)."""
     idx = np.asarray(idx)
-    return self._replace(h=self.h[idx], g=self.g[idx], example_index=self.example_index[idx],
-                         param_index=self.param_index[idx], local_step=self.local_step[idx])
+    return self._replace(
+      h=self.h[idx],
+      g=self.g[idx],
+      example_index=self.example_index[idx],
+      param_index=self.param_index[idx],
+      local_step=self.local_step[idx],
+    )
 
   def to_arrays(self) -> dict[str, np.ndarray]:
-    out = {k: np.asarray(getattr(self, k)) for k in
-           ("h", "g", "example_index", "param_index", "local_step")}
+    out = {
+      k: np.asarray(getattr(self, k))
+      for k in ("h", "g", "example_index", "param_index", "local_step")
+    }
     out["l2_clip_norm"] = np.float64(self.l2_clip_norm)
     out["noise_multiplier"] = np.float64(self.noise_multiplier)
     return out

@@ -53,10 +53,10 @@ class Recipe:
 
 
 RECIPES = {
-    # splitjax's tuned recipe.
-    "tuned": Recipe(optimizer="adam", learning_rate=1e-3, batch_size=256, epochs=10),
-    # The authors': PyTorch Adagrad(lr=0.01), batch 1024, 2 epochs.
-    "paper": Recipe(optimizer="adagrad_torch", learning_rate=0.01, batch_size=1024, epochs=2),
+  # splitjax's tuned recipe.
+  "tuned": Recipe(optimizer="adam", learning_rate=1e-3, batch_size=256, epochs=10),
+  # The authors': PyTorch Adagrad(lr=0.01), batch 1024, 2 epochs.
+  "paper": Recipe(optimizer="adagrad_torch", learning_rate=0.01, batch_size=1024, epochs=2),
 }
 
 
@@ -125,16 +125,16 @@ class DPConfig(NamedTuple):
   @property
   def device_dp(self) -> bool:
     """Whether device DP-SGD is on (a static, host-side decision)."""
-    return bool(np.isfinite(float(self.device_l2_clip_norm))
-                or float(self.device_noise_multiplier) > 0)
+    return bool(
+      np.isfinite(float(self.device_l2_clip_norm)) or float(self.device_noise_multiplier) > 0
+    )
 
   def as_arrays(self) -> "DPConfig":
     return DPConfig(*(jnp.float32(x) for x in self))
 
 
 def no_dp() -> DPConfig:
-  return DPConfig(jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(jnp.inf),
-                  jnp.float32(0.0))
+  return DPConfig(jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(jnp.inf), jnp.float32(0.0))
 
 
 def init_state(model: models.SplitModel, tx_server, tx_device, seed: int) -> TrainState:
@@ -143,8 +143,9 @@ def init_state(model: models.SplitModel, tx_server, tx_device, seed: int) -> Tra
   k_server, k_device, k_dp = jax.random.split(key, 3)
   server = model.server_init(k_server)
   device = model.device_init(k_device)
-  return TrainState(server, device, tx_server.init(server), tx_device.init(device),
-                    jnp.zeros((), jnp.int32), k_dp)
+  return TrainState(
+    server, device, tx_server.init(server), tx_device.init(device), jnp.zeros((), jnp.int32), k_dp
+  )
 
 
 def _sides(model, batch):
@@ -184,8 +185,9 @@ def _head_step(model, params, h, head_in, y, mask, dp, key, device_dp: bool):
   return out._replace(param_grads=grads)
 
 
-def _split_forward_backward(model, enc_params, head_params, batch, dp, key,
-                            device_dp: bool = False):
+def _split_forward_backward(
+  model, enc_params, head_params, batch, dp, key, device_dp: bool = False
+):
   """One pass through the cut; (loss, enc_grads, head_grads, h_sent, g_sent, logits, nonfinite)."""
   _, enc_in, head_in = _sides(model, batch)
   mask = batch.mask.astype(jnp.float32)
@@ -217,10 +219,14 @@ def make_sl_step(model: models.SplitModel, tx_server, tx_device, device_dp: bool
   def step(state: TrainState, batch: Batch, dp: DPConfig):
     key = jax.random.fold_in(state.key, state.step)
     device_top = model.spec.topology == "device_top"
-    enc, head = ((state.server_params, state.device_params) if device_top
-                 else (state.device_params, state.server_params))
+    enc, head = (
+      (state.server_params, state.device_params)
+      if device_top
+      else (state.device_params, state.server_params)
+    )
     loss, enc_g, head_g, h_sent, g_sent, _, nonfinite = _split_forward_backward(
-        model, enc, head, batch, dp, key, device_dp)
+      model, enc, head, batch, dp, key, device_dp
+    )
     server_g, device_g = (enc_g, head_g) if device_top else (head_g, enc_g)
     upd, server_opt = tx_server.update(server_g, state.server_opt, state.server_params)
     server = optax.apply_updates(state.server_params, upd)
@@ -246,8 +252,9 @@ def _masked_mean(tree, weights):
 
 
 @functools.lru_cache(maxsize=None)
-def make_fsl_round(model: models.SplitModel, tx_server, tx_device, local_steps: int,
-                   device_dp: bool = False):
+def make_fsl_round(
+  model: models.SplitModel, tx_server, tx_device, local_steps: int, device_dp: bool = False
+):
   """Jitted FSL round ``(state, batch[D, S, ...], device_mask[D], dp) -> (state, losses, h, g, nonfinite)``.
 
   ``h``/``g`` are ``[local_steps, D, S, d]``: what crossed the wire at each
@@ -270,9 +277,11 @@ def make_fsl_round(model: models.SplitModel, tx_server, tx_device, local_steps: 
       h = protocol.bottom_forward(model, server, flat.pub_cat, flat.pub_dense)
       hd = h.reshape(batch.y.shape + h.shape[-1:])
       dev_keys = jax.random.split(jax.random.fold_in(key, 2), num_dev)
-      out = jax.vmap(lambda p, hh, c, dd, yy, mm, kk: _head_step(
-          model, p, hh, (c, dd), yy, mm, dp, kk, device_dp))(
-              phis, hd, batch.priv_cat, batch.priv_dense, batch.y, batch.mask, dev_keys)
+      out = jax.vmap(
+        lambda p, hh, c, dd, yy, mm, kk: _head_step(
+          model, p, hh, (c, dd), yy, mm, dp, kk, device_dp
+        )
+      )(phis, hd, batch.priv_cat, batch.priv_dense, batch.y, batch.mask, dev_keys)
       g = out.cut_grads.reshape(h.shape)
       g_sent, nonfinite = cut_layer_dp(g, dp, key, mask)
       server_g = protocol.bottom_backward(model, server, flat.pub_cat, flat.pub_dense, g_sent, n)
@@ -284,7 +293,8 @@ def make_fsl_round(model: models.SplitModel, tx_server, tx_device, local_steps: 
       return (server, server_opt, phis, opts), (loss, hd, g_sent.reshape(hd.shape), nonfinite)
 
     (server, server_opt, phis, opts), (losses, hs, gs, nonfinite) = jax.lax.scan(
-        local, (state.server_params, state.server_opt, phis, opts), jnp.arange(local_steps))
+      local, (state.server_params, state.server_opt, phis, opts), jnp.arange(local_steps)
+    )
     device = _masked_mean(phis, device_mask.astype(jnp.float32))
     device_opt = _masked_mean(opts, device_mask.astype(jnp.float32))
     new = TrainState(server, device, server_opt, device_opt, state.step + 1, state.key)
@@ -295,6 +305,7 @@ def make_fsl_round(model: models.SplitModel, tx_server, tx_device, local_steps: 
 
 # ---------------------------------------------------------------- host-side data
 
+
 def split_to_batch(split, idx: np.ndarray, size: int) -> Batch:
   """Rows ``idx`` of a data split padded to ``size`` rows (mask marks real rows)."""
   n = len(idx)
@@ -302,15 +313,22 @@ def split_to_batch(split, idx: np.ndarray, size: int) -> Batch:
   take = np.concatenate([idx, np.zeros(pad, idx.dtype)]) if pad else idx
   mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
   index = np.concatenate([idx, np.full(pad, -1, idx.dtype)]).astype(np.int32)
-  return Batch(split.pub_cat[take], split.pub_dense[take], split.priv_cat[take],
-               split.priv_dense[take], split.y[take], mask, index)
+  return Batch(
+    split.pub_cat[take],
+    split.pub_dense[take],
+    split.priv_cat[take],
+    split.priv_dense[take],
+    split.y[take],
+    mask,
+    index,
+  )
 
 
 def sl_batches(split, batch_size: int, seed: int, epoch: int) -> Iterator[Batch]:
   """Shuffled fixed-size batches of one epoch (the last one padded)."""
   order = np.random.default_rng([seed, epoch]).permutation(len(split)).astype(np.int32)
   for start in range(0, len(order), batch_size):
-    yield split_to_batch(split, order[start:start + batch_size], batch_size)
+    yield split_to_batch(split, order[start : start + batch_size], batch_size)
 
 
 def device_partition(num_examples: int, samples_per_device: int, seed: int) -> np.ndarray:
@@ -322,19 +340,20 @@ def device_partition(num_examples: int, samples_per_device: int, seed: int) -> n
   return slots.reshape(num_dev, samples_per_device)
 
 
-def fsl_rounds(split, partition: np.ndarray, devices_per_round: int, seed: int,
-               epoch: int) -> Iterator[tuple[Batch, np.ndarray]]:
+def fsl_rounds(
+  split, partition: np.ndarray, devices_per_round: int, seed: int, epoch: int
+) -> Iterator[tuple[Batch, np.ndarray]]:
   """Rounds of one FSL epoch: every device takes part once. Yields ``(batch[D, S], device_mask[D])``."""
   num_dev, spd = partition.shape
   order = np.random.default_rng([seed, epoch]).permutation(num_dev)
   for start in range(0, num_dev, devices_per_round):
-    devs = order[start:start + devices_per_round]
+    devs = order[start : start + devices_per_round]
     slots = partition[devs]
     dmask = np.ones(devices_per_round, np.float32)
     if len(devs) < devices_per_round:
       pad = devices_per_round - len(devs)
       slots = np.concatenate([slots, np.full((pad, spd), -1, np.int32)])
-      dmask[len(devs):] = 0
+      dmask[len(devs) :] = 0
     flat = slots.reshape(-1)
     valid = flat >= 0
     b = split_to_batch(split, np.where(valid, flat, 0).astype(np.int32), len(flat))
@@ -343,6 +362,7 @@ def fsl_rounds(split, partition: np.ndarray, devices_per_round: int, seed: int,
 
 
 # ---------------------------------------------------------------- evaluation
+
 
 @functools.lru_cache(maxsize=None)
 def make_predict(model: models.SplitModel):
@@ -364,20 +384,24 @@ def predict_logits(model, state: TrainState, split, batch_size: int = 4096) -> n
   out = []
   idx = np.arange(len(split), dtype=np.int32)
   for start in range(0, len(idx), batch_size):
-    part = idx[start:start + batch_size]
-    logits = predict(state.server_params, state.device_params,
-                     split_to_batch(split, part, batch_size))
-    out.append(np.asarray(logits)[:len(part)])
+    part = idx[start : start + batch_size]
+    logits = predict(
+      state.server_params, state.device_params, split_to_batch(split, part, batch_size)
+    )
+    out.append(np.asarray(logits)[: len(part)])
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def evaluate(model, state: TrainState, split) -> dict[str, float]:
   """Test AUC, log-loss and accuracy."""
   from splitjax import metrics  # local: metrics imports nothing from here
+
   logits = predict_logits(model, state, split)
-  return {"auc": float(metrics.roc_auc(logits, split.y)),
-          "log_loss": float(metrics.log_loss(logits, split.y)),
-          "accuracy": float(metrics.binary_accuracy(logits, split.y))}
+  return {
+    "auc": float(metrics.roc_auc(logits, split.y)),
+    "log_loss": float(metrics.log_loss(logits, split.y)),
+    "accuracy": float(metrics.binary_accuracy(logits, split.y)),
+  }
 
 
 @functools.lru_cache(maxsize=None)
@@ -401,9 +425,9 @@ def mean_cut_grad_norm(model, state: TrainState, split, batch_size: int = 4096) 
   total, count = 0.0, 0
   idx = np.arange(len(split), dtype=np.int32)
   for start in range(0, len(idx), batch_size):
-    part = idx[start:start + batch_size]
+    part = idx[start : start + batch_size]
     norms = fn(state.server_params, state.device_params, split_to_batch(split, part, batch_size))
-    total += float(np.sum(np.asarray(norms)[:len(part)]))
+    total += float(np.sum(np.asarray(norms)[: len(part)]))
     count += len(part)
   return total / max(count, 1)
 
@@ -415,8 +439,9 @@ class ProgressPrinter:
   first step on; until a second step has finished no ETA is given.
   """
 
-  def __init__(self, total: int, label: str, every: float = 5.0,
-               printer: Callable[[str], None] | None = None):
+  def __init__(
+    self, total: int, label: str, every: float = 5.0, printer: Callable[[str], None] | None = None
+  ):
     self.total, self.label, self.every = total, label, every
     self.printer = printer if printer is not None else (lambda line: None)
     self.start = self.last = time.time()
@@ -433,11 +458,14 @@ class ProgressPrinter:
         eta = f"eta {(self.total - done) / rate:.1f}s"
       else:
         eta = "eta after the first compiled step"
-      self.printer(f"[{self.label}] {done}/{self.total} ({100.0 * done / max(self.total, 1):.0f}%)"
-                   f" {now - self.start:.1f}s elapsed, {eta} {extra}".rstrip())
+      self.printer(
+        f"[{self.label}] {done}/{self.total} ({100.0 * done / max(self.total, 1):.0f}%)"
+        f" {now - self.start:.1f}s elapsed, {eta} {extra}".rstrip()
+      )
 
 
 # ---------------------------------------------------------------- the training loop
+
 
 class FitResult(NamedTuple):
   """Output of :func:`fit`.
@@ -456,15 +484,27 @@ class FitResult(NamedTuple):
   seconds: float
 
 
-def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
-        protocol_name: str = "sl", dp: DPConfig | None = None,
-        samples_per_device: int = 16, devices_per_round: int = 16, local_steps: int = 2,
-        labels: np.ndarray | None = None, state: TrainState | None = None,
-        freeze_server: bool = False, data_parallel: bool | None = None,
-        start_epoch: int = 0, record_last_epoch: bool = True,
-        on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
-        on_transcript: Callable[[Any], None] | None = None,
-        progress: Callable[[str], None] | None = None) -> FitResult:
+def fit(
+  model: models.SplitModel,
+  train_split,
+  *,
+  recipe: Recipe,
+  seed: int,
+  protocol_name: str = "sl",
+  dp: DPConfig | None = None,
+  samples_per_device: int = 16,
+  devices_per_round: int = 16,
+  local_steps: int = 2,
+  labels: np.ndarray | None = None,
+  state: TrainState | None = None,
+  freeze_server: bool = False,
+  data_parallel: bool | None = None,
+  start_epoch: int = 0,
+  record_last_epoch: bool = True,
+  on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
+  on_transcript: Callable[[Any], None] | None = None,
+  progress: Callable[[str], None] | None = None,
+) -> FitResult:
   """Trains a split model with SL or FSL.
 
   Args:
@@ -514,8 +554,9 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     round_fn = make_fsl_round(model, tx_server, tx, local_steps, dp.device_dp)
     partition = device_partition(len(train_split), samples_per_device, seed)
     steps_per_epoch = math.ceil(partition.shape[0] / devices_per_round)
-  shard = _data_sharding(data_parallel, recipe.batch_size if protocol_name == "sl"
-                         else devices_per_round)
+  shard = _data_sharding(
+    data_parallel, recipe.batch_size if protocol_name == "sl" else devices_per_round
+  )
   if shard is not None:
     state = put_global(state, shard.replicated)
   history, transcript = [], None
@@ -524,8 +565,13 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
     t0 = time.time()
     record = record_last_epoch and epoch == recipe.epochs - 1
     rec = _Recorder() if record else None
-    bar = ProgressPrinter(steps_per_epoch, f"{protocol_name} epoch {epoch + 1}/{recipe.epochs}",
-                          printer=progress) if progress else None
+    bar = (
+      ProgressPrinter(
+        steps_per_epoch, f"{protocol_name} epoch {epoch + 1}/{recipe.epochs}", printer=progress
+      )
+      if progress
+      else None
+    )
     losses, nonfinite = [], []
     if protocol_name == "sl":
       it = sl_batches(train_split, recipe.batch_size, seed, epoch)
@@ -543,7 +589,8 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
           bar(i + 1)
     else:
       for i, (batch, dmask) in enumerate(
-          fsl_rounds(train_split, partition, devices_per_round, seed, epoch)):
+        fsl_rounds(train_split, partition, devices_per_round, seed, epoch)
+      ):
         if shard is not None:
           batch, dmask = put_global((batch, dmask), shard.batch)
         if rec is not None:
@@ -556,20 +603,33 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
           flat_index = to_host(batch.index).reshape(-1)
           hs, gs = to_host(hs), to_host(gs)
           for t in range(local_steps):
-            rec.add(hs[t].reshape(-1, hs.shape[-1]), gs[t].reshape(-1, gs.shape[-1]),
-                    flat_index, flat_mask, np.full(len(flat_mask), t, np.int32))
+            rec.add(
+              hs[t].reshape(-1, hs.shape[-1]),
+              gs[t].reshape(-1, gs.shape[-1]),
+              flat_index,
+              flat_mask,
+              np.full(len(flat_mask), t, np.int32),
+            )
         if bar:
           bar(i + 1)
     loss = float(np.mean([to_host(x) for x in losses])) if losses else float("nan")
     if not np.isfinite(loss):
-      raise FloatingPointError(f"training loss became {loss} in epoch {epoch + 1}: "
-                               "lower the learning rate or check the data for extreme values")
-    log = {"epoch": epoch + 1, "train_loss": loss, "seconds": time.time() - t0,
-           "nonfinite_rows_zeroed": int(sum(int(to_host(x)) for x in nonfinite))}
+      raise FloatingPointError(
+        f"training loss became {loss} in epoch {epoch + 1}: "
+        "lower the learning rate or check the data for extreme values"
+      )
+    log = {
+      "epoch": epoch + 1,
+      "train_loss": loss,
+      "seconds": time.time() - t0,
+      "nonfinite_rows_zeroed": int(sum(int(to_host(x)) for x in nonfinite)),
+    }
     history.append(log)
     if progress:
-      progress(f"[{protocol_name}] epoch {epoch + 1}/{recipe.epochs}: train loss {loss:.4f} "
-               f"({log['seconds']:.1f} s)")
+      progress(
+        f"[{protocol_name}] epoch {epoch + 1}/{recipe.epochs}: train loss {loss:.4f} "
+        f"({log['seconds']:.1f} s)"
+      )
     if rec is not None:
       transcript = rec.finish(dp)
       if on_transcript is not None:
@@ -580,7 +640,7 @@ def fit(model: models.SplitModel, train_split, *, recipe: Recipe, seed: int,
 
 
 class _Sharding(NamedTuple):
-  batch: jax.sharding.NamedSharding       # axis 0 split over the 'data' mesh axis
+  batch: jax.sharding.NamedSharding  # axis 0 split over the 'data' mesh axis
   replicated: jax.sharding.NamedSharding  # every device holds a copy
 
 
@@ -591,13 +651,16 @@ def _data_sharding(data_parallel: bool | None, leading: int) -> _Sharding | None
     return None
   if leading % n:
     if data_parallel:
-      raise ValueError(f"data_parallel needs the batch axis ({leading}) to be a multiple of "
-                       f"the {n} devices: change the batch size (FSL: devices_per_round)")
+      raise ValueError(
+        f"data_parallel needs the batch axis ({leading}) to be a multiple of "
+        f"the {n} devices: change the batch size (FSL: devices_per_round)"
+      )
     return None
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   P = jax.sharding.PartitionSpec
-  return _Sharding(jax.sharding.NamedSharding(mesh, P("data")),
-                   jax.sharding.NamedSharding(mesh, P()))
+  return _Sharding(
+    jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P())
+  )
 
 
 class _Recorder:
@@ -621,11 +684,15 @@ class _Recorder:
   def finish(self, dp: DPConfig) -> protocol.Transcript:
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *self.params)
     return protocol.Transcript(
-        h=np.concatenate(self.h), g=np.concatenate(self.g),
-        example_index=np.concatenate(self.index).astype(np.int32),
-        param_index=np.concatenate(self.pidx), local_step=np.concatenate(self.local),
-        device_params=stacked, l2_clip_norm=float(dp.l2_clip_norm),
-        noise_multiplier=float(dp.noise_multiplier))
+      h=np.concatenate(self.h),
+      g=np.concatenate(self.g),
+      example_index=np.concatenate(self.index).astype(np.int32),
+      param_index=np.concatenate(self.pidx),
+      local_step=np.concatenate(self.local),
+      device_params=stacked,
+      l2_clip_norm=float(dp.l2_clip_norm),
+      noise_multiplier=float(dp.noise_multiplier),
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -641,9 +708,16 @@ def make_replay(model: models.SplitModel):
   return jax.jit(replay)
 
 
-def replay_transcript(model, state: TrainState, split, *, dp: DPConfig | None = None,
-                      seed: int = 0, num_examples: int | None = None,
-                      batch_size: int = 1024) -> protocol.Transcript:
+def replay_transcript(
+  model,
+  state: TrainState,
+  split,
+  *,
+  dp: DPConfig | None = None,
+  seed: int = 0,
+  num_examples: int | None = None,
+  batch_size: int = 1024,
+) -> protocol.Transcript:
   """Sends every row of ``split`` once through the final model (one DP release each).
 
   This is what the server observes when test users are attacked (DESIGN.md §2).
@@ -656,16 +730,26 @@ def replay_transcript(model, state: TrainState, split, *, dp: DPConfig | None = 
   hs, gs = [], []
   for c, start in enumerate(range(0, n, batch_size)):
     part = np.arange(start, min(start + batch_size, n), dtype=np.int32)
-    h, g = fn(state.server_params, state.device_params, split_to_batch(split, part, batch_size),
-              dp, jax.random.fold_in(key, c))
-    hs.append(np.asarray(h)[:len(part)])
-    gs.append(np.asarray(g)[:len(part)])
+    h, g = fn(
+      state.server_params,
+      state.device_params,
+      split_to_batch(split, part, batch_size),
+      dp,
+      jax.random.fold_in(key, c),
+    )
+    hs.append(np.asarray(h)[: len(part)])
+    gs.append(np.asarray(g)[: len(part)])
   params = jax.tree.map(lambda x: np.asarray(x)[None], jax.device_get(state.device_params))
   return protocol.Transcript(
-      h=np.concatenate(hs), g=np.concatenate(gs), example_index=np.arange(n, dtype=np.int32),
-      param_index=np.zeros(n, np.int32), local_step=np.zeros(n, np.int32),
-      device_params=params, l2_clip_norm=float(dp.l2_clip_norm),
-      noise_multiplier=float(dp.noise_multiplier))
+    h=np.concatenate(hs),
+    g=np.concatenate(gs),
+    example_index=np.arange(n, dtype=np.int32),
+    param_index=np.zeros(n, np.int32),
+    local_step=np.zeros(n, np.int32),
+    device_params=params,
+    l2_clip_norm=float(dp.l2_clip_norm),
+    noise_multiplier=float(dp.noise_multiplier),
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -682,5 +766,6 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
   """
   # Must run before any backend starts; only the CPU client reads this option.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )

@@ -26,16 +26,26 @@ def pytest_sessionfinish(session, exitstatus):
   if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the controller made it
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
+
 # Test files in decreasing order of their serial run time (seconds on a 2-core machine, measured
 # with `pytest --durations=0`). pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands the
 # files to workers in this order, longest first, so no worker is left alone with a long file at
 # the end. Files not listed run after these, in collection order. Only the order changes: every
 # test still runs.
 _LONGEST_FIRST = (
-    "test_experiments.py", "test_numerics.py", "test_optimize.py", "test_exact.py",
-    "test_bad_input.py", "test_distributed.py", "test_training.py", "test_protocol.py",
-    "test_sharding.py", "test_activations.py", "test_privacy_transforms.py",
-    "test_antipodal.py", "test_properties.py",
+  "test_experiments.py",
+  "test_numerics.py",
+  "test_optimize.py",
+  "test_exact.py",
+  "test_bad_input.py",
+  "test_distributed.py",
+  "test_training.py",
+  "test_protocol.py",
+  "test_sharding.py",
+  "test_activations.py",
+  "test_privacy_transforms.py",
+  "test_antipodal.py",
+  "test_properties.py",
 )
 
 

@@ -16,10 +16,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def run(script: str, *args: str, num_devices: int = 4, timeout: int = 600):
   """`python -c script *args` with N forced CPU devices, the repo and tests/ importable."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      f' --xla_force_host_platform_device_count={num_devices}').strip()
+  env['XLA_FLAGS'] = (
+    env.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={num_devices}'
+  ).strip()
   env['JAX_PLATFORMS'] = 'cpu'
   # The repo (splitjax, experiments) and tests/ (scripts may load a test module by path).
   env['PYTHONPATH'] = os.pathsep.join([str(REPO), str(REPO / 'tests'), env.get('PYTHONPATH', '')])
-  return subprocess.run([sys.executable, '-c', script, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, '-c', script, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )

@@ -9,30 +9,38 @@ import pathlib
 
 import numpy as np
 
-NUMERIC = ("duration", "credit_amount", "installment_rate", "residence_since", "age",
-           "existing_credits", "num_dependents")
+NUMERIC = (
+  "duration",
+  "credit_amount",
+  "installment_rate",
+  "residence_since",
+  "age",
+  "existing_credits",
+  "num_dependents",
+)
 CATEGORICAL = {  # column -> its codes in the UCI file
-    "checking_status": ("A11", "A12", "A13", "A14"),
-    "credit_history": ("A30", "A31", "A32", "A33", "A34"),
-    "purpose": ("A40", "A41", "A42", "A43", "A44", "A45", "A46", "A48", "A49", "A410"),
-    "savings": ("A61", "A62", "A63", "A64", "A65"),
-    "employment": ("A71", "A72", "A73", "A74", "A75"),
-    "personal_status": ("A91", "A92", "A93", "A94"),
-    "other_debtors": ("A101", "A102", "A103"),
-    "property": ("A121", "A122", "A123", "A124"),
-    "other_installment_plans": ("A141", "A142", "A143"),
-    "housing": ("A151", "A152", "A153"),
-    "job": ("A171", "A172", "A173", "A174"),
-    "telephone": ("A191", "A192"),
-    "foreign_worker": ("A201", "A202"),
+  "checking_status": ("A11", "A12", "A13", "A14"),
+  "credit_history": ("A30", "A31", "A32", "A33", "A34"),
+  "purpose": ("A40", "A41", "A42", "A43", "A44", "A45", "A46", "A48", "A49", "A410"),
+  "savings": ("A61", "A62", "A63", "A64", "A65"),
+  "employment": ("A71", "A72", "A73", "A74", "A75"),
+  "personal_status": ("A91", "A92", "A93", "A94"),
+  "other_debtors": ("A101", "A102", "A103"),
+  "property": ("A121", "A122", "A123", "A124"),
+  "other_installment_plans": ("A141", "A142", "A143"),
+  "housing": ("A151", "A152", "A153"),
+  "job": ("A171", "A172", "A173", "A174"),
+  "telephone": ("A191", "A192"),
+  "foreign_worker": ("A201", "A202"),
 }
 LABEL = "class"
 # The schema a user writes first: only the label and the private columns.
 SCHEMA = {"label": LABEL, "private_categorical": ["personal_status", "housing"]}
 
 
-def german_like(path: pathlib.Path, *, num_rows: int = 1000, seed: int = 0,
-                id_column: bool = False) -> pathlib.Path:
+def german_like(
+  path: pathlib.Path, *, num_rows: int = 1000, seed: int = 0, id_column: bool = False
+) -> pathlib.Path:
   """Writes the table to `path` (CSV with a header); `id_column` adds a unique `application_id`."""
   rng = np.random.default_rng(seed)
   cols = {}
@@ -58,11 +66,14 @@ def german_like(path: pathlib.Path, *, num_rows: int = 1000, seed: int = 0,
   cols["num_dependents"] = rng.integers(1, 3, num_rows)
   for name in ("telephone", "foreign_worker"):
     cols[name] = rng.choice(CATEGORICAL[name], num_rows)
-  logit = (1.5 * (cols["checking_status"] == "A14") - 0.03 * (cols["duration"] - 20)
-           + 0.8 * (cols["housing"] == "A152") - 0.6 * (cols["personal_status"] == "A92"))
+  logit = (
+    1.5 * (cols["checking_status"] == "A14")
+    - 0.03 * (cols["duration"] - 20)
+    + 0.8 * (cols["housing"] == "A152")
+    - 0.6 * (cols["personal_status"] == "A92")
+  )
   good = rng.random(num_rows) < 1 / (1 + np.exp(-logit))
   cols[LABEL] = np.where(good, "good", "bad")
-  lines = [",".join(cols)] + [",".join(str(v[i]) for v in cols.values())
-                              for i in range(num_rows)]
+  lines = [",".join(cols)] + [",".join(str(v[i]) for v in cols.values()) for i in range(num_rows)]
   path.write_text("\n".join(lines) + "\n")
   return path

@@ -18,8 +18,13 @@ NUM_USERS = 96
 
 
 def _bottom(num_priv_dense=0):
-  spec = models.ModelSpec(pub_cardinalities=(3, 4), num_pub_dense=2, priv_cardinalities=CARDS,
-                          num_priv_dense=num_priv_dense, topology='device_bottom')
+  spec = models.ModelSpec(
+    pub_cardinalities=(3, 4),
+    num_pub_dense=2,
+    priv_cardinalities=CARDS,
+    num_priv_dense=num_priv_dense,
+    topology='device_bottom',
+  )
   return models.make_model(spec)
 
 
@@ -47,11 +52,13 @@ def test_activation_matching_recovers_everything_without_noise():
   assert np.all(r.num_ties == 1) and np.all(r.distances < 1e-5) and np.all(r.gap > 0)
   # The device clips to C_a (below every norm): the clip-aware attacker clips candidates too.
   c = 0.5 * float(np.linalg.norm(a, axis=1).min())
-  rc = splitjax.attacks.exact_activations(model.encoder_apply, phi, _clip(a, c), CARDS,
-                                          l2_clip_norm=c)
+  rc = splitjax.attacks.exact_activations(
+    model.encoder_apply, phi, _clip(a, c), CARDS, l2_clip_norm=c
+  )
   np.testing.assert_array_equal(rc.features, x)
-  paper = splitjax.attacks.exact_activations(model.encoder_apply, phi, _clip(a, c), CARDS,
-                                             l2_clip_norm=c, clip_aware=False)
+  paper = splitjax.attacks.exact_activations(
+    model.encoder_apply, phi, _clip(a, c), CARDS, l2_clip_norm=c, clip_aware=False
+  )
   assert np.mean(paper.features == x) <= 1.0  # runs; clip-unaware is never better here
   assert np.all(paper.distances >= rc.distances - 1e-6)
 
@@ -72,9 +79,15 @@ def test_bayes_with_noise_gives_posteriors_and_degrades_gracefully():
   out = {}
   for sigma in (0.01, 10.0):
     noisy = (a + sigma * c * rng.normal(size=a.shape)).astype(np.float32)
-    r = splitjax.attacks.exact_activations(model.encoder_apply, phi, noisy, CARDS,
-                                           l2_clip_norm=c, noise_stddev=sigma * c,
-                                           log_prior=np.zeros(np.prod(CARDS)))
+    r = splitjax.attacks.exact_activations(
+      model.encoder_apply,
+      phi,
+      noisy,
+      CARDS,
+      l2_clip_norm=c,
+      noise_stddev=sigma * c,
+      log_prior=np.zeros(np.prod(CARDS)),
+    )
     for post, k in zip(r.feature_posteriors, CARDS):
       assert post.shape == (NUM_USERS, k)
       np.testing.assert_allclose(post.sum(-1), 1.0, rtol=1e-4)
@@ -85,8 +98,9 @@ def test_bayes_with_noise_gives_posteriors_and_degrades_gracefully():
 
 def test_activation_matching_with_a_private_dense_feature():
   model, phi, x, dense, a = _sent(num_priv_dense=1)
-  r = splitjax.attacks.exact_activations(model.encoder_apply, phi, a, CARDS, num_dense=1,
-                                         num_restarts=16, num_steps=30, num_refine=4)
+  r = splitjax.attacks.exact_activations(
+    model.encoder_apply, phi, a, CARDS, num_dense=1, num_restarts=16, num_steps=30, num_refine=4
+  )
   np.testing.assert_array_equal(r.features, x)
   assert np.mean(np.abs(r.dense[:, 0] - dense[:, 0]) <= 0.01) >= 0.95
 
@@ -100,19 +114,27 @@ def test_bad_inputs_raise():
   with pytest.raises(splitjax.attacks.AttackError, match='log_prior'):
     splitjax.attacks.exact_activations(model.encoder_apply, phi, a, CARDS, log_prior=np.zeros(24))
   with pytest.raises(splitjax.attacks.AttackError, match='Bayes'):
-    splitjax.attacks.exact_activations(model.encoder_apply, phi, a, CARDS, noise_stddev=0.1,
-                                       distance='cosine')
+    splitjax.attacks.exact_activations(
+      model.encoder_apply, phi, a, CARDS, noise_stddev=0.1, distance='cosine'
+    )
   with pytest.raises(splitjax.attacks.AttackError, match='cardinalities'):
     splitjax.attacks.exact_activations(model.encoder_apply, phi, a, (2, 0, 4))
 
 
 def test_runner_on_a_device_bottom_workdir_with_dp_clipping(tmp_path):
-  config = configs_base.TrainConfig(dataset='synthetic', synthetic_examples=400, epochs=2,
-                                    hidden=(16, 8), batch_size=64, topology='device_bottom',
-                                    dp_clip='0.5')
+  config = configs_base.TrainConfig(
+    dataset='synthetic',
+    synthetic_examples=400,
+    epochs=2,
+    hidden=(16, 8),
+    batch_size=64,
+    topology='device_bottom',
+    dp_clip='0.5',
+  )
   pipeline.train_workdir(config, tmp_path, progress=None)
-  rec = beyond.attack_workdir(tmp_path, configs_base.AttackConfig(attack='exact', num_examples=40),
-                              progress=None)
+  rec = beyond.attack_workdir(
+    tmp_path, configs_base.AttackConfig(attack='exact', num_examples=40), progress=None
+  )
   assert rec['attack'] == 'exact_activations' and rec['label'] is None
   assert (tmp_path / 'attack.json').exists()
   for name, r in rec['features'].items():

@@ -32,9 +32,11 @@ def _device_apply(params, h, x_priv):
 
 def _setup():
   rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(16, D)) / math.sqrt(D), jnp.float32),
-            "a": jnp.asarray(rng.normal(size=16) / 2, jnp.float32),
-            "b": jnp.float32(0.3)}
+  params = {
+    "w": jnp.asarray(rng.normal(size=(16, D)) / math.sqrt(D), jnp.float32),
+    "a": jnp.asarray(rng.normal(size=16) / 2, jnp.float32),
+    "b": jnp.float32(0.3),
+  }
   h = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
   y = rng.integers(0, 2, N)
   z = jax.vmap(lambda hi: _device_apply(params, hi, None))(h)
@@ -50,8 +52,15 @@ def _setup():
 def _accuracy(params, h, y, g_true, sigma_sent, sigma_assumed, seed):
   tx = privacy.cut_layer_dp(C, sigma_sent, key=jax.random.key(seed))
   g_sent, _ = tx.update(g_true, tx.init(g_true))
-  res = attacks.exact(_device_apply, params, np.asarray(h), np.asarray(g_sent), (1,),
-                      l2_clip_norm=C, noise_stddev=sigma_assumed * C)
+  res = attacks.exact(
+    _device_apply,
+    params,
+    np.asarray(h),
+    np.asarray(g_sent),
+    (1,),
+    l2_clip_norm=C,
+    noise_stddev=sigma_assumed * C,
+  )
   return res.labels == y
 
 
@@ -87,8 +96,9 @@ def test_reference_bound_holds_for_three_antipodal_like_candidates():
   obs = means[secret] + rng.normal(0, sigma * C, (n, 2))
   guess = np.argmin(((obs[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
   acc = float(np.mean(guess == secret))
-  valid = float(privacy.bounds.reconstruction_bound(1 / 3, privacy.bounds.reference_mu(
-      noise_multiplier=sigma)))
+  valid = float(
+    privacy.bounds.reconstruction_bound(1 / 3, privacy.bounds.reference_mu(noise_multiplier=sigma))
+  )
   old = float(privacy.bounds.reconstruction_bound(1 / 3, 2 / sigma))
   assert abs(acc - 0.696) < 0.01 and abs(valid - 0.715) < 0.002 and abs(old - 0.942) < 0.002
   assert acc < valid < old
@@ -120,13 +130,23 @@ def test_bayes_attack_with_the_true_prior_matches_monte_carlo_over_the_noise():
       z, v = jax.value_and_grad(lambda hh: device_apply(None, hh, x))(hi)
       g = (jax.nn.sigmoid(z) - y) * v
       return g * jnp.minimum(1.0, clip / jnp.maximum(jnp.linalg.norm(g), 1e-30))
+
     return jax.vmap(lambda x: jnp.stack([one(x, 0.0), one(x, 1.0)]))(jnp.asarray(table)).reshape(
-        -1, D)
+      -1, D
+    )
 
   means = np.asarray(jax.vmap(grads)(jnp.asarray(h)), np.float64)  # [n, 12, D]
   g_obs = means[np.arange(n), pair] + rng.normal(0, sigma * clip, (n, D))
-  res = attacks.exact(device_apply, None, h, g_obs.astype(np.float32), cards, l2_clip_norm=clip,
-                      noise_stddev=sigma * clip, log_prior=np.log(prior))
+  res = attacks.exact(
+    device_apply,
+    None,
+    h,
+    g_obs.astype(np.float32),
+    cards,
+    l2_clip_norm=clip,
+    noise_stddev=sigma * clip,
+    log_prior=np.log(prior),
+  )
   hit = res.features[:, 0] == table[cand, 0]
 
   def bayes_hit(obs):  # numpy: the marginal-posterior argmax of feature 0
@@ -135,8 +155,9 @@ def test_bayes_attack_with_the_true_prior_matches_monte_carlo_over_the_noise():
     f0 = np.stack([post[:, np.repeat(table[:, 0] == k, 2)].sum(1) for k in range(cards[0])], 1)
     return f0.argmax(axis=1) == table[cand, 0]
 
-  draws = np.stack([bayes_hit(means[np.arange(n), pair] + rng.normal(0, sigma * clip, (n, D)))
-                    for _ in range(200)])
+  draws = np.stack(
+    [bayes_hit(means[np.arange(n), pair] + rng.normal(0, sigma * clip, (n, D))) for _ in range(200)]
+  )
   p_u = draws.mean(axis=0)
   assert np.mean(bayes_hit(g_obs) == hit) > 0.995  # the same decisions on the same draw
   sd = math.sqrt(np.sum(p_u * (1 - p_u))) / n

@@ -105,22 +105,43 @@ def test_server_feature_matrix():
   assert m.dtype == np.float32
 
 
-@pytest.mark.parametrize('call, match', [
-    (lambda: baselines.knn(np.zeros((5, 2)), np.zeros((5, 1), np.int32), np.zeros((3, 3)), (2,)),
-     r'same F, got \(5, 2\) and \(3, 3\)'),
-    (lambda: baselines.knn(np.zeros((5, 2)), np.zeros((4, 1), np.int32), np.zeros((3, 2)), (2,)),
-     r'train_features \(5, 2\) and train_targets \(4, 1\)'),
-    (lambda: baselines.knn(np.zeros((5, 2)), np.zeros((5, 1), np.int32), np.zeros((3, 2)), (2,),
-                           k=6), r'k must be an int in \[1, N_tr = 5\], got 6'),
-    (lambda: baselines.knn(np.zeros((5, 2)), np.full((5, 1), 2), np.zeros((3, 2)), (2,), k=1),
-     r'must lie in \[0, 2\)'),
-    (lambda: baselines.majority_prior(np.zeros((5, 2), np.int32), (2, 0)),
-     r'cardinalities\[1\] must be >= 1, got 0'),
-    (lambda: baselines.server_feature_matrix(np.zeros((3, 1), np.int32), np.zeros((2, 1)), (2,)),
-     r'pub_dense must be \[N, Sd\] with N = 3'),
-    (lambda: baselines.knn(np.full((5, 2), np.nan), np.zeros((5, 1), np.int32), np.zeros((3, 2)),
-                           (2,), k=1), r'train_features \(5, 2\) contains NaN'),
-])
+@pytest.mark.parametrize(
+  'call, match',
+  [
+    (
+      lambda: baselines.knn(np.zeros((5, 2)), np.zeros((5, 1), np.int32), np.zeros((3, 3)), (2,)),
+      r'same F, got \(5, 2\) and \(3, 3\)',
+    ),
+    (
+      lambda: baselines.knn(np.zeros((5, 2)), np.zeros((4, 1), np.int32), np.zeros((3, 2)), (2,)),
+      r'train_features \(5, 2\) and train_targets \(4, 1\)',
+    ),
+    (
+      lambda: baselines.knn(
+        np.zeros((5, 2)), np.zeros((5, 1), np.int32), np.zeros((3, 2)), (2,), k=6
+      ),
+      r'k must be an int in \[1, N_tr = 5\], got 6',
+    ),
+    (
+      lambda: baselines.knn(np.zeros((5, 2)), np.full((5, 1), 2), np.zeros((3, 2)), (2,), k=1),
+      r'must lie in \[0, 2\)',
+    ),
+    (
+      lambda: baselines.majority_prior(np.zeros((5, 2), np.int32), (2, 0)),
+      r'cardinalities\[1\] must be >= 1, got 0',
+    ),
+    (
+      lambda: baselines.server_feature_matrix(np.zeros((3, 1), np.int32), np.zeros((2, 1)), (2,)),
+      r'pub_dense must be \[N, Sd\] with N = 3',
+    ),
+    (
+      lambda: baselines.knn(
+        np.full((5, 2), np.nan), np.zeros((5, 1), np.int32), np.zeros((3, 2)), (2,), k=1
+      ),
+      r'train_features \(5, 2\) contains NaN',
+    ),
+  ],
+)
 def test_bad_arguments_raise_value_error(call, match):
   with pytest.raises(ValueError, match=match):
     call()
@@ -129,5 +150,6 @@ def test_bad_arguments_raise_value_error(call, match):
 def test_knn_no_test_rows():
   r = baselines.knn(np.zeros((5, 2)), np.zeros((5, 1), np.int32), np.zeros((0, 2)), (2,), k=3)
   assert r.predictions.shape == (0, 1) and r.posteriors[0].shape == (0, 2)
-  assert math.isclose(float(baselines.majority_prior(np.zeros((5, 1), np.int32), (2,))
-                            .posteriors[0][0]), 1.0)
+  assert math.isclose(
+    float(baselines.majority_prior(np.zeros((5, 1), np.int32), (2,)).posteriors[0][0]), 1.0
+  )

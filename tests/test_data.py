@@ -158,9 +158,13 @@ age,sex,city,income,spend,label
 
 def test_csv_with_json_schema(tmp_path):
   path = _write(tmp_path, "t.csv", _TABLE)
-  schema = {"private_categorical": ["sex"], "private_dense": ["age"],
-            "server_categorical": ["city"], "server_dense": ["income", "spend"],
-            "label": "label"}
+  schema = {
+    "private_categorical": ["sex"],
+    "private_dense": ["age"],
+    "server_categorical": ["city"],
+    "server_dense": ["income", "spend"],
+    "label": "label",
+  }
   schema_path = _write(tmp_path, "schema.json", json.dumps(schema))
   table = data.load("csv", path=path, schema=schema_path, test_fraction=0.2, seed=3)
   assert table.name == "csv"
@@ -172,15 +176,17 @@ def test_csv_with_json_schema(tmp_path):
   assert sorted(y.tolist()) == [0] * 6 + [1] * 4
   assert table.train.priv_dense.min() == 0.0 and table.train.priv_dense.max() == 1.0
   # Keywords override the schema; positive_label flips the mapping; a dict schema works too.
-  flipped = data.load("csv", path=path, schema=schema, server_dense="income",
-                      positive_label="no")
+  flipped = data.load("csv", path=path, schema=schema, server_dense="income", positive_label="no")
   # spend, no longer listed, goes to the server by type (a csv table's unlisted columns do).
   assert flipped.roles.server_dense == ("income", "spend")
-  assert flipped.notes == ("t.csv: 1 unlisted column(s) go to the server: server_dense (spend) "
-                           '(list any under "ignore" in --schema to drop it)',)
+  assert flipped.notes == (
+    "t.csv: 1 unlisted column(s) go to the server: server_dense (spend) "
+    '(list any under "ignore" in --schema to drop it)',
+  )
   assert _all(flipped.train, flipped.test, "y").sum() == 6
-  semi = data.load("csv", path=_write(tmp_path, "s.csv", _TABLE.replace(",", ";")),
-                   schema=schema)  # Delimiter detected from the header.
+  semi = data.load(
+    "csv", path=_write(tmp_path, "s.csv", _TABLE.replace(",", ";")), schema=schema
+  )  # Delimiter detected from the header.
   assert semi.priv_cardinalities == (2,)
 
 
@@ -190,22 +196,30 @@ def test_own_table_unlisted_columns_go_to_the_server_by_type(tmp_path):
   table = data.load("csv", path=path, schema=tables.SCHEMA)
   assert table.roles.private_categorical == ("personal_status", "housing")
   assert set(table.roles.server_dense) == set(tables.NUMERIC)
-  assert set(table.roles.server_categorical) == set(tables.CATEGORICAL) - {"personal_status",
-                                                                             "housing"}
+  assert set(table.roles.server_categorical) == set(tables.CATEGORICAL) - {
+    "personal_status",
+    "housing",
+  }
   assert len(table.roles.features()) == 20
-  assert table.pub_cardinalities == tuple(len(tables.CATEGORICAL[c])
-                                          for c in table.roles.server_categorical)
+  assert table.pub_cardinalities == tuple(
+    len(tables.CATEGORICAL[c]) for c in table.roles.server_categorical
+  )
   (note,) = table.notes
   assert "german.csv: 18 unlisted column(s) go to the server" in note and '"ignore"' in note
   for col in tables.NUMERIC + ("checking_status", "telephone"):
     assert col in note, col
   assert len(table.train) + len(table.test) == 1000
   # Everything listed: no note. "ignore" drops columns on purpose, from any dataset.
-  listed = data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=["purpose"]),
-                     server_dense=[c for c in tables.NUMERIC if c != "age"],
-                     server_categorical=[c for c in tables.CATEGORICAL if c not in (
-                         "purpose", "personal_status", "housing")],
-                     private_dense=["age"])
+  listed = data.load(
+    "csv",
+    path=path,
+    schema=dict(tables.SCHEMA, ignore=["purpose"]),
+    server_dense=[c for c in tables.NUMERIC if c != "age"],
+    server_categorical=[
+      c for c in tables.CATEGORICAL if c not in ("purpose", "personal_status", "housing")
+    ],
+    private_dense=["age"],
+  )
   assert listed.notes == ()
   assert "age" not in listed.roles.server_dense and listed.roles.private_dense == ("age",)
   adult = data.load("adult", ignore=["education"])
@@ -216,9 +230,12 @@ def test_own_table_unlisted_columns_go_to_the_server_by_type(tmp_path):
 
 def test_own_table_refuses_an_id_and_an_empty_server_side(tmp_path):
   path = tables.german_like(tmp_path / "german.csv", num_rows=200, id_column=True)
-  with pytest.raises(data.DataError, match=r"categorical column 'application_id' of .*german.csv "
-                     r"has 200 distinct values in 200 rows, like an identifier: list it under "
-                     r'"ignore" in --schema'):
+  with pytest.raises(
+    data.DataError,
+    match=r"categorical column 'application_id' of .*german.csv "
+    r"has 200 distinct values in 200 rows, like an identifier: list it under "
+    r'"ignore" in --schema',
+  ):
     data.load("csv", path=path, schema=tables.SCHEMA)
   table = data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=["application_id"]))
   assert "application_id" not in table.roles.features()
@@ -226,14 +243,24 @@ def test_own_table_refuses_an_id_and_an_empty_server_side(tmp_path):
   # The id listed on purpose as a server category is refused too.
   with pytest.raises(data.DataError, match="like an identifier"):
     data.load("csv", path=path, schema=dict(tables.SCHEMA, server_categorical=["application_id"]))
-  every_other = [c for c in ("application_id",) + tables.NUMERIC + tuple(tables.CATEGORICAL)
-                 if c not in ("personal_status", "housing")]
-  with pytest.raises(data.DataError, match=r"the server holds no feature for .*german.csv; list "
-                     r'its columns under "server_categorical" or "server_dense" in --schema'):
+  every_other = [
+    c
+    for c in ("application_id",) + tables.NUMERIC + tuple(tables.CATEGORICAL)
+    if c not in ("personal_status", "housing")
+  ]
+  with pytest.raises(
+    data.DataError,
+    match=r"the server holds no feature for .*german.csv; list "
+    r'its columns under "server_categorical" or "server_dense" in --schema',
+  ):
     data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=every_other))
   with pytest.raises(data.DataError, match=r"the server holds no feature for adult"):
-    data.load("adult", ignore=list(data.DEFAULT_ROLES["adult"].server_categorical
-                                   + data.DEFAULT_ROLES["adult"].server_dense))
+    data.load(
+      "adult",
+      ignore=list(
+        data.DEFAULT_ROLES["adult"].server_categorical + data.DEFAULT_ROLES["adult"].server_dense
+      ),
+    )
   with pytest.raises(data.DataError, match=r"column 'class' is given two roles \(label and ignore"):
     data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=["class"]))
   with pytest.raises(data.DataError, match=r"column 'income' is both the label and in \"ignore\""):
@@ -285,16 +312,20 @@ def test_taobao_join_fills_and_shifts(tmp_path):
   table = data.load("taobao", path=_taobao_dir(tmp_path), test_fraction=0.2)
   assert len(table.train) + len(table.test) == 10 and len(table.test) == 2
   assert table.priv_cardinalities == (7, 3, 3, 2)  # Full domains, though the fixture lacks some.
-  assert table.roles.server_categorical == ("adgroup_id", "cate_id", "customer", "brand",
-                                            "userid")
+  assert table.roles.server_categorical == ("adgroup_id", "cate_id", "customer", "brand", "userid")
   priv = np.concatenate([table.train.priv_cat, table.test.priv_cat])
   pub = np.concatenate([table.train.pub_cat, table.test.pub_cat])
   users = np.array(table.vocab["userid"])[pub[:, 4]]
   ads = np.array(table.vocab["adgroup_id"])[pub[:, 0]]
   # (age_level, pvalue_level - 1, shopping_level - 1, occupation); user 5 has no profile row:
   # filled with age 3, pvalue 2, shopping 2, occupation 0; user 1's empty pvalue is filled 2.
-  expected = {"1": (5, 1, 2, 0), "2": (2, 0, 2, 1), "3": (0, 2, 0, 0), "4": (6, 1, 1, 1),
-              "5": (3, 1, 1, 0)}
+  expected = {
+    "1": (5, 1, 2, 0),
+    "2": (2, 0, 2, 1),
+    "3": (0, 2, 0, 0),
+    "4": (6, 1, 1, 1),
+    "5": (3, 1, 1, 0),
+  }
   for user, levels in expected.items():
     np.testing.assert_array_equal(priv[users == user], [levels] * int((users == user).sum()))
   brands = np.array(table.vocab["brand"])[pub[:, 3]]
@@ -350,8 +381,10 @@ def test_synthetic_private_independent_of_server_when_uncorrelated():
     np.testing.assert_allclose(freq, table.priv_priors[j], atol=0.02)
   # With correlation the private value follows the server's: dependence is detected.
   correlated = data.synthetic(num_examples=20_000, seed=0, correlation=0.8)
-  assert _contingency_pvalue(correlated.train.priv_cat[:, 0], correlated.train.pub_cat[:, 0],
-                             2, 4) < 1e-10
+  assert (
+    _contingency_pvalue(correlated.train.priv_cat[:, 0], correlated.train.pub_cat[:, 0], 2, 4)
+    < 1e-10
+  )
   freq = np.bincount(correlated.train.priv_cat[:, 1], minlength=3) / len(correlated.train)
   np.testing.assert_allclose(freq, correlated.priv_priors[1], atol=0.02)
 
@@ -359,8 +392,9 @@ def test_synthetic_private_independent_of_server_when_uncorrelated():
 def test_synthetic_posteriors_are_consistent():
   # Without server dense features x_pub takes 20 values: within each, the mean of
   # P(y=1 | x_pub, x_priv) estimates P(y=1 | x_pub).
-  table = data.synthetic(num_examples=20_000, seed=2, num_pub_dense=0, num_priv_dense=1,
-                         correlation=0.3)
+  table = data.synthetic(
+    num_examples=20_000, seed=2, num_pub_dense=0, num_priv_dense=1, correlation=0.3
+  )
   split = table.train
   group = split.pub_cat[:, 0] * 5 + split.pub_cat[:, 1]
   for g in np.unique(group):
@@ -381,48 +415,91 @@ def _bad_csv_cases(tmp_path):
   schema = {"private_categorical": ["sex"], "server_dense": ["income"], "label": "label"}
   w = lambda name, content: _write(tmp_path, name, content)  # noqa: E731
   return [
-      (lambda: data.load("adultt"), r"unknown dataset 'adultt'; valid names: adult, bank"),
-      (lambda: data.load("adult", private_categorical=("sexx",)),
-       r"unknown column 'sexx' for adult; available columns: age, workclass"),
-      (lambda: data.load("adult", frobnicate=1), r"unknown option\(s\) frobnicate"),
-      (lambda: data.load("csv", path=str(tmp_path / "nope.csv"), schema=schema),
-       r"file not found: .*nope\.csv"),
-      (lambda: data.load("csv", path=str(tmp_path), schema=schema), r"is a directory"),
-      (lambda: data.load("csv", path=w("rows.csv", "sex,income,label\nF,1,yes\nM,2\n"),
-                         schema=schema), r"rows\.csv line 3: 2 fields, expected 3"),
-      (lambda: data.load("csv", path=w("empty.csv", ""), schema=schema), r"empty\.csv is empty"),
-      (lambda: data.load("csv", path=w("head.csv", "sex,income,label\n"), schema=schema),
-       r"head\.csv has a header but no data rows"),
-      (lambda: data.load("csv", path=w("semi.csv", _TABLE.replace(",", ";")), schema=schema,
-                         delimiter=","),
-       r"semi\.csv has one column only when split on ','; it looks ';'-separated"),
-      (lambda: data.load("csv", path=w("latin.csv", b"sex,income,label\n\xe9,1,yes\n"),
-                         schema=schema), r"latin\.csv is not UTF-8 text"),
-      (lambda: data.load("csv", path=w("bin.csv", b"\x00\x01\x02binary\x00"), schema=schema),
-       r"bin\.csv is a binary file"),
-      (lambda: data.load("csv", path=w("multi.csv", "sex,income,label\nF,1,a\nM,2,b\nF,3,c\n"),
-                         schema=schema), r"label 'label' must be binary but has 3 distinct"),
-      (lambda: data.load("csv", path=w("nan.csv", "sex,income,label\nF,1,a\nM,nan,b\n"),
-                         schema=schema),
-       r"dense column 'income' has non-numeric or NaN value 'nan' at nan\.csv line 3"),
-      (lambda: data.load("csv", path=w("txt.csv", "sex,income,label\nF,1,a\nM,lots,b\n"),
-                         schema=schema), r"'income' has non-numeric .*'lots' at txt\.csv line 3"),
-      (lambda: data.load("adult", private_dense=("age",), server_dense=("age",)),
-       r"column 'age' is given two roles \(private_dense and server_dense\)"),
-      (lambda: data.load("adult", private_categorical=("sex", "sex")),
-       r"column 'sex' is listed twice in private_categorical"),
-      (lambda: data.load("adult", server_categorical=("income",)),
-       r"column 'income' is given two roles \(label and server_categorical\)"),
-      (lambda: data.load("csv", path=w("ok.csv", _TABLE),
-                         schema={"server_dense": ["income"], "label": "label"}),
-       r"no private feature"),
-      (lambda: data.load("csv", path=w("ok.csv", _TABLE), schema=w("bad.json", "{oops")),
-       r"schema file .*bad\.json is not valid JSON"),
-      (lambda: data.load("csv", path=w("ok.csv", _TABLE), schema={"privat": ["sex"]}),
-       r"unknown key\(s\) 'privat'"),
-      (lambda: data.load("bank", test_fraction=1.5), r"test_fraction must be in \(0, 1\)"),
-      (lambda: data.synthetic(correlation=2.0), r"correlation must be in \[0, 1\]"),
-      (lambda: data.synthetic(priv_cardinalities=()), r"no private feature"),
+    (lambda: data.load("adultt"), r"unknown dataset 'adultt'; valid names: adult, bank"),
+    (
+      lambda: data.load("adult", private_categorical=("sexx",)),
+      r"unknown column 'sexx' for adult; available columns: age, workclass",
+    ),
+    (lambda: data.load("adult", frobnicate=1), r"unknown option\(s\) frobnicate"),
+    (
+      lambda: data.load("csv", path=str(tmp_path / "nope.csv"), schema=schema),
+      r"file not found: .*nope\.csv",
+    ),
+    (lambda: data.load("csv", path=str(tmp_path), schema=schema), r"is a directory"),
+    (
+      lambda: data.load(
+        "csv", path=w("rows.csv", "sex,income,label\nF,1,yes\nM,2\n"), schema=schema
+      ),
+      r"rows\.csv line 3: 2 fields, expected 3",
+    ),
+    (lambda: data.load("csv", path=w("empty.csv", ""), schema=schema), r"empty\.csv is empty"),
+    (
+      lambda: data.load("csv", path=w("head.csv", "sex,income,label\n"), schema=schema),
+      r"head\.csv has a header but no data rows",
+    ),
+    (
+      lambda: data.load(
+        "csv", path=w("semi.csv", _TABLE.replace(",", ";")), schema=schema, delimiter=","
+      ),
+      r"semi\.csv has one column only when split on ','; it looks ';'-separated",
+    ),
+    (
+      lambda: data.load(
+        "csv", path=w("latin.csv", b"sex,income,label\n\xe9,1,yes\n"), schema=schema
+      ),
+      r"latin\.csv is not UTF-8 text",
+    ),
+    (
+      lambda: data.load("csv", path=w("bin.csv", b"\x00\x01\x02binary\x00"), schema=schema),
+      r"bin\.csv is a binary file",
+    ),
+    (
+      lambda: data.load(
+        "csv", path=w("multi.csv", "sex,income,label\nF,1,a\nM,2,b\nF,3,c\n"), schema=schema
+      ),
+      r"label 'label' must be binary but has 3 distinct",
+    ),
+    (
+      lambda: data.load(
+        "csv", path=w("nan.csv", "sex,income,label\nF,1,a\nM,nan,b\n"), schema=schema
+      ),
+      r"dense column 'income' has non-numeric or NaN value 'nan' at nan\.csv line 3",
+    ),
+    (
+      lambda: data.load(
+        "csv", path=w("txt.csv", "sex,income,label\nF,1,a\nM,lots,b\n"), schema=schema
+      ),
+      r"'income' has non-numeric .*'lots' at txt\.csv line 3",
+    ),
+    (
+      lambda: data.load("adult", private_dense=("age",), server_dense=("age",)),
+      r"column 'age' is given two roles \(private_dense and server_dense\)",
+    ),
+    (
+      lambda: data.load("adult", private_categorical=("sex", "sex")),
+      r"column 'sex' is listed twice in private_categorical",
+    ),
+    (
+      lambda: data.load("adult", server_categorical=("income",)),
+      r"column 'income' is given two roles \(label and server_categorical\)",
+    ),
+    (
+      lambda: data.load(
+        "csv", path=w("ok.csv", _TABLE), schema={"server_dense": ["income"], "label": "label"}
+      ),
+      r"no private feature",
+    ),
+    (
+      lambda: data.load("csv", path=w("ok.csv", _TABLE), schema=w("bad.json", "{oops")),
+      r"schema file .*bad\.json is not valid JSON",
+    ),
+    (
+      lambda: data.load("csv", path=w("ok.csv", _TABLE), schema={"privat": ["sex"]}),
+      r"unknown key\(s\) 'privat'",
+    ),
+    (lambda: data.load("bank", test_fraction=1.5), r"test_fraction must be in \(0, 1\)"),
+    (lambda: data.synthetic(correlation=2.0), r"correlation must be in \[0, 1\]"),
+    (lambda: data.synthetic(priv_cardinalities=()), r"no private feature"),
   ]
 
 

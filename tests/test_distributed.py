@@ -78,13 +78,25 @@ def test_train_binary_as_two_processes_on_one_workdir_agrees_with_one_process(tm
   env.pop("XLA_FLAGS", None)
   port = str(_free_port())
   shared, alone = tmp_path / "shared", tmp_path / "alone"
-  procs = [subprocess.Popen([sys.executable, str(script), str(pid), port,
-                             str(tmp_path / f"p{pid}.npy"), str(shared)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for pid in (0, 1)]
-  single = subprocess.run([sys.executable, str(script), "-1", port, str(tmp_path / "single.npy"),
-                           str(alone)], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(pid), port, str(tmp_path / f"p{pid}.npy"), str(shared)],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for pid in (0, 1)
+  ]
+  single = subprocess.run(
+    [sys.executable, str(script), "-1", port, str(tmp_path / "single.npy"), str(alone)],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]

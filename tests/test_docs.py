@@ -16,8 +16,9 @@ def _headings(design_text: str) -> set[str]:
 def dangling_references(texts: dict[str, str], design_text: str) -> list[str]:
   """`file: §N` for every DESIGN.md §N reference whose section N is not a heading."""
   have = _headings(design_text)
-  return [f"{name}: §{n}" for name, text in texts.items() for n in _REF.findall(text)
-          if n not in have]
+  return [
+    f"{name}: §{n}" for name, text in texts.items() for n in _REF.findall(text) if n not in have
+  ]
 
 
 def _repo_texts() -> dict[str, str]:

@@ -37,14 +37,20 @@ def init_deepfm(seed, num_server_fields, num_dense, priv_cards, embed_dim=EMBED,
   h1, h2 = hidden
   num_priv = len(priv_cards)
   return dict(
-      w_h=normal((d,), 1 / math.sqrt(d)), bias=normal((), 0.1),
-      w_priv=tuple(normal((k,), 0.5) for k in priv_cards),
-      emb=tuple(normal((k, embed_dim), 0.3) for k in priv_cards),
-      W1_h=normal((d, h1), math.sqrt(2 / d)),
-      W1_priv=tuple(normal((embed_dim, h1), math.sqrt(2 / (embed_dim * num_priv)))
-                    for _ in priv_cards),
-      b1=normal((h1,), 0.1), W2=normal((h1, h2), math.sqrt(2 / h1)), b2=normal((h2,), 0.1),
-      w3=normal((h2,), 1 / math.sqrt(h2)), b3=normal((), 0.1))
+    w_h=normal((d,), 1 / math.sqrt(d)),
+    bias=normal((), 0.1),
+    w_priv=tuple(normal((k,), 0.5) for k in priv_cards),
+    emb=tuple(normal((k, embed_dim), 0.3) for k in priv_cards),
+    W1_h=normal((d, h1), math.sqrt(2 / d)),
+    W1_priv=tuple(
+      normal((embed_dim, h1), math.sqrt(2 / (embed_dim * num_priv))) for _ in priv_cards
+    ),
+    b1=normal((h1,), 0.1),
+    W2=normal((h1, h2), math.sqrt(2 / h1)),
+    b2=normal((h2,), 0.1),
+    w3=normal((h2,), 1 / math.sqrt(h2)),
+    b3=normal((), 0.1),
+  )
 
 
 def make_apply(num_server_fields, embed_dim=EMBED):
@@ -55,11 +61,13 @@ def make_apply(num_server_fields, embed_dim=EMBED):
     e = [p['emb'][j][x[j]] for j in range(num_priv)]
     lin = h @ p['w_h'] + sum(p['w_priv'][j][x[j]] for j in range(num_priv)) + p['bias']
     fields = jnp.concatenate(
-        [h[:num_server_fields * embed_dim].reshape(num_server_fields, embed_dim), jnp.stack(e)])
+      [h[: num_server_fields * embed_dim].reshape(num_server_fields, embed_dim), jnp.stack(e)]
+    )
     s = fields.sum(0)
     fm = 0.5 * jnp.sum(s * s - jnp.sum(fields * fields, 0))
-    a1 = (h @ p['W1_h'] + sum((p['emb'][j] @ p['W1_priv'][j])[x[j]] for j in range(num_priv))
-          + p['b1'])
+    a1 = (
+      h @ p['W1_h'] + sum((p['emb'][j] @ p['W1_priv'][j])[x[j]] for j in range(num_priv)) + p['b1']
+    )
     a2 = jax.nn.relu(jax.nn.relu(a1) @ p['W2'] + p['b2'])
     return lin + fm + a2 @ p['w3'] + p['b3']
 
@@ -79,8 +87,14 @@ def numpy_logit_and_grad(p, h, x, num_server_fields=NUM_SERVER_FIELDS, embed_dim
   u1 = np.maximum(a1, 0)
   a2 = u1 @ p['W2'] + p['b2']
   u2 = np.maximum(a2, 0)
-  z = (h @ p['w_h'] + sum(p['w_priv'][j][x[j]] for j in range(num_priv)) + p['bias']
-       + 0.5 * np.sum(s * s - np.sum(fields * fields, 0)) + u2 @ p['w3'] + p['b3'])
+  z = (
+    h @ p['w_h']
+    + sum(p['w_priv'][j][x[j]] for j in range(num_priv))
+    + p['bias']
+    + 0.5 * np.sum(s * s - np.sum(fields * fields, 0))
+    + u2 @ p['w3']
+    + p['b3']
+  )
   delta2 = p['w3'] * (a2 > 0)
   delta1 = (p['W2'] @ delta2) * (a1 > 0)
   grad = p['w_h'] + p['W1_h'] @ delta1
@@ -111,8 +125,9 @@ def device_gradients(apply, p, h, x, y):
     z = apply(p, h_i, x_i)
     return jnp.logaddexp(0.0, z) - y_i * z
 
-  return np.asarray(jax.jit(jax.vmap(jax.grad(loss)))(jnp.asarray(h), jnp.asarray(x),
-                                                      jnp.asarray(y)))
+  return np.asarray(
+    jax.jit(jax.vmap(jax.grad(loss)))(jnp.asarray(h), jnp.asarray(x), jnp.asarray(y))
+  )
 
 
 def clip_rows(g, c):
@@ -166,8 +181,9 @@ def test_recovers_every_user_without_dp_up_to_ties(problem):
   # both sides round p - y to about 1e-7 absolute, an error that scales with ||dz/dh||, which is
   # large beside ||g|| for users the model is sure of.
   scale = np.linalg.norm(problem.g, axis=1)
-  z = np.asarray(jax.vmap(problem.apply, in_axes=(None, 0, 0))(problem.params, problem.h,
-                                                               problem.x))
+  z = np.asarray(
+    jax.vmap(problem.apply, in_axes=(None, 0, 0))(problem.params, problem.h, problem.x)
+  )
   dz_dh = scale / np.abs(1 / (1 + np.exp(-z.astype(np.float64))) - problem.y)
   assert np.all(r.distances[ok] <= 1e-5 * scale[ok] + 1e-6 * np.maximum(1.0, dz_dh[ok]))
   np.testing.assert_array_equal(r.features, r.map_features)
@@ -180,21 +196,30 @@ def test_equals_numpy_brute_force_argmin(problem, brute, distance):
   n = cand.shape[0]
   rng = np.random.default_rng(1)
   # Observations: true gradients and random directions (non-trivial nearest pairs).
-  g_obs = np.concatenate([problem.g[:n], rng.normal(size=problem.g[:n].shape).astype(np.float32)
-                          * np.linalg.norm(problem.g[:n], axis=1, keepdims=True) / math.sqrt(D)])
+  g_obs = np.concatenate(
+    [
+      problem.g[:n],
+      rng.normal(size=problem.g[:n].shape).astype(np.float32)
+      * np.linalg.norm(problem.g[:n], axis=1, keepdims=True)
+      / math.sqrt(D),
+    ]
+  )
   cand = np.concatenate([cand, cand])
   h = np.concatenate([problem.h[:n], problem.h[:n]])
   if distance == 'l2':
     dist = np.linalg.norm(cand - g_obs[:, None, None, :], axis=-1)
   else:
-    cos = (np.einsum('ncld,nd->ncl', cand, g_obs)
-           / (np.linalg.norm(cand, axis=-1) * np.linalg.norm(g_obs, axis=-1)[:, None, None]))
+    cos = np.einsum('ncld,nd->ncl', cand, g_obs) / (
+      np.linalg.norm(cand, axis=-1) * np.linalg.norm(g_obs, axis=-1)[:, None, None]
+    )
     dist = 1.0 - cos
   flat = dist.reshape(len(g_obs), -1)
   best = flat.argmin(axis=1)
   srt = np.sort(flat, axis=1)
   r = exact_lib.exact(problem.apply, problem.params, h, g_obs, CARDS, distance=distance)
-  clear = (srt[:, 1] - srt[:, 0]) > 1e-4 * (np.linalg.norm(g_obs, axis=1) if distance == 'l2' else 1)
+  clear = (srt[:, 1] - srt[:, 0]) > 1e-4 * (
+    np.linalg.norm(g_obs, axis=1) if distance == 'l2' else 1
+  )
   assert clear.sum() >= len(g_obs) - 2
   np.testing.assert_array_equal(r.map_features[clear], table[best // 2][clear])
   np.testing.assert_array_equal(r.map_labels[clear], (best % 2)[clear])
@@ -208,10 +233,12 @@ def test_clip_aware_recovers_where_clip_unaware_fails(problem):
   clip = 0.5 * norms.mean()  # like --dp_clip=auto
   assert np.mean(norms > clip) > 0.4
   g_clipped = clip_rows(problem.g, clip)
-  aware = exact_lib.exact(problem.apply, problem.params, problem.h, g_clipped, CARDS,
-                          l2_clip_norm=clip)
-  unaware = exact_lib.exact(problem.apply, problem.params, problem.h, g_clipped, CARDS,
-                            l2_clip_norm=clip, clip_aware=False)
+  aware = exact_lib.exact(
+    problem.apply, problem.params, problem.h, g_clipped, CARDS, l2_clip_norm=clip
+  )
+  unaware = exact_lib.exact(
+    problem.apply, problem.params, problem.h, g_clipped, CARDS, l2_clip_norm=clip, clip_aware=False
+  )
   aware_acc = np.mean(_correct(aware, problem))
   unaware_acc = np.mean(_correct(unaware, problem))
   assert aware_acc >= 0.99, aware_acc
@@ -227,17 +254,24 @@ def test_bayes_marginals_match_brute_force_posterior(problem, brute):
   clip = 0.5 * float(np.linalg.norm(problem.g, axis=1).mean())
   stddev = clip / math.sqrt(D)  # noise norm ~ C: mixed posteriors
   rng = np.random.default_rng(2)
-  g_obs = (clip_rows(problem.g[:n], clip)
-           + stddev * rng.normal(size=(n, D))).astype(np.float32)
+  g_obs = (clip_rows(problem.g[:n], clip) + stddev * rng.normal(size=(n, D))).astype(np.float32)
   num_cand = len(table)
   log_prior = rng.normal(size=num_cand * 2).astype(np.float32)
-  r = exact_lib.exact(problem.apply, problem.params, problem.h[:n], g_obs, CARDS,
-                      l2_clip_norm=clip, noise_stddev=stddev, log_prior=log_prior)
+  r = exact_lib.exact(
+    problem.apply,
+    problem.params,
+    problem.h[:n],
+    g_obs,
+    CARDS,
+    l2_clip_norm=clip,
+    noise_stddev=stddev,
+    log_prior=log_prior,
+  )
   assert min(p.max(axis=1).min() for p in r.feature_posteriors) < 0.8  # not all one-hot
   # Brute force: clip every candidate like the device, Gaussian log-likelihood + log prior.
   cnorm = np.linalg.norm(cand, axis=-1, keepdims=True)
   cand_c = cand * np.minimum(1.0, clip / cnorm)
-  loglik = -np.sum((cand_c - g_obs[:, None, None, :])**2, axis=-1) / (2 * stddev**2)
+  loglik = -np.sum((cand_c - g_obs[:, None, None, :]) ** 2, axis=-1) / (2 * stddev**2)
   logpost = loglik + log_prior.reshape(num_cand, 2)[None]
   post = np.exp(logpost - logpost.max(axis=(1, 2), keepdims=True))
   post /= post.sum(axis=(1, 2), keepdims=True)
@@ -253,8 +287,9 @@ def test_bayes_marginals_match_brute_force_posterior(problem, brute):
   best = post.reshape(n, -1).argmax(axis=1)
   np.testing.assert_array_equal(r.map_features, table[best // 2])
   np.testing.assert_array_equal(r.map_labels, best % 2)
-  np.testing.assert_allclose(sum(p.sum(axis=1) for p in r.feature_posteriors), len(CARDS),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    sum(p.sum(axis=1) for p in r.feature_posteriors), len(CARDS), rtol=1e-4
+  )
 
 
 def test_bayes_per_user_prior_equals_shared_prior(problem):
@@ -262,22 +297,33 @@ def test_bayes_per_user_prior_equals_shared_prior(problem):
   num_pairs = math.prod(CARDS) * 2
   prior = rng.normal(size=(math.prod(CARDS), 2)).astype(np.float32)
   kwargs = dict(noise_stddev=0.05, l2_clip_norm=1.0)
-  shared = exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS,
-                           log_prior=prior, **kwargs)
-  per_user = exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS,
-                             log_prior=np.tile(prior.reshape(1, num_pairs), (NUM_USERS, 1)),
-                             **kwargs)
+  shared = exact_lib.exact(
+    problem.apply, problem.params, problem.h, problem.g, CARDS, log_prior=prior, **kwargs
+  )
+  per_user = exact_lib.exact(
+    problem.apply,
+    problem.params,
+    problem.h,
+    problem.g,
+    CARDS,
+    log_prior=np.tile(prior.reshape(1, num_pairs), (NUM_USERS, 1)),
+    **kwargs,
+  )
   np.testing.assert_array_equal(shared.features, per_user.features)
-  np.testing.assert_allclose(shared.label_posterior, per_user.label_posterior, rtol=1e-5,
-                             atol=1e-7)
+  np.testing.assert_allclose(shared.label_posterior, per_user.label_posterior, rtol=1e-5, atol=1e-7)
 
 
 def test_top_k_majority_vote(problem, brute):
   table, cand = brute
   n = cand.shape[0]
   rng = np.random.default_rng(3)
-  g_obs = (problem.g[:n] + 0.3 * np.linalg.norm(problem.g[:n], axis=1, keepdims=True)
-           * rng.normal(size=(n, D)) / math.sqrt(D)).astype(np.float32)
+  g_obs = (
+    problem.g[:n]
+    + 0.3
+    * np.linalg.norm(problem.g[:n], axis=1, keepdims=True)
+    * rng.normal(size=(n, D))
+    / math.sqrt(D)
+  ).astype(np.float32)
   k = 7
   r = exact_lib.exact(problem.apply, problem.params, problem.h[:n], g_obs, CARDS, top_k=k)
   dist = np.linalg.norm(cand - g_obs[:, None, None, :], axis=-1).reshape(n, -1)
@@ -294,8 +340,11 @@ def test_top_k_majority_vote(problem, brute):
 
 def test_chunking_options_give_the_same_answer(problem):
   ref = exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS)
-  for kwargs in (dict(chunk_size=5), dict(users_per_chunk=7), dict(chunk_size=24,
-                                                                  users_per_chunk=1)):
+  for kwargs in (
+    dict(chunk_size=5),
+    dict(users_per_chunk=7),
+    dict(chunk_size=24, users_per_chunk=1),
+  ):
     r = exact_lib.exact(problem.apply, problem.params, problem.h, problem.g, CARDS, **kwargs)
     np.testing.assert_array_equal(r.features, ref.features)
     np.testing.assert_array_equal(r.labels, ref.labels)
@@ -313,7 +362,7 @@ def test_param_index_attacks_each_user_with_its_own_version(problem):
   r = exact_lib.exact(problem.apply, stacked, h[perm], g[perm], CARDS, param_index=index[perm])
   inv = np.argsort(perm)
   for version, prob in enumerate((problem, other)):
-    rows = inv[version * n:(version + 1) * n]
+    rows = inv[version * n : (version + 1) * n]
     ref = exact_lib.exact(prob.apply, prob.params, prob.h[:n], prob.g[:n], CARDS)
     np.testing.assert_array_equal(r.features[rows], ref.features)
     np.testing.assert_array_equal(r.labels[rows], ref.labels)
@@ -329,15 +378,18 @@ def test_second_call_does_not_retrace(problem):
     traces.append(1)  # runs at trace time only
     return problem.apply(p, h, x)
 
-  r1 = exact_lib.exact(counting_apply, problem.params, problem.h, problem.g, CARDS,
-                       l2_clip_norm=1.0)
+  r1 = exact_lib.exact(
+    counting_apply, problem.params, problem.h, problem.g, CARDS, l2_clip_norm=1.0
+  )
   first = len(traces)
   assert first > 0
-  r2 = exact_lib.exact(counting_apply, problem.params, problem.h, problem.g, CARDS,
-                       l2_clip_norm=2.0)  # another clip value is a traced argument
+  r2 = exact_lib.exact(
+    counting_apply, problem.params, problem.h, problem.g, CARDS, l2_clip_norm=2.0
+  )  # another clip value is a traced argument
   # Fewer users in the same chunk bucket: padded, same compiled function.
-  exact_lib.exact(counting_apply, problem.params, problem.h[:-5], problem.g[:-5], CARDS,
-                  l2_clip_norm=1.0)
+  exact_lib.exact(
+    counting_apply, problem.params, problem.h[:-5], problem.g[:-5], CARDS, l2_clip_norm=1.0
+  )
   assert len(traces) == first
   np.testing.assert_array_equal(r1.features.shape, r2.features.shape)
 
@@ -356,13 +408,21 @@ def test_registry_names():
 
 
 def test_run_by_name(problem):
-  r = splitjax.attacks.run('exact', device_apply=problem.apply, device_params=problem.params,
-                           h=problem.h[:4], g_obs=problem.g[:4], cardinalities=CARDS)
+  r = splitjax.attacks.run(
+    'exact',
+    device_apply=problem.apply,
+    device_params=problem.params,
+    h=problem.h[:4],
+    g_obs=problem.g[:4],
+    cardinalities=CARDS,
+  )
   assert isinstance(r, splitjax.attacks.ExactResult)
   np.testing.assert_array_equal(r.features, problem.x[:4])
 
 
-@pytest.mark.parametrize('kwargs, match', [
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
     (dict(cardinalities=(2, 0, 4)), r'cardinalities\[1\] must be >= 1, got 0'),
     (dict(cardinalities=(2, -3, 4)), r'got -3'),
     (dict(g_obs='short'), r'h \(96, 18\) and g_obs \(95, 18\)'),
@@ -382,7 +442,8 @@ def test_run_by_name(problem):
     (dict(screen_dtype='bfloat16', noise_stddev=0.1), r'cannot be combined with noise_stddev'),
     (dict(screen_dtype='bfloat16', top_k=9), r'top_k=9 exceeds screen_top=8'),
     (dict(screen_rtol=-1.0), r'screen_rtol must be >= 0'),
-])
+  ],
+)
 def test_bad_arguments_raise_value_error(problem, kwargs, match):
   args = dict(h=problem.h, g_obs=problem.g, cardinalities=CARDS)
   kwargs = dict(kwargs)
@@ -408,25 +469,36 @@ def _observations_with_near_misses(problem, n=48):
   """True gradients, clipped ones and random directions: nearest pairs of every kind."""
   rng = np.random.default_rng(5)
   scale = np.linalg.norm(problem.g[:n], axis=1, keepdims=True) / math.sqrt(D)
-  g = np.concatenate([problem.g[:n], clip_rows(problem.g[:n], float(np.median(scale))),
-                      (rng.normal(size=problem.g[:n].shape) * scale).astype(np.float32)])
+  g = np.concatenate(
+    [
+      problem.g[:n],
+      clip_rows(problem.g[:n], float(np.median(scale))),
+      (rng.normal(size=problem.g[:n].shape) * scale).astype(np.float32),
+    ]
+  )
   return np.concatenate([problem.h[:n]] * 3), g
 
 
-@pytest.mark.parametrize('kwargs', [dict(), dict(distance='cosine'), dict(top_k=3),
-                                    dict(l2_clip_norm=0.3), dict(l2_clip_norm=0.3,
-                                                                 clip_aware=False)])
+@pytest.mark.parametrize(
+  'kwargs',
+  [
+    dict(),
+    dict(distance='cosine'),
+    dict(top_k=3),
+    dict(l2_clip_norm=0.3),
+    dict(l2_clip_norm=0.3, clip_aware=False),
+  ],
+)
 def test_low_precision_screen_equals_full_precision(problem, kwargs):
   h, g = _observations_with_near_misses(problem)
   ref = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, **kwargs)
-  r = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16',
-                      **kwargs)
+  r = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16', **kwargs)
   assert ref.screen_fallback is None and r.screen_fallback.shape == (len(h),)
   assert r.screen_fallback.dtype == bool
   if 'l2_clip_norm' not in kwargs and 'top_k' not in kwargs:
     # True gradients are reproduced by a rescored pair: decided by the screen, ~none redone. (The
     # other observations, with no exact match, and votes may be redone in float32.)
-    assert r.screen_fallback[:len(h) // 3].mean() <= 0.05
+    assert r.screen_fallback[: len(h) // 3].mean() <= 0.05
   np.testing.assert_array_equal(r.features, ref.features)
   np.testing.assert_array_equal(r.labels, ref.labels)
   np.testing.assert_array_equal(r.map_features, ref.map_features)
@@ -448,8 +520,9 @@ def test_screen_decides_clipped_observations_by_their_exact_match(problem):
   clip = float(np.median(np.linalg.norm(problem.g, axis=1)))
   g = clip_rows(problem.g, clip)
   ref = exact_lib.exact(problem.apply, problem.params, problem.h, g, CARDS, l2_clip_norm=clip)
-  r = exact_lib.exact(problem.apply, problem.params, problem.h, g, CARDS, l2_clip_norm=clip,
-                      screen_dtype='bfloat16')
+  r = exact_lib.exact(
+    problem.apply, problem.params, problem.h, g, CARDS, l2_clip_norm=clip, screen_dtype='bfloat16'
+  )
   assert r.screen_fallback.mean() <= 0.05, r.screen_fallback.mean()
   np.testing.assert_array_equal(r.features, ref.features)
   np.testing.assert_array_equal(r.labels, ref.labels)
@@ -461,19 +534,46 @@ def test_screened_vote_equals_full_precision_vote(top_k):
   # Regression (found in review): the screen checked only the best pair, not all top_k voters.
   prob = Problem(seed=1)
   ref = exact_lib.exact(prob.apply, prob.params, prob.h, prob.g, CARDS, top_k=top_k)
-  r = exact_lib.exact(prob.apply, prob.params, prob.h, prob.g, CARDS, top_k=top_k,
-                      screen_dtype='bfloat16', screen_top=top_k)
-  for a, b in zip(r.feature_posteriors + (r.label_posterior,),
-                  ref.feature_posteriors + (ref.label_posterior,)):
+  r = exact_lib.exact(
+    prob.apply,
+    prob.params,
+    prob.h,
+    prob.g,
+    CARDS,
+    top_k=top_k,
+    screen_dtype='bfloat16',
+    screen_top=top_k,
+  )
+  for a, b in zip(
+    r.feature_posteriors + (r.label_posterior,), ref.feature_posteriors + (ref.label_posterior,)
+  ):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(r.features, ref.features)
 
 
 def test_screen_selection_flags_non_finite_scores():
-  opts = exact_lib._Options((4,), 2, 1, 'l2', False, True, False, False, False, 2, 1, 1,
-                            screen_dtype='float16', screen_top=2)
-  screen = jnp.array([[1.0, 3.0, 0.5, 2.0, 9.0, 7.0, 8.0, 6.0],
-                      [1.0, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf]])
+  opts = exact_lib._Options(
+    (4,),
+    2,
+    1,
+    'l2',
+    False,
+    True,
+    False,
+    False,
+    False,
+    2,
+    1,
+    1,
+    screen_dtype='float16',
+    screen_top=2,
+  )
+  screen = jnp.array(
+    [
+      [1.0, 3.0, 0.5, 2.0, 9.0, 7.0, 8.0, 6.0],
+      [1.0, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf],
+    ]
+  )
   top, cutoff, non_finite = exact_lib._screen_top(opts, screen)
   np.testing.assert_array_equal(np.asarray(top[0]), [2, 0])
   assert float(cutoff[0]) == 2.0
@@ -485,11 +585,12 @@ def test_inconclusive_screens_fall_back_to_full_precision(problem):
   ref = exact_lib.exact(problem.apply, problem.params, h, g, CARDS)
   # An error bound no screen can clear: every user without an exact match (the random directions)
   # is attacked again without screening; users whose true gradient is reproduced are not.
-  r = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16',
-                      screen_rtol=1e6)
+  r = exact_lib.exact(
+    problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16', screen_rtol=1e6
+  )
   n = len(h) // 3
   # (A true gradient of tiny norm may miss the match tolerance and be redone: allowed, rare.)
-  assert r.screen_fallback[2 * n:].all() and r.screen_fallback[:n].mean() <= 0.05
+  assert r.screen_fallback[2 * n :].all() and r.screen_fallback[:n].mean() <= 0.05
   for name in ('features', 'labels', 'map_features', 'map_labels', 'num_ties'):
     np.testing.assert_array_equal(getattr(r, name), getattr(ref, name))
   redone = r.screen_fallback  # redone users: float32's own numbers
@@ -497,12 +598,21 @@ def test_inconclusive_screens_fall_back_to_full_precision(problem):
   np.testing.assert_array_equal(r.distances[redone], ref.distances[redone])
   # screen_top=1 with no assumed error: users without an exact match are decided by the screen's
   # ranking alone (fewer redone than with the default bound).
-  r1 = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16',
-                       screen_top=1, screen_rtol=0.0)
-  r_default = exact_lib.exact(problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16',
-                              screen_top=1)
+  r1 = exact_lib.exact(
+    problem.apply,
+    problem.params,
+    h,
+    g,
+    CARDS,
+    screen_dtype='bfloat16',
+    screen_top=1,
+    screen_rtol=0.0,
+  )
+  r_default = exact_lib.exact(
+    problem.apply, problem.params, h, g, CARDS, screen_dtype='bfloat16', screen_top=1
+  )
   assert r1.screen_fallback.sum() < r_default.screen_fallback.sum()
-  np.testing.assert_array_equal(r1.features[:len(h) // 3], ref.features[:len(h) // 3])
+  np.testing.assert_array_equal(r1.features[: len(h) // 3], ref.features[: len(h) // 3])
 
 
 def test_low_precision_matmuls_rewrites_every_float32_product(problem):
@@ -574,8 +684,9 @@ def test_estimate_counts_the_candidate_flops_and_scales_with_users():
   assert est.matmul_flops_per_second > 0 and est.bytes_per_candidate > 0
   twice = splitjax.attacks.estimate(apply, params, d, (3, 2), num_users=200)
   assert twice.seconds == pytest.approx(2 * est.seconds)
-  assert est.seconds == pytest.approx(100 * 6 * est.flops_per_candidate
-                                      / (0.5 * est.matmul_flops_per_second))
+  assert est.seconds == pytest.approx(
+    100 * 6 * est.flops_per_candidate / (0.5 * est.matmul_flops_per_second)
+  )
   with pytest.raises(splitjax.attacks.AttackError, match="efficiency"):
     splitjax.attacks.estimate(apply, params, d, (3, 2), num_users=1, efficiency=0)
 
@@ -584,15 +695,25 @@ def test_cardinalities_are_checked_against_the_model_and_empty_means_label_only(
   """device_logit_fn carries the model's cardinalities: a wrong tuple is refused (JAX would clamp
   the out-of-range indices and answer silently wrong). An empty tuple is a label-only run."""
   from splitjax import models  # pylint: disable=import-outside-toplevel
-  model = models.make_model(models.ModelSpec(pub_cardinalities=(3,), num_pub_dense=1,
-                                             priv_cardinalities=(2, 3), hidden=(4,)))
+
+  model = models.make_model(
+    models.ModelSpec(
+      pub_cardinalities=(3,), num_pub_dense=1, priv_cardinalities=(2, 3), hidden=(4,)
+    )
+  )
   apply, phi = models.device_logit_fn(model), model.device_init(jax.random.key(0))
-  h = np.asarray(model.encode_batch(model.server_init(jax.random.key(1)),
-                                    np.zeros((2, 1), np.int32), np.ones((2, 1), np.float32)))
+  h = np.asarray(
+    model.encode_batch(
+      model.server_init(jax.random.key(1)), np.zeros((2, 1), np.int32), np.ones((2, 1), np.float32)
+    )
+  )
   g = np.ones_like(h)
   for wrong in ((2,), (2, 3, 4), (3, 3)):
-    with pytest.raises(splitjax.attacks.AttackError, match=r"do not match the model behind "
-                       r"device_apply, whose private features have cardinalities \(2, 3\)"):
+    with pytest.raises(
+      splitjax.attacks.AttackError,
+      match=r"do not match the model behind "
+      r"device_apply, whose private features have cardinalities \(2, 3\)",
+    ):
       splitjax.attacks.exact(apply, phi, h, g, wrong)
   assert splitjax.attacks.exact(apply, phi, h, g, (2, 3)).features.shape == (2, 2)
   label_only = splitjax.attacks.exact(lambda p, hh, x: jnp.sum(hh) * p, 1.0, h, g, ())

@@ -35,19 +35,46 @@ def trained(tmp_path_factory):
 
 def test_train_writes_metrics_checkpoint_and_transcript(trained):
   metrics = json.loads((trained / "metrics.json").read_text())
-  for key in ("test_auc", "test_log_loss", "test_accuracy", "epochs", "train_seconds", "seed",
-              "noise_multiplier", "l2_clip_norm", "releases", "sensitivity",
-              "neighbouring_relation", "mu", "epsilon", "attack_epsilon", "device_epsilon",
-              "total_epsilon", "delta"):
+  for key in (
+    "test_auc",
+    "test_log_loss",
+    "test_accuracy",
+    "epochs",
+    "train_seconds",
+    "seed",
+    "noise_multiplier",
+    "l2_clip_norm",
+    "releases",
+    "sensitivity",
+    "neighbouring_relation",
+    "mu",
+    "epsilon",
+    "attack_epsilon",
+    "device_epsilon",
+    "total_epsilon",
+    "delta",
+  ):
     assert key in metrics, key
   assert 0.0 <= metrics["test_auc"] <= 1.0
   assert metrics["epochs"] == 2 and metrics["epsilon"] == "inf"
   env = metrics["environment"]
   assert env["splitjax"] == splitjax.__version__ and env["backend"] == "cpu"
-  for key in ("git_commit", "python", "jax", "jaxlib", "flax", "optax", "dp-accounting", "numpy",
-              "devices", "utc_time"):
+  for key in (
+    "git_commit",
+    "python",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "dp-accounting",
+    "numpy",
+    "devices",
+    "utc_time",
+  ):
     assert key in env, key
-  assert metrics["resolved_config"]["epochs"] == 2 and metrics["resolved_config"]["batch_size"] == 64
+  assert (
+    metrics["resolved_config"]["epochs"] == 2 and metrics["resolved_config"]["batch_size"] == 64
+  )
   history = [json.loads(l) for l in (trained / "history.jsonl").read_text().splitlines()]
   assert [h["epoch"] for h in history] == [1, 2]
   assert history[-1]["train_loss"] == metrics["train_loss"]
@@ -61,13 +88,36 @@ def test_attack_recovers_everything_without_dp(trained):
   with flagsaver.flagsaver(workdir=str(trained), num_examples=30):
     attack_bin.main([])
   rec = json.loads((trained / "attack.json").read_text())
-  for key in ("dataset", "attack", "variant", "users", "num_examples", "features", "label", "ties",
-              "seconds", "candidates_per_second", "epsilon", "attack_epsilon", "mu"):
+  for key in (
+    "dataset",
+    "attack",
+    "variant",
+    "users",
+    "num_examples",
+    "features",
+    "label",
+    "ties",
+    "seconds",
+    "candidates_per_second",
+    "epsilon",
+    "attack_epsilon",
+    "mu",
+  ):
     assert key in rec, key
   assert rec["num_examples"] == 30
   for name, r in list(rec["features"].items()) + [("label", rec["label"])]:
-    for key in ("accuracy", "ci", "macro_f1", "prior_accuracy", "knn_accuracy",
-                "prior_only_accuracy", "gain", "bound", "bound_kind", "bound_marginal"):
+    for key in (
+      "accuracy",
+      "ci",
+      "macro_f1",
+      "prior_accuracy",
+      "knn_accuracy",
+      "prior_only_accuracy",
+      "gain",
+      "bound",
+      "bound_kind",
+      "bound_marginal",
+    ):
       assert key in r, (name, key)
     # No DP: exact recovers every secret up to reported ties.
     assert r["accuracy"] >= 1.0 - rec["ties"] / 30, name
@@ -92,8 +142,7 @@ def test_attack_records_from_before_a_new_config_field_still_count(trained):
 
 
 def test_attack_train_users_and_paper_variant(trained):
-  with flagsaver.flagsaver(workdir=str(trained), users="train", variant="paper",
-                           num_examples=40):
+  with flagsaver.flagsaver(workdir=str(trained), users="train", variant="paper", num_examples=40):
     attack_bin.main([])
   rec = json.loads((trained / "attack_exact_paper_auto_train.json").read_text())
   assert rec["users"] == "train" and rec["num_examples"] == 40
@@ -104,8 +153,15 @@ def test_attack_train_users_and_paper_variant(trained):
 
 
 def test_sweep_writes_csv_and_table(tmp_path):
-  with flagsaver.flagsaver(workdir=str(tmp_path), seeds=["0"], sigmas=["1.0"],
-                           target_epsilons=[], label_epsilons=[], num_examples=20, **TINY):
+  with flagsaver.flagsaver(
+    workdir=str(tmp_path),
+    seeds=["0"],
+    sigmas=["1.0"],
+    target_epsilons=[],
+    label_epsilons=[],
+    num_examples=20,
+    **TINY,
+  ):
     sweep_bin.main([])
   text = (tmp_path / "sweep.csv").read_text().splitlines()
   header = text[0].split(",")
@@ -138,8 +194,17 @@ def tiny_report(tmp_path_factory):
 
 def test_reproduce_tiny_report_and_results_schema(tiny_report):
   report = (tiny_report / "REPORT.md").read_text()
-  for heading in ("## Claims checked", "### Table 1", "### Table 2", "### Table 3",
-                  "### Table 4", "**(a)", "**(b)", "**(c)", "**(d)"):
+  for heading in (
+    "## Claims checked",
+    "### Table 1",
+    "### Table 2",
+    "### Table 3",
+    "### Table 4",
+    "**(a)",
+    "**(b)",
+    "**(c)",
+    "**(d)",
+  ):
     assert heading in report, heading
   results = json.loads((tiny_report / "results.json").read_text())
   assert results["preset"] == "tiny"
@@ -177,23 +242,33 @@ def test_reproduce_killed_then_resumed_equals_uninterrupted(tiny_report, tmp_pat
   got = _strip_cost((tmp_path / "REPORT.md").read_text())
   if got != want:
     import difflib
+
     diff = "\n".join(difflib.unified_diff(want.splitlines(), got.splitlines(), lineterm=""))
     pytest.fail(f"resumed report differs from the uninterrupted one:\n{diff}")
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["experiments.train", "--dataset=nope"], "unknown dataset"),
-    (["experiments.train", "--config=synthetic_tiny", "--dp_noise_multiplier=-1"],
-     "dp_noise_multiplier"),
+    (
+      ["experiments.train", "--config=synthetic_tiny", "--dp_noise_multiplier=-1"],
+      "dp_noise_multiplier",
+    ),
     (["experiments.train", "--config=synthetic_tiny", "--dp_clip=0"], "dp_clip"),
     (["experiments.train", "--config=synthetic_tiny", "--target_delta=2"], "target_delta"),
     (["experiments.attack"], "no finished training run"),
     (["experiments.attack", "--screen_dtype=int8"], "unknown --screen_dtype 'int8'"),
-    (["experiments.attack", "--screen_dtype=bfloat16", "--attack=optimize"],
-     "--attack=optimize has none"),
-    (["experiments.attack", "--screen_dtype=bfloat16", "--variant=bayes"],
-     "--variant=bayes needs every posterior term in full precision"),
-])
+    (
+      ["experiments.attack", "--screen_dtype=bfloat16", "--attack=optimize"],
+      "--attack=optimize has none",
+    ),
+    (
+      ["experiments.attack", "--screen_dtype=bfloat16", "--variant=bayes"],
+      "--variant=bayes needs every posterior term in full precision",
+    ),
+  ],
+)
 def test_bad_input_one_line_no_traceback(tmp_path, args, message, capsys):
   # In-process through the binaries' own wrapper (test_bad_input runs one subprocess per binary).
   module, argv = args[0], args[1:] + [f"--workdir={tmp_path / 'w'}"]
@@ -215,8 +290,7 @@ def test_bad_input_one_line_no_traceback(tmp_path, args, message, capsys):
 
 def test_attacks_under_dp_stay_below_true_prior_bounds(tmp_path):
   """Synthetic data, known prior: no variant exceeds its bound (attack raises if one does)."""
-  with flagsaver.flagsaver(workdir=str(tmp_path), dp_clip="auto", dp_noise_multiplier=1.0,
-                           **TINY):
+  with flagsaver.flagsaver(workdir=str(tmp_path), dp_clip="auto", dp_noise_multiplier=1.0, **TINY):
     train_bin.main([])
   for variant in ("bayes", "clip_aware", "paper"):
     with flagsaver.flagsaver(workdir=str(tmp_path), variant=variant):
@@ -237,8 +311,9 @@ def test_exact_on_a_trained_adult_model(tmp_path, dp_clip):
   """No DP: EXACT recovers every adult test user up to reported ties. Clipping at C = auto,
   no noise: the clip-aware attack still recovers >= 99 %, the paper's clip-unaware one does not."""
   # One epoch at batch 1024 (38 steps): the claims hold for any trained parameters.
-  with flagsaver.flagsaver(workdir=str(tmp_path), dataset="adult", epochs=1, batch_size=1024,
-                           dp_clip=dp_clip):
+  with flagsaver.flagsaver(
+    workdir=str(tmp_path), dataset="adult", epochs=1, batch_size=1024, dp_clip=dp_clip
+  ):
     train_bin.main([])
   n = 400
   recs = {}
@@ -255,8 +330,9 @@ def test_exact_on_a_trained_adult_model(tmp_path, dp_clip):
     else:
       assert min(r["accuracy"] for r in secrets) < 0.9
   # The bf16 screen (rescored in float32) recovers the same secrets as the float32 attack.
-  with flagsaver.flagsaver(workdir=str(tmp_path), num_examples=n, screen_dtype="bfloat16",
-                           overwrite=True):
+  with flagsaver.flagsaver(
+    workdir=str(tmp_path), num_examples=n, screen_dtype="bfloat16", overwrite=True
+  ):
     attack_bin.main([])
   rec = json.loads((tmp_path / "attack.json").read_text())
   assert rec["config"]["screen_dtype"] == "bfloat16"
@@ -277,15 +353,20 @@ def test_own_table_through_the_binaries(tmp_path, caplog, capsys):
   wd = tmp_path / "w"
   caplog.set_level(logging.INFO)
   capsys.readouterr()
-  with flagsaver.flagsaver(workdir=str(wd), dataset="csv", data_path=str(path), schema=str(schema),
-                           **TINY):
+  with flagsaver.flagsaver(
+    workdir=str(wd), dataset="csv", data_path=str(path), schema=str(schema), **TINY
+  ):
     train_bin.main([])
   # Progress goes through absl logging (stderr); results and the epsilons to stdout.
-  assert "german.csv: 18 unlisted column(s) go to the server: server_dense (duration," in caplog.text
+  assert (
+    "german.csv: 18 unlisted column(s) go to the server: server_dense (duration," in caplog.text
+  )
   assert "[sl] epoch 2/2: train loss " in caplog.text
   out = capsys.readouterr().out
-  assert ("epsilon at delta 1e-05: cut layer in training inf (k = 2 releases); one attacked "
-          "release inf; device updates inf; total inf") in out
+  assert (
+    "epsilon at delta 1e-05: cut layer in training inf (k = 2 releases); one attacked "
+    "release inf; device updates inf; total inf"
+  ) in out
   metrics = json.loads((wd / "metrics.json").read_text())
   assert metrics["dataset"] == "csv" and 0.0 <= metrics["test_auc"] <= 1.0
   with flagsaver.flagsaver(workdir=str(wd)):
@@ -296,8 +377,11 @@ def test_own_table_through_the_binaries(tmp_path, caplog, capsys):
   for r in list(rec["features"].values()) + [rec["label"]]:
     assert r["accuracy"] >= 1.0 - rec["ties"] / rec["num_examples"], r
   study = reproduce_bin.csv_study("quick", str(path), str(schema))
-  assert (study.train.dataset, study.train.data_path, study.recipes) == ("csv", str(path),
-                                                                         ("tuned",))
+  assert (study.train.dataset, study.train.data_path, study.recipes) == (
+    "csv",
+    str(path),
+    ("tuned",),
+  )
   with flagsaver.flagsaver(workdir=str(tmp_path / "r"), preset="tiny", datasets=["csv"]):
     with pytest.raises(common.UsageError, match="--datasets=csv needs your table and its roles"):
       reproduce_bin.main([])

@@ -54,17 +54,30 @@ def test_atomic_write_replaces_and_keeps_mode(tmp_path):
 def test_json_nonfinite_and_array_round_trip(tmp_path):
   target = tmp_path / 'r.json'
   obj = {
-      'eps': float('inf'), 'neg': -np.inf, 'nan': np.float32('nan'), 'n': np.int64(3),
-      'arr': np.array([1.5, np.inf]), 'jax': jnp.arange(3), 'flag': np.bool_(True),
-      'tup': (1, 2), 'nested': {2: 0.1},
+    'eps': float('inf'),
+    'neg': -np.inf,
+    'nan': np.float32('nan'),
+    'n': np.int64(3),
+    'arr': np.array([1.5, np.inf]),
+    'jax': jnp.arange(3),
+    'flag': np.bool_(True),
+    'tup': (1, 2),
+    'nested': {2: 0.1},
   }
   io.atomic_write_json(target, obj)
   text = target.read_text()
   assert text.endswith('\n') and '\n  "arr"' in text  # indent=2, sorted keys
   assert list(json.loads(text)) == sorted(obj)
   assert io.read_json(target) == {
-      'eps': 'inf', 'neg': '-inf', 'nan': 'nan', 'n': 3, 'arr': [1.5, 'inf'], 'jax': [0, 1, 2],
-      'flag': True, 'tup': [1, 2], 'nested': {'2': 0.1},
+    'eps': 'inf',
+    'neg': '-inf',
+    'nan': 'nan',
+    'n': 3,
+    'arr': [1.5, 'inf'],
+    'jax': [0, 1, 2],
+    'flag': True,
+    'tup': [1, 2],
+    'nested': {'2': 0.1},
   }
 
 
@@ -83,8 +96,10 @@ def test_read_json_missing_and_corrupt(tmp_path):
 
 
 def _train_state():
-  params = {'dense': {'w': jnp.ones((3, 2), jnp.float32), 'b': jnp.zeros((2,), jnp.bfloat16)},
-            'emb': np.arange(6, dtype=np.float64).reshape(2, 3)}
+  params = {
+    'dense': {'w': jnp.ones((3, 2), jnp.float32), 'b': jnp.zeros((2,), jnp.bfloat16)},
+    'emb': np.arange(6, dtype=np.float64).reshape(2, 3),
+  }
   tx = optax.adam(1e-3)
   opt_state = tx.init(params)
   grads = jax.tree.map(lambda x: jnp.ones_like(jnp.asarray(x)), params)
@@ -105,8 +120,10 @@ def test_checkpoint_round_trip_with_adam_state(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   assert restored['step'] == 17 and isinstance(restored['step'], int)
   assert isinstance(restored['opt_state'][0], optax.ScaleByAdamState)
-  leaves = zip(jax.tree.leaves(jax.tree.map(_key_data, state)),
-               jax.tree.leaves(jax.tree.map(_key_data, restored)))
+  leaves = zip(
+    jax.tree.leaves(jax.tree.map(_key_data, state)),
+    jax.tree.leaves(jax.tree.map(_key_data, restored)),
+  )
   for want, got in leaves:
     assert np.asarray(got).dtype == np.asarray(want).dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -139,7 +156,7 @@ def test_checkpoint_corrupted(saved, damage):
   path, state = saved
   data = bytearray(path.read_bytes())
   if damage == 'truncate':
-    data = data[:len(data) // 2]
+    data = data[: len(data) // 2]
   elif damage == 'flip':  # one bit of an array value: msgpack still parses, the checksum fails
     data[data.find(np.float32(1.0).tobytes()) + 3] ^= 0x01
   elif damage == 'empty':
@@ -156,8 +173,9 @@ def test_checkpoint_corrupted(saved, damage):
 
 def test_checkpoint_fingerprint_mismatch(saved):
   path, state = saved
-  with pytest.raises(io.CheckpointError,
-                     match='different model/config.*use a fresh --workdir or --overwrite'):
+  with pytest.raises(
+    io.CheckpointError, match='different model/config.*use a fresh --workdir or --overwrite'
+  ):
     io.restore_checkpoint(path, state, fingerprint='model-b')
   io.restore_checkpoint(path, state, fingerprint='model-a')
 
@@ -185,7 +203,9 @@ def test_ensure_workdir(tmp_path):
   assert made.is_dir() and _listdir(made) == []
   blocker = tmp_path / 'afile'
   blocker.write_text('x')
-  with pytest.raises(io.WorkdirError, match='workdir .*sub is not writable.*choose another --workdir'):
+  with pytest.raises(
+    io.WorkdirError, match='workdir .*sub is not writable.*choose another --workdir'
+  ):
     io.ensure_workdir(blocker / 'sub')
   with pytest.raises(io.WorkdirError, match='not writable'):
     io.ensure_workdir(blocker)
@@ -198,8 +218,10 @@ def test_check_config_compatible(tmp_path):
   assert io.read_json(workdir / 'config.json')['hidden'] == [256, 128]
   io.check_config_compatible(workdir, config, overwrite=False)  # same config: fine
   other = dict(config, lr=1e-2, dp={'clip': 1.0, 'sigma': 1.0}, seed=1)
-  with pytest.raises(io.WorkdirError,
-                     match=r'differs in: dp\.sigma, lr, seed\).*use --overwrite or another --workdir'):
+  with pytest.raises(
+    io.WorkdirError,
+    match=r'differs in: dp\.sigma, lr, seed\).*use --overwrite or another --workdir',
+  ):
     io.check_config_compatible(workdir, other, overwrite=False)
   assert io.read_json(workdir / 'config.json')['lr'] == 1e-3  # untouched
   io.check_config_compatible(workdir, other, overwrite=True)

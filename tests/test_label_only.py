@@ -88,8 +88,9 @@ def test_label_attacks_validate_inputs():
 @pytest.fixture(scope='module')
 def tiny_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('tiny_top')
-  config = configs_base.TrainConfig(dataset='synthetic', synthetic_examples=400, epochs=2,
-                                    hidden=(16, 8), batch_size=64)
+  config = configs_base.TrainConfig(
+    dataset='synthetic', synthetic_examples=400, epochs=2, hidden=(16, 8), batch_size=64
+  )
   pipeline.train_workdir(config, workdir, progress=None)
   return workdir
 
@@ -111,13 +112,16 @@ def test_runner_writes_the_attack_record_with_auc(tiny_workdir, attack):
 
 def test_runner_hybrid_equals_exact_without_dense(tiny_workdir):
   from experiments import attacking  # pylint: disable=g-import-not-at-top
+
   config = configs_base.AttackConfig(attack='hybrid', num_examples=30)
   rec = beyond.attack_workdir(tiny_workdir, config, progress=None)
-  ex = attacking.attack_workdir(tiny_workdir, configs_base.AttackConfig(num_examples=30),
-                                progress=None)
+  ex = attacking.attack_workdir(
+    tiny_workdir, configs_base.AttackConfig(num_examples=30), progress=None
+  )
   for name in ex['features']:
     assert rec['features'][name]['accuracy'] == ex['features'][name]['accuracy'], name
   assert rec['label']['accuracy'] == ex['label']['accuracy']
   with pytest.raises(pipeline.ConfigError, match='device_bottom'):
-    beyond.attack_workdir(tiny_workdir, configs_base.AttackConfig(attack='exact_activations'),
-                          progress=None)
+    beyond.attack_workdir(
+      tiny_workdir, configs_base.AttackConfig(attack='exact_activations'), progress=None
+    )

@@ -10,13 +10,16 @@ from scipy import stats
 from splitjax import metrics
 
 
-@pytest.mark.parametrize('k, n, lo, hi', [
+@pytest.mark.parametrize(
+  'k, n, lo, hi',
+  [
     (50, 100, 0.3983, 0.6017),
     (0, 10, 0.0, 0.3085),
     (10, 10, 0.6915, 1.0),
     (1, 1, 0.025, 1.0),
     (3, 20, 0.0321, 0.3789),
-])
+  ],
+)
 def test_clopper_pearson_known_values(k, n, lo, hi):
   got = metrics.clopper_pearson(k, n)
   np.testing.assert_allclose(got, (lo, hi), atol=1e-4)
@@ -119,7 +122,8 @@ def test_log_loss_stable_at_extreme_logits():
   assert np.isfinite(out)
   assert out == pytest.approx(1e4 / 2)  # two correct (loss 0) and two wrong (loss 1e4)
   assert metrics.log_loss(jnp.array([30.0, -30.0], jnp.float32), [1, 0]) == pytest.approx(
-      np.log1p(np.exp(-30.0)))
+    np.log1p(np.exp(-30.0))
+  )
 
 
 def test_log_loss_equals_naive_formula():

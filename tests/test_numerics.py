@@ -40,14 +40,18 @@ def _run(args, env_extra=None) -> subprocess.CompletedProcess:
   env = dict(os.environ)
   env.pop(common.KILL_ENV, None)
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
 
 
 def _timing_free(record: dict) -> dict:
   """A results dict without wall-clock keys (``*seconds*``, throughput) and the environment."""
-  return {k: v for k, v in records.without_environment(record).items()
-          if "seconds" not in k and k != "candidates_per_second"}
+  return {
+    k: v
+    for k, v in records.without_environment(record).items()
+    if "seconds" not in k and k != "candidates_per_second"
+  }
 
 
 def _history(workdir: pathlib.Path) -> list[dict]:
@@ -71,8 +75,9 @@ def _assert_same_training(got: pathlib.Path, want: pathlib.Path):
     for key in b.files:
       assert a[key].dtype == b[key].dtype, key
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  assert ((got / "transcript_params.msgpack").read_bytes()
-          == (want / "transcript_params.msgpack").read_bytes())
+  assert (got / "transcript_params.msgpack").read_bytes() == (
+    want / "transcript_params.msgpack"
+  ).read_bytes()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,7 +104,8 @@ def test_cut_gradients_are_finite_and_exact_at_extreme_logits(head):
   priv_cat = np.stack([rng.integers(0, c, n) for c in _SPEC["priv_cardinalities"]], 1)
   priv_cat = priv_cat.astype(np.int32)
   h = jax.jit(lambda t, c, d: protocol.server_forward(model, t, c, d))(
-      theta, pub_cat.astype(np.int32), rng.random((n, 1), np.float32))
+    theta, pub_cat.astype(np.int32), rng.random((n, 1), np.float32)
+  )
   dense = np.zeros((n, 0), np.float32)
   y = np.array([0, 1] * (n // 2), np.int32)
   mask = np.array([1] * (n - 1) + [0], np.float32)  # the last row is padding
@@ -117,9 +123,14 @@ def test_cut_gradients_are_finite_and_exact_at_extreme_logits(head):
     out, want = jax.device_get(step_and_reference(phi))
     z = np.asarray(out.logits, np.float64)
     assert np.all(np.abs(z) > 1e3), z
-    for name, value in (("loss", out.loss), ("cut_grads", out.cut_grads),
-                        *((f"param_grads{jax.tree_util.keystr(k)}", v) for k, v in
-                          jax.tree_util.tree_leaves_with_path(out.param_grads))):
+    for name, value in (
+      ("loss", out.loss),
+      ("cut_grads", out.cut_grads),
+      *(
+        (f"param_grads{jax.tree_util.keystr(k)}", v)
+        for k, v in jax.tree_util.tree_leaves_with_path(out.param_grads)
+      ),
+    ):
       assert np.all(np.isfinite(value)), name
     assert out.cut_grads.dtype == np.float32
     np.testing.assert_allclose(out.cut_grads, want, rtol=1e-5, atol=1e-30)
@@ -139,8 +150,10 @@ def test_float32_is_the_default():
   assert data.train.pub_dense.dtype == data.train.priv_dense.dtype == np.float32
   assert data.train.priv_cat.dtype == data.train.pub_cat.dtype == data.train.y.dtype == np.int32
   model = models.make_model(models.ModelSpec(**_SPEC))
-  for params in (jax.jit(model.encoder_init)(jax.random.key(0)),
-                 jax.jit(model.head_init)(jax.random.key(1))):
+  for params in (
+    jax.jit(model.encoder_init)(jax.random.key(0)),
+    jax.jit(model.head_init)(jax.random.key(1)),
+  ):
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   assert jnp.asarray(1.0).dtype == jnp.float32
 
@@ -210,8 +223,9 @@ def test_exact_agrees_between_float32_and_float64_and_reports_near_ties():
       assert np.all(np.isin(feats[near_tie, 1], (2, 3)))
       np.testing.assert_array_equal(labels, y)
     # float32 and float64 give the same answer wherever the answer is not a reported tie.
-    np.testing.assert_array_equal(np.array(f32["features"])[~near_tie],
-                                  np.array(f64["features"])[~near_tie])
+    np.testing.assert_array_equal(
+      np.array(f32["features"])[~near_tie], np.array(f64["features"])[~near_tie]
+    )
     np.testing.assert_array_equal(f32["labels"], f64["labels"])
 
 
@@ -225,8 +239,12 @@ def test_exact_reports_exact_ties_in_float32():
 
   h = jnp.array([[1.0, 2.0], [0.5, -0.3], [-2.0, 1.0]])
   x1 = np.array([0, 1, 2])
-  g = jax.vmap(lambda hi, xi: (jax.nn.sigmoid(device_apply(params, hi, jnp.array([0, xi]))) - 1)
-               * jax.grad(device_apply, argnums=1)(params, hi, jnp.array([0, xi])))(h, x1)
+  g = jax.vmap(
+    lambda hi, xi: (
+      (jax.nn.sigmoid(device_apply(params, hi, jnp.array([0, xi]))) - 1)
+      * jax.grad(device_apply, argnums=1)(params, hi, jnp.array([0, xi]))
+    )
+  )(h, x1)
   r = attacks.exact(device_apply, params, h, g, cards)
   np.testing.assert_array_equal(r.num_ties, [2, 2, 2])
   np.testing.assert_array_equal(r.features[:, 1], x1)
@@ -239,8 +257,13 @@ def test_exact_reports_exact_ties_in_float32():
 
 # With cut-layer DP, so that the noise key is part of what a resume must restore.
 _TRAIN_FLAGS = dict(config=TINY, dp_clip="auto", dp_noise_multiplier=0.5)
-_TRAIN_ARGS = ["-m", "experiments.train", f"--config={TINY}", "--dp_clip=auto",
-               "--dp_noise_multiplier=0.5"]
+_TRAIN_ARGS = [
+  "-m",
+  "experiments.train",
+  f"--config={TINY}",
+  "--dp_clip=auto",
+  "--dp_noise_multiplier=0.5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +319,9 @@ def test_attack_killed_then_resumed_equals_uninterrupted(reference, tmp_path):
   name = "attack_exact_auto_auto_train.json"
   (workdir / name).unlink()
   # The train users' transcript has one block per parameter version (6 for the tiny config).
-  killed = _run(["-m", "experiments.attack", "--users=train", f"--workdir={workdir}"],
-                {common.KILL_ENV: "2"})
+  killed = _run(
+    ["-m", "experiments.attack", "--users=train", f"--workdir={workdir}"], {common.KILL_ENV: "2"}
+  )
   assert killed.returncode == KILLED, killed.stderr[-2000:]
   assert (workdir / (name + ".partial.npz")).exists() and not (workdir / name).exists()
   with np.load(workdir / (name + ".partial.npz")) as partial:
@@ -314,14 +338,16 @@ def test_attack_killed_then_resumed_equals_uninterrupted(reference, tmp_path):
 
 
 # Points: no_dp, then sigma_inf (the frozen server: trained, not attacked).
-_SWEEP_FLAGS = dict(config=TINY, seeds=["0"], sigmas=[], target_epsilons=[], label_epsilons=[],
-                    num_examples=20)
+_SWEEP_FLAGS = dict(
+  config=TINY, seeds=["0"], sigmas=[], target_epsilons=[], label_epsilons=[], num_examples=20
+)
 
 
 def test_sweep_killed_then_rerun_equals_uninterrupted(tmp_path, monkeypatch):
   want_dir, got_dir = tmp_path / "uninterrupted", tmp_path / "killed"
   with flagsaver.flagsaver(workdir=str(want_dir), **_SWEEP_FLAGS):
     sweep_bin.main([])
+
   # Ticks: no_dp trains 2 epochs and runs 3 attacks (5), then sigma_inf's first epoch: kill there
   # (in-process: the hook's os._exit raises; subprocess kills are tested for train and attack).
   def kill(status):

@@ -28,13 +28,20 @@ HIDDEN = (32, 16)
 OPT_STEPS = 100
 OPT_RESTARTS = 16
 # Any optax chain drives the relaxed variables (here: clipped Adam with a cosine schedule).
-OPT_CHAIN = optax.chain(optax.clip_by_global_norm(10.0),
-                        optax.adam(optax.cosine_decay_schedule(0.05, OPT_STEPS)))
+OPT_CHAIN = optax.chain(
+  optax.clip_by_global_norm(10.0), optax.adam(optax.cosine_decay_schedule(0.05, OPT_STEPS))
+)
 
 
 def _spec(num_priv_dense, head='deepfm'):
-  return models.ModelSpec(pub_cardinalities=(3, 4), num_pub_dense=2, priv_cardinalities=CARDS,
-                          num_priv_dense=num_priv_dense, hidden=HIDDEN, head=head)
+  return models.ModelSpec(
+    pub_cardinalities=(3, 4),
+    num_pub_dense=2,
+    priv_cardinalities=CARDS,
+    num_priv_dense=num_priv_dense,
+    hidden=HIDDEN,
+    head=head,
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,7 +75,8 @@ def _observe(model, seed=0, num_users=NUM_USERS):
   y = rng.integers(0, 2, num_users).astype(np.int32)
   h = jax.jit(model.encode_batch)(theta, pub_cat, pub_dense)
   g = jax.jit(functools.partial(protocol.top_step, model))(
-      phi, h, x, dense, y, jnp.ones(num_users)).cut_grads
+    phi, h, x, dense, y, jnp.ones(num_users)
+  ).cut_grads
   return dict(phi=phi, h=np.asarray(h), g=np.asarray(g), x=x, dense=dense, y=y)
 
 
@@ -81,9 +89,18 @@ def dense_model():
 @pytest.fixture(scope='module')
 def optimized(dense_model):
   model, obs = dense_model
-  res = splitjax.attacks.optimize(optimize_lib.relaxed_device_apply(model), obs['phi'], obs['h'],
-                                  obs['g'], CARDS, 1, optimizer=OPT_CHAIN, num_steps=OPT_STEPS,
-                                  num_restarts=OPT_RESTARTS, key=jax.random.key(0))
+  res = splitjax.attacks.optimize(
+    optimize_lib.relaxed_device_apply(model),
+    obs['phi'],
+    obs['h'],
+    obs['g'],
+    CARDS,
+    1,
+    optimizer=OPT_CHAIN,
+    num_steps=OPT_STEPS,
+    num_restarts=OPT_RESTARTS,
+    key=jax.random.key(0),
+  )
   return res
 
 
@@ -133,11 +150,13 @@ def test_restarts_depend_on_the_key_only(optimized, dense_model):
   # The fixture's options: its compilation is reused.
   kwargs = dict(optimizer=OPT_CHAIN, num_steps=OPT_STEPS, num_restarts=OPT_RESTARTS)
   relaxed = optimize_lib.relaxed_device_apply(model)
-  other = splitjax.attacks.optimize(relaxed, obs['phi'], obs['h'], obs['g'], CARDS, 1,
-                                    key=jax.random.key(1), **kwargs)
+  other = splitjax.attacks.optimize(
+    relaxed, obs['phi'], obs['h'], obs['g'], CARDS, 1, key=jax.random.key(1), **kwargs
+  )
   assert not np.allclose(other.restart_relaxed, optimized.restart_relaxed)  # other restarts
-  again = splitjax.attacks.optimize(relaxed, obs['phi'], obs['h'], obs['g'], CARDS, 1,
-                                    key=jax.random.key(0), **kwargs)
+  again = splitjax.attacks.optimize(
+    relaxed, obs['phi'], obs['h'], obs['g'], CARDS, 1, key=jax.random.key(0), **kwargs
+  )
   np.testing.assert_array_equal(again.restart_relaxed, optimized.restart_relaxed)  # pure
 
 
@@ -157,8 +176,9 @@ def test_hybrid_equals_exact_without_dense():
   for clip in (None, 0.05):  # clip-aware with a clip that binds for most users
     g = obs['g'] if clip is None else np.asarray(optimize_lib.clip_rows(obs['g'], clip))
     hyb = splitjax.attacks.hybrid(apply, obs['phi'], obs['h'], g, CARDS, 0, l2_clip_norm=clip)
-    ex = splitjax.attacks.exact(models.device_logit_fn(model), obs['phi'], obs['h'], g, CARDS,
-                                l2_clip_norm=clip)
+    ex = splitjax.attacks.exact(
+      models.device_logit_fn(model), obs['phi'], obs['h'], g, CARDS, l2_clip_norm=clip
+    )
     np.testing.assert_array_equal(hyb.features, ex.features)
     np.testing.assert_array_equal(hyb.labels, ex.labels)
     np.testing.assert_allclose(hyb.distances, ex.distances, rtol=1e-4, atol=1e-6)
@@ -175,9 +195,18 @@ model_for_oracle = models.make_model(_spec(1))
 
 def test_hybrid_equals_exact_on_categorical_with_dense(dense_model):
   model, obs = dense_model
-  hyb = splitjax.attacks.hybrid(model.head_apply, obs['phi'], obs['h'], obs['g'], CARDS, 1,
-                                num_steps=50, num_restarts=64, num_refine=4,
-                                key=jax.random.key(0))
+  hyb = splitjax.attacks.hybrid(
+    model.head_apply,
+    obs['phi'],
+    obs['h'],
+    obs['g'],
+    CARDS,
+    1,
+    num_steps=50,
+    num_restarts=64,
+    num_refine=4,
+    key=jax.random.key(0),
+  )
   h_ext = np.concatenate([obs['h'], obs['dense']], axis=1)
   g_ext = np.concatenate([obs['g'], np.zeros_like(obs['dense'])], axis=1)
   oracle = splitjax.attacks.exact(_known_dense_apply, obs['phi'], h_ext, g_ext, CARDS)
@@ -192,19 +221,29 @@ def test_hybrid_bayes_posteriors_are_distributions():
   obs = _observe(model, num_users=8)
   noise = 0.01
   g = obs['g'] + noise * np.random.default_rng(3).normal(size=obs['g'].shape)
-  r = splitjax.attacks.hybrid(model.head_apply, obs['phi'], obs['h'], g.astype(np.float32),
-                              CARDS, 0, noise_stddev=noise, log_prior=np.zeros(12))
+  r = splitjax.attacks.hybrid(
+    model.head_apply,
+    obs['phi'],
+    obs['h'],
+    g.astype(np.float32),
+    CARDS,
+    0,
+    noise_stddev=noise,
+    log_prior=np.zeros(12),
+  )
   for post, k in zip(r.feature_posteriors + (r.label_posterior,), CARDS + (2,)):
     assert post.shape == (8, k)
     np.testing.assert_allclose(post.sum(-1), 1.0, rtol=1e-4)
-  np.testing.assert_array_equal(r.features,
-                                np.stack([p.argmax(-1) for p in r.feature_posteriors], -1))
+  np.testing.assert_array_equal(
+    r.features, np.stack([p.argmax(-1) for p in r.feature_posteriors], -1)
+  )
 
 
 def test_clip_rows_is_the_device_clip_and_has_finite_gradients():
   x = jnp.array([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
-  np.testing.assert_allclose(optimize_lib.clip_rows(x, 1.0),
-                             [[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(
+    optimize_lib.clip_rows(x, 1.0), [[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]], rtol=1e-6
+  )
   np.testing.assert_allclose(optimize_lib.clip_rows(x, jnp.inf), x)
   for c in (1.0, jnp.inf):
     grad = jax.grad(lambda z: jnp.sum(optimize_lib.clip_rows(z, c) ** 2))(x)
@@ -221,19 +260,25 @@ def test_bad_inputs_raise(dense_model):
   with pytest.raises(splitjax.attacks.AttackError, match='num_restarts'):
     splitjax.attacks.optimize(relaxed, obs['phi'], obs['h'], obs['g'], CARDS, 1, num_restarts=0)
   with pytest.raises(splitjax.attacks.AttackError, match='dense_bounds'):
-    splitjax.attacks.hybrid(model.head_apply, obs['phi'], obs['h'], obs['g'], CARDS, 1,
-                            dense_bounds=(1.0, 0.0))
+    splitjax.attacks.hybrid(
+      model.head_apply, obs['phi'], obs['h'], obs['g'], CARDS, 1, dense_bounds=(1.0, 0.0)
+    )
   with pytest.raises(splitjax.attacks.AttackError, match='log_prior'):
-    splitjax.attacks.hybrid(model.head_apply, obs['phi'], obs['h'], obs['g'], CARDS, 1,
-                            log_prior=np.zeros(12))
+    splitjax.attacks.hybrid(
+      model.head_apply, obs['phi'], obs['h'], obs['g'], CARDS, 1, log_prior=np.zeros(12)
+    )
   bad = obs['g'].copy()
   bad[3, 1] = np.nan
   with pytest.raises(splitjax.attacks.AttackError, match='NaN'):
     splitjax.attacks.hybrid(model.head_apply, obs['phi'], obs['h'], bad, CARDS, 1)
   with pytest.raises(splitjax.attacks.AttackError, match='device_top'):
-    optimize_lib.relaxed_device_apply(models.make_model(models.ModelSpec(
-        pub_cardinalities=(3,), num_pub_dense=1, priv_cardinalities=(2,),
-        topology='device_bottom')))
+    optimize_lib.relaxed_device_apply(
+      models.make_model(
+        models.ModelSpec(
+          pub_cardinalities=(3,), num_pub_dense=1, priv_cardinalities=(2,), topology='device_bottom'
+        )
+      )
+    )
 
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent('''

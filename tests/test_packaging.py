@@ -20,8 +20,14 @@ import splitjax
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # Import names whose distribution is not found by packages_distributions() in every environment.
-_KNOWN_DISTRIBUTIONS = {"absl": "absl-py", "dp_accounting": "dp-accounting", "yaml": "pyyaml",
-                        "sklearn": "scikit-learn", "PIL": "pillow", "jaxlib": "jax"}
+_KNOWN_DISTRIBUTIONS = {
+  "absl": "absl-py",
+  "dp_accounting": "dp-accounting",
+  "yaml": "pyyaml",
+  "sklearn": "scikit-learn",
+  "PIL": "pillow",
+  "jaxlib": "jax",
+}
 _OWN = {"splitjax", "experiments", "benchmarks", "tests"}
 
 
@@ -75,8 +81,9 @@ def _py_files(folder: str):
 
 def test_library_imports_only_runtime_dependencies():
   assert not undeclared_imports(_py_files("splitjax"), declared()), (
-      "splitjax/ imports packages that a plain `pip install -e .` lacks; declare them in "
-      "[project].dependencies or drop the import")
+    "splitjax/ imports packages that a plain `pip install -e .` lacks; declare them in "
+    "[project].dependencies or drop the import"
+  )
 
 
 def test_binaries_import_only_runtime_and_plots_dependencies():
@@ -88,8 +95,9 @@ def test_binaries_import_only_runtime_and_plots_dependencies():
 def test_import_check_catches_an_undeclared_import(tmp_path):
   """The check can fail: a test-only package (chex) or an unknown one in library code is named."""
   bad = tmp_path / "probe.py"
-  bad.write_text("import os\nimport chex\n\ndef f():\n  from hypothesis import strategies\n"
-                 "  import numpy\n")
+  bad.write_text(
+    "import os\nimport chex\n\ndef f():\n  from hypothesis import strategies\n  import numpy\n"
+  )
   assert undeclared_imports([bad], declared()) == ["chex (probe.py)", "hypothesis (probe.py)"]
   assert "chex" not in declared() and "chex" in declared("test")
 
@@ -98,11 +106,15 @@ def test_dependencies_are_ranges_and_constraints_pin_them():
   """Compatible ranges in pyproject; exact pins (no URLs, hashes or -e lines) in constraints.txt."""
   project = PYPROJECT["project"]
   reqs = list(project["dependencies"]) + [
-      r for extra in project["optional-dependencies"].values() for r in extra]
+    r for extra in project["optional-dependencies"].values() for r in extra
+  ]
   for req in reqs:
     assert ">=" in req and "==" not in req, req
-  lines = [line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()
-           if line.strip() and not line.startswith("#")]
+  lines = [
+    line.strip()
+    for line in (REPO / "constraints.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+  ]
   pins = {}
   for line in lines:
     assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+\-]+", line), line
@@ -166,18 +178,21 @@ def test_binaries_define_no_test_only_flags():
   One process imports all four binaries (their flags share one registry, so this is the union of
   every binary's `--helpfull`) and lists the module that defined each flag.
   """
-  code = ("import experiments.train, experiments.reproduce\n"
-          "from absl import flags\n"
-          "print('TRAIN_AND_REPRODUCE_TAKE_NUM_EXAMPLES', 'num_examples' in flags.FLAGS)\n"
-          "import experiments.attack, experiments.sweep\n"
-          "for module, fl in flags.FLAGS.flags_by_module_dict().items():\n"
-          "  print(module, ' '.join(f.name for f in fl))\n"
-          "for name in ('train', 'attack', 'sweep', 'reproduce'):\n"
-          "  mod = getattr(experiments, name)\n"
-          "  print('KEY', name, ' '.join(sorted(f.name for f in\n"
-          "                                    flags.FLAGS.get_key_flags_for_module(mod))))\n")
-  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                       timeout=60)
+  code = (
+    "import experiments.train, experiments.reproduce\n"
+    "from absl import flags\n"
+    "print('TRAIN_AND_REPRODUCE_TAKE_NUM_EXAMPLES', 'num_examples' in flags.FLAGS)\n"
+    "import experiments.attack, experiments.sweep\n"
+    "for module, fl in flags.FLAGS.flags_by_module_dict().items():\n"
+    "  print(module, ' '.join(f.name for f in fl))\n"
+    "for name in ('train', 'attack', 'sweep', 'reproduce'):\n"
+    "  mod = getattr(experiments, name)\n"
+    "  print('KEY', name, ' '.join(sorted(f.name for f in\n"
+    "                                    flags.FLAGS.get_key_flags_for_module(mod))))\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert "workdir" in out.stdout
   for marker in ("chex", "absl.testing", "test_randomize_ordering_seed", "test_srcdir"):
@@ -185,8 +200,11 @@ def test_binaries_define_no_test_only_flags():
   # --num_examples exists only where it applies; each binary's --help lists the shared flags
   # it uses (its key flags).
   assert "TRAIN_AND_REPRODUCE_TAKE_NUM_EXAMPLES False" in out.stdout
-  keys = {line.split()[1]: set(line.split()[2:]) for line in out.stdout.splitlines()
-          if line.startswith("KEY ")}
+  keys = {
+    line.split()[1]: set(line.split()[2:])
+    for line in out.stdout.splitlines()
+    if line.startswith("KEY ")
+  }
   assert {"workdir", "data_path", "schema", "dataset", "seed", "resume"} <= keys["train"]
   assert {"workdir", "num_examples", "attack", "variant"} <= keys["attack"]
   assert {"data_path", "schema", "num_examples", "seeds"} <= keys["sweep"]

@@ -43,9 +43,12 @@ def test_informed_prior_beats_the_marginal_prior_and_is_calibrated():
   rng = np.random.default_rng(0)
   ref_x, ref_v = _correlated(2000, rng)
   q_x, q_v = _correlated(500, rng)
-  fit = attacks.fit_informed_prior({"server": ref_x, "noise": rng.normal(size=(2000, 4))}, ref_v,
-                                   (2, 2), query_spaces={"server": q_x,
-                                                         "noise": rng.normal(size=(500, 4))})
+  fit = attacks.fit_informed_prior(
+    {"server": ref_x, "noise": rng.normal(size=(2000, 4))},
+    ref_v,
+    (2, 2),
+    query_spaces={"server": q_x, "noise": rng.normal(size=(500, 4))},
+  )
   assert fit.space == "server"  # chosen by held-out log-loss, not the uninformative space
   codes = attacks.tuple_codes(q_v, (2, 2))
   informed_ll = -np.mean(np.log(fit.probs[np.arange(500), codes]))
@@ -62,8 +65,16 @@ def test_informed_prior_never_uses_the_attacked_users_own_row():
   n = 6
   x = np.eye(n, dtype=np.float32) * 100
   values = np.stack([np.arange(n) % 2, np.arange(n) // 2], axis=1)
-  fit = attacks.fit_informed_prior({"x": x}, values, (2, 3), query_spaces={"x": x},
-                                   exclude=np.arange(n), ks=(1,), lams=(0.5,), holdout=0.5)
+  fit = attacks.fit_informed_prior(
+    {"x": x},
+    values,
+    (2, 3),
+    query_spaces={"x": x},
+    exclude=np.arange(n),
+    ks=(1,),
+    lams=(0.5,),
+    holdout=0.5,
+  )
   own = fit.probs[np.arange(n), attacks.tuple_codes(values, (2, 3))]
   assert np.all(own < 0.5 + 1e-9)  # without exclusion the k=1 neighbour would give 0.5 + 0.5 p
 
@@ -72,8 +83,9 @@ def test_debias_undoes_randomized_response():
   p = np.array([0.0, 0.2, 0.5, 0.9, 1.0])
   q = 1 / (1 + math.e)
   noisy = q + (1 - 2 * q) * p
-  np.testing.assert_allclose(attacks.debias_label_probability(noisy, q),
-                             np.clip(p, 1e-6, 1 - 1e-6), atol=1e-12)
+  np.testing.assert_allclose(
+    attacks.debias_label_probability(noisy, q), np.clip(p, 1e-6, 1 - 1e-6), atol=1e-12
+  )
 
 
 def test_pair_log_prior_and_prior_guess():
@@ -90,20 +102,25 @@ def test_pair_log_prior_and_prior_guess():
 
 def test_reference_mu_and_per_user_bounds():
   assert bounds.reference_mu(noise_multiplier=2.0) == pytest.approx(0.5)
-  assert bounds.reference_mu(noise_multiplier=1.0, releases=4, device_noise_multiplier=2.0,
-                             device_releases=4) == pytest.approx(math.sqrt(4 + 1))
+  assert bounds.reference_mu(
+    noise_multiplier=1.0, releases=4, device_noise_multiplier=2.0, device_releases=4
+  ) == pytest.approx(math.sqrt(4 + 1))
   assert math.isinf(bounds.reference_mu(noise_multiplier=0.0))
   prior2 = np.array([[0.5, 0.5], [0.9, 0.1]])
-  np.testing.assert_allclose(bounds.per_user_bound(prior2, 1.0),
-                             bounds.binary_bound(prior2[:, 1], 2.0))
+  np.testing.assert_allclose(
+    bounds.per_user_bound(prior2, 1.0), bounds.binary_bound(prior2[:, 1], 2.0)
+  )
   prior3 = np.array([[0.2, 0.5, 0.3]])
-  np.testing.assert_allclose(bounds.per_user_bound(prior3, 1.0),
-                             bounds.reconstruction_bound(0.5, 1.0))
+  np.testing.assert_allclose(
+    bounds.per_user_bound(prior3, 1.0), bounds.reconstruction_bound(0.5, 1.0)
+  )
   # The binary bound is never above the reference bound.
   for p in np.linspace(0.01, 0.99, 25):
     for mu_ref in (0.1, 0.5, 1.0, 3.0):
-      assert bounds.binary_bound(p, 2 * mu_ref) <= bounds.reconstruction_bound(
-          max(p, 1 - p), mu_ref) + 1e-9
+      assert (
+        bounds.binary_bound(p, 2 * mu_ref)
+        <= bounds.reconstruction_bound(max(p, 1 - p), mu_ref) + 1e-9
+      )
 
 
 def test_paired_difference_counts_only_discordant_users():

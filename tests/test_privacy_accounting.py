@@ -17,7 +17,6 @@ SIGMAS = (0.01, 0.1, 1.0, 2.0, 10.0)
 
 
 class ClosedFormTest(parameterized.TestCase):
-
   def test_paper_check_value(self):
     self.assertAlmostEqual(privacy.epsilon(2.0, 1, DELTA), 4.377, places=3)
     self.assertEqual(privacy.composed_mu(2.0, 1), 1.0)
@@ -84,19 +83,19 @@ class ClosedFormTest(parameterized.TestCase):
 
   def test_wrong_inputs_raise(self):
     bad_calls = [
-        lambda: privacy.epsilon(-1.0, 1, DELTA),
-        lambda: privacy.epsilon(math.nan, 1, DELTA),
-        lambda: privacy.epsilon(1.0, -1, DELTA),
-        lambda: privacy.epsilon(1.0, 1.5, DELTA),
-        lambda: privacy.epsilon(1.0, 1, 0.0),
-        lambda: privacy.epsilon(1.0, 1, 1.0),
-        lambda: privacy.delta_for_epsilon(1.0, -1.0),
-        lambda: privacy.dp_accounting_epsilon(1.0, 1, DELTA, accountant='moments'),
-        lambda: privacy.dp_accounting_epsilon(0.1, 1, DELTA, accountant='pld'),  # mu = 20
-        lambda: privacy.calibrate_noise_multiplier(target_epsilon=0.0, target_delta=DELTA,
-                                                   releases=1),
-        lambda: privacy.calibrate_noise_multiplier(target_epsilon=1.0, target_delta=2.0,
-                                                   releases=1),
+      lambda: privacy.epsilon(-1.0, 1, DELTA),
+      lambda: privacy.epsilon(math.nan, 1, DELTA),
+      lambda: privacy.epsilon(1.0, -1, DELTA),
+      lambda: privacy.epsilon(1.0, 1.5, DELTA),
+      lambda: privacy.epsilon(1.0, 1, 0.0),
+      lambda: privacy.epsilon(1.0, 1, 1.0),
+      lambda: privacy.delta_for_epsilon(1.0, -1.0),
+      lambda: privacy.dp_accounting_epsilon(1.0, 1, DELTA, accountant='moments'),
+      lambda: privacy.dp_accounting_epsilon(0.1, 1, DELTA, accountant='pld'),  # mu = 20
+      lambda: privacy.calibrate_noise_multiplier(
+        target_epsilon=0.0, target_delta=DELTA, releases=1
+      ),
+      lambda: privacy.calibrate_noise_multiplier(target_epsilon=1.0, target_delta=2.0, releases=1),
     ]
     for call in bad_calls:
       with self.assertRaises(ValueError):
@@ -108,43 +107,55 @@ class ClosedFormTest(parameterized.TestCase):
 
   def test_dp_event_has_default_relation_and_half_sigma(self):
     event = privacy.dp_event(2.0, 10)
-    self.assertEqual(event, dp_accounting.SelfComposedDpEvent(
-        dp_accounting.GaussianDpEvent(1.0), 10))
+    self.assertEqual(
+      event, dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 10)
+    )
 
 
 class CalibrateTest(parameterized.TestCase):
-
   @parameterized.product(target_epsilon=(0.5, 1.0, 4.0, 16.0, 1e4), releases=(1, 10, 100))
   def test_round_trip_at_or_under_target(self, target_epsilon, releases):
     sigma = privacy.calibrate_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=DELTA, releases=releases)
+      target_epsilon=target_epsilon, target_delta=DELTA, releases=releases
+    )
     eps = privacy.epsilon(sigma, releases, DELTA)
     self.assertLessEqual(eps, target_epsilon)
     self.assertGreaterEqual(eps, 0.99 * target_epsilon)
 
   def test_recovers_sigma_two(self):
     target = privacy.epsilon(2.0, 1, DELTA)
-    sigma = privacy.calibrate_noise_multiplier(target_epsilon=target, target_delta=DELTA,
-                                               releases=1)
+    sigma = privacy.calibrate_noise_multiplier(
+      target_epsilon=target, target_delta=DELTA, releases=1
+    )
     self.assertAlmostEqual(sigma, 2.0, delta=1e-4)
     self.assertGreaterEqual(sigma, 2.0 * (1 - 1e-9))
 
   def test_limits(self):
     kw = dict(target_delta=DELTA)
-    self.assertEqual(privacy.calibrate_noise_multiplier(target_epsilon=math.inf, releases=3,
-                                                        **kw), 0.0)
-    self.assertEqual(privacy.calibrate_noise_multiplier(target_epsilon=1.0, releases=0, **kw),
-                     0.0)
+    self.assertEqual(
+      privacy.calibrate_noise_multiplier(target_epsilon=math.inf, releases=3, **kw), 0.0
+    )
+    self.assertEqual(privacy.calibrate_noise_multiplier(target_epsilon=1.0, releases=0, **kw), 0.0)
 
 
 class PrivacyReportTest(absltest.TestCase):
-
   def test_keys_values_and_json(self):
-    report = privacy.privacy_report(noise_multiplier=2.0, l2_clip_norm=0.5, releases=1,
-                                    delta=DELTA)
-    for key in ('noise_multiplier', 'l2_clip_norm', 'releases', 'sensitivity',
-                'neighbouring_relation', 'mu', 'epsilon', 'attack_epsilon', 'device_epsilon',
-                'total_epsilon', 'delta', 'accountant', 'ledger'):
+    report = privacy.privacy_report(noise_multiplier=2.0, l2_clip_norm=0.5, releases=1, delta=DELTA)
+    for key in (
+      'noise_multiplier',
+      'l2_clip_norm',
+      'releases',
+      'sensitivity',
+      'neighbouring_relation',
+      'mu',
+      'epsilon',
+      'attack_epsilon',
+      'device_epsilon',
+      'total_epsilon',
+      'delta',
+      'accountant',
+      'ledger',
+    ):
       self.assertIn(key, report)
     self.assertNotIn('label_epsilon', report)
     self.assertEqual(report['sensitivity'], 1.0)
@@ -157,9 +168,14 @@ class PrivacyReportTest(absltest.TestCase):
     json.dumps(report, allow_nan=False)
 
   def test_training_vs_attack_and_device_composition(self):
-    report = privacy.privacy_report(noise_multiplier=2.0, l2_clip_norm=1.0, releases=10,
-                                    delta=DELTA, device_noise_multiplier=4.0,
-                                    label_epsilon=1.0)
+    report = privacy.privacy_report(
+      noise_multiplier=2.0,
+      l2_clip_norm=1.0,
+      releases=10,
+      delta=DELTA,
+      device_noise_multiplier=4.0,
+      label_epsilon=1.0,
+    )
     self.assertAlmostEqual(report['epsilon'], privacy.epsilon(2.0, 10, DELTA))
     self.assertAlmostEqual(report['attack_epsilon'], privacy.epsilon(2.0, 1, DELTA))
     self.assertAlmostEqual(report['device_epsilon'], privacy.epsilon(4.0, 10, DELTA))
@@ -170,18 +186,26 @@ class PrivacyReportTest(absltest.TestCase):
     json.dumps(report, allow_nan=False)
 
   def test_no_noise_is_inf_strings(self):
-    report = privacy.privacy_report(noise_multiplier=0.0, l2_clip_norm=math.inf, releases=2,
-                                    delta=DELTA, label_epsilon=math.inf)
-    for key in ('l2_clip_norm', 'sensitivity', 'mu', 'epsilon', 'attack_epsilon',
-                'total_epsilon', 'label_epsilon'):
+    report = privacy.privacy_report(
+      noise_multiplier=0.0, l2_clip_norm=math.inf, releases=2, delta=DELTA, label_epsilon=math.inf
+    )
+    for key in (
+      'l2_clip_norm',
+      'sensitivity',
+      'mu',
+      'epsilon',
+      'attack_epsilon',
+      'total_epsilon',
+      'label_epsilon',
+    ):
       self.assertEqual(report[key], 'inf', key)
     json.dumps(report, allow_nan=False)
     with self.assertRaises(ValueError):
-      privacy.privacy_report(noise_multiplier=1.0, l2_clip_norm=math.inf, releases=1,
-                             delta=DELTA)
+      privacy.privacy_report(noise_multiplier=1.0, l2_clip_norm=math.inf, releases=1, delta=DELTA)
     with self.assertRaises(ValueError):
-      privacy.privacy_report(noise_multiplier=1.0, l2_clip_norm=1.0, releases=1, delta=DELTA,
-                             device_releases=3)
+      privacy.privacy_report(
+        noise_multiplier=1.0, l2_clip_norm=1.0, releases=1, delta=DELTA, device_releases=3
+      )
     self.assertEqual(accounting.NEIGHBOURING_RELATION, 'replace-one')
 
 

@@ -62,7 +62,6 @@ class GaussianMechanismAttackTest(parameterized.TestCase):
 
 
 class BinaryBoundTest(parameterized.TestCase):
-
   def test_half_prior_is_phi_mu_over_two(self):
     mus = np.array([0.0, 0.1, 1.0, 2.0, 5.0, 40.0])
     np.testing.assert_allclose(privacy.binary_bound(0.5, mus), special.ndtr(mus / 2), rtol=1e-14)
@@ -100,23 +99,27 @@ class BinaryBoundTest(parameterized.TestCase):
     self.assertEqual(privacy.mu_hat(0.7, 0.3), 0.0)
     self.assertAlmostEqual(privacy.mu_hat(0.9, 0.5), 2 * special.ndtri(0.9), places=12)
     self.assertEqual(privacy.mu_hat(1.0, 0.5), math.inf)
-    np.testing.assert_allclose(privacy.mu_hat(np.array([0.5, 0.9]), 0.5),
-                               [0.0, 2 * special.ndtri(0.9)])
+    np.testing.assert_allclose(
+      privacy.mu_hat(np.array([0.5, 0.9]), 0.5), [0.0, 2 * special.ndtri(0.9)]
+    )
 
 
 class ReconstructionBoundTest(absltest.TestCase):
-
   def test_limits_and_tradeoff(self):
     kappa = np.array([0.05, 0.2, 0.5, 1.0])
     np.testing.assert_allclose(privacy.reconstruction_bound(kappa, 0.0), kappa)
     np.testing.assert_allclose(privacy.reconstruction_bound(kappa, math.inf), 1.0)
-    np.testing.assert_allclose(privacy.reconstruction_bound(kappa, 1.3),
-                               1 - privacy.gaussian_tradeoff(kappa, 1.3), atol=1e-14)
+    np.testing.assert_allclose(
+      privacy.reconstruction_bound(kappa, 1.3),
+      1 - privacy.gaussian_tradeoff(kappa, 1.3),
+      atol=1e-14,
+    )
     self.assertTrue(np.all(np.diff(privacy.reconstruction_bound(0.2, [0.1, 1, 2, 5])) > 0))
     # G_mu is a symmetric trade-off function: G(G(a)) = a; G_0(a) = 1 - a.
     a = np.linspace(0.01, 0.99, 9)
-    np.testing.assert_allclose(privacy.gaussian_tradeoff(privacy.gaussian_tradeoff(a, 1.5), 1.5),
-                               a, atol=1e-12)
+    np.testing.assert_allclose(
+      privacy.gaussian_tradeoff(privacy.gaussian_tradeoff(a, 1.5), 1.5), a, atol=1e-12
+    )
     np.testing.assert_allclose(privacy.gaussian_tradeoff(a, 0.0), 1 - a, atol=1e-14)
     # For a binary secret the Bayes bound is tighter than the generic one.
     self.assertLess(privacy.binary_bound(0.5, 1.0), privacy.reconstruction_bound(0.5, 1.0))
@@ -124,8 +127,9 @@ class ReconstructionBoundTest(absltest.TestCase):
   def test_prior_and_knn_bounds(self):
     uniform4 = np.full((5, 4), 0.25)
     self.assertAlmostEqual(privacy.knn_bound(uniform4, 0.0), 0.25)
-    self.assertAlmostEqual(privacy.knn_bound(uniform4, 1.0),
-                           privacy.reconstruction_bound(0.25, 1.0))
+    self.assertAlmostEqual(
+      privacy.knn_bound(uniform4, 1.0), privacy.reconstruction_bound(0.25, 1.0)
+    )
     post = np.array([[0.2, 0.8], [0.5, 0.5], [0.9, 0.1]])
     expect = np.mean(privacy.binary_bound(post[:, 1], 1.0))
     self.assertAlmostEqual(privacy.knn_bound(post, 1.0), expect)
@@ -133,20 +137,21 @@ class ReconstructionBoundTest(absltest.TestCase):
     self.assertEqual(privacy.knn_bound(post, math.inf), 1.0)
 
   def test_wrong_inputs_raise(self):
-    for call in (lambda: privacy.binary_bound(1.2, 1.0),
-                 lambda: privacy.binary_bound(0.5, -1.0),
-                 lambda: privacy.binary_bound(0.5, math.nan),
-                 lambda: privacy.reconstruction_bound(-0.1, 1.0),
-                 lambda: privacy.mu_hat(1.5, 0.5),
-                 lambda: privacy.knn_bound(np.ones(3) / 3, 1.0),
-                 lambda: privacy.knn_bound(np.array([[0.7, 0.7]]), 1.0),
-                 lambda: privacy.randomized_response_bound(0.5, 0.0)):
+    for call in (
+      lambda: privacy.binary_bound(1.2, 1.0),
+      lambda: privacy.binary_bound(0.5, -1.0),
+      lambda: privacy.binary_bound(0.5, math.nan),
+      lambda: privacy.reconstruction_bound(-0.1, 1.0),
+      lambda: privacy.mu_hat(1.5, 0.5),
+      lambda: privacy.knn_bound(np.ones(3) / 3, 1.0),
+      lambda: privacy.knn_bound(np.array([[0.7, 0.7]]), 1.0),
+      lambda: privacy.randomized_response_bound(0.5, 0.0),
+    ):
       with self.assertRaises(ValueError):
         call()
 
 
 class RandomizedResponseTest(parameterized.TestCase):
-
   def test_flip_probability(self):
     self.assertAlmostEqual(privacy.flip_probability(math.log(3.0)), 0.25)
     self.assertEqual(privacy.flip_probability(math.inf), 0.0)
@@ -172,11 +177,13 @@ class RandomizedResponseTest(parameterized.TestCase):
 
   def test_skewed_prior_and_limits(self):
     self.assertEqual(privacy.randomized_response_bound(0.9, 0.5), 0.9)
-    np.testing.assert_allclose(privacy.randomized_response_bound(np.array([0.1, 0.5]), 1.0),
-                               [0.9, special.expit(1.0)])
+    np.testing.assert_allclose(
+      privacy.randomized_response_bound(np.array([0.1, 0.5]), 1.0), [0.9, special.expit(1.0)]
+    )
     labels = np.array([0, 1, 1, 0])
     np.testing.assert_array_equal(
-        privacy.randomized_response(labels, math.inf, rng=np.random.default_rng(0)), labels)
+      privacy.randomized_response(labels, math.inf, rng=np.random.default_rng(0)), labels
+    )
     with self.assertRaises(ValueError):
       privacy.randomized_response(np.array([0, 2]), 1.0, rng=np.random.default_rng(0))
     with self.assertRaises(ValueError):

@@ -29,11 +29,10 @@ def _rows(n=16, seed=0):
 
 def _row_norms(tree):
   leaves = [np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)]
-  return np.sqrt(sum((x ** 2).sum(1) for x in leaves))
+  return np.sqrt(sum((x**2).sum(1) for x in leaves))
 
 
 class ClipPerExampleTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_norm_bound_over_clip_and_scale_sweep(self):
     def clip(g, c):
@@ -78,8 +77,9 @@ class ClipPerExampleTest(chex.TestCase):
     g = _rows()
     rng = np.random.default_rng(1)
     for i in (0, 5, 15):  # a zero row, a small row, a huge row
-      other = jax.tree.map(lambda x: x.at[i].set(jnp.asarray(
-          rng.normal(size=x.shape[1:]) * 50.0, x.dtype)), g)
+      other = jax.tree.map(
+        lambda x: x.at[i].set(jnp.asarray(rng.normal(size=x.shape[1:]) * 50.0, x.dtype)), g
+      )
       diff = jax.tree.map(lambda x, y: x - y, clip(g), clip(other))
       d = _row_norms(diff)
       self.assertLessEqual(d[i], 2 * c * (1 + 1e-6))
@@ -89,11 +89,15 @@ class ClipPerExampleTest(chex.TestCase):
     self.assertAlmostEqual(float(_row_norms(clip(x) - clip(-x))[0]), 2 * c, places=5)
 
   def test_dtypes_and_shapes_kept_under_jit(self):
-    g = {'f32': jnp.ones((4, 3), jnp.float32) * 3,
-         'bf16': jnp.ones((4, 2, 5), jnp.bfloat16) * 3,
-         'f16': jnp.ones((4,), jnp.float16) * 3}
-    for tx in (privacy.clip_per_example(1.0),
-               privacy.cut_layer_dp(1.0, 0.5, key=jax.random.key(0))):
+    g = {
+      'f32': jnp.ones((4, 3), jnp.float32) * 3,
+      'bf16': jnp.ones((4, 2, 5), jnp.bfloat16) * 3,
+      'f16': jnp.ones((4,), jnp.float16) * 3,
+    }
+    for tx in (
+      privacy.clip_per_example(1.0),
+      privacy.cut_layer_dp(1.0, 0.5, key=jax.random.key(0)),
+    ):
       out, _ = jax.jit(tx.update)(g, tx.init(g))
       chex.assert_trees_all_equal_shapes_and_dtypes(out, g)
     agg = privacy.dp_aggregate(1.0, 0.5, key=jax.random.key(0))
@@ -115,20 +119,24 @@ class ClipPerExampleTest(chex.TestCase):
 
 
 class AddGaussianNoiseTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_no_privacy_limit_is_identity(self):
     g = _rows()
     key = jax.random.key(3)
-    for tx in (privacy.add_gaussian_noise(0.0, INF, key=key),
-               privacy.cut_layer_dp(INF, 0.0, key=key),
-               privacy.add_gaussian_noise(0.0, 1.0, key=key)):
+    for tx in (
+      privacy.add_gaussian_noise(0.0, INF, key=key),
+      privacy.cut_layer_dp(INF, 0.0, key=key),
+      privacy.add_gaussian_noise(0.0, 1.0, key=key),
+    ):
       out, state = self.variant(tx.update)(g, tx.init(g))
       chex.assert_trees_all_equal(out, g)
       del state
     # Traced sigma = 0 with C = inf is the identity too (no 0 * inf = NaN).
-    step = jax.jit(lambda g, s, c: privacy.add_gaussian_noise(s, c, key=key).update(g, (
-        privacy.add_gaussian_noise(s, c, key=key).init(g)))[0])
+    step = jax.jit(
+      lambda g, s, c: privacy.add_gaussian_noise(s, c, key=key).update(
+        g, (privacy.add_gaussian_noise(s, c, key=key).init(g))
+      )[0]
+    )
     chex.assert_trees_all_equal(step(g, 0.0, INF), g)
     # And the chain equals the plain (unclipped, noiseless) step.
     params = {'w': jnp.ones(3)}
@@ -163,14 +171,18 @@ class AddGaussianNoiseTest(chex.TestCase):
     out1, state1 = update(g, state0)
     out1b, state1b = update(g, state0)
     chex.assert_trees_all_equal(out1, out1b)  # same state, same output
-    chex.assert_trees_all_equal(jax.random.key_data(state1['noise'].rng_key),
-                                jax.random.key_data(state1b['noise'].rng_key))
+    chex.assert_trees_all_equal(
+      jax.random.key_data(state1['noise'].rng_key), jax.random.key_data(state1b['noise'].rng_key)
+    )
     out2, state2 = update(g, state1)
     self.assertEqual(int(state1['noise'].count), 1)
     self.assertEqual(int(state2['noise'].count), 2)
     self.assertEqual(state2['noise'].count.dtype, jnp.int32)
-    self.assertFalse(np.array_equal(jax.random.key_data(state0['noise'].rng_key),
-                                    jax.random.key_data(state1['noise'].rng_key)))
+    self.assertFalse(
+      np.array_equal(
+        jax.random.key_data(state0['noise'].rng_key), jax.random.key_data(state1['noise'].rng_key)
+      )
+    )
     self.assertFalse(np.allclose(out1['a'], out2['a']))  # fresh noise per update
 
   def test_traced_clip_and_sigma_do_not_recompile(self):
@@ -213,7 +225,6 @@ class AddGaussianNoiseTest(chex.TestCase):
 
 
 class DpAggregateTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_zero_noise_is_clipped_mean(self):
     g = _rows()
@@ -231,8 +242,9 @@ class DpAggregateTest(chex.TestCase):
     tx = privacy.dp_aggregate(c, 0.0, key=jax.random.key(0))
     g = _rows(n=n)
     other = jax.tree.map(lambda x: x.at[2].set(-1e3 * jnp.ones_like(x[2])), g)
-    d = jax.tree.map(lambda x, y: (x - y) * n, tx.update(g, tx.init(g))[0],
-                     tx.update(other, tx.init(other))[0])
+    d = jax.tree.map(
+      lambda x, y: (x - y) * n, tx.update(g, tx.init(g))[0], tx.update(other, tx.init(other))[0]
+    )
     flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(d)])
     self.assertLessEqual(np.linalg.norm(flat), 2 * c * (1 + 1e-6))  # sum moves <= 2C
     tx = privacy.dp_aggregate(c, sigma, key=jax.random.key(1))
@@ -257,6 +269,7 @@ def test_noise_std_that_overflows_float32_is_refused():
 
 def test_training_reports_rows_zeroed_for_nonfinite_values():
   from splitjax import training  # pylint: disable=import-outside-toplevel
+
   x = jnp.array([[1.0, 2.0], [jnp.nan, 0.0], [jnp.inf, 1.0], [3e38, 3e38]], jnp.float32)
   dp = training.DPConfig(np.float32(1.0), np.float32(0.0), np.float32(np.inf), np.float32(0.0))
   mask = jnp.array([1.0, 1.0, 0.0, 1.0])  # the inf row is padding: not counted
@@ -266,11 +279,15 @@ def test_training_reports_rows_zeroed_for_nonfinite_values():
   assert np.all(np.linalg.norm(np.asarray(sent, np.float64), axis=1) <= 1 + 1e-6)
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: privacy.clip_per_example(1.0),
     lambda: privacy.cut_layer_dp(1.0, 1.0, key=jax.random.key(0)),
     lambda: privacy.dp_aggregate(1.0, 1.0, key=jax.random.key(0)),
-], ids=["clip_per_example", "cut_layer_dp", "dp_aggregate"])
+  ],
+  ids=["clip_per_example", "cut_layer_dp", "dp_aggregate"],
+)
 def test_an_empty_batch_is_a_value_error_naming_the_problem(make):
   tx = make()
   for empty in (jnp.zeros((0, 3)), {"a": jnp.zeros((0, 2)), "b": jnp.zeros((0,))}):

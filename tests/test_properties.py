@@ -32,23 +32,35 @@ NUM_ROWS = 20
 LETTERS = ("a", "b", "c", "d", "e")
 NUMBERS = ("0", "1", "2", "10", "-3")  # sorted numerically: -3, 0, 1, 2, 10
 LABELS = (("no", "yes"), ("0", "1"), ("<=50K", ">50K"))
-SCHEMA = {"private_categorical": ["p_letter", "p_number"], "private_dense": ["p_dense"],
-          "server_categorical": ["s_letter"], "server_dense": ["s_dense"], "label": "y",
-          "ignore": ["ignored"]}  # dropped on purpose (an unlisted csv column goes to the server)
+SCHEMA = {
+  "private_categorical": ["p_letter", "p_number"],
+  "private_dense": ["p_dense"],
+  "server_categorical": ["s_letter"],
+  "server_dense": ["s_dense"],
+  "label": "y",
+  "ignore": ["ignored"],
+}  # dropped on purpose (an unlisted csv column goes to the server)
 _DENSE = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 
 
 @st.composite
 def tables(draw):
   """A dict column -> list of NUM_ROWS strings (every role of SCHEMA plus an ignored column)."""
-  column = lambda values: draw(st.lists(st.sampled_from(values), min_size=NUM_ROWS,
-                                        max_size=NUM_ROWS))
+  column = lambda values: draw(
+    st.lists(st.sampled_from(values), min_size=NUM_ROWS, max_size=NUM_ROWS)
+  )
   dense = lambda: [repr(v) for v in draw(st.lists(_DENSE, min_size=NUM_ROWS, max_size=NUM_ROWS))]
   neg, pos = draw(st.sampled_from(LABELS))
   flips = draw(st.lists(st.booleans(), min_size=NUM_ROWS - 2, max_size=NUM_ROWS - 2))
-  return {"p_letter": column(LETTERS), "ignored": column(LETTERS), "p_number": column(NUMBERS),
-          "p_dense": dense(), "s_letter": column(LETTERS[:3]), "s_dense": dense(),
-          "y": [neg, pos] + [pos if f else neg for f in flips]}
+  return {
+    "p_letter": column(LETTERS),
+    "ignored": column(LETTERS),
+    "p_number": column(NUMBERS),
+    "p_dense": dense(),
+    "s_letter": column(LETTERS[:3]),
+    "s_dense": dense(),
+    "y": [neg, pos] + [pos if f else neg for f in flips],
+  }
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +103,10 @@ def test_csv_loader_codes_scaling_rows_and_determinism(csv_dir, table, seed, del
 
   for part in ("train", "test"):
     split, idx = getattr(data, part), rows[part]
-    for arr, role, cards in ((split.priv_cat, "private_categorical", data.priv_cardinalities),
-                             (split.pub_cat, "server_categorical", data.pub_cardinalities)):
+    for arr, role, cards in (
+      (split.priv_cat, "private_categorical", data.priv_cardinalities),
+      (split.pub_cat, "server_categorical", data.pub_cardinalities),
+    ):
       assert arr.dtype == np.int32 and arr.shape == (len(idx), len(SCHEMA[role]))
       for j, col in enumerate(SCHEMA[role]):
         values = table[col]
@@ -124,8 +138,9 @@ def test_csv_loader_codes_scaling_rows_and_determinism(csv_dir, table, seed, del
   again = sj_data.load("csv", path=_write(csv_dir, table, delimiter), schema=SCHEMA, seed=seed)
   for part in ("train", "test"):
     for field in ("priv_cat", "priv_dense", "pub_cat", "pub_dense", "y"):
-      np.testing.assert_array_equal(getattr(getattr(again, part), field),
-                                    getattr(getattr(data, part), field))
+      np.testing.assert_array_equal(
+        getattr(getattr(again, part), field), getattr(getattr(data, part), field)
+      )
   assert again.vocab == data.vocab and again.dense_ranges == data.dense_ranges
 
 
@@ -144,9 +159,14 @@ def test_csv_loader_rejects_a_truncated_file_with_one_line(csv_dir, table, cut):
   except sj_data.DataError as e:
     # A cut through a row (or the header) is reported on one line; nothing else is raised.
     assert "\n" not in str(e)
-    assert ("fields, expected" in str(e) or "unknown column" in str(e)
-            or "no data rows" in str(e) or "must be binary" in str(e)
-            or "one column only" in str(e) or "non-numeric" in str(e)), str(e)
+    assert (
+      "fields, expected" in str(e)
+      or "unknown column" in str(e)
+      or "no data rows" in str(e)
+      or "must be binary" in str(e)
+      or "one column only" in str(e)
+      or "non-numeric" in str(e)
+    ), str(e)
   else:
     # Only a cut at a row boundary (or within the last field) can go unnoticed.
     assert last == "" or last.count(",") == header.count(",")
@@ -156,15 +176,17 @@ def test_csv_loader_rejects_a_truncated_file_with_one_line(csv_dir, table, cut):
 # DP transforms: clip bound, idempotence of the noise-free chain, shapes and dtypes kept.
 
 ROWS, DIM = 8, 5
-_CLIPS = st.one_of(st.sampled_from([0.0, math.inf]),
-                   st.floats(min_value=1e-6, max_value=1e6, allow_nan=False))
+_CLIPS = st.one_of(
+  st.sampled_from([0.0, math.inf]), st.floats(min_value=1e-6, max_value=1e6, allow_nan=False)
+)
 
 
 def _rows_strategy(dtype=np.float32):
   scale = st.floats(min_value=0.0, max_value=1e4, allow_nan=False, width=32)
   return st.tuples(
-      hnp.arrays(dtype, (ROWS, DIM), elements=st.floats(-1.0, 1.0, width=32)),
-      st.lists(scale, min_size=ROWS, max_size=ROWS))
+    hnp.arrays(dtype, (ROWS, DIM), elements=st.floats(-1.0, 1.0, width=32)),
+    st.lists(scale, min_size=ROWS, max_size=ROWS),
+  )
 
 
 # Entries below this are set to 0: XLA on CPU flushes subnormals, and a row whose squared norm
@@ -236,9 +258,13 @@ def _chain_once(tree, c, sigma, key):
 
 
 @SETTINGS
-@given(dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]), clip=_CLIPS,
-       sigma=st.sampled_from([0.0, 0.5, 2.0]), rows=_rows_strategy(),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+  clip=_CLIPS,
+  sigma=st.sampled_from([0.0, 0.5, 2.0]),
+  rows=_rows_strategy(),
+  seed=st.integers(0, 2**31 - 1),
+)
 def test_dp_chain_keeps_shapes_and_dtypes(dtype, clip, sigma, rows, seed):
   if sigma > 0 and math.isinf(clip):
     clip = 1.0  # noise needs a finite clip norm (a PrivacyError otherwise)
@@ -264,10 +290,25 @@ def test_clip_bound_holds_for_rows_whose_squared_norm_underflows():
 # NaN. A row that leaves the device has L2 norm <= C (1 + 1e-6); a non-finite row is a zero row.
 
 _F32_MAX = float(np.finfo(np.float32).max)
-_EXTREMES = (0.0, 1e-45, 1e-40, 1.2e-38, 2.0 ** -100, 1e-30, 1.0, 1e30, 2.0 ** 100, 8.5e37, 1e38,
-             _F32_MAX, math.inf, math.nan)
-_EXTREME_ENTRY = st.builds(lambda v, s: np.float32(s * v), st.sampled_from(_EXTREMES),
-                           st.sampled_from([1.0, -1.0]))
+_EXTREMES = (
+  0.0,
+  1e-45,
+  1e-40,
+  1.2e-38,
+  2.0**-100,
+  1e-30,
+  1.0,
+  1e30,
+  2.0**100,
+  8.5e37,
+  1e38,
+  _F32_MAX,
+  math.inf,
+  math.nan,
+)
+_EXTREME_ENTRY = st.builds(
+  lambda v, s: np.float32(s * v), st.sampled_from(_EXTREMES), st.sampled_from([1.0, -1.0])
+)
 _EXTREME_ROWS = hnp.arrays(np.float32, (ROWS, DIM), elements=_EXTREME_ENTRY)
 _EXTREME_CLIPS = st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e3, 1e30, math.inf])
 
@@ -287,23 +328,33 @@ def test_clip_bound_holds_for_extreme_and_nonfinite_rows(rows, clip):
   assert np.all(dots[finite] >= 0)
   assert np.all(np.abs(out[finite]) <= np.abs(rows[finite]))
   if math.isinf(clip):  # C = inf: finite rows pass unchanged (backends may flush subnormals)
-    subnormal = np.abs(rows) < 2.0 ** -126
+    subnormal = np.abs(rows) < 2.0**-126
     kept = (out == rows) | (subnormal & (out == 0))
     assert np.all(kept[finite])
 
 
 def test_clip_of_rows_near_the_float32_maximum_keeps_their_direction():
-  g = np.array([[_F32_MAX, _F32_MAX, 0, 0, 0], [9e37, 0, 0, 0, 0], [1e-40, 3e-39, 0, 0, 0],
-                [math.nan, 1, 0, 0, 0], [-math.inf, 1, 0, 0, 0], [1, 1, 0, 0, 0],
-                [0, 0, 0, 0, 0], [2e38, -2e38, 2e38, -2e38, 2e38]], np.float32)
+  g = np.array(
+    [
+      [_F32_MAX, _F32_MAX, 0, 0, 0],
+      [9e37, 0, 0, 0, 0],
+      [1e-40, 3e-39, 0, 0, 0],
+      [math.nan, 1, 0, 0, 0],
+      [-math.inf, 1, 0, 0, 0],
+      [1, 1, 0, 0, 0],
+      [0, 0, 0, 0, 0],
+      [2e38, -2e38, 2e38, -2e38, 2e38],
+    ],
+    np.float32,
+  )
   out = np.asarray(_clip(g, np.float32(1.0)))
-  np.testing.assert_allclose(out[0, :2], [2 ** -0.5, 2 ** -0.5], rtol=1e-6)
+  np.testing.assert_allclose(out[0, :2], [2**-0.5, 2**-0.5], rtol=1e-6)
   np.testing.assert_allclose(out[1, 0], 1.0, rtol=1e-6)
   np.testing.assert_array_equal(out[3:5], 0.0)
-  np.testing.assert_allclose(out[7], np.array([1, -1, 1, -1, 1]) / 5 ** 0.5, rtol=1e-6)
-  np.testing.assert_array_equal(out[5], g[5] / np.float32(2 ** 0.5))  # inside: scaled as before
+  np.testing.assert_allclose(out[7], np.array([1, -1, 1, -1, 1]) / 5**0.5, rtol=1e-6)
+  np.testing.assert_array_equal(out[5], g[5] / np.float32(2**0.5))  # inside: scaled as before
   norms = np.asarray(privacy.per_example_global_norm(g))
-  np.testing.assert_allclose(norms[[1, 5]], [9e37, 2 ** 0.5], rtol=1e-6)
+  np.testing.assert_allclose(norms[[1, 5]], [9e37, 2**0.5], rtol=1e-6)
   assert math.isinf(norms[0]) and math.isnan(norms[3]) and math.isinf(norms[4])
   assert norms[6] == 0.0
   np.testing.assert_allclose(norms[2], math.hypot(1e-40, 3e-39), rtol=1e-4) if norms[2] else None
@@ -321,17 +372,19 @@ def _clip_rows_v01(g, clip):
 
 _clip_v01 = jax.jit(_clip_rows_v01)
 _TYPICAL_ROWS = st.builds(
-    lambda base, exps: (np.asarray(base, np.float32) * np.exp2(np.asarray(exps, np.float32))[:, None]
-                        ).astype(np.float32),
-    hnp.arrays(np.float32, (ROWS, DIM), elements=st.floats(-1, 1, width=32)),
-    st.lists(st.integers(-99, 99), min_size=ROWS, max_size=ROWS))
+  lambda base, exps: (
+    np.asarray(base, np.float32) * np.exp2(np.asarray(exps, np.float32))[:, None]
+  ).astype(np.float32),
+  hnp.arrays(np.float32, (ROWS, DIM), elements=st.floats(-1, 1, width=32)),
+  st.lists(st.integers(-99, 99), min_size=ROWS, max_size=ROWS),
+)
 
 
 @SETTINGS
 @given(rows=_TYPICAL_ROWS, clip=_CLIPS)
 def test_clip_is_bit_identical_to_v01_for_typical_rows(rows, clip):
   m = np.max(np.abs(rows), axis=1)
-  typical = (m >= 2.0 ** -100) & (m <= 2.0 ** 100)
+  typical = (m >= 2.0**-100) & (m <= 2.0**100)
   got = np.asarray(_clip(rows, np.float32(clip)))
   want = np.asarray(_clip_v01(rows, np.float32(clip)))
   np.testing.assert_array_equal(got[typical].view(np.uint32), want[typical].view(np.uint32))

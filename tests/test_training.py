@@ -11,8 +11,9 @@ from splitjax import training
 from splitjax.data import base as data_base
 
 PUB_CARDS, PRIV_CARDS = (3, 4), (2, 3)
-SPEC = models.ModelSpec(pub_cardinalities=PUB_CARDS, num_pub_dense=2,
-                        priv_cardinalities=PRIV_CARDS, hidden=(16, 8))
+SPEC = models.ModelSpec(
+  pub_cardinalities=PUB_CARDS, num_pub_dense=2, priv_cardinalities=PRIV_CARDS, hidden=(16, 8)
+)
 MODEL = models.make_model(SPEC)
 
 
@@ -21,9 +22,13 @@ def _split(n=64, seed=0):
   pub_cat = np.stack([rng.integers(0, c, n) for c in PUB_CARDS], 1).astype(np.int32)
   priv_cat = np.stack([rng.integers(0, c, n) for c in PRIV_CARDS], 1).astype(np.int32)
   logit = (pub_cat[:, 0] - 1.0) + (priv_cat[:, 1] - 1.0) + rng.normal(size=n)
-  return data_base.Split(priv_cat=priv_cat, priv_dense=np.zeros((n, 0), np.float32),
-                         pub_cat=pub_cat, pub_dense=rng.random((n, 2)).astype(np.float32),
-                         y=(logit > 0).astype(np.int32))
+  return data_base.Split(
+    priv_cat=priv_cat,
+    priv_dense=np.zeros((n, 0), np.float32),
+    pub_cat=pub_cat,
+    pub_dense=rng.random((n, 2)).astype(np.float32),
+    y=(logit > 0).astype(np.int32),
+  )
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
@@ -38,7 +43,7 @@ def test_fsl_one_local_step_sgd_equals_sl_on_union():
   state0 = training.init_state(MODEL, tx, tx, seed=3)
   # FSL round: 4 devices x 8 examples = the whole split.
   partition = np.arange(32, dtype=np.int32).reshape(4, 8)
-  (batch, dmask), = list(training.fsl_rounds(split, partition, 4, seed=0, epoch=0))
+  ((batch, dmask),) = list(training.fsl_rounds(split, partition, 4, seed=0, epoch=0))
   fsl = training.make_fsl_round(MODEL, tx, tx, 1)
   copy = lambda s: jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, s)
   fsl_state, _, hs, gs, _ = fsl(copy(state0), batch, dmask, training.no_dp())
@@ -53,8 +58,17 @@ def test_fsl_one_local_step_sgd_equals_sl_on_union():
 def test_fsl_multiple_local_steps_differs_and_records_each_step():
   recipe = training.Recipe(optimizer="sgd", learning_rate=0.5, batch_size=32, epochs=1)
   split = _split(40)
-  res = training.fit(MODEL, split, recipe=recipe, seed=0, protocol_name="fsl",
-                     samples_per_device=8, devices_per_round=2, local_steps=3, progress=None)
+  res = training.fit(
+    MODEL,
+    split,
+    recipe=recipe,
+    seed=0,
+    protocol_name="fsl",
+    samples_per_device=8,
+    devices_per_round=2,
+    local_steps=3,
+    progress=None,
+  )
   tr = res.transcript
   assert tr.num_rows == 3 * 40  # every example sends one g per local step
   assert sorted(set(tr.local_step.tolist())) == [0, 1, 2]
@@ -73,11 +87,13 @@ def test_sl_transcript_rows_are_what_the_step_sent():
   i = 5
   ex = tr.example_index[i]
   phi = tr.params_at(tr.param_index[i])
-  z_grad = jax.grad(lambda h: MODEL.head_apply(phi, h, split.priv_cat[ex],
-                                               split.priv_dense[ex]))(tr.h[i])
+  z_grad = jax.grad(lambda h: MODEL.head_apply(phi, h, split.priv_cat[ex], split.priv_dense[ex]))(
+    tr.h[i]
+  )
   z = MODEL.head_apply(phi, tr.h[i], split.priv_cat[ex], split.priv_dense[ex])
-  np.testing.assert_allclose(tr.g[i], (jax.nn.sigmoid(z) - split.y[ex]) * z_grad,
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    tr.g[i], (jax.nn.sigmoid(z) - split.y[ex]) * z_grad, rtol=1e-4, atol=1e-6
+  )
 
 
 def test_resume_equals_uninterrupted():
@@ -90,15 +106,23 @@ def test_resume_equals_uninterrupted():
   def stop_after_first(epoch, state, log):
     if epoch == 0:
       saved["state"] = jax.tree.map(
-          lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.array(x),
-          state)
+        lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.array(x), state
+      )
 
-  part = training.fit(MODEL, split, recipe=dataclasses.replace(recipe, epochs=1), seed=2, dp=dp,
-                      progress=None, on_epoch_end=stop_after_first)
+  part = training.fit(
+    MODEL,
+    split,
+    recipe=dataclasses.replace(recipe, epochs=1),
+    seed=2,
+    dp=dp,
+    progress=None,
+    on_epoch_end=stop_after_first,
+  )
   del part
   state = saved["state"]._replace(key=full.state.key)  # the key is fixed for the run
-  resumed = training.fit(MODEL, split, recipe=recipe, seed=2, dp=dp, state=state, start_epoch=1,
-                         progress=None)
+  resumed = training.fit(
+    MODEL, split, recipe=recipe, seed=2, dp=dp, state=state, start_epoch=1, progress=None
+  )
   _close(resumed.state.server_params, full.state.server_params, rtol=0, atol=0)
   _close(resumed.state.device_params, full.state.device_params, rtol=0, atol=0)
   np.testing.assert_array_equal(resumed.transcript.g, full.transcript.g)
@@ -108,8 +132,14 @@ def test_dp_in_training_clips_what_is_sent():
   recipe = training.Recipe(optimizer="adam", learning_rate=1e-2, batch_size=16, epochs=1)
   split = _split(32)
   clip = 0.01
-  res = training.fit(MODEL, split, recipe=recipe, seed=0,
-                     dp=training.DPConfig(np.float32(clip), np.float32(0.0)), progress=None)
+  res = training.fit(
+    MODEL,
+    split,
+    recipe=recipe,
+    seed=0,
+    dp=training.DPConfig(np.float32(clip), np.float32(0.0)),
+    progress=None,
+  )
   norms = np.linalg.norm(res.transcript.g, axis=1)
   assert norms.max() <= clip * (1 + 1e-5)
   assert res.transcript.l2_clip_norm == pytest.approx(clip)
@@ -132,10 +162,15 @@ def test_device_dp_sgd_limit_equals_plain_and_noise_changes_it():
   same = training.fit(MODEL, split, recipe=recipe, seed=0, dp=big_clip, progress=None)
   _close(same.state.device_params, plain.state.device_params, rtol=1e-4, atol=1e-6)
   _close(same.state.server_params, plain.state.server_params, rtol=1e-4, atol=1e-6)
-  noisy = training.fit(MODEL, split, recipe=recipe, seed=0, progress=None,
-                       dp=training.DPConfig(np.inf, 0.0, 0.1, 1.0))
-  diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
-      jax.tree.leaves(noisy.state.device_params), jax.tree.leaves(plain.state.device_params)))
+  noisy = training.fit(
+    MODEL, split, recipe=recipe, seed=0, progress=None, dp=training.DPConfig(np.inf, 0.0, 0.1, 1.0)
+  )
+  diff = max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for a, b in zip(
+      jax.tree.leaves(noisy.state.device_params), jax.tree.leaves(plain.state.device_params)
+    )
+  )
   assert diff > 1e-3
 
 
@@ -146,8 +181,15 @@ def test_device_dp_sgd_update_is_clipped_per_example():
   tx = training.make_optimizer(recipe)
   state0 = training.init_state(MODEL, tx, tx, seed=0)
   clip = 1e-3
-  res = training.fit(MODEL, split, recipe=recipe, seed=0, progress=None,
-                     dp=training.DPConfig(np.inf, 0.0, clip, 0.0))
-  delta = np.sqrt(sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2)) for a, b in zip(
-      jax.tree.leaves(res.state.device_params), jax.tree.leaves(state0.device_params))))
+  res = training.fit(
+    MODEL, split, recipe=recipe, seed=0, progress=None, dp=training.DPConfig(np.inf, 0.0, clip, 0.0)
+  )
+  delta = np.sqrt(
+    sum(
+      float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
+      for a, b in zip(
+        jax.tree.leaves(res.state.device_params), jax.tree.leaves(state0.device_params)
+      )
+    )
+  )
   assert delta <= clip * (1 + 1e-4)  # the mean of 8 rows each clipped to C_d

@@ -11,6 +11,11 @@ from experiments import sweeping
 
 def get_config() -> base.StudyConfig:
   return base.StudyConfig(
-      train=base.TrainConfig(dataset="credit"), seeds=(0, 1, 2), attack_examples=0,
-      sweep_protocols=("sl", "fsl"), sigmas=sweeping.SIGMAS,
-      target_epsilons=sweeping.TARGET_EPSILONS, label_epsilons=sweeping.LABEL_EPSILONS)
+    train=base.TrainConfig(dataset="credit"),
+    seeds=(0, 1, 2),
+    attack_examples=0,
+    sweep_protocols=("sl", "fsl"),
+    sigmas=sweeping.SIGMAS,
+    target_epsilons=sweeping.TARGET_EPSILONS,
+    label_epsilons=sweeping.LABEL_EPSILONS,
+  )

@@ -9,9 +9,21 @@ from experiments.configs import base
 
 
 def get_config() -> base.StudyConfig:
-  train = base.TrainConfig(dataset="synthetic", synthetic_examples=400, epochs=2,
-                           hidden=(16, 8), batch_size=64, devices_per_round=4)
-  return base.StudyConfig(train=train, recipes=("tuned",), attack_examples=40,
-                          sigmas=(0.0, 1.0), target_epsilons=(), label_epsilons=(1.0,),
-                          # The marginal-prior Bayes attack is left out to keep the tests short.
-                          variants=("informed", "clip_aware", "paper"))
+  train = base.TrainConfig(
+    dataset="synthetic",
+    synthetic_examples=400,
+    epochs=2,
+    hidden=(16, 8),
+    batch_size=64,
+    devices_per_round=4,
+  )
+  return base.StudyConfig(
+    train=train,
+    recipes=("tuned",),
+    attack_examples=40,
+    sigmas=(0.0, 1.0),
+    target_epsilons=(),
+    label_epsilons=(1.0,),
+    # The marginal-prior Bayes attack is left out to keep the tests short.
+    variants=("informed", "clip_aware", "paper"),
+  )

@@ -9,4 +9,6 @@ from experiments.configs import base
 
 
 def get_config() -> base.StudyConfig:
-  return base.StudyConfig(train=base.TrainConfig(dataset="taobao"), seeds=(0, 1, 2), attack_examples=0)
+  return base.StudyConfig(
+    train=base.TrainConfig(dataset="taobao"), seeds=(0, 1, 2), attack_examples=0
+  )

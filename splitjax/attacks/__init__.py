@@ -41,14 +41,14 @@ from splitjax.attacks.priors import tuple_codes
 
 # Name -> attack function (array API). The transcript-level runner wraps these.
 ATTACKS: dict[str, Callable[..., Any]] = {
-    'exact': exact,
-    'majority_prior': majority_prior,
-    'knn': knn,
-    'optimize': optimize,
-    'hybrid': hybrid,
-    'label_norm': label_norm,
-    'label_direction': label_direction,
-    'exact_activations': exact_activations,
+  'exact': exact,
+  'majority_prior': majority_prior,
+  'knn': knn,
+  'optimize': optimize,
+  'hybrid': hybrid,
+  'label_norm': label_norm,
+  'label_direction': label_direction,
+  'exact_activations': exact_activations,
 }
 
 

@@ -51,6 +51,7 @@ class ActivationResult(NamedTuple):
     map_features: [N, P] int32, the single best candidate.
     feature_posteriors: None, or a tuple of P arrays [N, K_j] (Bayes variant).
   """
+
   features: np.ndarray
   dense: np.ndarray
   distances: np.ndarray
@@ -92,9 +93,11 @@ class _Options(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def _table_fn(encoder_apply):
   """Jitted `(params, table [C, P], dense [C, Pd], clip) -> clipped activations [C, d]`."""
+
   def fn(params, table, dense, clip):
     a = jax.vmap(encoder_apply, in_axes=(None, 0, 0))(params, table, dense)
     return optimize_lib.clip_rows(a, clip)
+
   return jax.jit(fn)
 
 
@@ -105,7 +108,7 @@ def _score_fn(opts: _Options):
   def fn(cand, a_obs, log_prior, noise_stddev):
     num_users = a_obs.shape[0]
     if opts.bayes:
-      dist = jnp.sum(jnp.square(cand[None] - a_obs[:, None]), axis=-1)   # [U, C] squared
+      dist = jnp.sum(jnp.square(cand[None] - a_obs[:, None]), axis=-1)  # [U, C] squared
       inv_var = 1.0 / (2.0 * jnp.square(noise_stddev))
       score = dist * inv_var - log_prior
       scale = jnp.sum(jnp.square(a_obs), axis=-1) * inv_var
@@ -119,24 +122,35 @@ def _score_fn(opts: _Options):
     gap = jnp.min(jnp.where(is_best, jnp.inf, score), axis=-1) - best
     tol = exact_lib.TIE_RTOL * scale + exact_lib.TIE_ATOL
     d_best = jnp.take_along_axis(dist, best_idx[:, None], axis=1)[:, 0]
-    out = dict(best_idx=best_idx, gap=gap,
-               num_ties=jnp.sum(score <= (best + tol)[:, None], axis=-1).astype(jnp.int32),
-               distances=jnp.sqrt(d_best) if opts.bayes else d_best)
+    out = dict(
+      best_idx=best_idx,
+      gap=gap,
+      num_ties=jnp.sum(score <= (best + tol)[:, None], axis=-1).astype(jnp.int32),
+      distances=jnp.sqrt(d_best) if opts.bayes else d_best,
+    )
     if opts.bayes:
       lp = (-score).reshape((num_users,) + opts.cardinalities)
       total = jax.scipy.special.logsumexp(lp.reshape(num_users, -1), axis=-1)
       axes = set(range(1, lp.ndim))
       out['feature_posteriors'] = tuple(
-          jnp.exp(jax.scipy.special.logsumexp(lp, axis=tuple(sorted(axes - {j + 1})))
-                  - total[:, None]) for j in range(lp.ndim - 1))
+        jnp.exp(
+          jax.scipy.special.logsumexp(lp, axis=tuple(sorted(axes - {j + 1}))) - total[:, None]
+        )
+        for j in range(lp.ndim - 1)
+      )
     return out
 
   return jax.jit(fn)
 
 
-def candidate_activations(encoder_apply: Callable[..., jax.Array], device_params: Any,
-                          cardinalities: Sequence[int], *, l2_clip_norm: float | None = None,
-                          dense: jax.typing.ArrayLike | None = None) -> np.ndarray:
+def candidate_activations(
+  encoder_apply: Callable[..., jax.Array],
+  device_params: Any,
+  cardinalities: Sequence[int],
+  *,
+  l2_clip_norm: float | None = None,
+  dense: jax.typing.ArrayLike | None = None,
+) -> np.ndarray:
   """Every candidate's activation, `[C, d]` in `candidate_table` order, clipped to `l2_clip_norm`.
 
   `dense` ([Pd], default empty) fixes the private dense inputs of every candidate.
@@ -146,29 +160,30 @@ def candidate_activations(encoder_apply: Callable[..., jax.Array], device_params
   dense = np.zeros((0,), np.float32) if dense is None else np.asarray(dense, np.float32)
   dense_rows = np.broadcast_to(dense, (table.shape[0],) + dense.shape)
   clip = math.inf if l2_clip_norm is None else float(l2_clip_norm)
-  return np.asarray(_table_fn(encoder_apply)(device_params, table, dense_rows,
-                                             np.float32(clip)))
+  return np.asarray(_table_fn(encoder_apply)(device_params, table, dense_rows, np.float32(clip)))
 
 
-def exact_activations(encoder_apply: Callable[..., jax.Array],
-                      device_params: Any,
-                      a_obs: jax.typing.ArrayLike,
-                      cardinalities: Sequence[int],
-                      *,
-                      num_dense: int = 0,
-                      dense_bounds=(0.0, 1.0),
-                      distance: str = 'l2',
-                      l2_clip_norm: float | None = None,
-                      noise_stddev: float | None = None,
-                      log_prior: jax.typing.ArrayLike | None = None,
-                      clip_aware: bool = True,
-                      users_per_chunk: int | None = None,
-                      key: jax.Array | None = None,
-                      num_restarts: int = 64,
-                      num_steps: int = 100,
-                      num_refine: int | None = 16,
-                      refine_starts: int = 256,
-                      optimizer=None) -> ActivationResult:
+def exact_activations(
+  encoder_apply: Callable[..., jax.Array],
+  device_params: Any,
+  a_obs: jax.typing.ArrayLike,
+  cardinalities: Sequence[int],
+  *,
+  num_dense: int = 0,
+  dense_bounds=(0.0, 1.0),
+  distance: str = 'l2',
+  l2_clip_norm: float | None = None,
+  noise_stddev: float | None = None,
+  log_prior: jax.typing.ArrayLike | None = None,
+  clip_aware: bool = True,
+  users_per_chunk: int | None = None,
+  key: jax.Array | None = None,
+  num_restarts: int = 64,
+  num_steps: int = 100,
+  num_refine: int | None = 16,
+  refine_starts: int = 256,
+  optimizer=None,
+) -> ActivationResult:
   """Recovers each user's private features from the activation its device sent (device_bottom).
 
   Args:
@@ -212,8 +227,9 @@ def exact_activations(encoder_apply: Callable[..., jax.Array],
   a = np.asarray(a_obs)
   if a.ndim != 2:
     raise AttackError(f'a_obs must be an [N, d] matrix, got shape {a.shape}.')
-  dtype = jax.dtypes.canonicalize_dtype(a.dtype if np.issubdtype(a.dtype, np.floating)
-                                        else np.float32)
+  dtype = jax.dtypes.canonicalize_dtype(
+    a.dtype if np.issubdtype(a.dtype, np.floating) else np.float32
+  )
   a = a.astype(dtype)
   exact_lib._check_finite_matrix(a, 'a_obs')  # pylint: disable=protected-access
   clip = exact_lib._check_scalar(l2_clip_norm, 'l2_clip_norm')  # pylint: disable=protected-access
@@ -224,37 +240,65 @@ def exact_activations(encoder_apply: Callable[..., jax.Array],
 
   if num_dense:
     res = optimize_lib.hybrid_core(
-        ActivationSimulator(encoder_apply), device_params, np.zeros((num_users, 0), dtype), a,
-        cards, num_dense, optimizer=optimizer, num_steps=num_steps, num_restarts=num_restarts,
-        num_refine=num_refine, refine_starts=refine_starts, key=key, l2_clip_norm=sim_clip,
-        noise_stddev=noise_stddev,
-        log_prior=log_prior, dense_bounds=dense_bounds, distance=distance)
-    return ActivationResult(res.features, res.dense, res.distances, res.num_ties, res.gap,
-                            res.map_features, res.feature_posteriors)
+      ActivationSimulator(encoder_apply),
+      device_params,
+      np.zeros((num_users, 0), dtype),
+      a,
+      cards,
+      num_dense,
+      optimizer=optimizer,
+      num_steps=num_steps,
+      num_restarts=num_restarts,
+      num_refine=num_refine,
+      refine_starts=refine_starts,
+      key=key,
+      l2_clip_norm=sim_clip,
+      noise_stddev=noise_stddev,
+      log_prior=log_prior,
+      dense_bounds=dense_bounds,
+      distance=distance,
+    )
+    return ActivationResult(
+      res.features,
+      res.dense,
+      res.distances,
+      res.num_ties,
+      res.gap,
+      res.map_features,
+      res.feature_posteriors,
+    )
 
   noise, bayes = exact_lib.check_noise(noise_stddev, distance, log_prior)
   num_cand = math.prod(cards)
   prior, per_user = np.zeros((1, num_cand), dtype), False
   if log_prior is not None:
     p3, per_user = exact_lib._check_log_prior(  # pylint: disable=protected-access
-        log_prior, num_users, num_cand, 1)
+      log_prior, num_users, num_cand, 1
+    )
     prior = p3.reshape(p3.shape[0], num_cand).astype(dtype)
   table = exact_lib.candidate_table(cards)
   cand = candidate_activations(encoder_apply, device_params, cards, l2_clip_norm=sim_clip)
   if cand.shape[1] != a.shape[1]:
-    raise AttackError(f'a_obs has d = {a.shape[1]} columns but the encoder gives d = '
-                      f'{cand.shape[1]}.')
+    raise AttackError(
+      f'a_obs has d = {a.shape[1]} columns but the encoder gives d = {cand.shape[1]}.'
+    )
   if num_users == 0:
     p = len(cards)
     posts = tuple(np.zeros((0, k), dtype) for k in cards) if bayes else None
     z_f = np.zeros(0, dtype)
-    return ActivationResult(np.zeros((0, p), np.int32), np.zeros((0, 0), dtype), z_f,
-                            np.zeros(0, np.int32), z_f, np.zeros((0, p), np.int32), posts)
+    return ActivationResult(
+      np.zeros((0, p), np.int32),
+      np.zeros((0, 0), dtype),
+      z_f,
+      np.zeros(0, np.int32),
+      z_f,
+      np.zeros((0, p), np.int32),
+      posts,
+    )
   if users_per_chunk is None:
     per_user_bytes = num_cand * (a.shape[1] + 4) * 4 * 2
     users_per_chunk = max(1, MEMORY_BUDGET_BYTES // per_user_bytes)
-  chunk = min(1 << (int(users_per_chunk).bit_length() - 1),
-              optimize_lib._next_pow2(num_users))  # pylint: disable=protected-access
+  chunk = min(1 << (int(users_per_chunk).bit_length() - 1), optimize_lib._next_pow2(num_users))  # pylint: disable=protected-access
   fn = _score_fn(_Options(cards, distance, bayes, per_user))
   noise_arg = np.asarray(noise if bayes else 1.0, dtype)
   num_chunks = -(-num_users // chunk)
@@ -273,5 +317,12 @@ def exact_activations(encoder_apply: Callable[..., jax.Array],
     features = np.stack([np.argmax(p, axis=-1) for p in posts], axis=-1).astype(np.int32)
   else:
     posts, features = None, map_features
-  return ActivationResult(features, np.zeros((num_users, 0), dtype), out['distances'],
-                          out['num_ties'], out['gap'], map_features, posts)
+  return ActivationResult(
+    features,
+    np.zeros((num_users, 0), dtype),
+    out['distances'],
+    out['num_ties'],
+    out['gap'],
+    map_features,
+    posts,
+  )

@@ -37,6 +37,7 @@ class PriorResult(NamedTuple):
       value of each column (ties -> the lower value).
     posteriors: tuple of P float32 arrays [K_j] (or [num_test, K_j]): training frequencies.
   """
+
   predictions: np.ndarray
   posteriors: tuple[np.ndarray, ...]
 
@@ -49,6 +50,7 @@ class KnnResult(NamedTuple):
       the lower value).
     posteriors: tuple of P float32 arrays [N_te, K_j], the vote fractions.
   """
+
   predictions: np.ndarray
   posteriors: tuple[np.ndarray, ...]
 
@@ -59,8 +61,9 @@ def _check_targets(values, cardinalities, name: str) -> tuple[np.ndarray, tuple[
   if arr.ndim == 1 and len(cards) == 1:
     arr = arr[:, None]
   if arr.ndim != 2 or arr.shape[1] != len(cards):
-    raise AttackError(f'{name} must be [N, P] with P = len(cardinalities) = {len(cards)}, got shape '
-                      f'{arr.shape}.')
+    raise AttackError(
+      f'{name} must be [N, P] with P = len(cardinalities) = {len(cards)}, got shape {arr.shape}.'
+    )
   if arr.size and not np.issubdtype(arr.dtype, np.integer):
     if not np.all(np.equal(np.mod(arr, 1), 0)):
       raise AttackError(f'{name} must hold integer codes, got dtype {arr.dtype} with fractions.')
@@ -68,13 +71,16 @@ def _check_targets(values, cardinalities, name: str) -> tuple[np.ndarray, tuple[
   for j, k in enumerate(cards):
     col = arr[:, j]
     if col.size and (col.min() < 0 or col.max() >= k):
-      raise AttackError(f'{name}[:, {j}] must lie in [0, {k}) (cardinalities {cards}), got values '
-                        f'in [{col.min()}, {col.max()}].')
+      raise AttackError(
+        f'{name}[:, {j}] must lie in [0, {k}) (cardinalities {cards}), got values '
+        f'in [{col.min()}, {col.max()}].'
+      )
   return arr.astype(np.int32), cards
 
 
-def majority_prior(train_values: np.ndarray, cardinalities: Sequence[int], *,
-                   num_test: int | None = None) -> PriorResult:
+def majority_prior(
+  train_values: np.ndarray, cardinalities: Sequence[int], *, num_test: int | None = None
+) -> PriorResult:
   """Predicts each private column's most frequent training value, for every test user.
 
   Args:
@@ -96,8 +102,10 @@ def majority_prior(train_values: np.ndarray, cardinalities: Sequence[int], *,
   values, cards = _check_targets(train_values, cardinalities, 'train_values')
   if values.shape[0] == 0:
     raise AttackError('train_values has no rows; the prior needs at least one training example.')
-  posts = tuple((np.bincount(values[:, j], minlength=k) / values.shape[0]).astype(np.float32)
-                for j, k in enumerate(cards))
+  posts = tuple(
+    (np.bincount(values[:, j], minlength=k) / values.shape[0]).astype(np.float32)
+    for j, k in enumerate(cards)
+  )
   preds = np.array([int(np.argmax(p)) for p in posts], dtype=np.int32)
   if num_test is not None:
     preds = np.tile(preds, (num_test, 1))
@@ -105,8 +113,9 @@ def majority_prior(train_values: np.ndarray, cardinalities: Sequence[int], *,
   return PriorResult(preds, posts)
 
 
-def server_feature_matrix(pub_cat: np.ndarray, pub_dense: np.ndarray,
-                          pub_cardinalities: Sequence[int]) -> np.ndarray:
+def server_feature_matrix(
+  pub_cat: np.ndarray, pub_dense: np.ndarray, pub_cardinalities: Sequence[int]
+) -> np.ndarray:
   """The server's own view of each user for k-NN: one-hot categoricals, then dense features.
 
   Args:
@@ -125,8 +134,10 @@ def server_feature_matrix(pub_cat: np.ndarray, pub_dense: np.ndarray,
   if dense.ndim == 1:
     dense = dense[:, None]
   if dense.ndim != 2 or dense.shape[0] != cat.shape[0]:
-    raise AttackError(f'pub_dense must be [N, Sd] with N = {cat.shape[0]} rows like pub_cat '
-                      f'{cat.shape}, got shape {dense.shape}.')
+    raise AttackError(
+      f'pub_dense must be [N, Sd] with N = {cat.shape[0]} rows like pub_cat '
+      f'{cat.shape}, got shape {dense.shape}.'
+    )
   blocks = [np.eye(k, dtype=np.float32)[cat[:, j]] for j, k in enumerate(cards)]
   return np.concatenate(blocks + [dense], axis=1)
 
@@ -135,18 +146,29 @@ def server_feature_matrix(pub_cat: np.ndarray, pub_dense: np.ndarray,
 def _knn_chunk(train_x, train_sq, train_y, test_x, *, k: int, cardinalities: tuple[int, ...]):
   """Votes of the k nearest training rows for a chunk of test rows."""
   # Squared euclidean distances, ||a||^2 - 2 a.b + ||b||^2, as one matrix product.
-  d2 = (jnp.sum(jnp.square(test_x), axis=1, keepdims=True) - 2.0 * test_x @ train_x.T
-        + train_sq[None, :])
+  d2 = (
+    jnp.sum(jnp.square(test_x), axis=1, keepdims=True)
+    - 2.0 * test_x @ train_x.T
+    + train_sq[None, :]
+  )
   _, idx = jax.lax.top_k(-d2, k)  # [n, k]; equal distances -> lower training index first
   neighbours = train_y[idx]  # [n, k, P]
-  posts = tuple(jnp.mean(jax.nn.one_hot(neighbours[..., j], kj), axis=1)
-                for j, kj in enumerate(cardinalities))
+  posts = tuple(
+    jnp.mean(jax.nn.one_hot(neighbours[..., j], kj), axis=1) for j, kj in enumerate(cardinalities)
+  )
   preds = jnp.stack([jnp.argmax(p, axis=-1) for p in posts], axis=-1).astype(jnp.int32)
   return preds, posts
 
 
-def knn(train_features: np.ndarray, train_targets: np.ndarray, test_features: np.ndarray,
-        cardinalities: Sequence[int], *, k: int = 30, chunk_size: int | None = None) -> KnnResult:
+def knn(
+  train_features: np.ndarray,
+  train_targets: np.ndarray,
+  test_features: np.ndarray,
+  cardinalities: Sequence[int],
+  *,
+  k: int = 30,
+  chunk_size: int | None = None,
+) -> KnnResult:
   """k-nearest-neighbour guess of each test user's private values from server-side features.
 
   Distances are euclidean on the given features (e.g. `server_feature_matrix(...)` or the cut
@@ -173,11 +195,15 @@ def knn(train_features: np.ndarray, train_targets: np.ndarray, test_features: np
   train_x = np.asarray(train_features, dtype=np.float32)
   test_x = np.asarray(test_features, dtype=np.float32)
   if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-    raise AttackError(f'train_features and test_features must be [N, F] with the same F, got '
-                      f'{train_x.shape} and {test_x.shape}.')
+    raise AttackError(
+      f'train_features and test_features must be [N, F] with the same F, got '
+      f'{train_x.shape} and {test_x.shape}.'
+    )
   if train_x.shape[0] != targets.shape[0]:
-    raise AttackError(f'train_features {train_x.shape} and train_targets {targets.shape} must have '
-                      'the same number of rows.')
+    raise AttackError(
+      f'train_features {train_x.shape} and train_targets {targets.shape} must have '
+      'the same number of rows.'
+    )
   for name, x in (('train_features', train_x), ('test_features', test_x)):
     if not np.all(np.isfinite(x)):
       raise AttackError(f'{name} {x.shape} contains NaN or inf.')
@@ -185,22 +211,34 @@ def knn(train_features: np.ndarray, train_targets: np.ndarray, test_features: np
     raise AttackError(f'k must be an int in [1, N_tr = {train_x.shape[0]}], got {k!r}.')
   num_test = test_x.shape[0]
   if num_test == 0:
-    return KnnResult(np.zeros((0, len(cards)), np.int32),
-                     tuple(np.zeros((0, kj), np.float32) for kj in cards))
+    return KnnResult(
+      np.zeros((0, len(cards)), np.int32), tuple(np.zeros((0, kj), np.float32) for kj in cards)
+    )
   if chunk_size is None:
     chunk_size = max(1, KNN_MEMORY_BUDGET_BYTES // (4 * 3 * max(1, train_x.shape[0])))
     chunk_size = min(1 << (chunk_size.bit_length() - 1), 1 << max(0, num_test - 1).bit_length())
-  elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+  elif (
+    isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
+  ):
     raise AttackError(f'chunk_size must be a positive int or None, got {chunk_size!r}.')
   train_dev = jnp.asarray(train_x)
   train_sq = jnp.sum(jnp.square(train_dev), axis=1)
   targets_dev = jnp.asarray(targets)
   num_chunks = math.ceil(num_test / chunk_size)
   padded = np.concatenate([test_x, np.repeat(test_x[:1], num_chunks * chunk_size - num_test, 0)])
-  outs = [_knn_chunk(train_dev, train_sq, targets_dev,
-                     jnp.asarray(padded[i * chunk_size:(i + 1) * chunk_size]), k=int(k),
-                     cardinalities=cards) for i in range(num_chunks)]
+  outs = [
+    _knn_chunk(
+      train_dev,
+      train_sq,
+      targets_dev,
+      jnp.asarray(padded[i * chunk_size : (i + 1) * chunk_size]),
+      k=int(k),
+      cardinalities=cards,
+    )
+    for i in range(num_chunks)
+  ]
   preds = np.concatenate([np.asarray(o[0]) for o in outs])[:num_test]
-  posts = tuple(np.concatenate([np.asarray(o[1][j]) for o in outs])[:num_test]
-                for j in range(len(cards)))
+  posts = tuple(
+    np.concatenate([np.asarray(o[1][j]) for o in outs])[:num_test] for j in range(len(cards))
+  )
   return KnnResult(preds, posts)

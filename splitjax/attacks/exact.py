@@ -106,6 +106,7 @@ class ExactResult(NamedTuple):
     screen_fallback: None without `screen_dtype`; else [N] bool, True for the users whose
       low-precision screen was not conclusive and who were attacked again in full precision.
   """
+
   features: np.ndarray
   labels: np.ndarray
   distances: np.ndarray
@@ -133,8 +134,8 @@ def cosine_distance(g_obs: jax.Array, g_cand: jax.Array) -> jax.Array:
 
 # Name -> pure function `(g_obs [..., d], g_cand [..., d]) -> [...]` (broadcasting).
 DISTANCES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    'l2': l2_distance,
-    'cosine': cosine_distance,
+  'l2': l2_distance,
+  'cosine': cosine_distance,
 }
 
 
@@ -149,8 +150,11 @@ def candidate_table(cardinalities: Sequence[int]) -> np.ndarray:
   """
   cards = _check_cardinalities(cardinalities)
   num = math.prod(cards)
-  table = np.fromiter(itertools.chain.from_iterable(itertools.product(*map(range, cards))),
-                      dtype=np.int32, count=num * len(cards))
+  table = np.fromiter(
+    itertools.chain.from_iterable(itertools.product(*map(range, cards))),
+    dtype=np.int32,
+    count=num * len(cards),
+  )
   return table.reshape(num, len(cards))
 
 
@@ -163,8 +167,10 @@ def _check_cardinalities(cardinalities, device_apply=None) -> tuple[int, ...]:
   callable carries them (`models.device_logit_fn`): a wrong feature count or cardinality would
   otherwise give silently wrong answers (JAX clamps out-of-range embedding indices)."""
   if isinstance(cardinalities, numbers.Integral):
-    raise AttackError(f'cardinalities must be a sequence of ints (one per private feature), got the '
-                      f'int {cardinalities!r}; pass e.g. ({cardinalities},).')
+    raise AttackError(
+      f'cardinalities must be a sequence of ints (one per private feature), got the '
+      f'int {cardinalities!r}; pass e.g. ({cardinalities},).'
+    )
   try:
     cards = tuple(cardinalities)
   except TypeError:
@@ -173,14 +179,18 @@ def _check_cardinalities(cardinalities, device_apply=None) -> tuple[int, ...]:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
       raise AttackError(f'cardinalities[{j}] must be an int, got {k!r} in {cards}.')
     if k < 1:
-      raise AttackError(f'cardinalities[{j}] must be >= 1, got {k} in {cards}; every private feature '
-                        'needs at least one value.')
+      raise AttackError(
+        f'cardinalities[{j}] must be >= 1, got {k} in {cards}; every private feature '
+        'needs at least one value.'
+      )
   cards = tuple(int(k) for k in cards)
   known = getattr(device_apply, 'priv_cardinalities', None)
   if known is not None and tuple(known) != cards:
-    raise AttackError(f'cardinalities {cards} do not match the model behind device_apply, whose '
-                      f'private features have cardinalities {tuple(known)}: pass '
-                      'model.spec.priv_cardinalities (or the dataset\'s priv_cardinalities).')
+    raise AttackError(
+      f'cardinalities {cards} do not match the model behind device_apply, whose '
+      f'private features have cardinalities {tuple(known)}: pass '
+      'model.spec.priv_cardinalities (or the dataset\'s priv_cardinalities).'
+    )
   return cards
 
 
@@ -188,8 +198,9 @@ def _check_positive_int(value, name: str, *, allow_none: bool = True) -> int | N
   if value is None and allow_none:
     return None
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise AttackError(f'{name} must be a positive int{" or None" if allow_none else ""}, '
-                      f'got {value!r}.')
+    raise AttackError(
+      f'{name} must be a positive int{" or None" if allow_none else ""}, got {value!r}.'
+    )
   return int(value)
 
 
@@ -219,11 +230,15 @@ def check_noise(noise_stddev, distance: str, log_prior) -> tuple[float | None, b
   if bayes and math.isinf(noise):
     raise AttackError('noise_stddev must be finite, got inf.')
   if bayes and distance != 'l2':
-    raise AttackError(f'the Bayes variant (noise_stddev={noise}) scores by Gaussian likelihood; '
-                      f'distance must be "l2", got {distance!r}.')
+    raise AttackError(
+      f'the Bayes variant (noise_stddev={noise}) scores by Gaussian likelihood; '
+      f'distance must be "l2", got {distance!r}.'
+    )
   if log_prior is not None and not bayes:
-    raise AttackError('log_prior is used only with noise_stddev > 0 (Bayes scoring); pass '
-                      'noise_stddev or drop log_prior.')
+    raise AttackError(
+      'log_prior is used only with noise_stddev > 0 (Bayes scoring); pass '
+      'noise_stddev or drop log_prior.'
+    )
   return noise, bayes
 
 
@@ -231,8 +246,10 @@ def _check_finite_matrix(x: np.ndarray, name: str) -> None:
   bad = ~np.isfinite(x)
   if bad.any():
     rows = np.unique(np.nonzero(bad)[0])
-    raise AttackError(f'{name} {x.shape} has {int(bad.sum())} NaN/inf entries (first in row '
-                      f'{int(rows[0])}); drop or repair those rows before attacking.')
+    raise AttackError(
+      f'{name} {x.shape} has {int(bad.sum())} NaN/inf entries (first in row '
+      f'{int(rows[0])}); drop or repair those rows before attacking.'
+    )
 
 
 def _check_log_prior(log_prior, num_users: int, num_cand: int, num_labels: int):
@@ -244,14 +261,18 @@ def _check_log_prior(log_prior, num_users: int, num_cand: int, num_labels: int):
   elif prior.shape in ((num_users, c * l), (num_users, c, l)):
     prior, per_user = prior.reshape(num_users, c, l), True
   else:
-    raise AttackError(f'log_prior has shape {prior.shape}; expected [C*L]=({c * l},), [C, L]=({c}, '
-                      f'{l}) or the same with a leading users axis of {num_users} (C candidates in '
-                      'candidate_table order, label fastest).')
+    raise AttackError(
+      f'log_prior has shape {prior.shape}; expected [C*L]=({c * l},), [C, L]=({c}, '
+      f'{l}) or the same with a leading users axis of {num_users} (C candidates in '
+      'candidate_table order, label fastest).'
+    )
   if np.isnan(prior).any() or np.isposinf(prior).any():
     raise AttackError('log_prior contains NaN or +inf; use -inf only for impossible candidates.')
   if not np.isfinite(prior.reshape(prior.shape[0], -1)).any(axis=1).all():
-    raise AttackError('log_prior gives every (candidate, label) pair -inf for some user; at least '
-                      'one pair must be possible.')
+    raise AttackError(
+      'log_prior gives every (candidate, label) pair -inf for some user; at least '
+      'one pair must be possible.'
+    )
   return prior, per_user
 
 
@@ -261,13 +282,14 @@ def _check_log_prior(log_prior, num_users: int, num_cand: int, num_labels: int):
 
 class _Options(NamedTuple):
   """Static options; part of the compilation cache key."""
+
   cardinalities: tuple[int, ...]
   num_labels: int
   top_k: int
   distance: str
-  clip: bool          # l2_clip_norm given (its value is a traced argument)
+  clip: bool  # l2_clip_norm given (its value is a traced argument)
   clip_aware: bool
-  bayes: bool         # noise_stddev > 0 given (its value is a traced argument)
+  bayes: bool  # noise_stddev > 0 given (its value is a traced argument)
   per_user_prior: bool
   per_user_params: bool  # device_params has a leading version axis, picked by param_index
   candidates_per_block: int
@@ -282,9 +304,16 @@ class _Options(NamedTuple):
 
 # Call-like primitives whose body is interpreted (so the matmuls inside are rewritten too), and the
 # parameter holding the body.
-_CALL_BODIES = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr',
-                'core_call': 'call_jaxpr', 'custom_jvp_call': 'call_jaxpr',
-                'custom_vjp_call': 'call_jaxpr', 'remat2': 'jaxpr', 'checkpoint': 'jaxpr'}
+_CALL_BODIES = {
+  'jit': 'jaxpr',
+  'pjit': 'jaxpr',
+  'closed_call': 'call_jaxpr',
+  'core_call': 'call_jaxpr',
+  'custom_jvp_call': 'call_jaxpr',
+  'custom_vjp_call': 'call_jaxpr',
+  'remat2': 'jaxpr',
+  'checkpoint': 'jaxpr',
+}
 
 
 def _eval_low_precision(jaxpr, consts, args, dtype):
@@ -301,9 +330,14 @@ def _eval_low_precision(jaxpr, consts, args, dtype):
     name = eqn.primitive.name
     body = eqn.params.get(_CALL_BODIES.get(name, ''), None)
     if name == 'dot_general' and all(jnp.result_type(x) == jnp.float32 for x in invals):
-      outs = [jax.lax.dot_general(invals[0].astype(dtype), invals[1].astype(dtype),
-                                  eqn.params['dimension_numbers'],
-                                  preferred_element_type=jnp.float32)]
+      outs = [
+        jax.lax.dot_general(
+          invals[0].astype(dtype),
+          invals[1].astype(dtype),
+          eqn.params['dimension_numbers'],
+          preferred_element_type=jnp.float32,
+        )
+      ]
     elif body is not None and hasattr(body, 'jaxpr'):  # a ClosedJaxpr: inline it
       outs = _eval_low_precision(body.jaxpr, body.consts, invals, dtype)
     elif isinstance(body, jex_core.Jaxpr) and not body.constvars:  # an open one (remat2)
@@ -328,8 +362,9 @@ def low_precision_matmuls(fn: Callable[..., Any], dtype=jnp.bfloat16) -> Callabl
 
   def wrapped(*args):
     flat, tree = jax.tree.flatten(args)
-    closed, out_shape = jax.make_jaxpr(lambda *xs: fn(*jax.tree.unflatten(tree, xs)),
-                                       return_shape=True)(*flat)
+    closed, out_shape = jax.make_jaxpr(
+      lambda *xs: fn(*jax.tree.unflatten(tree, xs)), return_shape=True
+    )(*flat)
     outs = _eval_low_precision(closed.jaxpr, closed.consts, flat, dtype)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
@@ -436,11 +471,12 @@ def _screen_top(opts: _Options, screen):
     return jnp.where(iota == best[:, None], jnp.inf, masked), idx.at[:, i].set(best)
 
   rounds = m + 1 if num_pairs > m else m
-  masked, idx = jax.lax.fori_loop(0, rounds, pick,
-                                  (screen, jnp.zeros((num_users, rounds), jnp.int32)))
+  masked, idx = jax.lax.fori_loop(
+    0, rounds, pick, (screen, jnp.zeros((num_users, rounds), jnp.int32))
+  )
   del masked
   if num_pairs > m:
-    cutoff = jnp.take_along_axis(screen, idx[:, m:m + 1], axis=1)[:, 0]
+    cutoff = jnp.take_along_axis(screen, idx[:, m : m + 1], axis=1)[:, 0]
   else:
     cutoff = jnp.full((num_users,), jnp.inf, screen.dtype)
   return idx[:, :m], cutoff, ~jnp.isfinite(screen).all(axis=1)
@@ -454,8 +490,9 @@ def _rescore(device_apply, opts: _Options, params, h, g, table, clip_norm, top, 
   """
   num_users = h.shape[0]
   num_labels = opts.num_labels
-  z, v = _candidate_gradients(device_apply, opts, params, h, table[top // num_labels],
-                              low_precision=False)  # [U, m], [U, m, d]
+  z, v = _candidate_gradients(
+    device_apply, opts, params, h, table[top // num_labels], low_precision=False
+  )  # [U, m], [U, m, d]
   pair = _pair_scores(opts, z, v, g, clip_norm)  # [U, m, L]
   exact_scores = jnp.take_along_axis(pair, (top % num_labels)[..., None], axis=2)[..., 0]
   rows = jnp.arange(num_users)[:, None]
@@ -463,8 +500,20 @@ def _rescore(device_apply, opts: _Options, params, h, g, table, clip_norm, top, 
   return scores.at[rows, top].set(exact_scores), exact_scores
 
 
-def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior, table, clip_norm,
-              noise_stddev, screen_rtol, screen=None):
+def _chunk_fn(
+  device_apply,
+  opts: _Options,
+  params,
+  h,
+  g,
+  param_index,
+  log_prior,
+  table,
+  clip_norm,
+  noise_stddev,
+  screen_rtol,
+  screen=None,
+):
   """Attacks one chunk of U users. table: [num_blocks * B, P]. Returns a dict of [U, ...] arrays.
 
   With `opts.screen_dtype`: called first without `screen` (returns {'screen': [U, C*L]}
@@ -478,11 +527,13 @@ def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior
   num_labels = opts.num_labels
   if screen is not None:
     top, cutoff, non_finite = screen
-    dist, rescored = _rescore(device_apply, opts, params, h, g, table[:num_cand], clip_norm, top,
-                              num_cand * num_labels)
+    dist, rescored = _rescore(
+      device_apply, opts, params, h, g, table[:num_cand], clip_norm, top, num_cand * num_labels
+    )
   else:
-    simulate = functools.partial(_simulate_block, device_apply, opts, params, h, g,
-                                 clip_norm=clip_norm)
+    simulate = functools.partial(
+      _simulate_block, device_apply, opts, params, h, g, clip_norm=clip_norm
+    )
     if opts.num_blocks == 1:
       dist = simulate(table)
     else:
@@ -512,8 +563,13 @@ def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior
   num_ties = jnp.sum(score <= (best + tol)[:, None], axis=-1).astype(jnp.int32)
   map_features = table[best_idx // num_labels]
   map_labels = (best_idx % num_labels).astype(jnp.int32)
-  out = dict(map_features=map_features, map_labels=map_labels, num_ties=num_ties, gap=gap,
-             distances=jnp.take_along_axis(dist, best_idx[:, None], axis=1)[:, 0])
+  out = dict(
+    map_features=map_features,
+    map_labels=map_labels,
+    num_ties=num_ties,
+    gap=gap,
+    distances=jnp.take_along_axis(dist, best_idx[:, None], axis=1)[:, 0],
+  )
   if screen is not None:
     # The best pair left out enters the gap at its screening score.
     out['gap'] = jnp.minimum(gap, cutoff - best)
@@ -554,15 +610,19 @@ def _chunk_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior
   elif opts.top_k > 1:
     _, top = jax.lax.top_k(-score, opts.top_k)  # ascending score; ties -> lower index first
     votes_feat = table[top // num_labels]  # [U, k, P]
-    posts = [jnp.mean(jax.nn.one_hot(votes_feat[..., j], kj), axis=1)
-             for j, kj in enumerate(opts.cardinalities)]
+    posts = [
+      jnp.mean(jax.nn.one_hot(votes_feat[..., j], kj), axis=1)
+      for j, kj in enumerate(opts.cardinalities)
+    ]
     posts.append(jnp.mean(jax.nn.one_hot(top % num_labels, num_labels), axis=1))
     out['feature_posteriors'] = tuple(posts[:-1])
     out['label_posterior'] = posts[-1]
   if 'label_posterior' in out:  # argmax: ties -> the lower value index
     out['features'] = jnp.stack(
-        [jnp.argmax(p, axis=-1).astype(jnp.int32) for p in out['feature_posteriors']]
-        + [jnp.zeros((num_users,), jnp.int32)], axis=-1)[:, :-1]
+      [jnp.argmax(p, axis=-1).astype(jnp.int32) for p in out['feature_posteriors']]
+      + [jnp.zeros((num_users,), jnp.int32)],
+      axis=-1,
+    )[:, :-1]
     out['labels'] = jnp.argmax(out['label_posterior'], axis=-1).astype(jnp.int32)
   else:
     out['features'], out['labels'] = map_features, map_labels
@@ -577,7 +637,7 @@ _CACHE: dict[Any, Any] = {}
 
 def _subjaxprs(eqn):
   for value in eqn.params.values():
-    for item in (value if isinstance(value, (tuple, list)) else (value,)):
+    for item in value if isinstance(value, (tuple, list)) else (value,):
       if hasattr(item, 'eqns'):
         yield item
       elif hasattr(item, 'jaxpr') and hasattr(getattr(item, 'jaxpr'), 'eqns'):
@@ -607,12 +667,13 @@ def _dependent_bytes(jaxpr, dependent_invars) -> int:
   return total
 
 
-def _bytes_per_candidate(device_apply, params, d: int, dtype, num_features: int,
-                         num_labels: int) -> int:
+def _bytes_per_candidate(
+  device_apply, params, d: int, dtype, num_features: int, num_labels: int
+) -> int:
   """Traces one candidate's value_and_grad and sums the sizes of its candidate-dependent values."""
   closed = jax.make_jaxpr(jax.value_and_grad(device_apply, argnums=1))(
-      params, jax.ShapeDtypeStruct((d,), dtype),
-      jax.ShapeDtypeStruct((num_features,), jnp.int32))
+    params, jax.ShapeDtypeStruct((d,), dtype), jax.ShapeDtypeStruct((num_features,), jnp.int32)
+  )
   num_param_leaves = len(jax.tree.leaves(params))
   flags = [False] * num_param_leaves + [True, True]
   traced = _dependent_bytes(closed.jaxpr, flags)
@@ -678,9 +739,17 @@ def matmul_flops_per_second(platform: str, n: int = 512, budget_seconds: float =
       return 2.0 * n**3 * reps / max(elapsed, 1e-9)
 
 
-def estimate(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array], device_params: Any,
-             d: int, cardinalities: Sequence[int], num_users: int, *, num_labels: int = 2,
-             dtype=jnp.float32, efficiency: float = 0.5) -> Estimate:
+def estimate(
+  device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
+  device_params: Any,
+  d: int,
+  cardinalities: Sequence[int],
+  num_users: int,
+  *,
+  num_labels: int = 2,
+  dtype=jnp.float32,
+  efficiency: float = 0.5,
+) -> Estimate:
   """Sizes an EXACT run and estimates its duration before it starts (in well under a second).
 
   FLOPs per candidate are counted on the traced gradient of `device_apply` (dot products that
@@ -705,8 +774,8 @@ def estimate(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array], dev
     raise AttackError(f'efficiency must be in (0, 1], got {efficiency}')
   cards = tuple(int(c) for c in cardinalities)
   closed = jax.make_jaxpr(jax.value_and_grad(device_apply, argnums=1))(
-      device_params, jax.ShapeDtypeStruct((d,), dtype), jax.ShapeDtypeStruct((len(cards),),
-                                                                              jnp.int32))
+    device_params, jax.ShapeDtypeStruct((d,), dtype), jax.ShapeDtypeStruct((len(cards),), jnp.int32)
+  )
   flags = [False] * len(jax.tree.leaves(device_params)) + [True, True]
   flops = _dependent_flops(closed.jaxpr, flags)
   per_cand = _bytes_per_candidate(device_apply, device_params, d, dtype, len(cards), num_labels)
@@ -715,9 +784,18 @@ def estimate(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array], dev
   seconds = num_users * num_cand * max(flops, 1) / (efficiency * rate)
   table_bytes = 2 * num_cand * len(cards) * 4
   one_user = min(num_cand, max(1, MEMORY_BUDGET_BYTES // per_cand)) * per_cand + (
-      num_cand * num_labels * 4 * 4)
-  return Estimate(int(num_users), num_cand, num_cand * num_labels, int(flops), int(per_cand),
-                  float(rate), float(seconds), int(table_bytes + one_user))
+    num_cand * num_labels * 4 * 4
+  )
+  return Estimate(
+    int(num_users),
+    num_cand,
+    num_cand * num_labels,
+    int(flops),
+    int(per_cand),
+    float(rate),
+    float(seconds),
+    int(table_bytes + one_user),
+  )
 
 
 def _params_signature(params):
@@ -725,8 +803,19 @@ def _params_signature(params):
   return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
 
 
-def _call_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior, table, clip_norm,
-             noise_stddev, screen_rtol):
+def _call_fn(
+  device_apply,
+  opts: _Options,
+  params,
+  h,
+  g,
+  param_index,
+  log_prior,
+  table,
+  clip_norm,
+  noise_stddev,
+  screen_rtol,
+):
   """One device's share of a call: `chunks_per_call` chunks of users, one after another (lax.map).
 
   With `opts.screen_dtype` two passes over the chunks: the low-precision screen, then (after one
@@ -734,8 +823,16 @@ def _call_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior,
   full-precision rescoring and the answers.
   """
   m = opts.chunks_per_call
-  chunk = functools.partial(_chunk_fn, device_apply, opts, params, table=table, clip_norm=clip_norm,
-                            noise_stddev=noise_stddev, screen_rtol=screen_rtol)
+  chunk = functools.partial(
+    _chunk_fn,
+    device_apply,
+    opts,
+    params,
+    table=table,
+    clip_norm=clip_norm,
+    noise_stddev=noise_stddev,
+    screen_rtol=screen_rtol,
+  )
   split = lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:])
   merge = lambda tree: jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
 
@@ -743,10 +840,18 @@ def _call_fn(device_apply, opts: _Options, params, h, g, param_index, log_prior,
     if m == 1:
       return chunk(h=h, g=g, param_index=param_index, log_prior=log_prior, screen=screen)
     per_user = (h, g, param_index, log_prior if opts.per_user_prior else None, screen)
-    return merge(jax.lax.map(
-        lambda a: chunk(h=a[0], g=a[1], param_index=a[2],
-                        log_prior=a[3] if opts.per_user_prior else log_prior, screen=a[4]),
-        jax.tree.map(split, per_user)))
+    return merge(
+      jax.lax.map(
+        lambda a: chunk(
+          h=a[0],
+          g=a[1],
+          param_index=a[2],
+          log_prior=a[3] if opts.per_user_prior else log_prior,
+          screen=a[4],
+        ),
+        jax.tree.map(split, per_user),
+      )
+    )
 
   if opts.screen_dtype is None:
     return run()
@@ -763,16 +868,41 @@ def _get_compiled(device_apply, opts: _Options, devices: tuple):
     body = functools.partial(_call_fn, device_apply, opts)
     if len(devices) > 1:  # each device attacks its own block of users; no communication
       prior_spec = spec('users') if opts.per_user_prior else spec()
-      body = jax.shard_map(body, mesh=mesh,
-                           in_specs=(spec(), spec('users'), spec('users'), spec('users'),
-                                     prior_spec, spec(), spec(), spec(), spec()),
-                           out_specs=spec('users'), check_vma=False)
+      body = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(
+          spec(),
+          spec('users'),
+          spec('users'),
+          spec('users'),
+          prior_spec,
+          spec(),
+          spec(),
+          spec(),
+          spec(),
+        ),
+        out_specs=spec('users'),
+        check_vma=False,
+      )
     users = jax.sharding.NamedSharding(mesh, spec('users'))
     replicated = jax.sharding.NamedSharding(mesh, spec())
     prior_sharding = users if opts.per_user_prior else replicated
-    fn = jax.jit(body, in_shardings=(replicated, users, users, users, prior_sharding, replicated,
-                                     replicated, replicated, replicated),
-                 out_shardings=users)
+    fn = jax.jit(
+      body,
+      in_shardings=(
+        replicated,
+        users,
+        users,
+        users,
+        prior_sharding,
+        replicated,
+        replicated,
+        replicated,
+        replicated,
+      ),
+      out_shardings=users,
+    )
     entry = _CACHE[key] = (fn, users, replicated, prior_sharding)
   return entry
 
@@ -782,21 +912,35 @@ def _next_pow2(x: int) -> int:
 
 
 class _Plan(NamedTuple):
-  users_per_chunk: int      # users vmapped together on one device
-  chunks_per_call: int      # chunks per device per jitted call (lax.map)
+  users_per_chunk: int  # users vmapped together on one device
+  chunks_per_call: int  # chunks per device per jitted call (lax.map)
   candidates_per_block: int
   num_blocks: int
 
 
-def _plan(device_apply, params, d, dtype, cards, num_labels, num_users, num_devices, platform,
-          chunk_size, users_per_chunk, per_user_params=False, screen=False) -> _Plan:
+def _plan(
+  device_apply,
+  params,
+  d,
+  dtype,
+  cards,
+  num_labels,
+  num_users,
+  num_devices,
+  platform,
+  chunk_size,
+  users_per_chunk,
+  per_user_params=False,
+  screen=False,
+) -> _Plan:
   """Chooses chunk sizes: memory per chunk under the budget, few distinct compiled shapes."""
   num_cand = math.prod(cards)
   key = ('bytes', device_apply, _params_signature(params), d, str(dtype), len(cards), num_labels)
   per_cand = _CACHE.get(key)
   if per_cand is None:
-    per_cand = _CACHE[key] = _bytes_per_candidate(device_apply, params, d, dtype, len(cards),
-                                                  num_labels)
+    per_cand = _CACHE[key] = _bytes_per_candidate(
+      device_apply, params, d, dtype, len(cards), num_labels
+    )
   if chunk_size is None:
     # All candidates at once unless one user's candidates would exceed the budget.
     cand_block = min(num_cand, max(1, MEMORY_BUDGET_BYTES // per_cand))
@@ -806,8 +950,9 @@ def _plan(device_apply, params, d, dtype, cards, num_labels, num_users, num_devi
   cand_block = -(-num_cand // num_blocks)  # balance the blocks (less padding)
   per_user_bytes = cand_block * per_cand + num_cand * num_labels * 4 * 4
   if per_user_params:  # each user carries a gathered copy of its parameter version
-    per_user_bytes += sum(np.size(x) * np.dtype(jnp.result_type(x)).itemsize
-                          for x in jax.tree.leaves(params))
+    per_user_bytes += sum(
+      np.size(x) * np.dtype(jnp.result_type(x)).itemsize for x in jax.tree.leaves(params)
+    )
   users_per_device = -(-num_users // num_devices)
   if users_per_chunk is None:
     by_memory = max(1, MEMORY_BUDGET_BYTES // max(per_user_bytes, 1))
@@ -833,26 +978,28 @@ def _plan(device_apply, params, d, dtype, cards, num_labels, num_users, num_devi
 # Public API.
 
 
-def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
-          device_params: Any,
-          h: jax.typing.ArrayLike,
-          g_obs: jax.typing.ArrayLike,
-          cardinalities: Sequence[int],
-          *,
-          num_labels: int = 2,
-          top_k: int = 1,
-          chunk_size: int | None = None,
-          distance: str = 'l2',
-          l2_clip_norm: float | None = None,
-          noise_stddev: float | None = None,
-          log_prior: jax.typing.ArrayLike | None = None,
-          clip_aware: bool = True,
-          users_per_chunk: int | None = None,
-          param_index: jax.typing.ArrayLike | None = None,
-          devices: Sequence[jax.Device] | None = None,
-          screen_dtype: str | None = None,
-          screen_top: int = DEFAULT_SCREEN_TOP,
-          screen_rtol: float = DEFAULT_SCREEN_RTOL) -> ExactResult:
+def exact(
+  device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
+  device_params: Any,
+  h: jax.typing.ArrayLike,
+  g_obs: jax.typing.ArrayLike,
+  cardinalities: Sequence[int],
+  *,
+  num_labels: int = 2,
+  top_k: int = 1,
+  chunk_size: int | None = None,
+  distance: str = 'l2',
+  l2_clip_norm: float | None = None,
+  noise_stddev: float | None = None,
+  log_prior: jax.typing.ArrayLike | None = None,
+  clip_aware: bool = True,
+  users_per_chunk: int | None = None,
+  param_index: jax.typing.ArrayLike | None = None,
+  devices: Sequence[jax.Device] | None = None,
+  screen_dtype: str | None = None,
+  screen_top: int = DEFAULT_SCREEN_TOP,
+  screen_rtol: float = DEFAULT_SCREEN_RTOL,
+) -> ExactResult:
   """Recovers each user's private features and label from its cut-layer gradient (EXACT).
 
   For every user and every (candidate, label) pair the attack simulates the gradient the device
@@ -954,8 +1101,10 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
   if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral) or num_labels < 2:
     raise AttackError(f'num_labels must be an int >= 2, got {num_labels!r}.')
   if num_labels != 2:
-    raise NotImplementedError(f'num_labels={num_labels}: exact supports binary labels (a scalar '
-                              'logit with binary cross-entropy) only.')
+    raise NotImplementedError(
+      f'num_labels={num_labels}: exact supports binary labels (a scalar '
+      'logit with binary cross-entropy) only.'
+    )
   if distance not in DISTANCES:
     raise AttackError(f'unknown distance {distance!r}; valid names: {sorted(DISTANCES)}.')
   top_k = _check_positive_int(top_k, 'top_k', allow_none=False)
@@ -966,20 +1115,27 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
     raise AttackError('l2_clip_norm must be > 0 (or None / inf for no clipping), got 0.')
   noise_value, bayes = check_noise(noise_stddev, distance, log_prior)
   if bayes and top_k > 1:
-    raise AttackError(f'top_k={top_k} is for distance scoring; with noise_stddev the answer is the '
-                      'marginal-posterior argmax. Pass top_k=1.')
+    raise AttackError(
+      f'top_k={top_k} is for distance scoring; with noise_stddev the answer is the '
+      'marginal-posterior argmax. Pass top_k=1.'
+    )
   clip = clip_value is not None and not math.isinf(clip_value)
   if screen_dtype is not None:
     if screen_dtype not in SCREEN_DTYPES:
-      raise AttackError(f'unknown screen_dtype {screen_dtype!r}; valid: None or '
-                        f'{sorted(SCREEN_DTYPES)}.')
+      raise AttackError(
+        f'unknown screen_dtype {screen_dtype!r}; valid: None or {sorted(SCREEN_DTYPES)}.'
+      )
     if bayes:
-      raise AttackError(f'screen_dtype={screen_dtype!r} cannot be combined with noise_stddev: the '
-                        'Bayes posteriors need every pair in full precision. Pass screen_dtype=None.')
+      raise AttackError(
+        f'screen_dtype={screen_dtype!r} cannot be combined with noise_stddev: the '
+        'Bayes posteriors need every pair in full precision. Pass screen_dtype=None.'
+      )
   screen_top = _check_positive_int(screen_top, 'screen_top', allow_none=False)
   if screen_dtype is not None and top_k > screen_top:
-    raise AttackError(f'top_k={top_k} exceeds screen_top={screen_top}: the vote needs its top_k '
-                      'pairs rescored. Raise screen_top.')
+    raise AttackError(
+      f'top_k={top_k} exceeds screen_top={screen_top}: the vote needs its top_k '
+      'pairs rescored. Raise screen_top.'
+    )
   screen_rtol_value = _check_scalar(screen_rtol, 'screen_rtol')
   if screen_rtol_value is None or math.isinf(screen_rtol_value):
     raise AttackError(f'screen_rtol must be a finite number >= 0, got {screen_rtol!r}.')
@@ -987,12 +1143,14 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
   h_np = np.asarray(h)
   g_np = np.asarray(g_obs)
   if h_np.ndim != 2 or g_np.ndim != 2:
-    raise AttackError(f'h and g_obs must be [N, d] matrices, got h {h_np.shape} and g_obs '
-                      f'{g_np.shape}.')
+    raise AttackError(
+      f'h and g_obs must be [N, d] matrices, got h {h_np.shape} and g_obs {g_np.shape}.'
+    )
   if h_np.shape != g_np.shape:
     raise AttackError(f'h {h_np.shape} and g_obs {g_np.shape} must have the same shape [N, d].')
   dtype = jax.dtypes.canonicalize_dtype(
-      h_np.dtype if np.issubdtype(h_np.dtype, np.floating) else np.float32)
+    h_np.dtype if np.issubdtype(h_np.dtype, np.floating) else np.float32
+  )
   h_np = h_np.astype(dtype)
   g_np = g_np.astype(dtype)
   _check_finite_matrix(h_np, 'h')
@@ -1001,8 +1159,9 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
   num_cand = math.prod(cards)
   num_pairs = num_cand * num_labels
   if top_k > num_pairs:
-    raise AttackError(f'top_k={top_k} exceeds the {num_pairs} (candidate, label) pairs of '
-                      f'cardinalities {cards}.')
+    raise AttackError(
+      f'top_k={top_k} exceeds the {num_pairs} (candidate, label) pairs of cardinalities {cards}.'
+    )
   prior, per_user = (np.zeros((1, num_cand, num_labels), dtype), False)
   if log_prior is not None:
     prior, per_user = _check_log_prior(log_prior, num_users, num_cand, num_labels)
@@ -1014,15 +1173,21 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
     leaves = jax.tree.leaves(device_params)
     versions = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
     if len(versions) != 1 or None in versions:
-      raise AttackError('with param_index every leaf of device_params needs the same leading '
-                        f'version axis, got leading sizes {sorted(map(str, versions))}.')
+      raise AttackError(
+        'with param_index every leaf of device_params needs the same leading '
+        f'version axis, got leading sizes {sorted(map(str, versions))}.'
+      )
     num_versions = versions.pop()
     if index_np.shape != (num_users,) or not np.issubdtype(index_np.dtype, np.integer):
-      raise AttackError(f'param_index must be [N] = ({num_users},) ints, got shape '
-                        f'{index_np.shape} dtype {index_np.dtype}.')
+      raise AttackError(
+        f'param_index must be [N] = ({num_users},) ints, got shape '
+        f'{index_np.shape} dtype {index_np.dtype}.'
+      )
     if num_users and (index_np.min() < 0 or index_np.max() >= num_versions):
-      raise AttackError(f'param_index values must lie in [0, {num_versions}) (the versions in '
-                        f'device_params), got [{index_np.min()}, {index_np.max()}].')
+      raise AttackError(
+        f'param_index values must lie in [0, {num_versions}) (the versions in '
+        f'device_params), got [{index_np.min()}, {index_np.max()}].'
+      )
     index_np = index_np.astype(np.int32)
     one_version = jax.tree.map(lambda leaf: leaf[0], device_params)
   else:
@@ -1042,17 +1207,50 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
     if bayes or top_k > 1:
       posts = tuple(np.zeros((0, k), dtype) for k in cards)
       labpost = np.zeros((0, num_labels), dtype)
-    return ExactResult(empty_f, empty_i, empty_x, empty_i, empty_x, empty_f, empty_i, posts,
-                       labpost, None if screen_dtype is None else np.zeros((0,), bool))
+    return ExactResult(
+      empty_f,
+      empty_i,
+      empty_x,
+      empty_i,
+      empty_x,
+      empty_f,
+      empty_i,
+      posts,
+      labpost,
+      None if screen_dtype is None else np.zeros((0,), bool),
+    )
 
-  plan = _plan(device_apply, one_version, d, dtype, cards, num_labels, num_users, num_devices,
-               devices[0].platform, chunk_size, users_per_chunk, per_user_params,
-               screen=screen_dtype is not None)
-  opts = _Options(cardinalities=cards, num_labels=num_labels, top_k=top_k, distance=distance,
-                  clip=clip, clip_aware=bool(clip_aware), bayes=bayes, per_user_prior=per_user,
-                  per_user_params=per_user_params, candidates_per_block=plan.candidates_per_block, num_blocks=plan.num_blocks,
-                  chunks_per_call=plan.chunks_per_call, screen_dtype=screen_dtype,
-                  screen_top=screen_top)
+  plan = _plan(
+    device_apply,
+    one_version,
+    d,
+    dtype,
+    cards,
+    num_labels,
+    num_users,
+    num_devices,
+    devices[0].platform,
+    chunk_size,
+    users_per_chunk,
+    per_user_params,
+    screen=screen_dtype is not None,
+  )
+  opts = _Options(
+    cardinalities=cards,
+    num_labels=num_labels,
+    top_k=top_k,
+    distance=distance,
+    clip=clip,
+    clip_aware=bool(clip_aware),
+    bayes=bayes,
+    per_user_prior=per_user,
+    per_user_params=per_user_params,
+    candidates_per_block=plan.candidates_per_block,
+    num_blocks=plan.num_blocks,
+    chunks_per_call=plan.chunks_per_call,
+    screen_dtype=screen_dtype,
+    screen_top=screen_top,
+  )
   fn, user_sharding, replicated, prior_sharding = _get_compiled(device_apply, opts, devices)
 
   table = candidate_table(cards)
@@ -1095,11 +1293,22 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
   if fallback is not None and fallback.any():
     # Inconclusive screens: attack those users again in full precision.
     rows = np.nonzero(fallback)[0]
-    redo = exact(device_apply, device_params, h_np[rows], g_np[rows], cards,
-                 num_labels=num_labels, top_k=top_k, chunk_size=chunk_size, distance=distance,
-                 l2_clip_norm=l2_clip_norm, clip_aware=clip_aware,
-                 users_per_chunk=users_per_chunk,
-                 param_index=index_np[rows] if per_user_params else None, devices=devices)
+    redo = exact(
+      device_apply,
+      device_params,
+      h_np[rows],
+      g_np[rows],
+      cards,
+      num_labels=num_labels,
+      top_k=top_k,
+      chunk_size=chunk_size,
+      distance=distance,
+      l2_clip_norm=l2_clip_norm,
+      clip_aware=clip_aware,
+      users_per_chunk=users_per_chunk,
+      param_index=index_np[rows] if per_user_params else None,
+      devices=devices,
+    )
     for name, value in redo._asdict().items():
       if name == 'screen_fallback' or value is None:
         continue
@@ -1109,16 +1318,16 @@ def exact(device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
       else:
         merged[name][rows] = value
   return ExactResult(
-      features=merged['features'],
-      labels=merged['labels'],
-      distances=merged['distances'],
-      num_ties=merged['num_ties'],
-      gap=merged['gap'],
-      map_features=merged['map_features'],
-      map_labels=merged['map_labels'],
-      feature_posteriors=merged.get('feature_posteriors'),
-      label_posterior=merged.get('label_posterior'),
-      screen_fallback=fallback,
+    features=merged['features'],
+    labels=merged['labels'],
+    distances=merged['distances'],
+    num_ties=merged['num_ties'],
+    gap=merged['gap'],
+    map_features=merged['map_features'],
+    map_labels=merged['map_labels'],
+    feature_posteriors=merged.get('feature_posteriors'),
+    label_posterior=merged.get('label_posterior'),
+    screen_fallback=fallback,
   )
 
 

@@ -42,6 +42,7 @@ class LabelResult(NamedTuple):
     scores: [N] float32, larger = more likely label 1 (feed to `metrics.roc_auc`).
     labels: [N] int32 hard predictions (see each attack for its threshold).
   """
+
   scores: np.ndarray
   labels: np.ndarray
 
@@ -50,8 +51,9 @@ def _check_g(g_obs) -> np.ndarray:
   g = np.asarray(g_obs)
   if g.ndim != 2:
     raise AttackError(f'g_obs must be an [N, d] matrix, got shape {g.shape}.')
-  g = g.astype(jax.dtypes.canonicalize_dtype(
-      g.dtype if np.issubdtype(g.dtype, np.floating) else np.float32))
+  g = g.astype(
+    jax.dtypes.canonicalize_dtype(g.dtype if np.issubdtype(g.dtype, np.floating) else np.float32)
+  )
   exact_lib._check_finite_matrix(g, 'g_obs')  # pylint: disable=protected-access
   return g
 
@@ -69,8 +71,9 @@ def _cosines(g, r):
   return jnp.where(norms > tiny, dot / jnp.maximum(norms, tiny), 0.0)
 
 
-def label_norm(g_obs: jax.typing.ArrayLike, *,
-               positive_fraction: float | None = None) -> LabelResult:
+def label_norm(
+  g_obs: jax.typing.ArrayLike, *, positive_fraction: float | None = None
+) -> LabelResult:
   """Norm attack: score each example by `||g_i||` (larger -> label 1).
 
   Args:
@@ -126,8 +129,13 @@ def principal_direction(g_obs: jax.typing.ArrayLike) -> np.ndarray:
   return r.astype(g.dtype)
 
 
-def label_direction(g_obs: jax.typing.ArrayLike, *, reference=None, reference_label: int = 1,
-                    positive_fraction: float | None = None) -> LabelResult:
+def label_direction(
+  g_obs: jax.typing.ArrayLike,
+  *,
+  reference=None,
+  reference_label: int = 1,
+  positive_fraction: float | None = None,
+) -> LabelResult:
   """Direction (cosine) attack: score each example by its cosine with a positive reference.
 
   Args:
@@ -161,10 +169,12 @@ def label_direction(g_obs: jax.typing.ArrayLike, *, reference=None, reference_la
   if reference_label not in (0, 1):
     raise AttackError(f'reference_label must be 0 or 1, got {reference_label!r}.')
   if positive_fraction is not None and reference is not None:
-    raise AttackError('positive_fraction orients the default reference; drop it when passing '
-                      'reference.')
-  if positive_fraction is not None and (not isinstance(positive_fraction, numbers.Real)
-                                        or not 0 <= positive_fraction <= 1):
+    raise AttackError(
+      'positive_fraction orients the default reference; drop it when passing reference.'
+    )
+  if positive_fraction is not None and (
+    not isinstance(positive_fraction, numbers.Real) or not 0 <= positive_fraction <= 1
+  ):
     raise AttackError(f'positive_fraction must be in [0, 1], got {positive_fraction!r}.')
   if reference is None:
     r = principal_direction(g)
@@ -179,8 +189,10 @@ def label_direction(g_obs: jax.typing.ArrayLike, *, reference=None, reference_la
   else:
     r = np.asarray(reference, g.dtype)
     if r.shape != (g.shape[1],) or not np.all(np.isfinite(r)):
-      raise AttackError(f'reference must be a row index or a finite [d] = ({g.shape[1]},) vector, '
-                        f'got shape {r.shape}.')
+      raise AttackError(
+        f'reference must be a row index or a finite [d] = ({g.shape[1]},) vector, '
+        f'got shape {r.shape}.'
+      )
   if not g.shape[0]:
     return LabelResult(np.zeros(0, g.dtype), np.zeros(0, np.int32))
   sign = 1.0 if reference_label == 1 else -1.0

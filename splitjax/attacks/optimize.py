@@ -88,8 +88,8 @@ def cosine_objective(g_obs: jax.Array, g_sim: jax.Array) -> jax.Array:
 # Name -> pure objective `(g_obs [..., d], g_sim [..., d]) -> [...]` that the optimiser minimises.
 # 'l2' minimises the squared distance (the same minimiser, smoother); results report the distance.
 OBJECTIVES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    'l2': squared_l2,
-    'cosine': cosine_objective,
+  'l2': squared_l2,
+  'cosine': cosine_objective,
 }
 
 
@@ -115,14 +115,17 @@ def clip_rows(x: jax.Array, l2_clip_norm: jax.Array) -> jax.Array:
 
 def _where_rows(mask: jax.Array, new, old):
   """Per-row select on pytrees whose leaves have `mask`'s leading axis."""
+
   def sel(a, b):
     return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim)), a, b)
+
   return jax.tree.map(sel, new, old)
 
 
 @functools.lru_cache(maxsize=None)
-def default_optimizer(learning_rate: float = DEFAULT_LEARNING_RATE,
-                      num_steps: int = DEFAULT_NUM_STEPS) -> optax.GradientTransformation:
+def default_optimizer(
+  learning_rate: float = DEFAULT_LEARNING_RATE, num_steps: int = DEFAULT_NUM_STEPS
+) -> optax.GradientTransformation:
   """Adam whose step decays from `learning_rate` to 0 along a cosine over `num_steps` steps.
 
   Cached: the same arguments return the same object, so compiled attacks are reused.
@@ -152,13 +155,17 @@ def relaxed_device_apply(model: models.SplitModel) -> Callable[..., jax.Array]:
   """
   spec = model.spec
   if spec.topology != 'device_top':
-    raise AttackError(f'relaxed_device_apply needs a device_top model (the device runs the head); '
-                      f'got topology {spec.topology!r}. For device_bottom attack the activations '
-                      '(splitjax.attacks.activations).')
+    raise AttackError(
+      f'relaxed_device_apply needs a device_top model (the device runs the head); '
+      f'got topology {spec.topology!r}. For device_bottom attack the activations '
+      '(splitjax.attacks.activations).'
+    )
   if not isinstance(spec, models.ModelSpec):
-    raise AttackError('relaxed_device_apply rewrites splitjax\'s own DeepFM/MLP head; a model from '
-                      'SplitModel.from_apply_fns needs a relaxed device_apply(params, h, probs, '
-                      'dense) written for it (or use attacks.exact)')
+    raise AttackError(
+      'relaxed_device_apply rewrites splitjax\'s own DeepFM/MLP head; a model from '
+      'SplitModel.from_apply_fns needs a relaxed device_apply(params, h, probs, '
+      'dense) written for it (or use attacks.exact)'
+    )
   e = spec.embed_dim
   num_h_fields = len(spec.pub_cardinalities)
   num_cat = len(spec.priv_cardinalities)
@@ -168,8 +175,10 @@ def relaxed_device_apply(model: models.SplitModel) -> Callable[..., jax.Array]:
 
   def apply(params, h, probs, dense):
     if len(probs) != num_cat:
-      raise AttackError(f'probs must hold {num_cat} vectors (one per private categorical '
-                        f'feature), got {len(probs)}.')
+      raise AttackError(
+        f'probs must hold {num_cat} vectors (one per private categorical '
+        f'feature), got {len(probs)}.'
+      )
     pre = h @ params['dnn0_w_h'] + params['dnn0_b']
     fields = []
     lin = jnp.zeros((), h.dtype)
@@ -193,7 +202,7 @@ def relaxed_device_apply(model: models.SplitModel) -> Callable[..., jax.Array]:
     if not deepfm:
       return out
     lin = lin + (h @ params['lin_h']['kernel'] + params['lin_h']['bias'])[0]
-    v = jnp.concatenate([h[:num_h_fields * e].reshape(num_h_fields, e)] + fields, axis=0)
+    v = jnp.concatenate([h[: num_h_fields * e].reshape(num_h_fields, e)] + fields, axis=0)
     s = v.sum(0)
     fm = 0.5 * (s @ s - jnp.sum(v * v))
     return out + lin + fm
@@ -248,6 +257,7 @@ class OptimizeResult(NamedTuple):
     restart_features: [N, R, P] int32, every restart's rounded categorical answer.
     restart_dense: [N, R, Pd] float32, every restart's polished dense answer.
   """
+
   features: np.ndarray
   dense: np.ndarray
   labels: np.ndarray
@@ -275,6 +285,7 @@ class HybridResult(NamedTuple):
     feature_posteriors: None, or a tuple of P arrays [N, K_j] (Bayes variant).
     label_posterior: None, or [N, num_labels] (Bayes variant).
   """
+
   features: np.ndarray
   dense: np.ndarray
   labels: np.ndarray
@@ -291,8 +302,9 @@ class HybridResult(NamedTuple):
 # Dense refinement with integer candidates fixed (shared by the polish of `optimize` and `hybrid`).
 
 
-def _refine_pairs(simulate, objective, tx, num_steps: int, params, h, g, x, label, dense0, clip,
-                  lo, hi):
+def _refine_pairs(
+  simulate, objective, tx, num_steps: int, params, h, g, x, label, dense0, clip, lo, hi
+):
   """Optimises the dense features of M fixed (candidate, label) pairs of one user.
 
   Args:
@@ -301,6 +313,7 @@ def _refine_pairs(simulate, objective, tx, num_steps: int, params, h, g, x, labe
   Returns:
     (dense [M, Pd], objective [M]) at each pair's best-so-far point (the start included).
   """
+
   def loss(d, xi, li):
     obs = clip_rows(simulate(params, h, xi, d), clip)[li]
     return objective(g, obs)
@@ -333,8 +346,8 @@ def _refine_pairs(simulate, objective, tx, num_steps: int, params, h, g, x, labe
 
 class _RelaxedVars(NamedTuple):
   logits: tuple[jax.Array, ...]  # P x [K_j]
-  dense: jax.Array               # [Pd], inside the box
-  label_logit: jax.Array         # scalar
+  dense: jax.Array  # [Pd], inside the box
+  label_logit: jax.Array  # scalar
 
 
 class _OptOptions(NamedTuple):
@@ -350,8 +363,9 @@ class _OptOptions(NamedTuple):
   polish_starts: int
 
 
-def _optimize_user(relaxed_apply, simulate, opts: _OptOptions, tx, tx_polish, params, h, g, key,
-                   clip, lo, hi):
+def _optimize_user(
+  relaxed_apply, simulate, opts: _OptOptions, tx, tx_polish, params, h, g, key, clip, lo, hi
+):
   """One user's restarts: relaxed descent, rounding, polish; returns a dict of arrays."""
   objective = OBJECTIVES[opts.distance]
   num_restarts = opts.num_restarts
@@ -361,8 +375,10 @@ def _optimize_user(relaxed_apply, simulate, opts: _OptOptions, tx, tx_polish, pa
   def init(k):
     k_cat, k_dense, k_label = jax.random.split(k, 3)
     cat_keys = jax.random.split(k_cat, max(len(opts.cardinalities), 1))
-    logits = tuple(opts.init_scale * jax.random.normal(cat_keys[j], (kj,), g.dtype)
-                   for j, kj in enumerate(opts.cardinalities))
+    logits = tuple(
+      opts.init_scale * jax.random.normal(cat_keys[j], (kj,), g.dtype)
+      for j, kj in enumerate(opts.cardinalities)
+    )
     dense = lo + (hi - lo) * jax.random.uniform(k_dense, (opts.num_dense,), g.dtype)
     return _RelaxedVars(logits, dense, opts.init_scale * jax.random.normal(k_label, (), g.dtype))
 
@@ -390,8 +406,9 @@ def _optimize_user(relaxed_apply, simulate, opts: _OptOptions, tx, tx_polish, pa
     return (v, st, best_l, best_v), None
 
   init_carry = (vars0, jax.vmap(tx.init)(vars0), jnp.full((num_restarts,), jnp.inf, g.dtype), vars0)
-  (v, _, best_l, best_v), _ = jax.lax.scan(step, init_carry,
-                                           jnp.arange(opts.num_steps, dtype=g.dtype))
+  (v, _, best_l, best_v), _ = jax.lax.scan(
+    step, init_carry, jnp.arange(opts.num_steps, dtype=g.dtype)
+  )
   last = jax.vmap(relaxed_loss, in_axes=(0, None))(v, opts.final_temperature)
   if opts.keep_best:
     better = last < best_l
@@ -407,32 +424,52 @@ def _optimize_user(relaxed_apply, simulate, opts: _OptOptions, tx, tx_polish, pa
   else:
     feats = jnp.zeros((num_restarts, 0), jnp.int32)
   num_labels = simulate.num_labels
-  x_pairs = jnp.repeat(feats, num_labels, axis=0)                       # [R*L, P]
+  x_pairs = jnp.repeat(feats, num_labels, axis=0)  # [R*L, P]
   l_pairs = jnp.tile(jnp.arange(num_labels, dtype=jnp.int32), num_restarts)
   d_pairs = jnp.repeat(best_v.dense, num_labels, axis=0)
   if opts.num_dense and opts.polish_starts:
     # The loss is discontinuous in the dense features (ReLU kinks switch dz/dh): also try
     # stratified starting points of the box and polish from the best one.
-    extra = stratified_starts(k_polish, opts.polish_starts, lo, hi)     # [Q, Pd]
+    extra = stratified_starts(k_polish, opts.polish_starts, lo, hi)  # [Q, Pd]
 
     def pick_start(x, li, d_relaxed):
-      cands = jnp.concatenate([d_relaxed[None], extra])                  # [Q+1, Pd]
+      cands = jnp.concatenate([d_relaxed[None], extra])  # [Q+1, Pd]
       obs = jax.vmap(lambda d: clip_rows(simulate(params, h, x, d), clip)[li])(cands)
       return cands[jnp.argmin(objective(g, obs))]
 
     d_pairs = jax.vmap(pick_start)(x_pairs, l_pairs, d_pairs)
-  d_ref, obj = _refine_pairs(simulate, objective, tx_polish, opts.polish_steps, params, h, g,
-                             x_pairs, l_pairs, d_pairs, clip, lo, hi)
+  d_ref, obj = _refine_pairs(
+    simulate,
+    objective,
+    tx_polish,
+    opts.polish_steps,
+    params,
+    h,
+    g,
+    x_pairs,
+    l_pairs,
+    d_pairs,
+    clip,
+    lo,
+    hi,
+  )
   obj = obj.reshape(num_restarts, num_labels)
   d_ref = d_ref.reshape(num_restarts, num_labels, opts.num_dense)
-  labels = jnp.argmin(obj, axis=-1).astype(jnp.int32)                  # [R]
+  labels = jnp.argmin(obj, axis=-1).astype(jnp.int32)  # [R]
   rounded = jnp.take_along_axis(obj, labels[:, None], axis=1)[:, 0]
   dense = jnp.take_along_axis(d_ref, labels[:, None, None], axis=1)[:, 0]
   best = jnp.argmin(rounded).astype(jnp.int32)
-  return dict(features=feats[best], dense=dense[best], labels=labels[best],
-              distances=_to_distance(opts.distance, rounded[best]), best_restart=best,
-              restart_distances=_to_distance(opts.distance, rounded),
-              restart_relaxed=best_l, restart_features=feats, restart_dense=dense)
+  return dict(
+    features=feats[best],
+    dense=dense[best],
+    labels=labels[best],
+    distances=_to_distance(opts.distance, rounded[best]),
+    best_restart=best,
+    restart_distances=_to_distance(opts.distance, rounded),
+    restart_relaxed=best_l,
+    restart_features=feats,
+    restart_dense=dense,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,8 +501,21 @@ def stratified_starts(key: jax.Array, num: int, lo: jax.Array, hi: jax.Array) ->
   return lo + (hi - lo) * frac
 
 
-def _hybrid_user(simulate, opts: _HybridOptions, tx, params, h, g, key, log_prior, table, clip,
-                 noise_stddev, lo, hi):
+def _hybrid_user(
+  simulate,
+  opts: _HybridOptions,
+  tx,
+  params,
+  h,
+  g,
+  key,
+  log_prior,
+  table,
+  clip,
+  noise_stddev,
+  lo,
+  hi,
+):
   """One user: score every (candidate, label) pair at the starts, refine the best, answer."""
   objective = OBJECTIVES['l2' if opts.bayes else opts.distance]
   num_labels = simulate.num_labels
@@ -477,10 +527,10 @@ def _hybrid_user(simulate, opts: _HybridOptions, tx, params, h, g, key, log_prio
 
   # Inner vmap: starts (h and x unbatched), outer: candidates -> [C, R, L].
   coarse = jax.vmap(lambda x: jax.vmap(lambda d: pair_losses(x, d))(starts))(table)
-  best_start = jnp.argmin(coarse, axis=1)                                 # [C, L]
+  best_start = jnp.argmin(coarse, axis=1)  # [C, L]
   obj = jnp.take_along_axis(coarse, best_start[:, None, :], axis=1)[:, 0]  # [C, L]
-  obj = obj.reshape(-1)                                                   # [C*L], label fastest
-  dense = starts[best_start.reshape(-1)]                                  # [C*L, Pd]
+  obj = obj.reshape(-1)  # [C*L], label fastest
+  dense = starts[best_start.reshape(-1)]  # [C*L, Pd]
 
   def score_of(o):
     if opts.bayes:
@@ -493,7 +543,7 @@ def _hybrid_user(simulate, opts: _HybridOptions, tx, params, h, g, key, log_prio
     if opts.refine_starts:
       # Second stage: the short-listed pairs try a finer set of fresh stratified starts (the loss
       # jumps at ReLU kinks, so a pair's basin can be narrower than the first stage's spacing).
-      more = stratified_starts(k_refine, opts.refine_starts, lo, hi)    # [R2, Pd]
+      more = stratified_starts(k_refine, opts.refine_starts, lo, hi)  # [R2, Pd]
 
       def best_of(x, li, d0):
         cands = jnp.concatenate([d0[None], more])
@@ -501,8 +551,9 @@ def _hybrid_user(simulate, opts: _HybridOptions, tx, params, h, g, key, log_prio
         return cands[jnp.argmin(o)]
 
       d_ref = jax.vmap(best_of)(x_ref, l_ref, d_ref)
-    d_ref, o_ref = _refine_pairs(simulate, objective, tx, opts.num_steps, params, h, g, x_ref,
-                                 l_ref, d_ref, clip, lo, hi)
+    d_ref, o_ref = _refine_pairs(
+      simulate, objective, tx, opts.num_steps, params, h, g, x_ref, l_ref, d_ref, clip, lo, hi
+    )
     obj = obj.at[idx].set(o_ref)
     dense = dense.at[idx].set(d_ref)
 
@@ -516,18 +567,22 @@ def _hybrid_user(simulate, opts: _HybridOptions, tx, params, h, g, key, log_prio
   else:
     scale = exact_lib.DISTANCES[opts.distance](g, jnp.zeros_like(g))
   tol = exact_lib.TIE_RTOL * scale + exact_lib.TIE_ATOL
-  out = dict(map_features=table[best_idx // num_labels],
-             map_labels=(best_idx % num_labels).astype(jnp.int32),
-             num_ties=jnp.sum(score <= best + tol).astype(jnp.int32), gap=gap,
-             dense=dense[best_idx],
-             distances=jnp.sqrt(jnp.maximum(obj[best_idx], 0.0)) if opts.bayes
-             else score[best_idx])
+  out = dict(
+    map_features=table[best_idx // num_labels],
+    map_labels=(best_idx % num_labels).astype(jnp.int32),
+    num_ties=jnp.sum(score <= best + tol).astype(jnp.int32),
+    gap=gap,
+    dense=dense[best_idx],
+    distances=jnp.sqrt(jnp.maximum(obj[best_idx], 0.0)) if opts.bayes else score[best_idx],
+  )
   if opts.bayes:
     lp = (-score).reshape(opts.cardinalities + (num_labels,))
     total = jax.scipy.special.logsumexp(lp)
     all_axes = set(range(lp.ndim))
-    posts = [jnp.exp(jax.scipy.special.logsumexp(lp, axis=tuple(sorted(all_axes - {j}))) - total)
-             for j in range(lp.ndim)]
+    posts = [
+      jnp.exp(jax.scipy.special.logsumexp(lp, axis=tuple(sorted(all_axes - {j}))) - total)
+      for j in range(lp.ndim)
+    ]
     out['feature_posteriors'] = tuple(posts[:-1])
     out['label_posterior'] = posts[-1]
     out['features'] = jnp.array([jnp.argmax(p) for p in posts[:-1]], jnp.int32).reshape(-1)
@@ -590,8 +645,14 @@ def _compiled(kind: str, key, make_body, devices: tuple, num_shared: int, num_pe
       in_specs = (spec(),) * num_shared + (spec('users'),) * num_per_user
 
       def sharded(*args, batch):
-        return jax.shard_map(functools.partial(body, batch=batch), mesh=mesh, in_specs=in_specs,
-                             out_specs=spec('users'), check_vma=False)(*args)
+        return jax.shard_map(
+          functools.partial(body, batch=batch),
+          mesh=mesh,
+          in_specs=in_specs,
+          out_specs=spec('users'),
+          check_vma=False,
+        )(*args)
+
       fn = jax.jit(sharded, static_argnames=('batch',))
     else:
       fn = jax.jit(body, static_argnames=('batch',))
@@ -622,24 +683,34 @@ def _run_users(compiled, shared: tuple, per_user: tuple, num_users: int, batch: 
 
   shared = multihost.put_global(shared, replicated)
   per_user = tuple(padded(np.asarray(x)) for x in per_user)
-  outs = [fn(*shared, *(multihost.put_global(x[i * per_call:(i + 1) * per_call], users)
-                        for x in per_user), batch=batch)
-          for i in range(num_calls)]
+  outs = [
+    fn(
+      *shared,
+      *(multihost.put_global(x[i * per_call : (i + 1) * per_call], users) for x in per_user),
+      batch=batch,
+    )
+    for i in range(num_calls)
+  ]
   return jax.tree.map(
-      lambda *parts: np.concatenate([multihost.to_host(p) for p in parts])[:num_users], *outs)
+    lambda *parts: np.concatenate([multihost.to_host(p) for p in parts])[:num_users], *outs
+  )
 
 
 def _check_observations(h, g_obs, name_h='h', name_g='g_obs'):
   h_np = np.asarray(h)
   g_np = np.asarray(g_obs)
   if h_np.ndim != 2 or g_np.ndim != 2:
-    raise AttackError(f'{name_h} and {name_g} must be [N, d] matrices, got {name_h} {h_np.shape} '
-                      f'and {name_g} {g_np.shape}.')
+    raise AttackError(
+      f'{name_h} and {name_g} must be [N, d] matrices, got {name_h} {h_np.shape} '
+      f'and {name_g} {g_np.shape}.'
+    )
   if h_np.shape[0] != g_np.shape[0]:
-    raise AttackError(f'{name_h} {h_np.shape} and {name_g} {g_np.shape} must have the same number '
-                      'of rows N.')
+    raise AttackError(
+      f'{name_h} {h_np.shape} and {name_g} {g_np.shape} must have the same number of rows N.'
+    )
   dtype = jax.dtypes.canonicalize_dtype(
-      g_np.dtype if np.issubdtype(g_np.dtype, np.floating) else np.float32)
+    g_np.dtype if np.issubdtype(g_np.dtype, np.floating) else np.float32
+  )
   h_np, g_np = h_np.astype(dtype), g_np.astype(dtype)
   exact_lib._check_finite_matrix(h_np, name_h)  # pylint: disable=protected-access
   exact_lib._check_finite_matrix(g_np, name_g)  # pylint: disable=protected-access
@@ -652,15 +723,20 @@ def _check_common(num_dense, dense_bounds, l2_clip_norm, distance, num_steps, nu
   if distance not in OBJECTIVES:
     raise AttackError(f'unknown distance {distance!r}; valid names: {sorted(OBJECTIVES)}.')
   for name, v in (('num_steps', num_steps), ('num_restarts', num_restarts)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name ==
-                                                                          'num_restarts' else 0):
-      raise AttackError(f'{name} must be an int >= {1 if name == "num_restarts" else 0}, got '
-                        f'{v!r}.')
+    if (
+      isinstance(v, bool)
+      or not isinstance(v, (int, np.integer))
+      or v < (1 if name == 'num_restarts' else 0)
+    ):
+      raise AttackError(
+        f'{name} must be an int >= {1 if name == "num_restarts" else 0}, got {v!r}.'
+      )
   try:
     lo, hi = dense_bounds
   except (TypeError, ValueError):
-    raise AttackError(f'dense_bounds must be a pair (lo, hi) of scalars or [Pd] arrays, got '
-                      f'{dense_bounds!r}.') from None
+    raise AttackError(
+      f'dense_bounds must be a pair (lo, hi) of scalars or [Pd] arrays, got {dense_bounds!r}.'
+    ) from None
   lo = np.broadcast_to(np.asarray(lo, dtype), (num_dense,)).copy()
   hi = np.broadcast_to(np.asarray(hi, dtype), (num_dense,)).copy()
   if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo <= hi)):
@@ -686,28 +762,30 @@ def _user_keys(key, num_users: int) -> np.ndarray:
 # Public API.
 
 
-def optimize(device_apply_relaxed: Callable[..., jax.Array],
-             device_params: Any,
-             h: jax.typing.ArrayLike,
-             g_obs: jax.typing.ArrayLike,
-             cardinalities: Sequence[int],
-             num_dense: int,
-             *,
-             optimizer: optax.GradientTransformation | None = None,
-             num_steps: int = DEFAULT_NUM_STEPS,
-             num_restarts: int = DEFAULT_NUM_RESTARTS,
-             key: jax.Array | None = None,
-             l2_clip_norm: float | None = None,
-             dense_bounds=(0.0, 1.0),
-             distance: str = 'l2',
-             polish_steps: int | None = None,
-             polish_optimizer: optax.GradientTransformation | None = None,
-             init_scale: float = 1.0,
-             final_temperature: float = 1.0,
-             keep_best: bool = True,
-             polish_starts: int = 64,
-             users_per_batch: int | None = None,
-             devices: Sequence[jax.Device] | None = None) -> OptimizeResult:
+def optimize(
+  device_apply_relaxed: Callable[..., jax.Array],
+  device_params: Any,
+  h: jax.typing.ArrayLike,
+  g_obs: jax.typing.ArrayLike,
+  cardinalities: Sequence[int],
+  num_dense: int,
+  *,
+  optimizer: optax.GradientTransformation | None = None,
+  num_steps: int = DEFAULT_NUM_STEPS,
+  num_restarts: int = DEFAULT_NUM_RESTARTS,
+  key: jax.Array | None = None,
+  l2_clip_norm: float | None = None,
+  dense_bounds=(0.0, 1.0),
+  distance: str = 'l2',
+  polish_steps: int | None = None,
+  polish_optimizer: optax.GradientTransformation | None = None,
+  init_scale: float = 1.0,
+  final_temperature: float = 1.0,
+  keep_best: bool = True,
+  polish_starts: int = 64,
+  users_per_batch: int | None = None,
+  devices: Sequence[jax.Device] | None = None,
+) -> OptimizeResult:
   """Recovers private categorical and dense features and the label by relaxed gradient matching.
 
   Per user and restart the variables are logits `[K_j]` per categorical feature (softmax mixed into
@@ -769,40 +847,76 @@ def optimize(device_apply_relaxed: Callable[..., jax.Array],
   h_np, g_np, dtype = _check_observations(h, g_obs)
   if h_np.shape != g_np.shape:
     raise AttackError(f'h {h_np.shape} and g_obs {g_np.shape} must have the same shape [N, d].')
-  num_dense, lo, hi, clip = _check_common(num_dense, dense_bounds, l2_clip_norm, distance,
-                                          num_steps, num_restarts, dtype)
+  num_dense, lo, hi, clip = _check_common(
+    num_dense, dense_bounds, l2_clip_norm, distance, num_steps, num_restarts, dtype
+  )
   if not cards and not num_dense:
     raise AttackError('nothing to recover: cardinalities is empty and num_dense is 0.')
   polish_steps = num_steps // 2 if polish_steps is None else int(polish_steps)
-  tx = optimizer if optimizer is not None else default_optimizer(DEFAULT_LEARNING_RATE,
-                                                                  int(num_steps))
-  tx_polish = (polish_optimizer if polish_optimizer is not None
-               else default_optimizer(0.02, max(polish_steps, 1)))
-  opts = _OptOptions(cards, num_dense, int(num_restarts), int(num_steps), polish_steps, distance,
-                     float(init_scale), float(final_temperature), bool(keep_best),
-                     int(polish_starts))
+  tx = (
+    optimizer if optimizer is not None else default_optimizer(DEFAULT_LEARNING_RATE, int(num_steps))
+  )
+  tx_polish = (
+    polish_optimizer
+    if polish_optimizer is not None
+    else default_optimizer(0.02, max(polish_steps, 1))
+  )
+  opts = _OptOptions(
+    cards,
+    num_dense,
+    int(num_restarts),
+    int(num_steps),
+    polish_steps,
+    distance,
+    float(init_scale),
+    float(final_temperature),
+    bool(keep_best),
+    int(polish_starts),
+  )
   simulate = GradientSimulator(_OneHotApply(device_apply_relaxed, cards))
   num_users = h_np.shape[0]
   if num_users == 0:
     r, p = int(num_restarts), len(cards)
-    return OptimizeResult(np.zeros((0, p), np.int32), np.zeros((0, num_dense), dtype),
-                          np.zeros(0, np.int32), np.zeros(0, dtype), np.zeros(0, np.int32),
-                          np.zeros((0, r), dtype), np.zeros((0, r), dtype),
-                          np.zeros((0, r, p), np.int32), np.zeros((0, r, num_dense), dtype))
+    return OptimizeResult(
+      np.zeros((0, p), np.int32),
+      np.zeros((0, num_dense), dtype),
+      np.zeros(0, np.int32),
+      np.zeros(0, dtype),
+      np.zeros(0, np.int32),
+      np.zeros((0, r), dtype),
+      np.zeros((0, r), dtype),
+      np.zeros((0, r, p), np.int32),
+      np.zeros((0, r, num_dense), dtype),
+    )
 
   def make_body():
     def body(params, clip_, lo_, hi_, h_, g_, keys_, *, batch):
       def one(args):
         hh, gg, kk = args
-        return _optimize_user(device_apply_relaxed, simulate, opts, tx, tx_polish, params, hh, gg,
-                              jax.random.wrap_key_data(kk), clip_, lo_, hi_)
+        return _optimize_user(
+          device_apply_relaxed,
+          simulate,
+          opts,
+          tx,
+          tx_polish,
+          params,
+          hh,
+          gg,
+          jax.random.wrap_key_data(kk),
+          clip_,
+          lo_,
+          hi_,
+        )
+
       return _map_users(one, (h_, g_, keys_), batch)
+
     return body
 
   fn = _compiled('optimize', (device_apply_relaxed, opts, tx, tx_polish), make_body, devices, 4, 3)
   batch = _users_per_batch(int(num_restarts) * 4, users_per_batch)
-  out = _run_users(fn, (device_params, clip, lo, hi), (h_np, g_np, _user_keys(key, num_users)),
-                   num_users, batch)
+  out = _run_users(
+    fn, (device_params, clip, lo, hi), (h_np, g_np, _user_keys(key, num_users)), num_users, batch
+  )
   return OptimizeResult(**out)
 
 
@@ -820,16 +934,35 @@ class _OneHotApply:
     return hash((_OneHotApply, self.relaxed, self.cards))
 
   def __eq__(self, other):
-    return (isinstance(other, _OneHotApply) and other.relaxed is self.relaxed
-            and other.cards == self.cards)
+    return (
+      isinstance(other, _OneHotApply)
+      and other.relaxed is self.relaxed
+      and other.cards == self.cards
+    )
 
 
-def hybrid_core(simulate, device_params, h, obs, cardinalities, num_dense, *, optimizer=None,
-                num_steps: int = DEFAULT_NUM_STEPS, num_restarts: int = DEFAULT_NUM_STARTS,
-                num_refine: int | None = None, refine_starts: int = 256, key=None,
-                l2_clip_norm=None,
-                noise_stddev=None, log_prior=None, dense_bounds=(0.0, 1.0), distance='l2',
-                users_per_batch=None, devices=None) -> HybridResult:
+def hybrid_core(
+  simulate,
+  device_params,
+  h,
+  obs,
+  cardinalities,
+  num_dense,
+  *,
+  optimizer=None,
+  num_steps: int = DEFAULT_NUM_STEPS,
+  num_restarts: int = DEFAULT_NUM_STARTS,
+  num_refine: int | None = None,
+  refine_starts: int = 256,
+  key=None,
+  l2_clip_norm=None,
+  noise_stddev=None,
+  log_prior=None,
+  dense_bounds=(0.0, 1.0),
+  distance='l2',
+  users_per_batch=None,
+  devices=None,
+) -> HybridResult:
   """`hybrid` for any simulator `(params, h, x [P] int32, dense [Pd]) -> [L, d]` (see `hybrid`).
 
   `simulate.num_labels` is L (2 for gradients, 1 for activations, which carry no label; then the
@@ -838,8 +971,9 @@ def hybrid_core(simulate, device_params, h, obs, cardinalities, num_dense, *, op
   cards = exact_lib._check_cardinalities(cardinalities)  # pylint: disable=protected-access
   devices = _check_devices(devices)
   h_np, g_np, dtype = _check_observations(h, obs, 'h', 'observations')
-  num_dense, lo, hi, clip = _check_common(num_dense, dense_bounds, l2_clip_norm, distance,
-                                          num_steps, num_restarts, dtype)
+  num_dense, lo, hi, clip = _check_common(
+    num_dense, dense_bounds, l2_clip_norm, distance, num_steps, num_restarts, dtype
+  )
   noise, bayes = exact_lib.check_noise(noise_stddev, distance, log_prior)
   num_labels = simulate.num_labels
   num_cand = math.prod(cards)
@@ -854,15 +988,31 @@ def hybrid_core(simulate, device_params, h, obs, cardinalities, num_dense, *, op
   prior, per_user = np.zeros((1, num_pairs), dtype), False
   if log_prior is not None:
     p3, per_user = exact_lib._check_log_prior(  # pylint: disable=protected-access
-        log_prior, num_users, num_cand, num_labels)
+      log_prior, num_users, num_cand, num_labels
+    )
     prior = p3.reshape(p3.shape[0], num_pairs).astype(dtype)
-  tx = optimizer if optimizer is not None else default_optimizer(DEFAULT_LEARNING_RATE,
-                                                                  max(int(num_steps), 1))
-  if isinstance(refine_starts, bool) or not isinstance(refine_starts, (int, np.integer)) or \
-      refine_starts < 0:
+  tx = (
+    optimizer
+    if optimizer is not None
+    else default_optimizer(DEFAULT_LEARNING_RATE, max(int(num_steps), 1))
+  )
+  if (
+    isinstance(refine_starts, bool)
+    or not isinstance(refine_starts, (int, np.integer))
+    or refine_starts < 0
+  ):
     raise AttackError(f'refine_starts must be an int >= 0, got {refine_starts!r}.')
-  opts = _HybridOptions(cards, num_dense, int(num_restarts), int(num_steps), refine,
-                        int(refine_starts) if num_dense else 0, distance, bayes, per_user)
+  opts = _HybridOptions(
+    cards,
+    num_dense,
+    int(num_restarts),
+    int(num_steps),
+    refine,
+    int(refine_starts) if num_dense else 0,
+    distance,
+    bayes,
+    per_user,
+  )
   if num_users == 0:
     p = len(cards)
     posts = labpost = None
@@ -870,54 +1020,94 @@ def hybrid_core(simulate, device_params, h, obs, cardinalities, num_dense, *, op
       posts = tuple(np.zeros((0, k), dtype) for k in cards)
       labpost = np.zeros((0, num_labels), dtype)
     z_i, z_f = np.zeros(0, np.int32), np.zeros(0, dtype)
-    return HybridResult(np.zeros((0, p), np.int32), np.zeros((0, num_dense), dtype), z_i, z_f,
-                        z_i, z_f, np.zeros((0, p), np.int32), z_i, posts, labpost)
+    return HybridResult(
+      np.zeros((0, p), np.int32),
+      np.zeros((0, num_dense), dtype),
+      z_i,
+      z_f,
+      z_i,
+      z_f,
+      np.zeros((0, p), np.int32),
+      z_i,
+      posts,
+      labpost,
+    )
   table = exact_lib.candidate_table(cards)
   noise_arg = np.asarray(noise if bayes else 1.0, dtype)
 
   def make_body():
-    def body(params, table_, clip_, noise_, lo_, hi_, shared_prior, h_, g_, keys_, prior_, *,
-             batch):
+    def body(
+      params, table_, clip_, noise_, lo_, hi_, shared_prior, h_, g_, keys_, prior_, *, batch
+    ):
       def one(args):
         hh, gg, kk, pp = args
         lp = pp if opts.per_user_prior else shared_prior[0]
-        return _hybrid_user(simulate, opts, tx, params, hh, gg, jax.random.wrap_key_data(kk), lp,
-                            table_, clip_, noise_, lo_, hi_)
+        return _hybrid_user(
+          simulate,
+          opts,
+          tx,
+          params,
+          hh,
+          gg,
+          jax.random.wrap_key_data(kk),
+          lp,
+          table_,
+          clip_,
+          noise_,
+          lo_,
+          hi_,
+        )
+
       return _map_users(one, (h_, g_, keys_, prior_), batch)
+
     return body
 
   fn = _compiled('hybrid', (simulate, opts, tx), make_body, devices, 7, 4)
   batch = _users_per_batch(num_pairs * opts.num_restarts, users_per_batch)
   per_user_prior = prior if per_user else np.zeros((num_users, 0), dtype)
-  out = _run_users(fn, (device_params, table, clip, noise_arg, lo, hi, prior),
-                   (h_np, g_np, _user_keys(key, num_users), per_user_prior), num_users, batch)
+  out = _run_users(
+    fn,
+    (device_params, table, clip, noise_arg, lo, hi, prior),
+    (h_np, g_np, _user_keys(key, num_users), per_user_prior),
+    num_users,
+    batch,
+  )
   return HybridResult(
-      features=out['features'], dense=out['dense'], labels=out['labels'],
-      distances=out['distances'], num_ties=out['num_ties'], gap=out['gap'],
-      map_features=out['map_features'], map_labels=out['map_labels'],
-      feature_posteriors=out.get('feature_posteriors'), label_posterior=out.get('label_posterior'))
+    features=out['features'],
+    dense=out['dense'],
+    labels=out['labels'],
+    distances=out['distances'],
+    num_ties=out['num_ties'],
+    gap=out['gap'],
+    map_features=out['map_features'],
+    map_labels=out['map_labels'],
+    feature_posteriors=out.get('feature_posteriors'),
+    label_posterior=out.get('label_posterior'),
+  )
 
 
-def hybrid(device_apply: Callable[..., jax.Array],
-           device_params: Any,
-           h: jax.typing.ArrayLike,
-           g_obs: jax.typing.ArrayLike,
-           cardinalities: Sequence[int],
-           num_dense: int,
-           *,
-           optimizer: optax.GradientTransformation | None = None,
-           num_steps: int = DEFAULT_NUM_STEPS,
-           num_restarts: int = DEFAULT_NUM_STARTS,
-           num_refine: int | None = None,
-           refine_starts: int = 256,
-           key: jax.Array | None = None,
-           l2_clip_norm: float | None = None,
-           noise_stddev: float | None = None,
-           log_prior: jax.typing.ArrayLike | None = None,
-           dense_bounds=(0.0, 1.0),
-           distance: str = 'l2',
-           users_per_batch: int | None = None,
-           devices: Sequence[jax.Device] | None = None) -> HybridResult:
+def hybrid(
+  device_apply: Callable[..., jax.Array],
+  device_params: Any,
+  h: jax.typing.ArrayLike,
+  g_obs: jax.typing.ArrayLike,
+  cardinalities: Sequence[int],
+  num_dense: int,
+  *,
+  optimizer: optax.GradientTransformation | None = None,
+  num_steps: int = DEFAULT_NUM_STEPS,
+  num_restarts: int = DEFAULT_NUM_STARTS,
+  num_refine: int | None = None,
+  refine_starts: int = 256,
+  key: jax.Array | None = None,
+  l2_clip_norm: float | None = None,
+  noise_stddev: float | None = None,
+  log_prior: jax.typing.ArrayLike | None = None,
+  dense_bounds=(0.0, 1.0),
+  distance: str = 'l2',
+  users_per_batch: int | None = None,
+  devices: Sequence[jax.Device] | None = None,
+) -> HybridResult:
   """EXACT over the categorical features and the label, optimisation over the dense features.
 
   For every user, every candidate `x` of `candidate_table(cardinalities)` and every label `y`, the
@@ -964,15 +1154,30 @@ def hybrid(device_apply: Callable[..., jax.Array],
     Qiu et al., Evaluating Privacy Leakage in Split Learning, arXiv:2305.12997 (EXACT).
   """
   if np.shape(h) != np.shape(g_obs):
-    raise AttackError(f'h {np.shape(h)} and g_obs {np.shape(g_obs)} must have the same shape '
-                      '[N, d].')
-  return hybrid_core(GradientSimulator(device_apply), device_params, h, g_obs, cardinalities,
-                     num_dense, optimizer=optimizer, num_steps=num_steps,
-                     num_restarts=num_restarts, num_refine=num_refine,
-                     refine_starts=refine_starts, key=key,
-                     l2_clip_norm=l2_clip_norm, noise_stddev=noise_stddev, log_prior=log_prior,
-                     dense_bounds=dense_bounds, distance=distance,
-                     users_per_batch=users_per_batch, devices=devices)
+    raise AttackError(
+      f'h {np.shape(h)} and g_obs {np.shape(g_obs)} must have the same shape [N, d].'
+    )
+  return hybrid_core(
+    GradientSimulator(device_apply),
+    device_params,
+    h,
+    g_obs,
+    cardinalities,
+    num_dense,
+    optimizer=optimizer,
+    num_steps=num_steps,
+    num_restarts=num_restarts,
+    num_refine=num_refine,
+    refine_starts=refine_starts,
+    key=key,
+    l2_clip_norm=l2_clip_norm,
+    noise_stddev=noise_stddev,
+    log_prior=log_prior,
+    dense_bounds=dense_bounds,
+    distance=distance,
+    users_per_batch=users_per_batch,
+    devices=devices,
+  )
 
 
 def clear_cache() -> None:

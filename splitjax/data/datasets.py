@@ -16,31 +16,38 @@ from splitjax.data import tabular
 DATASETS = ("adult", "bank", "credit", "taobao", "csv", "synthetic")
 
 DEFAULT_ROLES = {
-    "adult": base.Roles(
-        private_categorical=("sex", "race", "relationship", "marital-status"),
-        private_dense=(),
-        server_categorical=("workclass", "education", "occupation", "native-country"),
-        server_dense=("age", "capital-gain", "capital-loss", "hours-per-week"),
-        label="income"),
-    "bank": base.Roles(
-        private_categorical=("marital", "job", "education", "housing", "loan", "contact"),
-        private_dense=(),
-        server_categorical=("month", "poutcome", "default"),
-        server_dense=("balance", "age", "day", "duration", "campaign", "pdays", "previous"),
-        label="y"),
-    "credit": base.Roles(
-        private_categorical=("SEX", "EDUCATION", "MARRIAGE"),
-        private_dense=(),
-        server_categorical=("PAY_0", "PAY_2", "PAY_3", "PAY_4", "PAY_5", "PAY_6"),
-        server_dense=(("LIMIT_BAL", "AGE") + tuple(f"BILL_AMT{i}" for i in range(1, 7))
-                      + tuple(f"PAY_AMT{i}" for i in range(1, 7))),
-        label="default payment next month"),
-    "taobao": base.Roles(
-        private_categorical=("age_level", "pvalue_level", "shopping_level", "occupation"),
-        private_dense=(),
-        server_categorical=("adgroup_id", "cate_id", "customer", "brand", "userid"),
-        server_dense=("price",),
-        label="clk"),
+  "adult": base.Roles(
+    private_categorical=("sex", "race", "relationship", "marital-status"),
+    private_dense=(),
+    server_categorical=("workclass", "education", "occupation", "native-country"),
+    server_dense=("age", "capital-gain", "capital-loss", "hours-per-week"),
+    label="income",
+  ),
+  "bank": base.Roles(
+    private_categorical=("marital", "job", "education", "housing", "loan", "contact"),
+    private_dense=(),
+    server_categorical=("month", "poutcome", "default"),
+    server_dense=("balance", "age", "day", "duration", "campaign", "pdays", "previous"),
+    label="y",
+  ),
+  "credit": base.Roles(
+    private_categorical=("SEX", "EDUCATION", "MARRIAGE"),
+    private_dense=(),
+    server_categorical=("PAY_0", "PAY_2", "PAY_3", "PAY_4", "PAY_5", "PAY_6"),
+    server_dense=(
+      ("LIMIT_BAL", "AGE")
+      + tuple(f"BILL_AMT{i}" for i in range(1, 7))
+      + tuple(f"PAY_AMT{i}" for i in range(1, 7))
+    ),
+    label="default payment next month",
+  ),
+  "taobao": base.Roles(
+    private_categorical=("age_level", "pvalue_level", "shopping_level", "occupation"),
+    private_dense=(),
+    server_categorical=("adgroup_id", "cate_id", "customer", "brand", "userid"),
+    server_dense=("price",),
+    label="clk",
+  ),
 }
 
 # The value of each dataset's default label that maps to y = 1.
@@ -50,28 +57,55 @@ SCHEMA_KEYS = tabular.ROLE_NAMES + ("label", "ignore", "delimiter", "positive_la
 
 # Options accepted through **kwargs, per dataset (synthetic takes `synthetic`'s arguments).
 _OPTIONS = {
-    "adult": (),
-    "credit": (),
-    "bank": ("delimiter", "max_rows"),
-    "taobao": ("max_rows",),
-    "csv": ("delimiter", "max_rows", "positive_label"),
-    "synthetic": ("num_examples", "priv_cardinalities", "pub_cardinalities", "num_pub_dense",
-                  "num_priv_dense", "correlation"),
+  "adult": (),
+  "credit": (),
+  "bank": ("delimiter", "max_rows"),
+  "taobao": ("max_rows",),
+  "csv": ("delimiter", "max_rows", "positive_label"),
+  "synthetic": (
+    "num_examples",
+    "priv_cardinalities",
+    "pub_cardinalities",
+    "num_pub_dense",
+    "num_priv_dense",
+    "correlation",
+  ),
 }
 
 TAOBAO_FILES = ("raw_sample.csv", "user_profile.csv", "ad_feature.csv")
 # Fill values for missing cells after the join (DESIGN.md §5), in the files' own coding.
-TAOBAO_FILL = {"pvalue_level": "2", "age_level": "3", "shopping_level": "2", "occupation": "0",
-               "brand": "0", "customer": "0"}
+TAOBAO_FILL = {
+  "pvalue_level": "2",
+  "age_level": "3",
+  "shopping_level": "2",
+  "occupation": "0",
+  "brand": "0",
+  "customer": "0",
+}
 # Full domain of the private levels after the shift (pvalue and shopping levels start at 1).
-_TAOBAO_LEVELS = {"age_level": (0, 7, 0), "pvalue_level": (1, 3, 1),
-                  "shopping_level": (1, 3, 1), "occupation": (0, 2, 0)}  # (first, size, shift)
+_TAOBAO_LEVELS = {
+  "age_level": (0, 7, 0),
+  "pvalue_level": (1, 3, 1),
+  "shopping_level": (1, 3, 1),
+  "occupation": (0, 2, 0),
+}  # (first, size, shift)
 
 
-def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, schema=None,
-         private_categorical=None, private_dense=None, server_categorical=None,
-         server_dense=None, label: str | None = None, ignore=None,
-         **kwargs) -> base.TabularData:
+def load(
+  name: str,
+  *,
+  seed: int = 0,
+  test_fraction: float = 0.1,
+  path=None,
+  schema=None,
+  private_categorical=None,
+  private_dense=None,
+  server_categorical=None,
+  server_dense=None,
+  label: str | None = None,
+  ignore=None,
+  **kwargs,
+) -> base.TabularData:
   """Loads a dataset of the registry, encoded, split and scaled (DESIGN.md §5).
 
   Categorical columns are coded densely from 0 over the whole table, categories in sorted
@@ -130,19 +164,38 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
   if unknown:
     accepted = ", ".join(_OPTIONS[name]) or "none"
     raise base.DataError(
-        f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; accepted options: "
-        f"{accepted}")
-  overrides = dict(private_categorical=private_categorical, private_dense=private_dense,
-                   server_categorical=server_categorical, server_dense=server_dense)
+      f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; accepted options: {accepted}"
+    )
+  overrides = dict(
+    private_categorical=private_categorical,
+    private_dense=private_dense,
+    server_categorical=server_categorical,
+    server_dense=server_dense,
+  )
   if name == "synthetic":
-    if path is not None or schema is not None or label is not None or ignore is not None or any(
-        v is not None for v in overrides.values()):
-      given = [k for k, v in (("path", path), ("schema", schema), ("label", label),
-                              ("ignore", ignore), *overrides.items()) if v is not None]
+    if (
+      path is not None
+      or schema is not None
+      or label is not None
+      or ignore is not None
+      or any(v is not None for v in overrides.values())
+    ):
+      given = [
+        k
+        for k, v in (
+          ("path", path),
+          ("schema", schema),
+          ("label", label),
+          ("ignore", ignore),
+          *overrides.items(),
+        )
+        if v is not None
+      ]
       raise base.DataError(
-          f"synthetic takes no path, schema or column roles (got {', '.join(given)}); drop "
-          f"{'it' if len(given) == 1 else 'them'} and size the table with num_examples, "
-          "priv_cardinalities, pub_cardinalities, num_pub_dense, num_priv_dense")
+        f"synthetic takes no path, schema or column roles (got {', '.join(given)}); drop "
+        f"{'it' if len(given) == 1 else 'them'} and size the table with num_examples, "
+        "priv_cardinalities, pub_cardinalities, num_pub_dense, num_priv_dense"
+      )
     return synthetic_lib.synthetic(seed=seed, test_fraction=test_fraction, **kwargs)
   if schema is not None:
     spec = read_schema(schema)
@@ -158,8 +211,9 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
         kwargs[key] = spec[key]
   if name in ("adult", "credit") and path is not None:
     raise base.DataError(
-        f"{name} is bundled with splitjax and takes no --data_path; for your own copy use "
-        "--dataset=csv with --data_path and --schema")
+      f"{name} is bundled with splitjax and takes no --data_path; for your own copy use "
+      "--dataset=csv with --data_path and --schema"
+    )
   max_rows = kwargs.get("max_rows")
   if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 2):
     raise base.DataError(f"max_rows must be an integer >= 2, got {max_rows!r}; or leave it None")
@@ -171,16 +225,25 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
     table = reader.read_csv(path, delimiter=kwargs.get("delimiter"), max_rows=max_rows)
   elif name == "taobao":
     table = taobao_table(path, max_rows=max_rows)
-    fixed_vocab = {col: tuple(str(v) for v in range(size))
-                   for col, (_, size, _) in _TAOBAO_LEVELS.items()}
+    fixed_vocab = {
+      col: tuple(str(v) for v in range(size)) for col, (_, size, _) in _TAOBAO_LEVELS.items()
+    }
   else:  # csv
     if path is None:
-      raise base.DataError("csv needs a table: give --data_path=FILE (a delimited text file) and "
-                           "--schema=FILE.json naming at least the label and the private columns")
+      raise base.DataError(
+        "csv needs a table: give --data_path=FILE (a delimited text file) and "
+        "--schema=FILE.json naming at least the label and the private columns"
+      )
     table = reader.read_csv(path, delimiter=kwargs.get("delimiter"), max_rows=max_rows)
   source = name if name != "csv" else table.source
-  roles = tabular.resolve_roles(DEFAULT_ROLES.get(name), table.header, overrides=overrides,
-                                label=label, source=source, ignore=ignore)
+  roles = tabular.resolve_roles(
+    DEFAULT_ROLES.get(name),
+    table.header,
+    overrides=overrides,
+    label=label,
+    source=source,
+    ignore=ignore,
+  )
   notes = ()
   if name == "csv":
     roles, note = tabular.assign_unlisted(table, roles, ignore=ignore)
@@ -190,9 +253,15 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.1, path=None, sch
   positive = kwargs.get("positive_label")
   if positive is None and name in _POSITIVE and roles.label == DEFAULT_ROLES[name].label:
     positive = _POSITIVE[name]
-  data = tabular.from_raw(table, roles, name=name, seed=seed, test_fraction=test_fraction,
-                          positive=None if positive is None else str(positive),
-                          fixed_vocab=fixed_vocab)
+  data = tabular.from_raw(
+    table,
+    roles,
+    name=name,
+    seed=seed,
+    test_fraction=test_fraction,
+    positive=None if positive is None else str(positive),
+    fixed_vocab=fixed_vocab,
+  )
   return dataclasses.replace(data, notes=notes) if notes else data
 
 
@@ -218,17 +287,19 @@ def read_schema(schema) -> dict:
       schema = json.loads(reader.decode(data, source))
     except json.JSONDecodeError as e:
       raise base.DataError(
-          f"schema file {source} is not valid JSON (line {e.lineno}, column {e.colno}: "
-          f"{e.msg}); fix it") from None
+        f"schema file {source} is not valid JSON (line {e.lineno}, column {e.colno}: "
+        f"{e.msg}); fix it"
+      ) from None
     if not isinstance(schema, dict):
       raise base.DataError(
-          f"schema file {source} must hold a JSON object with keys among "
-          f"{', '.join(SCHEMA_KEYS)}")
+        f"schema file {source} must hold a JSON object with keys among {', '.join(SCHEMA_KEYS)}"
+      )
   unknown = sorted(set(schema) - set(SCHEMA_KEYS))
   if unknown:
     raise base.DataError(
-        f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; valid keys: "
-        f"{', '.join(SCHEMA_KEYS)}")
+      f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; valid keys: "
+      f"{', '.join(SCHEMA_KEYS)}"
+    )
   return dict(schema)
 
 
@@ -238,8 +309,9 @@ def _find(directory: str, file_name: str) -> str:
     if os.path.isfile(full):
       return full
   raise base.DataError(
-      f"file not found: {os.path.join(directory, file_name)}; the taobao directory must hold "
-      f"{', '.join(TAOBAO_FILES)} (Alibaba 'Ad Display/Click Data on Taobao.com')")
+    f"file not found: {os.path.join(directory, file_name)}; the taobao directory must hold "
+    f"{', '.join(TAOBAO_FILES)} (Alibaba 'Ad Display/Click Data on Taobao.com')"
+  )
 
 
 def _lookup(keys: np.ndarray, table_keys: np.ndarray, *, what: str, source: str):
@@ -250,7 +322,8 @@ def _lookup(keys: np.ndarray, table_keys: np.ndarray, *, what: str, source: str)
   if np.any(duplicated):
     dup = sorted_keys[1:][duplicated][0]
     raise base.DataError(
-        f"{source} has several rows for {what} {str(dup)!r}; keep one row per {what}")
+      f"{source} has several rows for {what} {str(dup)!r}; keep one row per {what}"
+    )
   pos = np.clip(np.searchsorted(sorted_keys, keys), 0, len(sorted_keys) - 1)
   return sorted_keys[pos] == keys, order[pos]
 
@@ -280,34 +353,41 @@ def taobao_table(path, *, max_rows: int | None = None) -> reader.RawTable:
   """
   if path is None:
     raise base.DataError(
-        f"taobao needs --data_path=DIR (or --taobao_dir) holding {', '.join(TAOBAO_FILES)} (Alibaba 'Ad Display/Click "
-        "Data on Taobao.com'); it is not bundled")
+      f"taobao needs --data_path=DIR (or --taobao_dir) holding {', '.join(TAOBAO_FILES)} (Alibaba 'Ad Display/Click "
+      "Data on Taobao.com'); it is not bundled"
+    )
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise base.DataError(
-        f"taobao path {path} is not a directory; give the directory holding "
-        f"{', '.join(TAOBAO_FILES)}")
+      f"taobao path {path} is not a directory; give the directory holding {', '.join(TAOBAO_FILES)}"
+    )
   raw = reader.read_csv(_find(path, "raw_sample.csv"), max_rows=max_rows)
   profile = reader.read_csv(_find(path, "user_profile.csv"))
   ads = reader.read_csv(_find(path, "ad_feature.csv"))
-  for table, needed in ((raw, ("user", "adgroup_id", "clk")), (profile, ("userid",) + tuple(
-      _TAOBAO_LEVELS)), (ads, ("adgroup_id", "cate_id", "customer", "brand", "price"))):
+  for table, needed in (
+    (raw, ("user", "adgroup_id", "clk")),
+    (profile, ("userid",) + tuple(_TAOBAO_LEVELS)),
+    (ads, ("adgroup_id", "cate_id", "customer", "brand", "price")),
+  ):
     for col in needed:
       table.column(col)
 
   columns = {("userid" if c == "user" else c): v for c, v in raw.columns.items()}
-  found, row = _lookup(raw.column("adgroup_id"), ads.column("adgroup_id"),
-                       what="adgroup_id", source=ads.source)
+  found, row = _lookup(
+    raw.column("adgroup_id"), ads.column("adgroup_id"), what="adgroup_id", source=ads.source
+  )
   if not np.all(found):
     first = int(np.flatnonzero(~found)[0])
     raise base.DataError(
-        f"adgroup_id {str(raw.column('adgroup_id')[first])!r} at {raw.locate(first)} has no row in "
-        f"{ads.source}; give the matching ad_feature.csv")
+      f"adgroup_id {str(raw.column('adgroup_id')[first])!r} at {raw.locate(first)} has no row in "
+      f"{ads.source}; give the matching ad_feature.csv"
+    )
   for col in ads.header:
     if col != "adgroup_id" and col not in columns:
       columns[col] = ads.columns[col][row]
-  found, row = _lookup(raw.column("user"), profile.column("userid"), what="userid",
-                       source=profile.source)
+  found, row = _lookup(
+    raw.column("user"), profile.column("userid"), what="userid", source=profile.source
+  )
   for col in profile.header:
     if col != "userid" and col not in columns:
       columns[col] = np.where(found, profile.columns[col][row], "")
@@ -316,16 +396,18 @@ def taobao_table(path, *, max_rows: int | None = None) -> reader.RawTable:
       missing = reader.is_missing(values)
       if np.any(missing):
         columns[col] = np.where(missing, TAOBAO_FILL.get(col, "-1"), values)
-  joined = reader.RawTable(header=tuple(columns), columns=columns, source=raw.source,
-                           lines=raw.lines)
+  joined = reader.RawTable(
+    header=tuple(columns), columns=columns, source=raw.source, lines=raw.lines
+  )
   for col, (first, size, shift) in _TAOBAO_LEVELS.items():
     values = tabular.to_float(columns[col], column=col, table=joined)
     bad = (values != np.round(values)) | (values < first) | (values >= first + size)
     if np.any(bad):
       i = int(np.flatnonzero(bad)[0])
       raise base.DataError(
-          f"{col} value {str(columns[col][i])!r} at {joined.locate(i)} is outside "
-          f"{first}..{first + size - 1}; fix the value")
+        f"{col} value {str(columns[col][i])!r} at {joined.locate(i)} is outside "
+        f"{first}..{first + size - 1}; fix the value"
+      )
     columns[col] = (values.astype(np.int64) - shift).astype(str)
   for values in columns.values():
     values.flags.writeable = False

@@ -49,8 +49,8 @@ class RawTable:
     """Returns the column `name`, or raises DataError listing the available columns."""
     if name not in self.columns:
       raise base.DataError(
-          f"unknown column {name!r} in {self.source}; available columns: "
-          f"{', '.join(self.header)}")
+        f"unknown column {name!r} in {self.source}; available columns: {', '.join(self.header)}"
+      )
     return self.columns[name]
 
 
@@ -67,20 +67,22 @@ def decode(data: bytes, source: str) -> str:
       data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as e:
       raise base.DataError(
-          f"{source} looks gzip-compressed but cannot be decompressed ({e}); "
-          "give an intact .gz or the plain CSV") from None
+        f"{source} looks gzip-compressed but cannot be decompressed ({e}); "
+        "give an intact .gz or the plain CSV"
+      ) from None
   if not data.strip():
     raise base.DataError(f"{source} is empty; give a CSV file with a header row and data rows")
   if b"\x00" in data[:65536]:
     raise base.DataError(
-        f"{source} is a binary file (it contains NUL bytes), not a CSV text file; "
-        "export the table as UTF-8 CSV")
+      f"{source} is a binary file (it contains NUL bytes), not a CSV text file; "
+      "export the table as UTF-8 CSV"
+    )
   try:
     return data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise base.DataError(
-        f"{source} is not UTF-8 text (undecodable byte at offset {e.start}); "
-        "re-save it as UTF-8 CSV") from None
+      f"{source} is not UTF-8 text (undecodable byte at offset {e.start}); re-save it as UTF-8 CSV"
+    ) from None
 
 
 def read_bytes(path: str) -> bytes:
@@ -95,7 +97,8 @@ def read_bytes(path: str) -> bytes:
       return f.read()
   except OSError as e:
     raise base.DataError(
-        f"cannot read {path} ({e.strerror or e}); check that the file is readable") from None
+      f"cannot read {path} ({e.strerror or e}); check that the file is readable"
+    ) from None
 
 
 def detect_delimiter(first_line: str) -> str | None:
@@ -105,9 +108,15 @@ def detect_delimiter(first_line: str) -> str | None:
   return best if counts[best] > 0 else None
 
 
-def parse(text: str, *, source: str, delimiter: str | None = None,
-          names: tuple[str, ...] | None = None, skip_prefix: str | None = None,
-          max_rows: int | None = None) -> RawTable:
+def parse(
+  text: str,
+  *,
+  source: str,
+  delimiter: str | None = None,
+  names: tuple[str, ...] | None = None,
+  skip_prefix: str | None = None,
+  max_rows: int | None = None,
+) -> RawTable:
   """Parses delimited text into a `RawTable` of stripped strings.
 
   Args:
@@ -147,31 +156,35 @@ def parse(text: str, *, source: str, delimiter: str | None = None,
         header = tuple(name or f"unnamed_{i}" for i, name in enumerate(row))
         if len(header) == 1:
           guess = detect_delimiter(first_line)
-          hint = (f"it looks {guess!r}-separated: set delimiter={guess!r}"
-                  if guess and guess != delimiter else
-                  "a table needs at least a feature and a label column; check the delimiter")
-          raise base.DataError(
-              f"{source} has one column only when split on {delimiter!r}; {hint}")
+          hint = (
+            f"it looks {guess!r}-separated: set delimiter={guess!r}"
+            if guess and guess != delimiter
+            else "a table needs at least a feature and a label column; check the delimiter"
+          )
+          raise base.DataError(f"{source} has one column only when split on {delimiter!r}; {hint}")
         duplicates = sorted({n for n in header if header.count(n) > 1})
         if duplicates:
           raise base.DataError(
-              f"{source} has duplicate column names {duplicates}; rename them in the header")
+            f"{source} has duplicate column names {duplicates}; rename them in the header"
+          )
         continue
       if len(row) != len(header) and end > start and any("\n" in f for f in row):
         raise base.DataError(
-            f"{source} line {start}: a quoted field opens there and is not closed where the "
-            f"row should end (it runs on to line {end}); balance the quotes of that row")
+          f"{source} line {start}: a quoted field opens there and is not closed where the "
+          f"row should end (it runs on to line {end}); balance the quotes of that row"
+        )
       if len(row) != len(header):
         raise base.DataError(
-            f"{source} line {reader.line_num}: {len(row)} fields, expected {len(header)} "
-            f"(delimiter {delimiter!r}); fix or remove that row")
+          f"{source} line {reader.line_num}: {len(row)} fields, expected {len(header)} "
+          f"(delimiter {delimiter!r}); fix or remove that row"
+        )
       rows.append(row)
       lines.append(reader.line_num)
       if max_rows is not None and len(rows) >= max_rows:
         break
   except csv.Error as e:
     raise base.DataError(
-        f"{source} line {end + 1}: malformed CSV ({e}); fix the quoting of that row"
+      f"{source} line {end + 1}: malformed CSV ({e}); fix the quoting of that row"
     ) from None
   if header is None:
     raise base.DataError(f"{source} is empty; give a CSV file with a header row and data rows")
@@ -188,8 +201,13 @@ def parse(text: str, *, source: str, delimiter: str | None = None,
   return RawTable(header=tuple(header), columns=columns, source=source, lines=line_numbers)
 
 
-def read_csv(path, *, delimiter: str | None = None, names: tuple[str, ...] | None = None,
-             max_rows: int | None = None) -> RawTable:
+def read_csv(
+  path,
+  *,
+  delimiter: str | None = None,
+  names: tuple[str, ...] | None = None,
+  max_rows: int | None = None,
+) -> RawTable:
   """Reads and parses a CSV file (plain or gzip), cached on path, size and modification time.
 
   Args:
@@ -211,13 +229,15 @@ def read_csv(path, *, delimiter: str | None = None, names: tuple[str, ...] | Non
     stat = os.stat(path)
   except OSError as e:
     raise base.DataError(f"cannot read {path} ({e.strerror or e}); check the path") from None
-  return _read_csv_cached(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, delimiter,
-                          names, max_rows)
+  return _read_csv_cached(
+    os.path.realpath(path), stat.st_size, stat.st_mtime_ns, delimiter, names, max_rows
+  )
 
 
 @functools.lru_cache(maxsize=16)
 def _read_csv_cached(path, size, mtime_ns, delimiter, names, max_rows) -> RawTable:
   del size, mtime_ns  # Only part of the cache key.
   text = decode(read_bytes(path), os.path.basename(path))
-  return parse(text, source=os.path.basename(path), delimiter=delimiter, names=names,
-               max_rows=max_rows)
+  return parse(
+    text, source=os.path.basename(path), delimiter=delimiter, names=names, max_rows=max_rows
+  )

@@ -17,10 +17,17 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
   return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
-def synthetic(*, num_examples: int = 2000, priv_cardinalities: Sequence[int] = (2, 3),
-              pub_cardinalities: Sequence[int] = (4, 5), num_pub_dense: int = 2,
-              num_priv_dense: int = 0, correlation: float = 0.0, seed: int = 0,
-              test_fraction: float = 0.1) -> base.TabularData:
+def synthetic(
+  *,
+  num_examples: int = 2000,
+  priv_cardinalities: Sequence[int] = (2, 3),
+  pub_cardinalities: Sequence[int] = (4, 5),
+  num_pub_dense: int = 2,
+  num_priv_dense: int = 0,
+  correlation: float = 0.0,
+  seed: int = 0,
+  test_fraction: float = 0.1,
+) -> base.TabularData:
   """Makes a seeded table from a known generator, with its exact priors and posteriors.
 
   The generator (all draws from `np.random.default_rng(seed)`):
@@ -70,19 +77,22 @@ def synthetic(*, num_examples: int = 2000, priv_cardinalities: Sequence[int] = (
     raise base.DataError(f"num_examples must be >= 2, got {num_examples}; e.g. 2000")
   if any(k < 1 for k in priv_cardinalities + pub_cardinalities):
     raise base.DataError(
-        f"cardinalities must be >= 1, got private {priv_cardinalities}, server "
-        f"{pub_cardinalities}; e.g. priv_cardinalities=(2, 3)")
+      f"cardinalities must be >= 1, got private {priv_cardinalities}, server "
+      f"{pub_cardinalities}; e.g. priv_cardinalities=(2, 3)"
+    )
   if num_pub_dense < 0 or num_priv_dense < 0:
     raise base.DataError("num_pub_dense and num_priv_dense must be >= 0; e.g. 2 and 0")
   if not 0.0 <= correlation <= 1.0:
     raise base.DataError(f"correlation must be in [0, 1], got {correlation}; e.g. 0.0 or 0.5")
   if correlation > 0 and not pub_cardinalities:
     raise base.DataError(
-        "correlation > 0 needs a server categorical feature to correlate with; give "
-        "pub_cardinalities=(4,) or correlation=0")
+      "correlation > 0 needs a server categorical feature to correlate with; give "
+      "pub_cardinalities=(4,) or correlation=0"
+    )
   if not priv_cardinalities and num_priv_dense == 0:
     raise base.DataError(
-        "no private feature; give priv_cardinalities=(2, 3) or num_priv_dense >= 1")
+      "no private feature; give priv_cardinalities=(2, 3) or num_priv_dense >= 1"
+    )
 
   rng = np.random.default_rng(seed)
   n = num_examples
@@ -123,39 +133,55 @@ def synthetic(*, num_examples: int = 2000, priv_cardinalities: Sequence[int] = (
     logit = logit + weights[priv_cat[j]]
   p_full = _sigmoid(logit)
   y = (rng.random(n) < p_full).astype(np.int32)
-  p_pub = _marginal_posterior(logit_pub, cond, priv_weights,
-                              float(np.linalg.norm(priv_dense_weights)))
+  p_pub = _marginal_posterior(
+    logit_pub, cond, priv_weights, float(np.linalg.norm(priv_dense_weights))
+  )
 
   names = {
-      "priv_cat": [f"priv_cat_{j}" for j in range(len(priv_cardinalities))],
-      "priv_dense": [f"priv_dense_{j}" for j in range(num_priv_dense)],
-      "pub_cat": [f"pub_cat_{k}" for k in range(len(pub_cardinalities))],
-      "pub_dense": [f"pub_dense_{k}" for k in range(num_pub_dense)],
+    "priv_cat": [f"priv_cat_{j}" for j in range(len(priv_cardinalities))],
+    "priv_dense": [f"priv_dense_{j}" for j in range(num_priv_dense)],
+    "pub_cat": [f"pub_cat_{k}" for k in range(len(pub_cardinalities))],
+    "pub_dense": [f"pub_dense_{k}" for k in range(num_pub_dense)],
   }
   roles = base.Roles(
-      private_categorical=tuple(names["priv_cat"]), private_dense=tuple(names["priv_dense"]),
-      server_categorical=tuple(names["pub_cat"]), server_dense=tuple(names["pub_dense"]),
-      label="y")
+    private_categorical=tuple(names["priv_cat"]),
+    private_dense=tuple(names["priv_dense"]),
+    server_categorical=tuple(names["pub_cat"]),
+    server_dense=tuple(names["pub_dense"]),
+    label="y",
+  )
   cat = dict(zip(names["priv_cat"], priv_cat)) | {
-      name: pub_cat[:, k] for k, name in enumerate(names["pub_cat"])}
+    name: pub_cat[:, k] for k, name in enumerate(names["pub_cat"])
+  }
   cardinalities = dict(zip(names["priv_cat"], priv_cardinalities)) | dict(
-      zip(names["pub_cat"], pub_cardinalities))
+    zip(names["pub_cat"], pub_cardinalities)
+  )
   vocab = {name: tuple(str(i) for i in range(k)) for name, k in cardinalities.items()}
   vocab["y"] = ("0", "1")
   dense = {name: priv_dense[:, j] for j, name in enumerate(names["priv_dense"])} | {
-      name: pub_dense[:, k] for k, name in enumerate(names["pub_dense"])}
+    name: pub_dense[:, k] for k, name in enumerate(names["pub_dense"])
+  }
   extras = {"p_y_full": p_full, "p_priv_pub": np.concatenate(cond, axis=1)}
   if p_pub is not None:
     extras["p_y_pub"] = p_pub
   return tabular.assemble(
-      name="synthetic", roles=roles, cat=cat, cardinalities=cardinalities, vocab=vocab,
-      dense=dense, y=y, seed=seed, test_fraction=test_fraction, extras=extras,
-      priv_priors=tuple(marginals))
+    name="synthetic",
+    roles=roles,
+    cat=cat,
+    cardinalities=cardinalities,
+    vocab=vocab,
+    dense=dense,
+    y=y,
+    seed=seed,
+    test_fraction=test_fraction,
+    extras=extras,
+    priv_priors=tuple(marginals),
+  )
 
 
-def _marginal_posterior(logit_pub: np.ndarray, cond: list[np.ndarray],
-                        priv_weights: list[np.ndarray], dense_scale: float
-                        ) -> np.ndarray | None:
+def _marginal_posterior(
+  logit_pub: np.ndarray, cond: list[np.ndarray], priv_weights: list[np.ndarray], dense_scale: float
+) -> np.ndarray | None:
   """P(y=1 | x_pub): sums over private categories, integrates the private dense logit term.
 
   Args:

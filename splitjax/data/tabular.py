@@ -19,14 +19,21 @@ def as_columns(value) -> tuple[str, ...] | None:
     return tuple(part.strip() for part in value.split(",") if part.strip())
   if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
     raise base.DataError(
-        f"a role must be a column name, a comma-separated string or a list of names, got "
-        f"{value!r}; e.g. private_dense=('age',)")
+      f"a role must be a column name, a comma-separated string or a list of names, got "
+      f"{value!r}; e.g. private_dense=('age',)"
+    )
   return tuple(value)
 
 
-def resolve_roles(defaults: base.Roles | None, header: Sequence[str], *,
-                  overrides: Mapping[str, object], label: str | None,
-                  source: str, ignore=None) -> base.Roles:
+def resolve_roles(
+  defaults: base.Roles | None,
+  header: Sequence[str],
+  *,
+  overrides: Mapping[str, object],
+  label: str | None,
+  source: str,
+  ignore=None,
+) -> base.Roles:
   """Applies role overrides to the defaults and validates the result against the header.
 
   A role given explicitly replaces that role's default columns, and every column it names is
@@ -60,13 +67,13 @@ def resolve_roles(defaults: base.Roles | None, header: Sequence[str], *,
         raise base.DataError(f"column {col!r} is listed twice in {role}; list it once")
       if col in owner:
         raise base.DataError(
-            f"column {col!r} is given two roles ({owner[col]} and {role}); give each column one "
-            "role")
+          f"column {col!r} is given two roles ({owner[col]} and {role}); give each column one role"
+        )
       owner[col] = role
   if label is not None and label in owner:
     raise base.DataError(
-        f"column {label!r} is given two roles (label and {owner[label]}); give each column one "
-        "role")
+      f"column {label!r} is given two roles (label and {owner[label]}); give each column one role"
+    )
   moved = set(owner) | ({label} if label is not None else set())
   final = {}
   for role in ROLE_NAMES:
@@ -79,25 +86,29 @@ def resolve_roles(defaults: base.Roles | None, header: Sequence[str], *,
   if label is None:
     label = defaults.label if defaults is not None else None
   if not label:
-    raise base.DataError(f"no label column for {source}; name a binary column with the "
-                         "\"label\" key of --schema")
+    raise base.DataError(
+      f"no label column for {source}; name a binary column with the \"label\" key of --schema"
+    )
   roles = base.Roles(label=label, **final)
   known = set(header)
   for col in roles.features() + (label,) + ignored:
     if col not in known:
       raise base.DataError(
-          f"unknown column {col!r} for {source}; available columns: {', '.join(header)}")
+        f"unknown column {col!r} for {source}; available columns: {', '.join(header)}"
+      )
   for role in ROLE_NAMES:
     if label in final[role]:
       raise base.DataError(
-          f"column {label!r} is given two roles (label and {role}); give each column one role")
+        f"column {label!r} is given two roles (label and {role}); give each column one role"
+      )
   if label in ignored:
     raise base.DataError(f"column {label!r} is both the label and in \"ignore\"; drop one")
   if not roles.private_categorical and not roles.private_dense:
     raise base.DataError(
-        f"no private feature for {source}; list the device's columns under "
-        "\"private_categorical\" or \"private_dense\" in --schema (the device must hold at "
-        "least one feature)")
+      f"no private feature for {source}; list the device's columns under "
+      "\"private_categorical\" or \"private_dense\" in --schema (the device must hold at "
+      "least one feature)"
+    )
   return roles
 
 
@@ -105,9 +116,10 @@ def check_server_side(roles: base.Roles, *, source: str) -> None:
   """Raises DataError when the server holds no feature (the cut layer would carry nothing)."""
   if not roles.server_categorical and not roles.server_dense:
     raise base.DataError(
-        f"the server holds no feature for {source}; list its columns under "
-        "\"server_categorical\" or \"server_dense\" in --schema (or leave them unlisted: for "
-        "csv, unlisted columns go to the server)")
+      f"the server holds no feature for {source}; list its columns under "
+      "\"server_categorical\" or \"server_dense\" in --schema (or leave them unlisted: for "
+      "csv, unlisted columns go to the server)"
+    )
 
 
 # A categorical column with at least this many distinct values, and at least this fraction of
@@ -124,8 +136,9 @@ def looks_numeric(values: np.ndarray) -> bool:
     return False
 
 
-def assign_unlisted(table: reader.RawTable, roles: base.Roles, *, ignore=None
-                    ) -> tuple[base.Roles, str | None]:
+def assign_unlisted(
+  table: reader.RawTable, roles: base.Roles, *, ignore=None
+) -> tuple[base.Roles, str | None]:
   """Gives every column without a role (and not in `ignore`) to the server, by type.
 
   A column whose every cell is a finite number becomes server dense, any other one server
@@ -147,14 +160,21 @@ def assign_unlisted(table: reader.RawTable, roles: base.Roles, *, ignore=None
   dense = tuple(c for c in unlisted if looks_numeric(table.column(c)))
   cat = tuple(c for c in unlisted if c not in dense)
   roles = base.Roles(
-      private_categorical=roles.private_categorical, private_dense=roles.private_dense,
-      server_categorical=roles.server_categorical + cat,
-      server_dense=roles.server_dense + dense, label=roles.label)
-  parts = [f"server_dense ({', '.join(dense)})" if dense else "",
-           f"server_categorical ({', '.join(cat)})" if cat else ""]
-  note = (f"{table.source}: {len(unlisted)} unlisted column(s) go to the server: "
-          f"{'; '.join(p for p in parts if p)} (list any under \"ignore\" in --schema to drop "
-          "it)")
+    private_categorical=roles.private_categorical,
+    private_dense=roles.private_dense,
+    server_categorical=roles.server_categorical + cat,
+    server_dense=roles.server_dense + dense,
+    label=roles.label,
+  )
+  parts = [
+    f"server_dense ({', '.join(dense)})" if dense else "",
+    f"server_categorical ({', '.join(cat)})" if cat else "",
+  ]
+  note = (
+    f"{table.source}: {len(unlisted)} unlisted column(s) go to the server: "
+    f"{'; '.join(p for p in parts if p)} (list any under \"ignore\" in --schema to drop "
+    "it)"
+  )
   return roles, note
 
 
@@ -166,9 +186,10 @@ def check_no_identifiers(table: reader.RawTable, roles: base.Roles) -> None:
     distinct = int(np.unique(values).shape[0])
     if distinct >= ID_MIN_DISTINCT and distinct >= ID_MIN_FRACTION * num_rows:
       raise base.DataError(
-          f"categorical column {col!r} of {table.source} has {distinct:,} distinct values in "
-          f"{num_rows:,} rows, like an identifier: list it under \"ignore\" in --schema (a "
-          "per-row category teaches the model nothing and EXACT would enumerate every value)")
+        f"categorical column {col!r} of {table.source} has {distinct:,} distinct values in "
+        f"{num_rows:,} rows, like an identifier: list it under \"ignore\" in --schema (a "
+        "per-row category teaches the model nothing and EXACT would enumerate every value)"
+      )
 
 
 def _sort_key(values: np.ndarray) -> np.ndarray:
@@ -189,8 +210,9 @@ def categories(values: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
   return tuple(str(v) for v in names[order]), rank[inverse].astype(np.int32)
 
 
-def encode_with_vocab(values: np.ndarray, vocab: Sequence[str], *, column: str,
-                      table: reader.RawTable) -> np.ndarray:
+def encode_with_vocab(
+  values: np.ndarray, vocab: Sequence[str], *, column: str, table: reader.RawTable
+) -> np.ndarray:
   """[N] int32 codes of `values` in a fixed vocabulary; unknown values raise DataError."""
   lookup = {v: i for i, v in enumerate(vocab)}
   names, inverse = np.unique(values, return_inverse=True)
@@ -198,8 +220,9 @@ def encode_with_vocab(values: np.ndarray, vocab: Sequence[str], *, column: str,
     if name not in lookup:
       row = int(np.flatnonzero(values == name)[0])
       raise base.DataError(
-          f"column {column!r} has value {str(name)!r} at {table.locate(row)}, outside its domain "
-          f"{list(vocab)}; fix the value")
+        f"column {column!r} has value {str(name)!r} at {table.locate(row)}, outside its domain "
+        f"{list(vocab)}; fix the value"
+      )
   return np.array([lookup[n] for n in names], dtype=np.int32)[inverse]
 
 
@@ -217,13 +240,15 @@ def to_float(values: np.ndarray, *, column: str, table: reader.RawTable) -> np.n
         ok = False
       if not ok:
         raise base.DataError(
-            f"dense column {column!r} has non-numeric or NaN value {str(cell)!r} at "
-            f"{table.locate(row)}; clean the value or give {column!r} a categorical role")
+          f"dense column {column!r} has non-numeric or NaN value {str(cell)!r} at "
+          f"{table.locate(row)}; clean the value or give {column!r} a categorical role"
+        )
   return numbers
 
 
-def binary_label(values: np.ndarray, *, column: str, positive: str | None = None
-                 ) -> tuple[np.ndarray, tuple[str, str]]:
+def binary_label(
+  values: np.ndarray, *, column: str, positive: str | None = None
+) -> tuple[np.ndarray, tuple[str, str]]:
   """Maps a two-valued column to {0, 1}.
 
   Args:
@@ -242,14 +267,16 @@ def binary_label(values: np.ndarray, *, column: str, positive: str | None = None
   if len(names) != 2:
     shown = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
     raise base.DataError(
-        f"label {column!r} must be binary but has {len(names)} distinct value(s) ({shown}); "
-        "choose a two-valued label column or map it to two values first")
+      f"label {column!r} must be binary but has {len(names)} distinct value(s) ({shown}); "
+      "choose a two-valued label column or map it to two values first"
+    )
   if positive is None:
     positive = names[1]
   elif positive not in names:
     raise base.DataError(
-        f"positive label {positive!r} does not occur in label {column!r} (values {list(names)}); "
-        "give one of those")
+      f"positive label {positive!r} does not occur in label {column!r} (values {list(names)}); "
+      "give one of those"
+    )
   negative = names[0] if names[1] == positive else names[1]
   return (values == positive).astype(np.int32), (negative, positive)
 
@@ -261,16 +288,26 @@ def num_test(num_examples: int, test_fraction: float) -> int:
   n_test = math.ceil(test_fraction * num_examples - 1e-9)
   if not 1 <= n_test < num_examples:
     raise base.DataError(
-        f"test_fraction={test_fraction} leaves no train or test rows out of {num_examples}; "
-        "use more rows or another fraction")
+      f"test_fraction={test_fraction} leaves no train or test rows out of {num_examples}; "
+      "use more rows or another fraction"
+    )
   return n_test
 
 
-def assemble(*, name: str, roles: base.Roles, cat: Mapping[str, np.ndarray],
-             cardinalities: Mapping[str, int], vocab: Mapping[str, tuple[str, ...]],
-             dense: Mapping[str, np.ndarray], y: np.ndarray, seed: int, test_fraction: float,
-             extras: Mapping[str, np.ndarray] | None = None,
-             priv_priors: tuple[np.ndarray, ...] | None = None) -> base.TabularData:
+def assemble(
+  *,
+  name: str,
+  roles: base.Roles,
+  cat: Mapping[str, np.ndarray],
+  cardinalities: Mapping[str, int],
+  vocab: Mapping[str, tuple[str, ...]],
+  dense: Mapping[str, np.ndarray],
+  y: np.ndarray,
+  seed: int,
+  test_fraction: float,
+  extras: Mapping[str, np.ndarray] | None = None,
+  priv_priors: tuple[np.ndarray, ...] | None = None,
+) -> base.TabularData:
   """Splits encoded columns 90/10 (by default) with a seeded permutation and scales dense ones.
 
   Args:
@@ -309,24 +346,37 @@ def assemble(*, name: str, roles: base.Roles, cat: Mapping[str, np.ndarray],
     return np.stack([table[c] for c in columns], axis=1).astype(dtype)
 
   full = dict(
-      priv_cat=stack(roles.private_categorical, cat, np.int32),
-      priv_dense=stack(roles.private_dense, scaled, np.float32),
-      pub_cat=stack(roles.server_categorical, cat, np.int32),
-      pub_dense=stack(roles.server_dense, scaled, np.float32),
-      y=y.astype(np.int32),
-      **(extras or {}))
-  splits = {part: base.Split(**{k: v[idx] for k, v in full.items()})
-            for part, idx in parts.items()}
+    priv_cat=stack(roles.private_categorical, cat, np.int32),
+    priv_dense=stack(roles.private_dense, scaled, np.float32),
+    pub_cat=stack(roles.server_categorical, cat, np.int32),
+    pub_dense=stack(roles.server_dense, scaled, np.float32),
+    y=y.astype(np.int32),
+    **(extras or {}),
+  )
+  splits = {part: base.Split(**{k: v[idx] for k, v in full.items()}) for part, idx in parts.items()}
   return base.TabularData(
-      name=name, roles=roles, train=splits["train"], test=splits["test"],
-      priv_cardinalities=tuple(int(cardinalities[c]) for c in roles.private_categorical),
-      pub_cardinalities=tuple(int(cardinalities[c]) for c in roles.server_categorical),
-      vocab=dict(vocab), dense_ranges=ranges, priv_priors=priv_priors)
+    name=name,
+    roles=roles,
+    train=splits["train"],
+    test=splits["test"],
+    priv_cardinalities=tuple(int(cardinalities[c]) for c in roles.private_categorical),
+    pub_cardinalities=tuple(int(cardinalities[c]) for c in roles.server_categorical),
+    vocab=dict(vocab),
+    dense_ranges=ranges,
+    priv_priors=priv_priors,
+  )
 
 
-def from_raw(table: reader.RawTable, roles: base.Roles, *, name: str, seed: int,
-             test_fraction: float, positive: str | None = None,
-             fixed_vocab: Mapping[str, Sequence[str]] | None = None) -> base.TabularData:
+def from_raw(
+  table: reader.RawTable,
+  roles: base.Roles,
+  *,
+  name: str,
+  seed: int,
+  test_fraction: float,
+  positive: str | None = None,
+  fixed_vocab: Mapping[str, Sequence[str]] | None = None,
+) -> base.TabularData:
   """Encodes a raw table with resolved roles into `TabularData`.
 
   Args:
@@ -358,7 +408,18 @@ def from_raw(table: reader.RawTable, roles: base.Roles, *, name: str, seed: int,
       vocab[col], cat[col] = categories(values)
     cardinalities[col] = len(vocab[col])
   vocab[roles.label] = label_names
-  dense = {col: to_float(table.column(col), column=col, table=table)
-           for col in roles.private_dense + roles.server_dense}
-  return assemble(name=name, roles=roles, cat=cat, cardinalities=cardinalities, vocab=vocab,
-                  dense=dense, y=y, seed=seed, test_fraction=test_fraction)
+  dense = {
+    col: to_float(table.column(col), column=col, table=table)
+    for col in roles.private_dense + roles.server_dense
+  }
+  return assemble(
+    name=name,
+    roles=roles,
+    cat=cat,
+    cardinalities=cardinalities,
+    vocab=vocab,
+    dense=dense,
+    y=y,
+    seed=seed,
+    test_fraction=test_fraction,
+  )

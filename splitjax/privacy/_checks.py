@@ -26,8 +26,10 @@ def static_scalar(value, name: str) -> float | None:
   """
   if isinstance(value, jax.core.Tracer):
     if value.ndim != 0:
-      raise PrivacyError(f'{name} must be a scalar, got a traced array of shape {value.shape}; '
-                         'pass one value per transform.')
+      raise PrivacyError(
+        f'{name} must be a scalar, got a traced array of shape {value.shape}; '
+        'pass one value per transform.'
+      )
     return None
   if isinstance(value, bool):
     raise PrivacyError(f'{name} must be a number, got the bool {value!r}.')
@@ -36,8 +38,9 @@ def static_scalar(value, name: str) -> float | None:
   except (TypeError, ValueError):
     raise PrivacyError(f'{name} must be a number, got {value!r}.') from None
   if arr.ndim != 0:
-    raise PrivacyError(f'{name} must be a scalar, got an array of shape {arr.shape}; '
-                       'pass one value per call.')
+    raise PrivacyError(
+      f'{name} must be a scalar, got an array of shape {arr.shape}; pass one value per call.'
+    )
   return float(arr)
 
 

@@ -27,6 +27,7 @@ ACCOUNTANTS = ('pld', 'rdp')
 # PLD is run only where the composed mu is at most this (beyond, it needs minutes and gigabytes).
 PLD_MAX_MU = 10.0
 
+
 def per_release_mu(noise_multiplier: float) -> float:
   """The mu-GDP parameter of one cut-layer release: 2 / sigma.
 
@@ -206,8 +207,9 @@ def epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
   return epsilon_for_delta(composed_mu(noise_multiplier, releases), delta)
 
 
-def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float,
-                               releases: int, rtol: float = 1e-6) -> float:
+def calibrate_noise_multiplier(
+  *, target_epsilon: float, target_delta: float, releases: int, rtol: float = 1e-6
+) -> float:
   """The noise multiplier sigma whose k-release epsilon at `target_delta` is <= target.
 
   Brackets sigma by doubling/halving, then bisects in log sigma until the bracket is within
@@ -289,8 +291,9 @@ def dp_event(noise_multiplier: float, releases: int) -> dp_accounting.DpEvent:
   return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / 2.0), k)
 
 
-def dp_accounting_epsilon(noise_multiplier: float, releases: int, delta: float, *,
-                          accountant: str = 'pld') -> float:
+def dp_accounting_epsilon(
+  noise_multiplier: float, releases: int, delta: float, *, accountant: str = 'pld'
+) -> float:
   """Epsilon from dp_accounting's PLD or RDP accountant, as a cross-check of `epsilon`.
 
   Args:
@@ -320,8 +323,9 @@ def dp_accounting_epsilon(noise_multiplier: float, releases: int, delta: float, 
     return math.inf
   if accountant == 'pld' and mu > PLD_MAX_MU:
     raise _checks.PrivacyError(
-        f'composed mu = {mu:.4g} > {PLD_MAX_MU}: PLD would take minutes and gigabytes; '
-        "use accountant='rdp' or the closed form accounting.epsilon.")
+      f'composed mu = {mu:.4g} > {PLD_MAX_MU}: PLD would take minutes and gigabytes; '
+      "use accountant='rdp' or the closed form accounting.epsilon."
+    )
   event = dp_event(noise_multiplier, releases)
   acc = pld.PLDAccountant() if accountant == 'pld' else rdp.RdpAccountant()
   acc.compose(event)
@@ -340,10 +344,16 @@ def _json_number(x):
   return x
 
 
-def privacy_report(*, noise_multiplier: float, l2_clip_norm: float, releases: int, delta: float,
-                   device_noise_multiplier: float | None = None,
-                   device_releases: int | None = None,
-                   label_epsilon: float | None = None) -> dict:
+def privacy_report(
+  *,
+  noise_multiplier: float,
+  l2_clip_norm: float,
+  releases: int,
+  delta: float,
+  device_noise_multiplier: float | None = None,
+  device_releases: int | None = None,
+  label_epsilon: float | None = None,
+) -> dict:
   """What every epsilon of a run covers, as a JSON-safe dict (infinities as "inf").
 
   Args:
@@ -379,54 +389,65 @@ def privacy_report(*, noise_multiplier: float, l2_clip_norm: float, releases: in
   delta = _checks.probability_open(delta, 'delta')
   if sigma > 0 and math.isinf(clip):
     raise _checks.PrivacyError(
-        f'noise_multiplier={sigma} > 0 needs a finite l2_clip_norm (sensitivity 2C); '
-        'give the clip norm used or set noise_multiplier=0.')
+      f'noise_multiplier={sigma} > 0 needs a finite l2_clip_norm (sensitivity 2C); '
+      'give the clip norm used or set noise_multiplier=0.'
+    )
   mu = composed_mu(sigma, k)
   attack_mu = composed_mu(sigma, 1)
   report = {
-      'noise_multiplier': _json_number(sigma),
-      'l2_clip_norm': _json_number(clip),
-      'releases': k,
-      'sensitivity': _json_number(2.0 * clip),
-      'neighbouring_relation': NEIGHBOURING_RELATION,
-      'mu': _json_number(mu),
-      'attack_mu': _json_number(attack_mu),
-      'epsilon': _json_number(epsilon_for_delta(mu, delta)),
-      'attack_epsilon': _json_number(epsilon_for_delta(attack_mu, delta)),
-      'device_epsilon': 'inf',
-      'total_epsilon': 'inf',
-      'delta': delta,
-      'accountant': ACCOUNTANT,
+    'noise_multiplier': _json_number(sigma),
+    'l2_clip_norm': _json_number(clip),
+    'releases': k,
+    'sensitivity': _json_number(2.0 * clip),
+    'neighbouring_relation': NEIGHBOURING_RELATION,
+    'mu': _json_number(mu),
+    'attack_mu': _json_number(attack_mu),
+    'epsilon': _json_number(epsilon_for_delta(mu, delta)),
+    'attack_epsilon': _json_number(epsilon_for_delta(attack_mu, delta)),
+    'device_epsilon': 'inf',
+    'total_epsilon': 'inf',
+    'delta': delta,
+    'accountant': ACCOUNTANT,
   }
-  ledger = [f'cut: {dp_event(sigma, k)!r}; sensitivity 2C = {2.0 * clip:g}, '
-            f'{NEIGHBOURING_RELATION}, no sampling; mu = 2 sqrt(k)/sigma = {mu:.6g}',
-            f'attack: {dp_event(sigma, 1)!r}; mu = {attack_mu:.6g}']
+  ledger = [
+    f'cut: {dp_event(sigma, k)!r}; sensitivity 2C = {2.0 * clip:g}, '
+    f'{NEIGHBOURING_RELATION}, no sampling; mu = 2 sqrt(k)/sigma = {mu:.6g}',
+    f'attack: {dp_event(sigma, 1)!r}; mu = {attack_mu:.6g}',
+  ]
   if device_noise_multiplier is None:
     if device_releases is not None:
-      raise _checks.PrivacyError('device_releases given without device_noise_multiplier; '
-                                 'pass both or neither.')
+      raise _checks.PrivacyError(
+        'device_releases given without device_noise_multiplier; pass both or neither.'
+      )
     ledger.append('device: NonPrivateDpEvent (device parameters trained without DP-SGD)')
   else:
     dev_sigma = _checks.nonnegative(device_noise_multiplier, 'device_noise_multiplier')
-    dev_k = k if device_releases is None else _checks.releases_count(device_releases,
-                                                                      'device_releases')
+    dev_k = (
+      k if device_releases is None else _checks.releases_count(device_releases, 'device_releases')
+    )
     dev_mu = composed_mu(dev_sigma, dev_k)
     total_mu = math.hypot(mu, dev_mu)
-    report.update({
+    report.update(
+      {
         'device_noise_multiplier': _json_number(dev_sigma),
         'device_releases': dev_k,
         'device_mu': _json_number(dev_mu),
         'device_epsilon': _json_number(epsilon_for_delta(dev_mu, delta)),
         'total_mu': _json_number(total_mu),
         'total_epsilon': _json_number(epsilon_for_delta(total_mu, delta)),
-    })
-    ledger.append(f'device: {dp_event(dev_sigma, dev_k)!r}; per-example clip, noise on the '
-                  f'summed update; mu = {dev_mu:.6g}')
+      }
+    )
+    ledger.append(
+      f'device: {dp_event(dev_sigma, dev_k)!r}; per-example clip, noise on the '
+      f'summed update; mu = {dev_mu:.6g}'
+    )
     ledger.append(f'total: GDP composition sqrt(mu_cut^2 + mu_dev^2) = {total_mu:.6g}')
   if label_epsilon is not None:
     label_eps = _checks.epsilon_positive(label_epsilon, 'label_epsilon')
     report['label_epsilon'] = _json_number(label_eps)
-    ledger.append(f'label: RandomizedResponseDpEvent(epsilon={label_eps:g}), drawn once before '
-                  'training (label only; not in total_epsilon)')
+    ledger.append(
+      f'label: RandomizedResponseDpEvent(epsilon={label_eps:g}), drawn once before '
+      'training (label only; not in total_epsilon)'
+    )
   report['ledger'] = ledger
   return report

@@ -273,17 +273,27 @@ def knn_bound(posteriors, mu) -> float:
   """
   posteriors = np.asarray(posteriors, dtype=np.float64)
   if posteriors.ndim != 2 or posteriors.shape[0] == 0:
-    raise _checks.PrivacyError(f'posteriors must be [N, K] with N >= 1, got shape '
-                               f'{posteriors.shape}.')
+    raise _checks.PrivacyError(
+      f'posteriors must be [N, K] with N >= 1, got shape {posteriors.shape}.'
+    )
   return float(np.mean(prior_bound(posteriors, mu)))
 
 
-BOUND_KINDS = ('guarantee:true_prior', 'estimate:knn_prior', 'estimate:marginal_prior',
-               'none:channel_unprotected')
+BOUND_KINDS = (
+  'guarantee:true_prior',
+  'estimate:knn_prior',
+  'estimate:marginal_prior',
+  'none:channel_unprotected',
+)
 
 
-def reference_mu(*, noise_multiplier: float, releases: int = 1,
-                 device_noise_multiplier: float | None = None, device_releases: int = 0) -> float:
+def reference_mu(
+  *,
+  noise_multiplier: float,
+  releases: int = 1,
+  device_noise_multiplier: float | None = None,
+  device_releases: int = 0,
+) -> float:
   """`mu_ref = sqrt(k_cut / sigma^2 + k_dev / sigma_dev^2)`: 1/sigma per release, composed.
 
   The reference for reconstructing a secret with K > 2 values: every released row lies in the

@@ -43,11 +43,13 @@ def _check_binary(labels: np.ndarray) -> None:
     raise _checks.PrivacyError(f'labels must be an integer array of 0/1, got dtype {labels.dtype}.')
   if labels.size and not np.isin(labels, (0, 1)).all():
     raise _checks.PrivacyError(
-        f'labels must be binary 0/1, got values {np.unique(labels)[:10].tolist()}.')
+      f'labels must be binary 0/1, got values {np.unique(labels)[:10].tolist()}.'
+    )
 
 
-def randomized_response(labels: np.ndarray, epsilon: float, *,
-                        rng: np.random.Generator) -> np.ndarray:
+def randomized_response(
+  labels: np.ndarray, epsilon: float, *, rng: np.random.Generator
+) -> np.ndarray:
   """Flips each binary label independently with probability 1 / (1 + e^eps), on the host.
 
   Draw once before training and reuse the noisy labels every epoch: a fresh draw per epoch
@@ -81,8 +83,9 @@ def randomized_response(labels: np.ndarray, epsilon: float, *,
   return np.where(flips, 1 - labels, labels).astype(labels.dtype)
 
 
-def randomized_response_jax(key: jax.Array, labels: jax.Array,
-                            epsilon: jax.typing.ArrayLike) -> jax.Array:
+def randomized_response_jax(
+  key: jax.Array, labels: jax.Array, epsilon: jax.typing.ArrayLike
+) -> jax.Array:
   """Randomized response in JAX: flips each 0/1 label with probability 1 / (1 + e^eps).
 
   Args:

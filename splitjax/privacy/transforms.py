@@ -24,12 +24,14 @@ from splitjax.privacy import _checks
 
 class AddGaussianNoiseState(NamedTuple):
   """State of `add_gaussian_noise`: number of updates so far and the next PRNG key."""
+
   count: jax.Array  # int32 scalar
   rng_key: jax.Array
 
 
 class DpAggregateState(NamedTuple):
   """State of `dp_aggregate`: number of updates so far and the next PRNG key."""
+
   count: jax.Array  # int32 scalar
   rng_key: jax.Array
 
@@ -42,8 +44,9 @@ def _check_key(key) -> None:
   if dtype == jnp.uint32 and shape == (2,):
     return
   raise _checks.PrivacyError(
-      f'key must be one PRNG key from jax.random.key(seed), got {type(key).__name__} with '
-      f'dtype {dtype} and shape {shape}.')
+    f'key must be one PRNG key from jax.random.key(seed), got {type(key).__name__} with '
+    f'dtype {dtype} and shape {shape}.'
+  )
 
 
 def _batch_size(leaves) -> int:
@@ -51,12 +54,14 @@ def _batch_size(leaves) -> int:
   shapes = [tuple(x.shape) for x in leaves]
   if any(len(s) == 0 for s in shapes) or len({s[0] for s in shapes}) != 1:
     raise _checks.PrivacyError(
-        f'every leaf needs the same leading batch axis, got shapes {shapes}; '
-        'stack per-example values along axis 0.')
+      f'every leaf needs the same leading batch axis, got shapes {shapes}; '
+      'stack per-example values along axis 0.'
+    )
   if shapes[0][0] == 0:
     raise _checks.PrivacyError(
-        f'the batch is empty (leaf shapes {shapes}): per-example DP needs at least one example; '
-        'skip the step instead of calling the transform on zero rows.')
+      f'the batch is empty (leaf shapes {shapes}): per-example DP needs at least one example; '
+      'skip the step instead of calling the transform on zero rows.'
+    )
   return shapes[0][0]
 
 
@@ -70,19 +75,20 @@ def _check_float(leaves) -> None:
 # largest entry (the original formula, kept bit for bit); other rows -- near the float32 maximum,
 # tiny or subnormal, or non-finite -- are first scaled by an exact power of two, so that 1/m can
 # neither overflow nor flush to zero, and the comparison with C is made in the scaled space.
-_TYPICAL_LO, _TYPICAL_HI = 2.0 ** -100, 2.0 ** 100
-_SCALE_UP, _SCALE_DOWN = 2.0 ** 126, 2.0 ** -126
+_TYPICAL_LO, _TYPICAL_HI = 2.0**-100, 2.0**100
+_SCALE_UP, _SCALE_DOWN = 2.0**126, 2.0**-126
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
 class _RowStats(NamedTuple):
   """Per-row quantities of a pytree of `[batch, ...]` leaves, in the norm dtype."""
+
   dtype: jnp.dtype
-  typical: jax.Array   # [batch] bool: largest |entry| in [2^-100, 2^100]
-  finite: jax.Array    # [batch] bool: every entry finite
-  norm: jax.Array      # [batch] L2 norms (inf where it overflows, NaN for NaN rows)
-  pow2: jax.Array      # [batch] the exact power of two that scales an atypical row
-  scaled: jax.Array    # [batch] L2 norm of the row times pow2 (atypical rows)
+  typical: jax.Array  # [batch] bool: largest |entry| in [2^-100, 2^100]
+  finite: jax.Array  # [batch] bool: every entry finite
+  norm: jax.Array  # [batch] L2 norms (inf where it overflows, NaN for NaN rows)
+  pow2: jax.Array  # [batch] the exact power of two that scales an atypical row
+  scaled: jax.Array  # [batch] L2 norm of the row times pow2 (atypical rows)
 
 
 def _row_stats(leaves) -> _RowStats:
@@ -140,9 +146,9 @@ def _clip_rows(updates: optax.Updates, l2_clip_norm) -> optax.Updates:
   # Atypical rows: compare in the scaled space, where ~(a <= b) also counts NaN as over;
   # rows whose scaled norm is 0 (zero rows, or subnormals flushed by the backend) become +-0.
   atyp_over = ~(st.scaled <= clip * st.pow2)
-  atyp_post = jnp.where(st.scaled > 0,
-                        jnp.where(atyp_over, clip / jnp.where(st.scaled > 0, st.scaled, 1.0),
-                                  1.0), 0.0)
+  atyp_post = jnp.where(
+    st.scaled > 0, jnp.where(atyp_over, clip / jnp.where(st.scaled > 0, st.scaled, 1.0), 1.0), 0.0
+  )
   # Every row is output as (x * pre) * post; pre = 1 except on atypical rows that are clipped,
   # so typical rows get exactly the original x * scale (and the same rounding where a backend
   # fuses that product with the noise that follows) and unclipped rows pass unchanged.
@@ -219,13 +225,20 @@ def _noise_stddev(noise_multiplier, l2_clip_norm):
   clip = _checks.nonnegative(l2_clip_norm, 'l2_clip_norm')
   if sigma is not None and clip is not None and sigma > 0 and math.isinf(clip):
     raise _checks.PrivacyError(
-        f'noise_multiplier={sigma} > 0 needs a finite l2_clip_norm (noise std is sigma * C); '
-        'clip first or set noise_multiplier=0.')
-  if (sigma is not None and clip is not None and math.isfinite(sigma) and math.isfinite(clip)
-      and sigma * clip > _FLOAT32_MAX):
+      f'noise_multiplier={sigma} > 0 needs a finite l2_clip_norm (noise std is sigma * C); '
+      'clip first or set noise_multiplier=0.'
+    )
+  if (
+    sigma is not None
+    and clip is not None
+    and math.isfinite(sigma)
+    and math.isfinite(clip)
+    and sigma * clip > _FLOAT32_MAX
+  ):
     raise _checks.PrivacyError(
-        f'noise std noise_multiplier * l2_clip_norm = {sigma * clip:.3g} overflows float32 '
-        f'(max {_FLOAT32_MAX:.3g}): lower the noise multiplier or the clip norm.')
+      f'noise std noise_multiplier * l2_clip_norm = {sigma * clip:.3g} overflows float32 '
+      f'(max {_FLOAT32_MAX:.3g}): lower the noise multiplier or the clip norm.'
+    )
   static_zero = sigma == 0.0 or clip == 0.0
   return sigma, clip, static_zero
 
@@ -246,13 +259,16 @@ def _add_noise(updates, key, stddev):
   offsets = [0]
   for size in sizes:
     offsets.append(offsets[-1] + size)
-  noised = [(x.astype(ndtype) + noise[lo:hi].reshape(x.shape)).astype(x.dtype)
-            for x, lo, hi in zip(leaves, offsets[:-1], offsets[1:])]
+  noised = [
+    (x.astype(ndtype) + noise[lo:hi].reshape(x.shape)).astype(x.dtype)
+    for x, lo, hi in zip(leaves, offsets[:-1], offsets[1:])
+  ]
   return jax.tree.unflatten(treedef, noised)
 
 
-def add_gaussian_noise(noise_multiplier: jax.typing.ArrayLike, l2_clip_norm: jax.typing.ArrayLike, *,
-                       key: jax.Array) -> optax.GradientTransformation:
+def add_gaussian_noise(
+  noise_multiplier: jax.typing.ArrayLike, l2_clip_norm: jax.typing.ArrayLike, *, key: jax.Array
+) -> optax.GradientTransformation:
   """Adds i.i.d. N(0, (noise_multiplier * l2_clip_norm)^2) to every element of the updates.
 
   Apply after `clip_per_example`: on rows `g: [batch, d]` this is independent noise per row.
@@ -303,8 +319,9 @@ def add_gaussian_noise(noise_multiplier: jax.typing.ArrayLike, l2_clip_norm: jax
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def cut_layer_dp(l2_clip_norm: jax.typing.ArrayLike, noise_multiplier: jax.typing.ArrayLike, *,
-                 key: jax.Array) -> optax.GradientTransformation:
+def cut_layer_dp(
+  l2_clip_norm: jax.typing.ArrayLike, noise_multiplier: jax.typing.ArrayLike, *, key: jax.Array
+) -> optax.GradientTransformation:
   """Cut-layer DP: `clip_per_example` then `add_gaussian_noise`, as a named chain.
 
   Args:
@@ -327,12 +344,14 @@ def cut_layer_dp(l2_clip_norm: jax.typing.ArrayLike, noise_multiplier: jax.typin
     Qiu et al., "Evaluating Privacy Leakage in Split Learning", arXiv 2305.12997.
   """
   return optax.named_chain(
-      ('clip', clip_per_example(l2_clip_norm)),
-      ('noise', add_gaussian_noise(noise_multiplier, l2_clip_norm, key=key)))
+    ('clip', clip_per_example(l2_clip_norm)),
+    ('noise', add_gaussian_noise(noise_multiplier, l2_clip_norm, key=key)),
+  )
 
 
-def dp_aggregate(l2_clip_norm: jax.typing.ArrayLike, noise_multiplier: jax.typing.ArrayLike, *,
-                 key: jax.Array) -> optax.GradientTransformation:
+def dp_aggregate(
+  l2_clip_norm: jax.typing.ArrayLike, noise_multiplier: jax.typing.ArrayLike, *, key: jax.Array
+) -> optax.GradientTransformation:
   """Device DP-SGD: clip each example, sum over the batch, add N(0, (sigma C)^2), divide by N.
 
   Input leaves are per-example device-parameter gradients `[batch, ...]`; output leaves drop
