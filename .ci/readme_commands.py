@@ -18,7 +18,7 @@ def commands(readme: str) -> dict[str, str]:
   """{name: command line} for every name in NAMES; ValueError naming a missing or odd one."""
   found = {}
   for name in NAMES:
-    match = re.search(r"<!-- ci:%s -->\s*\n```[^\n]*\n(.*?)\n```" % name, readme, re.S)
+    match = re.search(rf"<!-- ci:{name} -->\s*\n```[^\n]*\n(.*?)\n```", readme, re.S)
     if match is None:
       raise ValueError(
         f"README.md has no '<!-- ci:{name} -->' marker before a fenced code block "

@@ -42,8 +42,10 @@ DOMAINS = {
 
 def run_one(domain: str, num_users: int, screen_dtype=None) -> dict:
   import resource  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from splitjax import attacks  # pylint: disable=g-import-not-at-top
   from splitjax import models  # pylint: disable=g-import-not-at-top
 
@@ -111,7 +113,7 @@ def main(argv):
     if _SCREEN.value:
       cmd.append(f"--screen_dtype={_SCREEN.value}")
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
     if not line:
       print(out.stderr[-2000:])
       continue

@@ -1,4 +1,4 @@
-r"""Test AUC of the split models (3 seeds, both recipes, SL and FSL) and a one-hot logistic baseline.
+r"""Test AUC of the split models (3 seeds, both recipes, SL, FSL) and a one-hot logistic baseline.
 
   python -m benchmarks.train_auc --datasets=adult,bank,credit --seeds=0,1,2 --out=/tmp/auc.json
 
@@ -10,16 +10,16 @@ import json
 import tempfile
 import time
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app
+from absl import flags
 
-from splitjax import metrics
 from experiments import pipeline
 from experiments.configs import base
+from splitjax import metrics
 
 _DATASETS = flags.DEFINE_list("datasets", ["adult", "bank", "credit"], "Datasets.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")

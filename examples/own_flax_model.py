@@ -9,12 +9,14 @@ cut-layer gradients their devices would send (no DP here, so it recovers them al
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import splitjax
-from splitjax import attacks, models, protocol, training
+from splitjax import attacks
+from splitjax import models
+from splitjax import protocol
+from splitjax import training
 
 # [library-snippet]
 data = splitjax.data.load("synthetic", num_examples=600, seed=0)

@@ -15,7 +15,9 @@ import numpy as np
 import optax
 
 import splitjax
-from splitjax import attacks, models, privacy
+from splitjax import attacks
+from splitjax import models
+from splitjax import privacy
 
 EPOCHS, BATCH, CLIP, TARGET_EPS, DELTA = 4, 50, 0.05, 4.0, 1e-5
 

@@ -11,11 +11,11 @@ Writes ``attack.json`` (default attack: ``--variant=auto --prior=auto`` on test 
 from absl import app
 from absl import flags
 
-from splitjax import attacks
-from experiments import attack_flags  # pylint: disable=unused-import (defines --num_examples)
+from experiments import attack_flags  # noqa: F401  (defines --num_examples)
 from experiments import attacking
 from experiments import common
 from experiments.configs import base
+from splitjax import attacks
 
 flags.DEFINE_string("attack", "exact", f"Attack: one of {', '.join(attacks.ATTACKS)}.")
 flags.DEFINE_string(

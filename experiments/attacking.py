@@ -15,6 +15,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from experiments import common
+from experiments import pipeline
+from experiments import records
+from experiments import workdir as workdir_lib
+from experiments.configs import base as configs_base
 from splitjax import attacks
 from splitjax import io
 from splitjax import metrics
@@ -23,12 +28,6 @@ from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import bounds
 from splitjax.privacy import label_dp
-
-from experiments import common
-from experiments import pipeline
-from experiments import records
-from experiments import workdir as workdir_lib
-from experiments.configs import base as configs_base
 
 VARIANTS = ("clip_aware", "paper", "bayes")
 USERS = ("test", "train")

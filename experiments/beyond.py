@@ -33,19 +33,18 @@ import time
 import jax
 import numpy as np
 
-from splitjax import attacks
-from splitjax import io
-from splitjax import metrics
-from splitjax import training
-from splitjax.privacy import accounting
-from splitjax.privacy import bounds
-
 from experiments import attacking
 from experiments import common
 from experiments import pipeline
 from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
+from splitjax import attacks
+from splitjax import io
+from splitjax import metrics
+from splitjax import training
+from splitjax.privacy import accounting
+from splitjax.privacy import bounds
 
 # The module (the package re-exports the function `optimize` under its name).
 optimize_lib = importlib.import_module("splitjax.attacks.optimize")

@@ -339,7 +339,7 @@ _ZERO_MEANS_OFF = {
 
 
 def given(name: str) -> bool:
-  """Whether flag ``name`` was set explicitly (command line or flagsaver), not left at its default."""
+  """Whether flag ``name`` was set explicitly (command line or flagsaver), not left as default."""
   return name in FLAGS and (FLAGS[name].present or not FLAGS[name].using_default_value)
 
 

@@ -20,6 +20,10 @@ import sys
 import jax
 import numpy as np
 
+from experiments import common
+from experiments import records
+from experiments import workdir as workdir_lib
+from experiments.configs import base as configs_base
 from splitjax import data as sj_data
 from splitjax import io
 from splitjax import models
@@ -27,11 +31,6 @@ from splitjax import protocol
 from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import label_dp
-
-from experiments import common
-from experiments import records
-from experiments import workdir as workdir_lib
-from experiments.configs import base as configs_base
 
 PROTOCOLS = ("sl", "fsl")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

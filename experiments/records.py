@@ -62,7 +62,7 @@ def environment() -> dict:
   """The software and hardware of this process, and the UTC time (a fresh dict each call)."""
   return {
     **_static_environment(),
-    "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "utc_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
 
 

@@ -17,11 +17,11 @@ import time
 from absl import app
 from absl import flags
 
-from splitjax import io
 from experiments import common
 from experiments import records
-from experiments import workdir as workdir_lib
 from experiments import reproducing
+from experiments import workdir as workdir_lib
+from splitjax import io
 
 _PRESET = flags.DEFINE_string(
   "preset", "quick", "quick, full or tiny (configs <dataset>_<preset>)."

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from splitjax import io
 from experiments import common
 from experiments import pipeline
 from experiments import records
 from experiments import sweeping
 from experiments.configs import base as configs_base
+from splitjax import io
 
 PAPER_SIGMA = 0.01
 NEAR_PRIOR = 0.05  # "near the prior": attack accuracy at most this much above it
@@ -137,7 +137,7 @@ def analytic_flops_per_candidate(d: int, hidden: tuple[int, ...], num_features: 
   ``W_h h`` is shared by all candidates of a user and not counted.
   """
   h = list(hidden)
-  dense = sum(2 * a * b for a, b in zip(h[:-1], h[1:])) + 2 * h[-1]
+  dense = sum(2 * a * b for a, b in zip(h[:-1], h[1:], strict=False)) + 2 * h[-1]
   fields = d // 8 + num_features
   return int(num_features * h[0] + 2 * dense + 2 * d * h[0] + 6 * fields * 8 + 4 * h[0])
 

@@ -15,13 +15,13 @@ import pathlib
 
 import numpy as np
 
-from splitjax import io
 from experiments import attacking
 from experiments import common
 from experiments import pipeline
 from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
+from splitjax import io
 
 SIGMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 TARGET_EPSILONS = (1.0, 4.0, 16.0)
@@ -432,7 +432,7 @@ def plot(rows, out_dir, title: str) -> list[str]:
   if cut and secrets:
     fig, axes = plt.subplots(1, len(secrets), figsize=(3.2 * len(secrets), 3.2), squeeze=False)
     eps = [float(r["attack_epsilon"]) for r in cut]
-    for ax, s in zip(axes[0], secrets):
+    for ax, s in zip(axes[0], secrets, strict=False):
       for v, style in (("informed", "D-"), ("clip_aware", "o-"), ("bayes", "s--"), ("paper", "x:")):
         acc = [r["attacks"].get(v, {}).get(s, {}).get("accuracy") for r in cut]
         if all(a is not None for a in acc):

@@ -39,9 +39,8 @@ import uuid
 
 from absl import logging
 
-from splitjax import io
-
 import splitjax
+from splitjax import io
 
 MANIFEST = "run.json"
 STAGING = ".staging"
@@ -371,7 +370,7 @@ def write_manifest(workdir, *, kind: str, config_fingerprint: str, artifacts, da
     "splitjax_version": splitjax.__version__,
     "run_id": uuid.uuid4().hex,
     "config_fingerprint": config_fingerprint,
-    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "data_sha256": {str(p): file_sha256(p) for p in data},
     "artifacts": {name: file_sha256(workdir / name) for name in sorted(artifacts)},
   }

@@ -11,10 +11,10 @@ import pathlib
 import stat
 import tempfile
 
-from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 _CHECKPOINT_FORMAT = 'splitjax-checkpoint'
 _CHECKPOINT_VERSION = 1
@@ -25,7 +25,7 @@ class ResultsError(ValueError, OSError):
 
 
 class CheckpointError(ValueError):
-  """A checkpoint is missing, corrupted, or belongs to another model/config (one line with the fix)."""
+  """A checkpoint is missing, corrupted, or of another model/config (one line with the fix)."""
 
 
 class WorkdirError(ValueError):
@@ -558,7 +558,7 @@ def restore_checkpoint(path, target, *, fingerprint=None):  # pylint: disable=re
     raise CheckpointError(mismatch('tree structure differs'))
 
   out = []
-  for (key_path, tgt), data_tgt, new in zip(tgt_leaves, data_leaves, new_leaves):
+  for (key_path, tgt), data_tgt, new in zip(tgt_leaves, data_leaves, new_leaves, strict=False):
     where = jax.tree_util.keystr(key_path)
     if isinstance(data_tgt, (np.ndarray, jax.Array, np.generic)):
       new = np.asarray(new)

@@ -55,7 +55,8 @@ def clopper_pearson(successes, trials, confidence: float = 0.95) -> tuple[float,
   """Exact (Clopper-Pearson) two-sided confidence interval for a binomial proportion.
 
   The interval is `[B(a/2; k, n-k+1), B(1-a/2; k+1, n-k)]` with `B(q; a, b)` the Beta quantile and
-  `a = 1 - confidence`; the lower end is 0 when `k = 0` and the upper end 1 when `k = n`. Its coverage
+  `a = 1 - confidence`; the lower end is 0 when `k = 0` and the upper end 1 when `k = n`. Its
+  coverage
   is at least `confidence` for every true proportion (it is conservative).
 
   Args:
@@ -260,7 +261,8 @@ def majority_prior(train_values, num_classes: int) -> tuple[int, np.ndarray]:
     num_classes: number of classes.
 
   Returns:
-    `(majority_class, probabilities)`: the argmax class (the smallest code on ties) as an int and the
+    `(majority_class, probabilities)`: the argmax class (the smallest code on ties) as an int and
+    the
     float64 frequencies `[num_classes]`, summing to 1.
 
   Raises:
@@ -295,7 +297,8 @@ def feature_report(
 
   Returns:
     `{'accuracy', 'ci': [lo, hi], 'macro_f1', 'prior_accuracy', 'knn_accuracy', 'n'}`; the baseline
-    accuracies are None when their predictions are not given. `macro_f1` follows `macro_f1` (binary F1
+    accuracies are None when their predictions are not given. `macro_f1` follows `macro_f1`
+    (binary F1
     of class 1 for two classes).
 
   Raises:

@@ -24,7 +24,9 @@ import dataclasses
 import functools
 import hashlib
 import json
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -303,7 +305,7 @@ class SplitModel(NamedTuple):
     return self.head_init if self.spec.topology == "device_top" else self.encoder_init
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_model(spec: ModelSpec) -> SplitModel:
   """Builds the pure functions of ``spec``.
 

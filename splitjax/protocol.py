@@ -15,7 +15,8 @@ that one implementation serves both topologies; :func:`server_forward`,
 have axis 0 as the batch axis and padded rows (``mask == 0``) contribute zero.
 """
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

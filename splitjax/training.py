@@ -22,7 +22,10 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +34,8 @@ import optax
 
 from splitjax import models
 from splitjax import protocol
-from splitjax.multihost import put_global, to_host  # re-exported: training.put_global etc.
+from splitjax.multihost import put_global  # re-exported: training.put_global etc.
+from splitjax.multihost import to_host  # re-exported: training.put_global etc.
 from splitjax.privacy import transforms as dp_transforms
 
 
@@ -60,7 +64,7 @@ RECIPES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_optimizer(recipe: Recipe) -> optax.GradientTransformation:
   """One optax chain per side from the recipe.
 
@@ -77,7 +81,7 @@ def make_optimizer(recipe: Recipe) -> optax.GradientTransformation:
   raise ValueError(f"unknown optimizer {recipe.optimizer!r}: choose adam, adagrad_torch or sgd")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def server_optimizer(recipe: Recipe, freeze_server: bool = False) -> optax.GradientTransformation:
   """The server's optimiser; ``freeze_server`` keeps its parameters fixed."""
   return optax.set_to_zero() if freeze_server else make_optimizer(recipe)
@@ -207,9 +211,9 @@ def _split_forward_backward(
   return out.loss, enc_grads, out.param_grads, h_sent, out.cut_grads, out.logits, nonfinite
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_sl_step(model: models.SplitModel, tx_server, tx_device, device_dp: bool = False):
-  """Jitted SL step ``(state, batch, dp) -> (state, loss, h_sent [N, d], g_sent [N, d], nonfinite)``.
+  """Jitted SL step ``(state, batch, dp) -> (state, loss, h_sent[N, d], g_sent[N, d], nonfinite)``.
 
   The state is donated. ``h_sent``/``g_sent`` are what crossed the wire; ``nonfinite`` (int32)
   counts the rows the DP clip zeroed because they held an inf or NaN.
@@ -251,11 +255,12 @@ def _masked_mean(tree, weights):
   return jax.tree.map(avg, tree)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_fsl_round(
   model: models.SplitModel, tx_server, tx_device, local_steps: int, device_dp: bool = False
 ):
-  """Jitted FSL round ``(state, batch[D, S, ...], device_mask[D], dp) -> (state, losses, h, g, nonfinite)``.
+  """Jitted FSL round: ``(state, batch[D, S, ...], device_mask[D], dp)`` ->
+  ``(state, losses, h, g, nonfinite)``.
 
   ``h``/``g`` are ``[local_steps, D, S, d]``: what crossed the wire at each
   local step. Only ``device_top`` is supported for FSL.
@@ -343,7 +348,7 @@ def device_partition(num_examples: int, samples_per_device: int, seed: int) -> n
 def fsl_rounds(
   split, partition: np.ndarray, devices_per_round: int, seed: int, epoch: int
 ) -> Iterator[tuple[Batch, np.ndarray]]:
-  """Rounds of one FSL epoch: every device takes part once. Yields ``(batch[D, S], device_mask[D])``."""
+  """Rounds of one FSL epoch, each device once: yields ``(batch[D, S], device_mask[D])``."""
   num_dev, spd = partition.shape
   order = np.random.default_rng([seed, epoch]).permutation(num_dev)
   for start in range(0, num_dev, devices_per_round):
@@ -364,7 +369,7 @@ def fsl_rounds(
 # ---------------------------------------------------------------- evaluation
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_predict(model: models.SplitModel):
   """Jitted ``(server, device, batch) -> logits [N]`` (no DP: evaluation only)."""
 
@@ -404,7 +409,7 @@ def evaluate(model, state: TrainState, split) -> dict[str, float]:
   }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_cut_grad_norms(model: models.SplitModel):
   """Jitted ``(server, device, batch) -> ||g_i|| [N]`` without DP (for ``--dp_clip=auto``)."""
 
@@ -695,7 +700,7 @@ class _Recorder:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_replay(model: models.SplitModel):
   """Jitted ``(server, device, batch, dp, key) -> (h_sent, g_sent)``: one release per row."""
 
@@ -752,7 +757,7 @@ def replay_transcript(
   )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_predict_h(model: models.SplitModel):
   """Jitted ``(encoder_params, cat [N, P], dense [N, Pd]) -> h [N, d]`` (the encoder side)."""
   return jax.jit(lambda params, cat, dense: protocol.bottom_forward(model, params, cat, dense))

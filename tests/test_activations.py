@@ -6,12 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from splitjax import models
 import splitjax.attacks
-
 from experiments import beyond
 from experiments import pipeline
 from experiments.configs import base as configs_base
+from splitjax import models
 
 CARDS = (2, 3, 4)
 NUM_USERS = 96
@@ -28,7 +27,7 @@ def _bottom(num_priv_dense=0):
   return models.make_model(spec)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sent(num_priv_dense=0, seed=0):
   """Device parameters, true private values and the activations the device computes."""
   model = _bottom(num_priv_dense)
@@ -88,7 +87,7 @@ def test_bayes_with_noise_gives_posteriors_and_degrades_gracefully():
       noise_stddev=sigma * c,
       log_prior=np.zeros(np.prod(CARDS)),
     )
-    for post, k in zip(r.feature_posteriors, CARDS):
+    for post, k in zip(r.feature_posteriors, CARDS, strict=True):
       assert post.shape == (NUM_USERS, k)
       np.testing.assert_allclose(post.sum(-1), 1.0, rtol=1e-4)
     out[sigma] = np.mean(r.features == x)

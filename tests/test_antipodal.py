@@ -123,7 +123,7 @@ def test_bayes_attack_with_the_true_prior_matches_monte_carlo_over_the_noise():
   # Per-user true prior over the 6 x 2 pairs; the truth is drawn from it.
   prior = rng.dirichlet(np.full(len(table) * 2, 0.7), size=n)
   pair = np.array([rng.choice(len(prior[u]), p=prior[u]) for u in range(n)])
-  cand, lab = pair // 2, pair % 2
+  cand = pair // 2
 
   def grads(hi):  # clipped candidate gradients [C*2, D], label fastest
     def one(x, y):

@@ -27,12 +27,13 @@ import subprocess
 import sys
 import threading
 
-from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import flagsaver
 
+import splitjax
 from experiments import attack as attack_bin
 from experiments import common
 from experiments import pipeline
@@ -42,7 +43,6 @@ from experiments import sweep as sweep_bin
 from experiments import train as train_bin
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
-import splitjax
 from splitjax import data as sj_data
 from splitjax import io as sj_io
 

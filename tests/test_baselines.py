@@ -41,7 +41,7 @@ def test_knn_equals_numpy_brute_force():
     r = baselines.knn(train_x, train_y, test_x, CARDS, k=k, chunk_size=chunk)
     preds, posts = numpy_knn(train_x, train_y, test_x, CARDS, k)
     np.testing.assert_array_equal(r.predictions, preds)
-    for a, b in zip(r.posteriors, posts):
+    for a, b in zip(r.posteriors, posts, strict=True):
       np.testing.assert_allclose(a, b, atol=1e-6)
     assert r.predictions.shape == (77, 3) and r.predictions.dtype == np.int32
 

@@ -7,11 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+import tables
 from scipy import stats
 
 from splitjax import data
 from splitjax.data import bundled
-import tables
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_train_binary_as_two_processes_on_one_workdir_agrees_with_one_process(tm
     timeout=300,
   )
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert single.returncode == 0, single.stderr[-3000:]
   # Process 0 took the workdir's lock (its pid is in the lock file) and wrote the run.

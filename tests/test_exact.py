@@ -5,14 +5,13 @@ import math
 import os
 import textwrap
 
+import forced_devices
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import splitjax.attacks
-
-import forced_devices
 
 # The module (the package re-exports the function `exact` under the module's name).
 exact_lib = importlib.import_module('splitjax.attacks.exact')
@@ -511,7 +510,7 @@ def test_low_precision_screen_equals_full_precision(problem, kwargs):
   assert np.all(r.gap <= ref.gap * (1 + 1e-5) + 1e-6)
   assert np.mean(np.isclose(r.gap, ref.gap, rtol=1e-4, atol=1e-6)) >= 0.8
   if 'top_k' in kwargs:
-    for a, b in zip(r.feature_posteriors, ref.feature_posteriors):
+    for a, b in zip(r.feature_posteriors, ref.feature_posteriors, strict=True):
       np.testing.assert_array_equal(a, b)
 
 
@@ -545,7 +544,9 @@ def test_screened_vote_equals_full_precision_vote(top_k):
     screen_top=top_k,
   )
   for a, b in zip(
-    r.feature_posteriors + (r.label_posterior,), ref.feature_posteriors + (ref.label_posterior,)
+    r.feature_posteriors + (r.label_posterior,),
+    ref.feature_posteriors + (ref.label_posterior,),
+    strict=True,
   ):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(r.features, ref.features)

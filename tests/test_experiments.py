@@ -2,25 +2,21 @@
 
 import json
 import logging
-import pathlib
 import re
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
+import tables
+from absl import flags
+from absl.testing import flagsaver
 
 import splitjax
-
 from experiments import attack as attack_bin
 from experiments import common
 from experiments import records
 from experiments import reproduce as reproduce_bin
 from experiments import sweep as sweep_bin
 from experiments import train as train_bin
-
-import tables
-
 
 TINY = dict(config="synthetic_tiny")
 
@@ -75,7 +71,7 @@ def test_train_writes_metrics_checkpoint_and_transcript(trained):
   assert (
     metrics["resolved_config"]["epochs"] == 2 and metrics["resolved_config"]["batch_size"] == 64
   )
-  history = [json.loads(l) for l in (trained / "history.jsonl").read_text().splitlines()]
+  history = [json.loads(s) for s in (trained / "history.jsonl").read_text().splitlines()]
   assert [h["epoch"] for h in history] == [1, 2]
   assert history[-1]["train_loss"] == metrics["train_loss"]
   assert (trained / "checkpoint.msgpack").exists()
@@ -181,7 +177,7 @@ def test_sweep_writes_csv_and_table(tmp_path):
 def _strip_cost(report: str) -> str:
   """The report without Table 4 (wall-clock timings) and the environment footer (UTC time)."""
   report = re.sub(r"### Table 4 — cost.*?(?=\n## |\Z)", "", report, flags=re.S)
-  return "\n".join(l for l in report.splitlines() if not l.startswith(records.FOOTER_PREFIX))
+  return "\n".join(s for s in report.splitlines() if not s.startswith(records.FOOTER_PREFIX))
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +279,7 @@ def test_bad_input_one_line_no_traceback(tmp_path, args, message, capsys):
       code = e.code
   err = capsys.readouterr().err
   assert code == 2, err[-2000:]
-  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  lines = [s for s in err.splitlines() if s.startswith("error:")]
   assert len(lines) == 1 and message in lines[0], err[-2000:]
   assert "Traceback" not in err
 

@@ -123,6 +123,7 @@ def test_checkpoint_round_trip_with_adam_state(tmp_path):
   leaves = zip(
     jax.tree.leaves(jax.tree.map(_key_data, state)),
     jax.tree.leaves(jax.tree.map(_key_data, restored)),
+    strict=True,
   )
   for want, got in leaves:
     assert np.asarray(got).dtype == np.asarray(want).dtype

@@ -5,12 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from splitjax import metrics
 import splitjax.attacks
-
 from experiments import beyond
 from experiments import pipeline
 from experiments.configs import base as configs_base
+from splitjax import metrics
 
 D = 12
 N = 400

@@ -15,11 +15,11 @@ import subprocess
 import sys
 import textwrap
 
-from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import flagsaver
 
 from experiments import attack as attack_bin
 from experiments import common
@@ -57,7 +57,7 @@ def _timing_free(record: dict) -> dict:
 def _history(workdir: pathlib.Path) -> list[dict]:
   """history.jsonl without the epochs' wall-clock seconds."""
   lines = (workdir / "history.jsonl").read_text().splitlines()
-  return [{k: v for k, v in json.loads(l).items() if "seconds" not in k} for l in lines]
+  return [{k: v for k, v in json.loads(s).items() if "seconds" not in k} for s in lines]
 
 
 def _assert_same_training(got: pathlib.Path, want: pathlib.Path):

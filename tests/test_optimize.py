@@ -5,17 +5,16 @@ import importlib
 import os
 import textwrap
 
+import forced_devices
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import splitjax.attacks
 from splitjax import models
 from splitjax import protocol
-import splitjax.attacks
-
-import forced_devices
 
 # The modules (the package re-exports functions under the names `exact` and `optimize`).
 optimize_lib = importlib.import_module('splitjax.attacks.optimize')
@@ -44,7 +43,7 @@ def _spec(num_priv_dense, head='deepfm'):
   )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_params(seed):
   """Server and device parameters of the largest model (Flax init is slow: done once)."""
   model = models.make_model(_spec(1))
@@ -231,7 +230,7 @@ def test_hybrid_bayes_posteriors_are_distributions():
     noise_stddev=noise,
     log_prior=np.zeros(12),
   )
-  for post, k in zip(r.feature_posteriors + (r.label_posterior,), CARDS + (2,)):
+  for post, k in zip(r.feature_posteriors + (r.label_posterior,), CARDS + (2,), strict=True):
     assert post.shape == (8, k)
     np.testing.assert_allclose(post.sum(-1), 1.0, rtol=1e-4)
   np.testing.assert_array_equal(
@@ -246,7 +245,7 @@ def test_clip_rows_is_the_device_clip_and_has_finite_gradients():
   )
   np.testing.assert_allclose(optimize_lib.clip_rows(x, jnp.inf), x)
   for c in (1.0, jnp.inf):
-    grad = jax.grad(lambda z: jnp.sum(optimize_lib.clip_rows(z, c) ** 2))(x)
+    grad = jax.grad(lambda z, c=c: jnp.sum(optimize_lib.clip_rows(z, c) ** 2))(x)
     assert np.all(np.isfinite(grad))
 
 

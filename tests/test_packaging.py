@@ -60,7 +60,7 @@ def top_level_imports(source: str) -> set[str]:
 
 
 def undeclared_imports(files, allowed: set[str]) -> list[str]:
-  """`module (file)` for each third-party import in `files` that no distribution in `allowed` provides."""
+  """`module (file)` of each third-party import in `files` that no distribution in `allowed` has."""
   dists_of = importlib.metadata.packages_distributions()
   bad = []
   for path in files:

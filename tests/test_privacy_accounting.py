@@ -4,10 +4,10 @@ import json
 import math
 import time
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import dp_accounting
 import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
 
 from splitjax import privacy
 from splitjax.privacy import accounting

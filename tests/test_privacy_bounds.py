@@ -2,11 +2,11 @@
 
 import math
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
 from scipy import special
 from scipy import stats
 

@@ -3,13 +3,13 @@
 import itertools
 import math
 
-from absl.testing import absltest
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import absltest
 from scipy import stats
 
 from splitjax import privacy
@@ -64,7 +64,7 @@ class ClipPerExampleTest(chex.TestCase):
     # Scaling is per row and common to all leaves: out = s_i * g_i with 0 <= s_i <= 1.
     nz = _row_norms(g) > 0
     s = _row_norms(out)[nz] / _row_norms(g)[nz]
-    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(out)):
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(out), strict=True):
       x = np.asarray(x).reshape(len(x), -1)[nz]
       y = np.asarray(y).reshape(len(y), -1)[nz]
       np.testing.assert_allclose(y, x * s[:, None], rtol=1e-5, atol=1e-30)
@@ -78,7 +78,7 @@ class ClipPerExampleTest(chex.TestCase):
     rng = np.random.default_rng(1)
     for i in (0, 5, 15):  # a zero row, a small row, a huge row
       other = jax.tree.map(
-        lambda x: x.at[i].set(jnp.asarray(rng.normal(size=x.shape[1:]) * 50.0, x.dtype)), g
+        lambda x, i=i: x.at[i].set(jnp.asarray(rng.normal(size=x.shape[1:]) * 50.0, x.dtype)), g
       )
       diff = jax.tree.map(lambda x, y: x - y, clip(g), clip(other))
       d = _row_norms(diff)
@@ -232,7 +232,7 @@ class DpAggregateTest(chex.TestCase):
     out, state = self.variant(tx.update)(g, tx.init(g))
     clipped = privacy.per_example_global_norm(g)
     scale = np.minimum(1.0, 0.5 / np.where(clipped > 0, clipped, 1.0))
-    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(out)):
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(out), strict=True):
       expect = (np.asarray(x) * scale.reshape((-1,) + (1,) * (x.ndim - 1))).mean(0)
       np.testing.assert_allclose(y, expect, rtol=1e-5, atol=1e-7)
     self.assertEqual(int(state.count), 1)

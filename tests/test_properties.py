@@ -11,14 +11,14 @@ import math
 import pathlib
 import tempfile
 
-from hypothesis import given
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from splitjax import data as sj_data
 from splitjax import privacy
@@ -76,7 +76,7 @@ def _write(directory: pathlib.Path, table: dict, delimiter: str) -> pathlib.Path
   buf = io.StringIO()
   writer = csv.writer(buf, delimiter=delimiter, lineterminator="\n")
   writer.writerow(table)
-  writer.writerows(zip(*table.values()))
+  writer.writerows(zip(*table.values(), strict=True))
   path = directory / f"table_{next(_COUNTER)}.csv"  # a fresh name: no parse-cache reuse
   path.write_text(buf.getvalue(), encoding="utf-8")
   return path
@@ -274,7 +274,7 @@ def test_dp_chain_keeps_shapes_and_dtypes(dtype, clip, sigma, rows, seed):
   tree = {"g": jnp.asarray(g, dtype), "extra": jnp.asarray(g[:, :2].reshape(ROWS, 2, 1), dtype)}
   out = _chain_once(tree, np.float32(clip), np.float32(sigma), jax.random.key(seed))
   assert jax.tree.structure(out) == jax.tree.structure(tree)
-  for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+  for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
     assert got.shape == want.shape and got.dtype == want.dtype
     assert np.all(np.isfinite(np.asarray(got, np.float32)))
 

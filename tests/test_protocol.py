@@ -60,9 +60,9 @@ def test_split_gradients_equal_end_to_end(topology, head):
     enc, *enc_in, out.cut_grads, jnp.sum(mask)
   )
   np.testing.assert_allclose(out.loss, jax.jit(composed)(enc, top), rtol=1e-5)
-  for got, want in zip(jax.tree.leaves(out.param_grads), jax.tree.leaves(ref_head)):
+  for got, want in zip(jax.tree.leaves(out.param_grads), jax.tree.leaves(ref_head), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-  for got, want in zip(jax.tree.leaves(enc_grads), jax.tree.leaves(ref_enc)):
+  for got, want in zip(jax.tree.leaves(enc_grads), jax.tree.leaves(ref_enc), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   # Row i of g is example i's own dl_i/dh_i; padded rows are zero.
   i = 2

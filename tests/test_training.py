@@ -32,7 +32,7 @@ def _split(n=64, seed=0):
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
@@ -168,7 +168,9 @@ def test_device_dp_sgd_limit_equals_plain_and_noise_changes_it():
   diff = max(
     float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
     for a, b in zip(
-      jax.tree.leaves(noisy.state.device_params), jax.tree.leaves(plain.state.device_params)
+      jax.tree.leaves(noisy.state.device_params),
+      jax.tree.leaves(plain.state.device_params),
+      strict=True,
     )
   )
   assert diff > 1e-3
@@ -188,7 +190,7 @@ def test_device_dp_sgd_update_is_clipped_per_example():
     sum(
       float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
       for a, b in zip(
-        jax.tree.leaves(res.state.device_params), jax.tree.leaves(state0.device_params)
+        jax.tree.leaves(res.state.device_params), jax.tree.leaves(state0.device_params), strict=True
       )
     )
   )

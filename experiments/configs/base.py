@@ -1,4 +1,4 @@
-"""Frozen experiment configs shared by the binaries; variants derive with ``dataclasses.replace``."""
+"""Frozen experiment configs shared by the binaries (variants: ``dataclasses.replace``)."""
 
 import dataclasses
 

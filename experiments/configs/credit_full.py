@@ -5,8 +5,8 @@ Launch::
   python -m experiments.reproduce --preset=full --datasets=credit --workdir=/tmp/splitjax_full
 """
 
-from experiments.configs import base
 from experiments import sweeping
+from experiments.configs import base
 
 
 def get_config() -> base.StudyConfig:

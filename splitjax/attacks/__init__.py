@@ -1,10 +1,14 @@
 """Attacks on the cut layer (EXACT) and baselines without gradients, looked up by name."""
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # Note: the function `exact` below shadows the submodule of the same name in this namespace; reach
 # the module with importlib.import_module('splitjax.attacks.exact').
 from splitjax.attacks import baselines
+from splitjax.attacks import priors
+from splitjax.attacks.activations import ActivationResult
+from splitjax.attacks.activations import exact_activations
 from splitjax.attacks.baselines import KnnResult
 from splitjax.attacks.baselines import PriorResult
 from splitjax.attacks.baselines import knn
@@ -19,8 +23,6 @@ from splitjax.attacks.exact import candidate_table
 from splitjax.attacks.exact import estimate
 from splitjax.attacks.exact import exact
 from splitjax.attacks.exact import low_precision_matmuls
-from splitjax.attacks.activations import ActivationResult
-from splitjax.attacks.activations import exact_activations
 from splitjax.attacks.label_only import LabelResult
 from splitjax.attacks.label_only import label_direction
 from splitjax.attacks.label_only import label_norm
@@ -29,7 +31,6 @@ from splitjax.attacks.optimize import OptimizeResult
 from splitjax.attacks.optimize import hybrid
 from splitjax.attacks.optimize import optimize
 from splitjax.attacks.optimize import relaxed_device_apply
-from splitjax.attacks import priors
 from splitjax.attacks.priors import PRIORS
 from splitjax.attacks.priors import InformedPrior
 from splitjax.attacks.priors import candidate_label_probability

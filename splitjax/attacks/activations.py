@@ -22,7 +22,10 @@ References:
 import functools
 import importlib
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +93,7 @@ class _Options(NamedTuple):
   per_user_prior: bool
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table_fn(encoder_apply):
   """Jitted `(params, table [C, P], dense [C, Pd], clip) -> clipped activations [C, d]`."""
 
@@ -101,7 +104,7 @@ def _table_fn(encoder_apply):
   return jax.jit(fn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _score_fn(opts: _Options):
   """Jitted scoring of a block of users against all candidates."""
 

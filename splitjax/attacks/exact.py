@@ -1,4 +1,4 @@
-"""EXACT: score every candidate of the private features and the label against an observed cut gradient.
+"""EXACT: score every candidate of the private features and label against an observed cut gradient.
 
 The device sends `g = l'(z, y) * dz/dh` for its own example (DESIGN.md §1). For binary cross-entropy
 `l'(z, y) = sigmoid(z) - y`, so `dz/dh` depends on the private features `x_priv` but not on the
@@ -18,7 +18,8 @@ Users may come from different parameter versions (`param_index`, e.g. training u
 transcript). With `screen_dtype='bfloat16'` every pair is first screened with bf16 matrix products
 (`low_precision_matmuls`), each user's best pairs are rescored in float32, and users the screen
 cannot decide are redone in float32 (about 1.3-1.4x faster on this bf16-capable CPU for
-noise-free observations). The compiled function is cached per (device_apply, cardinalities, options, devices):
+noise-free observations). The compiled function is cached per (device_apply, cardinalities,
+options, devices):
 calling `exact` again with the same model and shapes does not retrace or recompile.
 
 References:
@@ -31,12 +32,14 @@ import itertools
 import math
 import numbers
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.extend import core as jex_core
 
 from splitjax import multihost
@@ -81,7 +84,7 @@ SCREEN_LOGIT_SLACK = 1.0
 
 
 class AttackError(ValueError):
-  """An attack argument is invalid; the message names the argument, its value or shape, and the fix."""
+  """An attack argument is invalid: the message names the argument, its value or shape, the fix."""
 
 
 class ExactResult(NamedTuple):
@@ -96,8 +99,8 @@ class ExactResult(NamedTuple):
       gradient to the simulated gradient of the best pair (`map_features`, `map_labels`).
     num_ties: [N] int32, number of (candidate, label) pairs whose score is within the tie tolerance
       of the best score, the best included (1 = unique; see TIE_RTOL, TIE_ATOL).
-    gap: [N] float32, second-best minus best score (distance units; nats of negative log posterior in
-      the Bayes variant); inf when there is a single pair.
+    gap: [N] float32, second-best minus best score (distance units; nats of negative log
+      posterior in the Bayes variant); inf when there is a single pair.
     map_features: [N, P] int32, the features of the single best pair (nearest / joint MAP).
     map_labels: [N] int32, the label of the single best pair.
     feature_posteriors: None, or a tuple of P arrays [N, K_j] float32: marginal posteriors with
@@ -255,15 +258,15 @@ def _check_finite_matrix(x: np.ndarray, name: str) -> None:
 def _check_log_prior(log_prior, num_users: int, num_cand: int, num_labels: int):
   """Returns (prior [1 or N, C, L] float32 numpy, per_user bool)."""
   prior = np.asarray(log_prior, dtype=np.float32)
-  c, l = num_cand, num_labels
-  if prior.shape in ((c * l,), (c, l)):
-    prior, per_user = prior.reshape(1, c, l), False
-  elif prior.shape in ((num_users, c * l), (num_users, c, l)):
-    prior, per_user = prior.reshape(num_users, c, l), True
+  c, nl = num_cand, num_labels
+  if prior.shape in ((c * nl,), (c, nl)):
+    prior, per_user = prior.reshape(1, c, nl), False
+  elif prior.shape in ((num_users, c * nl), (num_users, c, nl)):
+    prior, per_user = prior.reshape(num_users, c, nl), True
   else:
     raise AttackError(
-      f'log_prior has shape {prior.shape}; expected [C*L]=({c * l},), [C, L]=({c}, '
-      f'{l}) or the same with a leading users axis of {num_users} (C candidates in '
+      f'log_prior has shape {prior.shape}; expected [C*L]=({c * nl},), [C, L]=({c}, '
+      f'{nl}) or the same with a leading users axis of {num_users} (C candidates in '
       'candidate_table order, label fastest).'
     )
   if np.isnan(prior).any() or np.isposinf(prior).any():
@@ -323,8 +326,8 @@ def _eval_low_precision(jaxpr, consts, args, dtype):
   def read(v):
     return v.val if isinstance(v, jex_core.Literal) else env[v]
 
-  env.update(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
+  env.update(zip(jaxpr.constvars, consts, strict=False))
+  env.update(zip(jaxpr.invars, args, strict=False))
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
@@ -346,7 +349,7 @@ def _eval_low_precision(jaxpr, consts, args, dtype):
       outs = eqn.primitive.bind(*invals, **eqn.params)
       if not eqn.primitive.multiple_results:
         outs = [outs]
-    env.update(zip(eqn.outvars, outs))
+    env.update(zip(eqn.outvars, outs, strict=False))
   return [read(v) for v in jaxpr.outvars]
 
 
@@ -640,13 +643,13 @@ def _subjaxprs(eqn):
     for item in value if isinstance(value, (tuple, list)) else (value,):
       if hasattr(item, 'eqns'):
         yield item
-      elif hasattr(item, 'jaxpr') and hasattr(getattr(item, 'jaxpr'), 'eqns'):
+      elif hasattr(item, 'jaxpr') and hasattr(item.jaxpr, 'eqns'):
         yield item.jaxpr
 
 
 def _dependent_eqns(jaxpr, dependent_invars):
   """Every equation of `jaxpr` (and of its sub-jaxprs) that depends on the given input variables."""
-  dep = set(v for v, d in zip(jaxpr.invars, dependent_invars) if d)
+  dep = set(v for v, d in zip(jaxpr.invars, dependent_invars, strict=False) if d)
   for eqn in jaxpr.eqns:
     if not any((not hasattr(v, 'val')) and v in dep for v in eqn.invars):
       continue
@@ -1031,7 +1034,8 @@ def exact(
       `device_apply` they are not: JAX clamps out-of-range embedding indices instead of raising,
       so a wrong feature count or cardinality gives silently wrong answers.
     num_labels: 2 (binary cross-entropy); other values are not supported.
-    top_k: >= 1; with top_k > 1 and no noise, per-feature majority vote over the top_k nearest pairs.
+    top_k: >= 1; with top_k > 1 and no noise, per-feature majority vote over the top_k nearest
+      pairs.
     chunk_size: private candidates scored at once per user (None: all of them, unless one user's
       candidates exceed the ~2 GiB memory budget); smaller values trade speed for memory.
     distance: a name in DISTANCES ('l2' or 'cosine'); the Bayes variant requires 'l2'.
@@ -1062,7 +1066,8 @@ def exact(
       unless (1) a rescored pair reproduces `g_obs` (distance <= SCREEN_MATCH_RTOL x ||g_obs||
       for l2; 1 - cos <= 1e-7): then the answer equals the full-precision one up to near-ties,
       guaranteed; or (2) every unrescored pair would still lose to the rescored best if its
-      screened gradient direction were off by `screen_rtol` times its norm (an assumed bound). Without noise and with the clip-aware variant the true pair reproduces
+      screened gradient direction were off by `screen_rtol` times its norm (an assumed bound).
+      Without noise and with the clip-aware variant the true pair reproduces
       `g_obs`, so (1) decides almost every user; with noise, or the clip-unaware variant under
       clipping, most users fall back and the screen costs more than it saves. With top_k > 1
       only (2) applies, to the top_k-th best rescored pair (every voter must be rescored), so
@@ -1313,7 +1318,7 @@ def exact(
       if name == 'screen_fallback' or value is None:
         continue
       if isinstance(value, tuple):
-        for part, new in zip(merged[name], value):
+        for part, new in zip(merged[name], value, strict=False):
           part[rows] = new
       else:
         merged[name][rows] = value

@@ -34,7 +34,10 @@ References:
 import functools
 import importlib
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +125,7 @@ def _where_rows(mask: jax.Array, new, old):
   return jax.tree.map(sel, new, old)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_optimizer(
   learning_rate: float = DEFAULT_LEARNING_RATE, num_steps: int = DEFAULT_NUM_STEPS
 ) -> optax.GradientTransformation:
@@ -137,7 +140,7 @@ def default_optimizer(
 # The relaxed DeepFM / MLP head of splitjax.models.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def relaxed_device_apply(model: models.SplitModel) -> Callable[..., jax.Array]:
   """The device head of `model` with categorical inputs relaxed to probability vectors.
 
@@ -325,10 +328,10 @@ def _refine_pairs(
 
   def step(carry, _):
     d, st, best_l, best_d = carry
-    l, grads = vg(d, x, label)
-    better = l < best_l
+    obj, grads = vg(d, x, label)
+    better = obj < best_l
     best_d = _where_rows(better, d, best_d)
-    best_l = jnp.where(better, l, best_l)
+    best_l = jnp.where(better, obj, best_l)
     upd, st = jax.vmap(tx.update)(grads, st, d)
     d = jnp.clip(optax.apply_updates(d, upd), lo, hi)
     return (d, st, best_l, best_d), None
@@ -383,7 +386,7 @@ def _optimize_user(
     return _RelaxedVars(logits, dense, opts.init_scale * jax.random.normal(k_label, (), g.dtype))
 
   def relaxed_loss(v: _RelaxedVars, temperature=1.0):
-    probs = tuple(jax.nn.softmax(l / temperature) for l in v.logits)
+    probs = tuple(jax.nn.softmax(lg / temperature) for lg in v.logits)
     z, dz = jax.value_and_grad(lambda hh: relaxed_apply(params, hh, probs, v.dense))(h)
     g_sim = (jax.nn.sigmoid(z) - jax.nn.sigmoid(v.label_logit)) * dz
     return objective(g, clip_rows(g_sim, clip))
@@ -396,10 +399,10 @@ def _optimize_user(
     # Temperature annealed geometrically from 1 to final_temperature: probabilities move to the
     # vertices of the simplex (valid values) as the descent ends.
     temp = opts.final_temperature ** (t / max(opts.num_steps - 1, 1))
-    l, grads = vg(v, temp)
-    better = l < best_l
+    obj, grads = vg(v, temp)
+    better = obj < best_l
     best_v = _where_rows(better, v, best_v)
-    best_l = jnp.where(better, l, best_l)
+    best_l = jnp.where(better, obj, best_l)
     upd, st = jax.vmap(tx.update)(grads, st, v)
     v = optax.apply_updates(v, upd)
     v = v._replace(dense=jnp.clip(v.dense, lo, hi))
@@ -420,7 +423,7 @@ def _optimize_user(
   # Round: categorical argmax; then polish the dense features for each label with them fixed and
   # keep the better label.
   if opts.cardinalities:
-    feats = jnp.stack([jnp.argmax(l, axis=-1) for l in best_v.logits], axis=-1).astype(jnp.int32)
+    feats = jnp.stack([jnp.argmax(lg, axis=-1) for lg in best_v.logits], axis=-1).astype(jnp.int32)
   else:
     feats = jnp.zeros((num_restarts, 0), jnp.int32)
   num_labels = simulate.num_labels

@@ -26,7 +26,9 @@ References:
 import functools
 import importlib
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -353,7 +353,8 @@ def taobao_table(path, *, max_rows: int | None = None) -> reader.RawTable:
   """
   if path is None:
     raise base.DataError(
-      f"taobao needs --data_path=DIR (or --taobao_dir) holding {', '.join(TAOBAO_FILES)} (Alibaba 'Ad Display/Click "
+      f"taobao needs --data_path=DIR (or --taobao_dir) holding {', '.join(TAOBAO_FILES)} "
+      f"(Alibaba 'Ad Display/Click "
       "Data on Taobao.com'); it is not bundled"
     )
   path = os.fspath(path)

@@ -103,7 +103,7 @@ def synthetic(
   pub_dense = rng.standard_normal((n, num_pub_dense))
   priors = tuple(rng.dirichlet(np.full(k, 2.0)) for k in priv_cardinalities)
   priv_cat, cond, marginals = [], [], []
-  for j, (k, prior) in enumerate(zip(priv_cardinalities, priors)):
+  for j, (k, prior) in enumerate(zip(priv_cardinalities, priors, strict=False)):
     drawn = rng.choice(k, size=n, p=prior)
     copy = rng.random(n) < correlation
     if pub_cardinalities:
@@ -150,11 +150,11 @@ def synthetic(
     server_dense=tuple(names["pub_dense"]),
     label="y",
   )
-  cat = dict(zip(names["priv_cat"], priv_cat)) | {
+  cat = dict(zip(names["priv_cat"], priv_cat, strict=False)) | {
     name: pub_cat[:, k] for k, name in enumerate(names["pub_cat"])
   }
-  cardinalities = dict(zip(names["priv_cat"], priv_cardinalities)) | dict(
-    zip(names["pub_cat"], pub_cardinalities)
+  cardinalities = dict(zip(names["priv_cat"], priv_cardinalities, strict=False)) | dict(
+    zip(names["pub_cat"], pub_cardinalities, strict=False)
   )
   vocab = {name: tuple(str(i) for i in range(k)) for name, k in cardinalities.items()}
   vocab["y"] = ("0", "1")

@@ -1,7 +1,8 @@
 """Turns a raw string table into TabularData: roles, integer codes, seeded split, scaling."""
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -216,7 +217,7 @@ def encode_with_vocab(
   """[N] int32 codes of `values` in a fixed vocabulary; unknown values raise DataError."""
   lookup = {v: i for i, v in enumerate(vocab)}
   names, inverse = np.unique(values, return_inverse=True)
-  for i, name in enumerate(names):
+  for name in names:
     if name not in lookup:
       row = int(np.flatnonzero(values == name)[0])
       raise base.DataError(

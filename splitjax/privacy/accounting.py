@@ -13,9 +13,9 @@ Everything here is numpy/scipy float64, run outside jit.
 import math
 
 import dp_accounting
+import numpy as np
 from dp_accounting import pld
 from dp_accounting import rdp
-import numpy as np
 from scipy import optimize
 from scipy import special
 

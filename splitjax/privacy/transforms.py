@@ -13,7 +13,8 @@ Typical cut-layer use, applied by the device to its rows `g: [batch, d_cut]` bef
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -261,7 +262,7 @@ def _add_noise(updates, key, stddev):
     offsets.append(offsets[-1] + size)
   noised = [
     (x.astype(ndtype) + noise[lo:hi].reshape(x.shape)).astype(x.dtype)
-    for x, lo, hi in zip(leaves, offsets[:-1], offsets[1:])
+    for x, lo, hi in zip(leaves, offsets[:-1], offsets[1:], strict=False)
   ]
   return jax.tree.unflatten(treedef, noised)
 
