@@ -305,7 +305,7 @@ def load_config(name_or_path: str, default_name: str, module_prefix: str = "expe
 
 
 def _line_in(e: BaseException, path: pathlib.Path) -> str:
-  """ " line N" of the deepest traceback frame (or syntax error) in the file ``path``."""
+  """The text " line N" of the deepest traceback frame (or syntax error) in the file ``path``."""
   if isinstance(e, SyntaxError) and e.lineno:
     return f" line {e.lineno}"
   line, tb, target = "", e.__traceback__, os.path.realpath(path)

@@ -397,7 +397,7 @@ def row_auc_cell(row) -> str:
 
 
 def auc_cell(mean: float, sd: float, n: int) -> str:
-  """ "mean ± sd (n=k)" over k seeds; one seed has no sd: "mean (n=1)"."""
+  """The cell "mean ± sd (n=k)" over k seeds; one seed has no sd: "mean (n=1)"."""
   if n <= 1:
     return f"{mean:.4f} (n=1)"
   return f"{mean:.4f} ± {sd:.4f} (n={n})"

@@ -554,7 +554,7 @@ def restore_checkpoint(path, target, *, fingerprint=None):  # pylint: disable=re
     new_leaves, new_def = jax.tree.flatten(restored)
   except Exception as e:
     raise CheckpointError(mismatch(f'{type(e).__name__}: {e}')) from None
-  if new_def != tgt_def:
+  if new_def != tgt_def:  # type: ignore[operator]  # PyTreeDef has __eq__ (jaxlib stubs)
     raise CheckpointError(mismatch('tree structure differs'))
 
   out = []
@@ -570,7 +570,7 @@ def restore_checkpoint(path, target, *, fingerprint=None):  # pylint: disable=re
           )
         )
       if _is_key_array(tgt):
-        new = jax.random.wrap_key_data(new, impl=jax.random.key_impl(tgt))
+        new = jax.random.wrap_key_data(jnp.asarray(new), impl=jax.random.key_impl(tgt))
       elif isinstance(tgt, jax.Array):
         new = jnp.asarray(new)
       elif isinstance(tgt, np.generic):

@@ -88,7 +88,7 @@ def clopper_pearson(successes, trials, confidence: float = 0.95) -> tuple[float,
     )
   if not 0.0 < confidence < 1.0:
     raise ValueError(f'confidence must be in (0, 1), got {confidence!r}')
-  k, n = int(k), int(n)
+  k, n = int(k), int(n)  # type: ignore[assignment]  # the checked counts as Python ints
   if n == 0:
     return 0.0, 1.0
   alpha = 1.0 - confidence

@@ -40,7 +40,7 @@ class _SpecRecord:
   """`to_dict` and `fingerprint` of a spec dataclass (the functions are not hashed)."""
 
   def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
+    d = dataclasses.asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
   def fingerprint(self) -> str:

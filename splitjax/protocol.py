@@ -192,7 +192,7 @@ class Transcript(NamedTuple):
     )
 
   def to_arrays(self) -> dict[str, np.ndarray]:
-    out = {
+    out: dict[str, Any] = {
       k: np.asarray(getattr(self, k))
       for k in ("h", "g", "example_index", "param_index", "local_step")
     }

@@ -152,7 +152,7 @@ def init_state(model: models.SplitModel, tx_server, tx_device, seed: int) -> Tra
   )
 
 
-def _sides(model, batch):
+def _sides(model, batch) -> tuple[str, tuple[Any, Any], tuple[Any, Any]]:
   """(encoder params name, encoder inputs, head inputs) for the topology."""
   if model.spec.topology == "device_top":
     return "server", (batch.pub_cat, batch.pub_dense), (batch.priv_cat, batch.priv_dense)
@@ -180,7 +180,7 @@ def device_dp_sgd(per_example_grads, dp: DPConfig, key, mask):
   return jax.tree.map(lambda x: x * scale, noisy_mean)
 
 
-def _head_step(model, params, h, head_in, y, mask, dp, key, device_dp: bool):
+def _head_step(model, params, h, head_in: tuple[Any, Any], y, mask, dp, key, device_dp: bool):
   """The device's head step; with ``device_dp`` its parameter gradient is privatised."""
   if not device_dp:
     return protocol.top_step(model, params, h, *head_in, y, mask)
@@ -450,7 +450,7 @@ class ProgressPrinter:
     self.total, self.label, self.every = total, label, every
     self.printer = printer if printer is not None else (lambda line: None)
     self.start = self.last = time.time()
-    self.first_done = None  # time at which the first (compiling) step finished
+    self.first_done: float | None = None  # time at which the first (compiling) step finished
 
   def __call__(self, done: int, extra: str = ""):
     now = time.time()
@@ -458,7 +458,7 @@ class ProgressPrinter:
       self.first_done = now
     if now - self.last >= self.every or done == self.total:
       self.last = now
-      if done >= 2 and now > self.first_done:
+      if done >= 2 and self.first_done is not None and now > self.first_done:
         rate = (done - 1) / (now - self.first_done)
         eta = f"eta {(self.total - done) / rate:.1f}s"
       else:

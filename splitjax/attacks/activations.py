@@ -125,7 +125,7 @@ def _score_fn(opts: _Options):
     gap = jnp.min(jnp.where(is_best, jnp.inf, score), axis=-1) - best
     tol = exact_lib.TIE_RTOL * scale + exact_lib.TIE_ATOL
     d_best = jnp.take_along_axis(dist, best_idx[:, None], axis=1)[:, 0]
-    out = dict(
+    out: dict[str, Any] = dict(
       best_idx=best_idx,
       gap=gap,
       num_ties=jnp.sum(score <= (best + tol)[:, None], axis=-1).astype(jnp.int32),

@@ -230,7 +230,7 @@ def check_noise(noise_stddev, distance: str, log_prior) -> tuple[float | None, b
   """
   noise = _check_scalar(noise_stddev, 'noise_stddev')
   bayes = noise is not None and noise > 0
-  if bayes and math.isinf(noise):
+  if noise is not None and bayes and math.isinf(noise):
     raise AttackError('noise_stddev must be finite, got inf.')
   if bayes and distance != 'l2':
     raise AttackError(
@@ -321,7 +321,7 @@ _CALL_BODIES = {
 
 def _eval_low_precision(jaxpr, consts, args, dtype):
   """Evaluates `jaxpr` with every float32 x float32 `dot_general` on `dtype` inputs (f32 sums)."""
-  env = {}
+  env: dict[Any, Any] = {}
 
   def read(v):
     return v.val if isinstance(v, jex_core.Literal) else env[v]
@@ -429,6 +429,7 @@ def _candidate_gradients(device_apply, opts: _Options, params, h, table, low_pre
   """z [U, B] and dz/dh [U, B, d] of candidates `table` ([B, P], or [U, B, P] per user)."""
   val_grad = jax.value_and_grad(device_apply, argnums=1)
   if low_precision:
+    assert opts.screen_dtype is not None  # low precision only with a screen
     val_grad = low_precision_matmuls(val_grad, SCREEN_DTYPES[opts.screen_dtype])
   # Inner vmap: candidates, with h unbatched (h-only work is shared); outer vmap: users.
   per_user = jax.vmap(val_grad, in_axes=(None, None, 0))

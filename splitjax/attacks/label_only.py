@@ -183,7 +183,7 @@ def label_direction(
       if abs((1.0 - frac) - positive_fraction) < abs(frac - positive_fraction):
         r = -r
   elif isinstance(reference, numbers.Integral) and not isinstance(reference, bool):
-    if not 0 <= reference < g.shape[0]:
+    if not 0 <= int(reference) < g.shape[0]:
       raise AttackError(f'reference row {reference} is outside [0, {g.shape[0]}).')
     r = g[int(reference)]
   else:

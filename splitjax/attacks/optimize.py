@@ -740,8 +740,8 @@ def _check_common(num_dense, dense_bounds, l2_clip_norm, distance, num_steps, nu
     raise AttackError(
       f'dense_bounds must be a pair (lo, hi) of scalars or [Pd] arrays, got {dense_bounds!r}.'
     ) from None
-  lo = np.broadcast_to(np.asarray(lo, dtype), (num_dense,)).copy()
-  hi = np.broadcast_to(np.asarray(hi, dtype), (num_dense,)).copy()
+  lo = np.broadcast_to(np.asarray(lo, dtype), (int(num_dense),)).copy()
+  hi = np.broadcast_to(np.asarray(hi, dtype), (int(num_dense),)).copy()
   if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo <= hi)):
     raise AttackError(f'dense_bounds must be finite with lo <= hi, got lo={lo}, hi={hi}.')
   clip = exact_lib._check_scalar(l2_clip_norm, 'l2_clip_norm')  # pylint: disable=protected-access

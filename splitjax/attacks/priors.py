@@ -215,6 +215,7 @@ def fit_informed_prior(
         table[f"{name}/k={k}/lam={lam:g}"] = loss
         if best is None or loss < best[0]:
           best = (loss, name, k, lam, ncodes)
+  assert best is not None  # ks and lams are non-empty
   _, space, k, lam, best_codes = best
   p_hold = joint_prior(best_codes, fit_joint, k=k, lam=lam)
   ece = {}

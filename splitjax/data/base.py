@@ -68,7 +68,7 @@ class Split:
   def take(self, idx) -> "Split":
     """Returns the rows `idx` (integer indices, a slice or a boolean mask) as a new `Split`."""
     return Split(
-      **{
+      **{  # type: ignore[arg-type]  # None only for the optional synthetic fields
         field.name: None if getattr(self, field.name) is None else getattr(self, field.name)[idx]
         for field in dataclasses.fields(self)
       }

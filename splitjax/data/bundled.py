@@ -99,7 +99,9 @@ def read_table(name: str, files_dir: str | None = None) -> reader.RawTable:
     DataError: see `read_verified`.
   """
   files_dir = FILES_DIR if files_dir is None else files_dir
-  stamps = []  # The cache key includes each file's size and mtime: a changed file is re-read.
+  stamps: list[
+    tuple[int, int] | None
+  ] = []  # The cache key includes each file's size and mtime: a changed file is re-read.
   for file_name in _FILES[name]:
     try:
       stat = os.stat(os.path.join(files_dir, file_name))

@@ -244,7 +244,7 @@ def load(
     source=source,
     ignore=ignore,
   )
-  notes = ()
+  notes: tuple[str, ...] = ()
   if name == "csv":
     roles, note = tabular.assign_unlisted(table, roles, ignore=ignore)
     notes = (note,) if note else ()

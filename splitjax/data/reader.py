@@ -104,7 +104,7 @@ def read_bytes(path: str) -> bytes:
 def detect_delimiter(first_line: str) -> str | None:
   """Returns the candidate delimiter occurring most often in `first_line`, or None."""
   counts = {d: first_line.count(d) for d in DELIMITERS}
-  best = max(counts, key=counts.get)
+  best = max(counts, key=lambda d: counts[d])
   return best if counts[best] > 0 else None
 
 

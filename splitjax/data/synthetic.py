@@ -109,8 +109,8 @@ def synthetic(
     if pub_cardinalities:
       src = j % len(pub_cardinalities)
       mapped = pub_cat[:, src] % k
-      pushed = np.bincount(np.arange(pub_cardinalities[src]) % k, minlength=k)
-      pushed = pushed / pub_cardinalities[src]
+      counts = np.bincount(np.arange(pub_cardinalities[src]) % k, minlength=k)
+      pushed = counts / pub_cardinalities[src]
     else:
       mapped, pushed = drawn, prior
     priv_cat.append(np.where(copy, mapped, drawn))

@@ -76,10 +76,11 @@ def resolve_roles(
       f"column {label!r} is given two roles (label and {owner[label]}); give each column one role"
     )
   moved = set(owner) | ({label} if label is not None else set())
-  final = {}
+  final: dict[str, tuple[str, ...]] = {}
   for role in ROLE_NAMES:
-    if given[role] is not None:
-      final[role] = given[role]
+    chosen = given[role]
+    if chosen is not None:
+      final[role] = chosen
     elif defaults is not None:
       final[role] = tuple(c for c in getattr(defaults, role) if c not in moved)
     else:
@@ -244,6 +245,8 @@ def to_float(values: np.ndarray, *, column: str, table: reader.RawTable) -> np.n
           f"dense column {column!r} has non-numeric or NaN value {str(cell)!r} at "
           f"{table.locate(row)}; clean the value or give {column!r} a categorical role"
         )
+  if numbers is None:  # numpy refused the column but every cell parses (e.g. "1_000")
+    numbers = np.array([float(cell) for cell in values], np.float64)
   return numbers
 
 

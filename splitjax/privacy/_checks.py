@@ -56,6 +56,13 @@ def nonnegative(value, name: str, *, allow_inf: bool = True) -> float | None:
   return v
 
 
+def host(value: float | None, name: str) -> float:
+  """A checked value that host-side accounting needs concrete (not traced)."""
+  if value is None:
+    raise PrivacyError(f'{name} must be a concrete number (host-side accounting), got a tracer.')
+  return value
+
+
 def releases_count(releases, name: str = 'releases') -> int:
   """Checks `releases` is a non-negative integer (Python or numpy) and returns it as int."""
   if isinstance(releases, bool) or not isinstance(releases, numbers.Integral):

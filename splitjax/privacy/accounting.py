@@ -75,7 +75,9 @@ def composed_mu(noise_multiplier: float, releases: int) -> float:
     >>> composed_mu(2.0, 4)
     2.0
   """
-  sigma = _checks.nonnegative(noise_multiplier, 'noise_multiplier')
+  sigma = _checks.host(
+    _checks.nonnegative(noise_multiplier, 'noise_multiplier'), 'noise_multiplier'
+  )
   k = _checks.releases_count(releases)
   if k == 0 or math.isinf(sigma):
     return 0.0
@@ -123,8 +125,8 @@ def delta_for_epsilon(mu: float, epsilon: float) -> float:
     >>> round(delta_for_epsilon(1.0, 0.0), 6)
     0.382925
   """
-  mu = _checks.nonnegative(mu, 'mu')
-  eps = _checks.nonnegative(epsilon, 'epsilon')
+  mu = _checks.host(_checks.nonnegative(mu, 'mu'), 'mu')
+  eps = _checks.host(_checks.nonnegative(epsilon, 'epsilon'), 'epsilon')
   if mu == 0.0 or math.isinf(eps):
     return 0.0
   if math.isinf(mu):
@@ -158,7 +160,7 @@ def epsilon_for_delta(mu: float, delta: float) -> float:
     >>> round(epsilon_for_delta(1.0, 1e-5), 3)
     4.377
   """
-  mu = _checks.nonnegative(mu, 'mu')
+  mu = _checks.host(_checks.nonnegative(mu, 'mu'), 'mu')
   delta = _checks.probability_open(delta, 'delta')
   if mu == 0.0:
     return 0.0
@@ -237,12 +239,14 @@ def calibrate_noise_multiplier(
     >>> round(s, 3)
     2.0
   """
-  target_eps = _checks.epsilon_positive(target_epsilon, 'target_epsilon')
+  target_eps = _checks.host(
+    _checks.epsilon_positive(target_epsilon, 'target_epsilon'), 'target_epsilon'
+  )
   if target_eps is None:
     raise _checks.PrivacyError('target_epsilon must be a concrete number, got a tracer.')
   target_delta = _checks.probability_open(target_delta, 'target_delta')
   k = _checks.releases_count(releases)
-  rtol = _checks.nonnegative(rtol, 'rtol', allow_inf=False)
+  rtol = _checks.host(_checks.nonnegative(rtol, 'rtol', allow_inf=False), 'rtol')
   if not rtol > 0:
     raise _checks.PrivacyError(f'rtol must be > 0, got {rtol}.')
   if k == 0 or math.isinf(target_eps):
@@ -286,7 +290,9 @@ def dp_event(noise_multiplier: float, releases: int) -> dp_accounting.DpEvent:
   Raises:
     PrivacyError: invalid arguments.
   """
-  sigma = _checks.nonnegative(noise_multiplier, 'noise_multiplier')
+  sigma = _checks.host(
+    _checks.nonnegative(noise_multiplier, 'noise_multiplier'), 'noise_multiplier'
+  )
   k = _checks.releases_count(releases)
   return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / 2.0), k)
 
@@ -383,8 +389,10 @@ def privacy_report(
     (mu = sqrt(mu_cut^2 + mu_dev^2)) and is infinite without device DP-SGD, because later
     gradients depend on a device model updated non-privately on the example.
   """
-  sigma = _checks.nonnegative(noise_multiplier, 'noise_multiplier')
-  clip = _checks.nonnegative(l2_clip_norm, 'l2_clip_norm')
+  sigma = _checks.host(
+    _checks.nonnegative(noise_multiplier, 'noise_multiplier'), 'noise_multiplier'
+  )
+  clip = _checks.host(_checks.nonnegative(l2_clip_norm, 'l2_clip_norm'), 'l2_clip_norm')
   k = _checks.releases_count(releases)
   delta = _checks.probability_open(delta, 'delta')
   if sigma > 0 and math.isinf(clip):
@@ -421,7 +429,10 @@ def privacy_report(
       )
     ledger.append('device: NonPrivateDpEvent (device parameters trained without DP-SGD)')
   else:
-    dev_sigma = _checks.nonnegative(device_noise_multiplier, 'device_noise_multiplier')
+    dev_sigma = _checks.host(
+      _checks.nonnegative(device_noise_multiplier, 'device_noise_multiplier'),
+      'device_noise_multiplier',
+    )
     dev_k = (
       k if device_releases is None else _checks.releases_count(device_releases, 'device_releases')
     )
@@ -443,7 +454,9 @@ def privacy_report(
     )
     ledger.append(f'total: GDP composition sqrt(mu_cut^2 + mu_dev^2) = {total_mu:.6g}')
   if label_epsilon is not None:
-    label_eps = _checks.epsilon_positive(label_epsilon, 'label_epsilon')
+    label_eps = _checks.host(
+      _checks.epsilon_positive(label_epsilon, 'label_epsilon'), 'label_epsilon'
+    )
     report['label_epsilon'] = _json_number(label_eps)
     ledger.append(
       f'label: RandomizedResponseDpEvent(epsilon={label_eps:g}), drawn once before '

@@ -26,14 +26,14 @@ from splitjax.privacy import _checks
 class AddGaussianNoiseState(NamedTuple):
   """State of `add_gaussian_noise`: number of updates so far and the next PRNG key."""
 
-  count: jax.Array  # int32 scalar
+  count: jax.Array  # type: ignore[assignment]  # int32 scalar (the field shadows tuple.count)
   rng_key: jax.Array
 
 
 class DpAggregateState(NamedTuple):
   """State of `dp_aggregate`: number of updates so far and the next PRNG key."""
 
-  count: jax.Array  # int32 scalar
+  count: jax.Array  # type: ignore[assignment]  # int32 scalar (the field shadows tuple.count)
   rng_key: jax.Array
 
 
