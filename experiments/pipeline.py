@@ -419,7 +419,7 @@ def _run_status(workdir: pathlib.Path, cfg: dict, config) -> tuple[str, int]:
   epoch = 0
   if (workdir / "checkpoint.msgpack").exists():
     try:
-      _, meta = io._load_checkpoint_file(workdir / "checkpoint.msgpack")  # pylint: disable=protected-access
+      meta = io.checkpoint_metadata(workdir / "checkpoint.msgpack")
       epoch = int(meta.get("epoch", 0))
     except io.CheckpointError:
       epoch = 0  # --resume reports the corruption with its fix
@@ -743,7 +743,7 @@ class Restored:
         "--overwrite (sweep points leave them out), or attack test users (--users=test)"
       )
     params_path = self.workdir / "transcript_params.msgpack"
-    _, meta = io._load_checkpoint_file(params_path)  # pylint: disable=protected-access
+    meta = io.checkpoint_metadata(params_path)
     pidx = arrays["param_index"]
     versions = int(meta.get("versions", int(pidx.max()) + 1 if len(pidx) else 1))
     if len(pidx) and (pidx.min() < 0 or pidx.max() >= versions):

@@ -504,6 +504,17 @@ def _load_checkpoint_file(path: pathlib.Path):
   return state, metadata
 
 
+def checkpoint_metadata(path) -> dict:
+  """The metadata a checkpoint was saved with (the file is read and verified, not restored).
+
+  Raises:
+    CheckpointError: as `restore_checkpoint`, when the file is missing, not a regular file,
+      unreadable, corrupted or truncated.
+  """
+  _, metadata = _load_checkpoint_file(pathlib.Path(path))
+  return metadata
+
+
 def restore_checkpoint(path, target, *, fingerprint=None):  # pylint: disable=redefined-outer-name
   """Restores a checkpoint written by `save_checkpoint` into the structure of `target`.
 
