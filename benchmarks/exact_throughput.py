@@ -49,6 +49,22 @@ _LOOP_USERS = flags.DEFINE_integer(
   '0 to skip); extrapolated to all users.',
 )
 _JSON = flags.DEFINE_string('json', None, 'Optional path for the figures as JSON.')
+_HEADS = flags.DEFINE_list(
+  'heads',
+  ['factored', 'plain', 'splitjax'],
+  'Heads timed side by side (empty: skip): factored (this file\'s DeepFM, first layer '
+  'W_h h + sum_j T_j[x_j]), plain (the same function written concatenate-then-matmul), splitjax '
+  '(models.make_model for the dataset: the head the binaries attack).',
+)
+_FULL = flags.DEFINE_bool(
+  'full',
+  True,
+  'The full benchmark per shape (f32 and bf16 timings, sweeps, plain vmap(grad), '
+  'Python loop); --nofull runs the head comparison only.',
+)
+_HEAD_ROUNDS = flags.DEFINE_integer(
+  'head_rounds', 5, 'Rounds of the head comparison; each runs every head once (interleaved).'
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +130,116 @@ def make_apply(s: Shape):
     return lin + fm + a2 @ p['w3'] + p['b3']
 
   return apply
+
+
+def make_plain_apply(s: Shape):
+  """The factored head's function written the plain way: concatenate [h, e(x)], then matmul.
+
+  Same parameters and the same logit as `make_apply` (up to float32 rounding); the first layer
+  multiplies the whole concatenation by the stacked W1, as a user would write it.
+  """
+  sf = s.num_server_fields * s.embed_dim
+
+  def apply(p, h, x):
+    num_priv = len(p['emb'])
+    e = [p['emb'][j][x[j]] for j in range(num_priv)]
+    lin = h @ p['w_h'] + sum(p['w_priv'][j][x[j]] for j in range(num_priv)) + p['bias']
+    fields = jnp.concatenate([h[:sf].reshape(s.num_server_fields, s.embed_dim), jnp.stack(e)])
+    tot = fields.sum(0)
+    fm = 0.5 * jnp.sum(tot * tot - jnp.sum(fields * fields, 0))
+    w1 = jnp.concatenate([p['W1_h'], *p['W1_priv']], axis=0)  # [d + P * E, h1]
+    a1 = jnp.concatenate([h, *e]) @ w1 + p['b1']
+    a2 = jax.nn.relu(jax.nn.relu(a1) @ p['W2'] + p['b2'])
+    return lin + fm + a2 @ p['w3'] + p['b3']
+
+  return apply
+
+
+def splitjax_head(s: Shape):
+  """(device_apply, device params, cut width) of `models.make_model` for dataset `s.name`.
+
+  The model `experiments.train` builds for the dataset with its default config, random
+  parameters (its own initialiser).
+  """
+  from experiments import pipeline  # pylint: disable=import-outside-toplevel
+  from experiments.configs import base  # pylint: disable=import-outside-toplevel
+  from splitjax import models  # pylint: disable=import-outside-toplevel
+
+  config = base.TrainConfig(dataset=s.name)
+  model = pipeline.model_of(config, pipeline.load_data(config))
+  theta = model.server_init(jax.random.key(1))
+  width = jax.eval_shape(
+    model.encode_batch,
+    theta,
+    np.zeros((1, len(model.spec.pub_cardinalities)), np.int32),
+    np.zeros((1, model.spec.num_pub_dense), np.float32),
+  ).shape[1]
+  return (
+    models.device_logit_fn(model),
+    model.device_init(jax.random.key(0)),
+    int(width),
+    (tuple(model.spec.priv_cardinalities)),
+  )
+
+
+def compare_heads(s: Shape, peak: float) -> dict:
+  """Every head of --heads on the same users, timed in interleaved rounds (medians)."""
+  rng = np.random.default_rng(0)
+  n = s.num_users
+  heads = {}
+  for name in _HEADS.value:
+    if name == 'factored':
+      apply, params, d, cards = (
+        make_apply(s),
+        init_deepfm(jax.random.key(0), s),
+        s.d,
+        (s.priv_cardinalities),
+      )
+    elif name == 'plain':
+      apply, params, d, cards = (
+        make_plain_apply(s),
+        init_deepfm(jax.random.key(0), s),
+        s.d,
+        (s.priv_cardinalities),
+      )
+    elif name == 'splitjax':
+      apply, params, d, cards = splitjax_head(s)
+    else:
+      raise ValueError(f'unknown head {name!r} in --heads: choose factored, plain, splitjax')
+    h = (0.5 * rng.normal(size=(n, d))).astype(np.float32)
+    x = np.stack([rng.integers(0, k, n) for k in cards], 1).astype(np.int32)
+    y = rng.integers(0, 2, n).astype(np.float32)
+    g = np.asarray(
+      jax.jit(jax.vmap(jax.grad(lambda h_, x_, y_, a=apply, p=params: bce(a, p, h_, x_, y_))))(
+        h, x, y
+      )
+    )
+    run = lambda a=apply, p=params, h=h, g=g, c=cards: exact_lib.exact(a, p, h, g, c)
+    t0 = time.perf_counter()
+    res = run()
+    first = time.perf_counter() - t0
+    est = exact_lib.estimate(apply, params, d, cards, n)
+    heads[name] = dict(
+      run=run,
+      cut_width=d,
+      private_candidates=math.prod(cards),
+      first_call_seconds=first,
+      accuracy_no_dp=float(np.mean((res.features == x).all(1) & (res.labels == y))),
+      flops_per_candidate=est.flops_per_candidate,
+      seconds_all=[],
+    )
+  for _ in range(_HEAD_ROUNDS.value):  # interleaved: a drifting load hits every head alike
+    for head in heads.values():
+      t0 = time.perf_counter()
+      jax.block_until_ready(head['run']())
+      head['seconds_all'].append(time.perf_counter() - t0)
+  out = {}
+  for name, head in heads.items():
+    t = float(np.median(head.pop('seconds_all')[:]))
+    head.pop('run')
+    rate = n * head['private_candidates'] * head['flops_per_candidate'] / t
+    out[name] = dict(head, seconds=t, flops_per_second=rate, fraction_of_matmul_rate=rate / peak)
+  return out
 
 
 def bce(apply, p, h, x, y):
@@ -340,7 +466,7 @@ def main(argv):
   peak_bf16 = matmul_flops_per_second(_REPEATS.value, dtype=jnp.bfloat16)
   print(f'dense bf16 matmul, f32 sums (2048^3): {peak_bf16 / 1e9:.1f} GFLOP/s')
   results = dict(matmul_flops_per_second=peak, bf16_matmul_flops_per_second=peak_bf16, shapes={})
-  for name in _DATASETS.value:
+  for name in _DATASETS.value if _FULL.value else ():
     res = benchmark(SHAPES[name], peak, peak_bf16)
     results['shapes'][name] = res
     print(
@@ -388,6 +514,21 @@ def main(argv):
         f'per-candidate Python loop (authors\' style), extrapolated: '
         f'{res["python_loop_seconds_extrapolated"]:.0f} s'
       )
+  if _HEADS.value:
+    results['heads'] = {}
+    for name in _DATASETS.value:
+      heads = results['heads'][name] = compare_heads(SHAPES[name], peak)
+      print(
+        f'\n== heads on {name} ({SHAPES[name].num_users} users; {_HEAD_ROUNDS.value} '
+        'interleaved rounds, medians):'
+      )
+      for head, r in heads.items():
+        print(
+          f'  {head:9s} {r["seconds"]:.3f} s, {r["flops_per_candidate"] / 1e3:.1f} kFLOP per '
+          f'candidate (traced), {r["flops_per_second"] / 1e9:.1f} GFLOP/s = '
+          f'{100 * r["fraction_of_matmul_rate"]:.1f} % of the f32 matmul rate; accuracy '
+          f'without DP {r["accuracy_no_dp"]:.4f}; first call {r["first_call_seconds"]:.2f} s'
+        )
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(results, f, indent=2, default=str)
