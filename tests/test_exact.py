@@ -5,6 +5,7 @@ import math
 import os
 import textwrap
 
+import chex
 import forced_devices
 import jax
 import jax.numpy as jnp
@@ -720,3 +721,89 @@ def test_cardinalities_are_checked_against_the_model_and_empty_means_label_only(
   label_only = splitjax.attacks.exact(lambda p, hh, x: jnp.sum(hh) * p, 1.0, h, g, ())
   assert label_only.features.shape == (2, 0) and set(label_only.labels) <= {0, 1}
   assert splitjax.attacks.tuple_codes(np.zeros((2, 0), np.int32), ()).tolist() == [0, 0]
+
+
+class ExactUserTest(chex.TestCase):
+  """exact_user, the pure core: jit(vmap(...)) over users equals the host runner `exact`, and the
+  scores are differentiable (a defence can be trained against them) and vmappable over clips."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.prob = Problem(seed=3)
+    rng = np.random.default_rng(1)
+    cls.g_noisy = (clip_rows(cls.prob.g, 1.0) + 0.02 * rng.normal(size=cls.prob.g.shape)).astype(
+      np.float32
+    )
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_vmapped_over_users_equals_exact(self):
+    p = self.prob
+    cases = [
+      (p.g, dict()),
+      (p.g, dict(top_k=3)),
+      (p.g, dict(distance='cosine')),
+      (clip_rows(p.g, 1.0), dict(l2_clip_norm=1.0)),
+      (self.g_noisy, dict(l2_clip_norm=1.0, noise_stddev=0.02)),
+    ]
+    for g, kwargs in cases:
+      ref = exact_lib.exact(p.apply, p.params, p.h, g, CARDS, **kwargs)
+      user = self.variant(
+        jax.vmap(
+          lambda h, g_, kw=kwargs: splitjax.attacks.exact_user(
+            p.apply, p.params, h, g_, CARDS, **kw
+          )
+        )
+      )
+      got = user(jnp.asarray(p.h), jnp.asarray(g))
+      np.testing.assert_array_equal(got.features, ref.features, err_msg=str(kwargs))
+      np.testing.assert_array_equal(got.label, ref.labels, err_msg=str(kwargs))
+      np.testing.assert_array_equal(got.num_ties, ref.num_ties, err_msg=str(kwargs))
+      np.testing.assert_array_equal(got.map_features, ref.map_features, err_msg=str(kwargs))
+      # float32 rounding of an exact match is ~1e-6 absolute (||g|| ~ 1), in either order of ops
+      np.testing.assert_allclose(got.distance, ref.distances, rtol=1e-5, atol=1e-5)
+      finite = np.isfinite(ref.gap)
+      np.testing.assert_allclose(got.gap[finite], ref.gap[finite], rtol=1e-5, atol=1e-5)
+      self.assertEqual(got.scores.shape, (len(p.h), math.prod(CARDS), 2))
+      if ref.label_posterior is None:
+        self.assertIsNone(got.label_posterior)
+      else:
+        np.testing.assert_allclose(got.label_posterior, ref.label_posterior, rtol=1e-5, atol=1e-6)
+        for a, b in zip(got.feature_posteriors, ref.feature_posteriors, strict=True):
+          np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+  def test_scores_are_differentiable_and_vmappable_over_clip_norms(self):
+    p = self.prob
+    h, g = jnp.asarray(p.h[0]), jnp.asarray(self.g_noisy[0])
+
+    def total(params, g_obs, clip):
+      res = splitjax.attacks.exact_user(
+        p.apply, params, h, g_obs, CARDS, l2_clip_norm=clip, noise_stddev=0.02
+      )
+      return jnp.sum(jax.nn.logsumexp(-res.scores))
+
+    d_params, d_g, d_clip = jax.jit(jax.grad(total, argnums=(0, 1, 2)))(p.params, g, 1.0)
+    for leaf in jax.tree.leaves((d_params, d_g, d_clip)):
+      self.assertTrue(np.all(np.isfinite(np.asarray(leaf))))
+    self.assertGreater(float(jnp.linalg.norm(d_g)), 0.0)
+    self.assertGreater(float(jnp.linalg.norm(d_params['W2'])), 0.0)
+    scores = jax.jit(
+      jax.vmap(
+        lambda c: splitjax.attacks.exact_user(p.apply, p.params, h, g, CARDS, l2_clip_norm=c).scores
+      )
+    )(jnp.array([0.5, 1.0, 4.0]))
+    self.assertEqual(scores.shape, (3, math.prod(CARDS), 2))
+    self.assertFalse(np.allclose(scores[0], scores[2]))  # the clip binds at 0.5, not at 4
+
+  def test_shape_and_static_errors_at_trace_time(self):
+    p = self.prob
+    with self.assertRaisesRegex(splitjax.attacks.AttackError, 'vmap exact_user over users'):
+      splitjax.attacks.exact_user(p.apply, p.params, p.h, p.g, CARDS)
+    with self.assertRaisesRegex(splitjax.attacks.AttackError, 'distance must be "l2"'):
+      splitjax.attacks.exact_user(
+        p.apply, p.params, p.h[0], p.g[0], CARDS, noise_stddev=0.1, distance='cosine'
+      )
+    with self.assertRaisesRegex(splitjax.attacks.AttackError, 'log_prior must be'):
+      splitjax.attacks.exact_user(
+        p.apply, p.params, p.h[0], p.g[0], CARDS, noise_stddev=0.1, log_prior=jnp.zeros(5)
+      )

@@ -19,9 +19,11 @@ from splitjax.attacks.exact import SCREEN_DTYPES
 from splitjax.attacks.exact import AttackError
 from splitjax.attacks.exact import Estimate
 from splitjax.attacks.exact import ExactResult
+from splitjax.attacks.exact import ExactUserResult
 from splitjax.attacks.exact import candidate_table
 from splitjax.attacks.exact import estimate
 from splitjax.attacks.exact import exact
+from splitjax.attacks.exact import exact_user
 from splitjax.attacks.exact import low_precision_matmuls
 from splitjax.attacks.label_only import LabelResult
 from splitjax.attacks.label_only import label_direction

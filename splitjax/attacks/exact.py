@@ -517,8 +517,12 @@ def _chunk_fn(
   noise_stddev,
   screen_rtol,
   screen=None,
+  return_scores: bool = False,
 ):
   """Attacks one chunk of U users. table: [num_blocks * B, P]. Returns a dict of [U, ...] arrays.
+
+  With `return_scores` (`exact_user`) the dict also holds `scores` [U, C*L], the score every pair
+  is ranked by (the distance, or the negative unnormalised log posterior in the Bayes variant).
 
   With `opts.screen_dtype`: called first without `screen` (returns {'screen': [U, C*L]}
   low-precision scores), then with `screen=(top, cutoff, non_finite)` from `_screen_top`
@@ -630,6 +634,8 @@ def _chunk_fn(
     out['labels'] = jnp.argmax(out['label_posterior'], axis=-1).astype(jnp.int32)
   else:
     out['features'], out['labels'] = map_features, map_labels
+  if return_scores:
+    out['scores'] = score
   return out
 
 
@@ -1334,6 +1340,177 @@ def exact(
     feature_posteriors=merged.get('feature_posteriors'),
     label_posterior=merged.get('label_posterior'),
     screen_fallback=fallback,
+  )
+
+
+class ExactUserResult(NamedTuple):
+  """EXACT's answer for one user (`exact_user`); every field a jnp array.
+
+  Attributes:
+    features: [P] int32, the recovered private features (nearest pair, the top-k vote, or the
+      marginal-posterior argmax with noise).
+    label: int32 scalar, the recovered label.
+    scores: [C, L], the score each (candidate, label) pair is ranked by, rows in
+      `candidate_table(cardinalities)` order, label fastest: the distance under `distance`, or
+      with noise the negative unnormalised log posterior. Differentiable in `g_obs`,
+      `device_params` and the traced `l2_clip_norm`, `noise_stddev`, `log_prior`.
+    distance: scalar, the distance of the best pair (l2 with noise).
+    num_ties: int32 scalar, pairs within the tie tolerance of the best score (1 = unique).
+    gap: scalar, second-best minus best score.
+    map_features: [P] int32, the features of the single best pair.
+    map_label: int32 scalar, its label.
+    feature_posteriors: tuple of P arrays [K_j] (with noise, or the top-k vote shares), else
+      None.
+    label_posterior: [L] or None, likewise.
+  """
+
+  features: jax.Array
+  label: jax.Array
+  scores: jax.Array
+  distance: jax.Array
+  num_ties: jax.Array
+  gap: jax.Array
+  map_features: jax.Array
+  map_label: jax.Array
+  feature_posteriors: tuple[jax.Array, ...] | None
+  label_posterior: jax.Array | None
+
+
+def exact_user(
+  device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
+  device_params: Any,
+  h: jax.typing.ArrayLike,
+  g_obs: jax.typing.ArrayLike,
+  cardinalities: Sequence[int],
+  *,
+  num_labels: int = 2,
+  top_k: int = 1,
+  l2_clip_norm: jax.typing.ArrayLike | None = None,
+  noise_stddev: jax.typing.ArrayLike | None = None,
+  log_prior: jax.typing.ArrayLike | None = None,
+  clip_aware: bool = True,
+  distance: str = 'l2',
+) -> ExactUserResult:
+  """EXACT for ONE user, as a pure function of jnp arrays: jit it, vmap it, differentiate it.
+
+  The same pair scores and selection as `exact` (which stays the host runner: it chunks large
+  candidate domains, pads, shards users over devices and checks values); here every candidate
+  is scored at once, so the domain must fit in memory. `jax.jit(jax.vmap(exact_user-partial))`
+  over users equals `exact(...)` (ties broken by the lowest candidate index in both).
+
+  Static (Python values; a change retraces): `device_apply`, `cardinalities`, `num_labels`,
+  `top_k`, `clip_aware`, `distance`, and whether `l2_clip_norm`, `noise_stddev` and `log_prior`
+  are None. Traceable: `device_params`, `h`, `g_obs` and the values of `l2_clip_norm`,
+  `noise_stddev` (given: Bayes scoring, which assumes it > 0) and `log_prior`, so a caller can
+  vmap over clip norms or noise levels. Shapes are checked at trace time (`AttackError`, a
+  ValueError); NaN or inf values are not (the runner checks them).
+
+  Args:
+    device_apply: `(params, h [d], x_priv [P] int32) -> scalar logit`, as for `exact`.
+    device_params: the device model's parameters.
+    h: [d] the user's cut activation.
+    g_obs: [d] the gradient the server received.
+    cardinalities: P ints >= 1 (checked against `device_apply.priv_cardinalities` when present).
+    num_labels: 2.
+    top_k: >= 1; with top_k > 1 and no noise, the per-feature majority vote of the top_k pairs.
+    l2_clip_norm: the device's clip norm C, or None (no clipping).
+    noise_stddev: the Gaussian noise's standard deviation per coordinate (noise_multiplier * C),
+      or None (distance scoring).
+    log_prior: [C*L] or [C, L] log prior over pairs (Bayes scoring only), or None (uniform).
+    clip_aware: simulate the clip before scoring (False: the paper's clip-unaware scoring).
+    distance: 'l2' or 'cosine' ('l2' with noise).
+
+  Returns:
+    An `ExactUserResult`.
+
+  Raises:
+    AttackError: bad shapes or static arguments.
+  """
+  cards = _check_cardinalities(cardinalities, device_apply)
+  if isinstance(num_labels, bool) or num_labels != 2:
+    raise AttackError(f'num_labels must be 2 (binary cross-entropy), got {num_labels!r}.')
+  k = _check_positive_int(top_k, 'top_k', allow_none=False)
+  assert k is not None  # allow_none=False
+  if distance not in DISTANCES:
+    raise AttackError(f'distance must be one of {sorted(DISTANCES)}, got {distance!r}.')
+  bayes = noise_stddev is not None
+  if bayes and distance != 'l2':
+    raise AttackError(
+      f'the Bayes variant scores by Gaussian likelihood: distance must be "l2", got {distance!r}.'
+    )
+  if log_prior is not None and not bayes:
+    raise AttackError('log_prior is used only with noise_stddev (Bayes scoring).')
+  h, g_obs = jnp.asarray(h), jnp.asarray(g_obs)
+  if not jnp.issubdtype(h.dtype, jnp.floating):
+    h = h.astype(jnp.float32)
+  g_obs = g_obs.astype(h.dtype)
+  if h.ndim != 1 or g_obs.shape != h.shape:
+    raise AttackError(
+      f'h and g_obs must be [d] vectors of one user with the same shape, got '
+      f'{h.shape} and {g_obs.shape}; vmap exact_user over users.'
+    )
+  num_cand = math.prod(cards)
+  if bayes:
+    prior = (
+      jnp.zeros((1, num_cand * num_labels), h.dtype)
+      if log_prior is None
+      else jnp.asarray(log_prior, h.dtype)
+    )
+    if prior.shape not in (
+      (1, num_cand * num_labels),
+      (num_cand * num_labels,),
+      (num_cand, num_labels),
+    ):
+      raise AttackError(
+        f'log_prior must be [C*L] = ({num_cand * num_labels},) or [C, L] = '
+        f'({num_cand}, {num_labels}), got {prior.shape}.'
+      )
+    prior = prior.reshape(1, num_cand * num_labels)
+  else:
+    prior = jnp.zeros((1, 1), h.dtype)
+  opts = _Options(
+    cardinalities=cards,
+    num_labels=num_labels,
+    top_k=k,
+    distance=distance,
+    clip=l2_clip_norm is not None,
+    clip_aware=bool(clip_aware),
+    bayes=bayes,
+    per_user_prior=False,
+    per_user_params=False,
+    candidates_per_block=num_cand,
+    num_blocks=1,
+    chunks_per_call=1,
+  )
+  table = jnp.asarray(candidate_table(cards))
+  clip = jnp.asarray(jnp.inf if l2_clip_norm is None else l2_clip_norm, h.dtype)
+  noise = jnp.asarray(1.0 if noise_stddev is None else noise_stddev, h.dtype)
+  out = _chunk_fn(
+    device_apply,
+    opts,
+    device_params,
+    h[None],
+    g_obs[None],
+    None,
+    prior,
+    table,
+    clip,
+    noise,
+    jnp.zeros((), h.dtype),
+    return_scores=True,
+  )
+  posts = out.get('feature_posteriors')
+  return ExactUserResult(
+    features=out['features'][0],
+    label=out['labels'][0],
+    scores=out['scores'][0].reshape(num_cand, num_labels),
+    distance=out['distances'][0],
+    num_ties=out['num_ties'][0],
+    gap=out['gap'][0],
+    map_features=out['map_features'][0],
+    map_label=out['map_labels'][0],
+    feature_posteriors=None if posts is None else tuple(p[0] for p in posts),
+    label_posterior=None if 'label_posterior' not in out else out['label_posterior'][0],
   )
 
 
