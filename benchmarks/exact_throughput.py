@@ -112,31 +112,12 @@ def init_deepfm(key, s: Shape):
   )
 
 
-def make_apply(s: Shape):
-  """device_logit(params, h [d], x_priv [P] int32) -> scalar (first DNN layer factored)."""
-  sf = s.num_server_fields * s.embed_dim
+def make_apply(s: Shape, plain: bool = False):
+  """device_logit(params, h [d], x_priv [P] int32) -> scalar.
 
-  def apply(p, h, x):
-    num_priv = len(p['emb'])
-    e = [p['emb'][j][x[j]] for j in range(num_priv)]
-    lin = h @ p['w_h'] + sum(p['w_priv'][j][x[j]] for j in range(num_priv)) + p['bias']
-    fields = jnp.concatenate([h[:sf].reshape(s.num_server_fields, s.embed_dim), jnp.stack(e)])
-    tot = fields.sum(0)
-    fm = 0.5 * jnp.sum(tot * tot - jnp.sum(fields * fields, 0))
-    a1 = (
-      h @ p['W1_h'] + sum((p['emb'][j] @ p['W1_priv'][j])[x[j]] for j in range(num_priv)) + p['b1']
-    )
-    a2 = jax.nn.relu(jax.nn.relu(a1) @ p['W2'] + p['b2'])
-    return lin + fm + a2 @ p['w3'] + p['b3']
-
-  return apply
-
-
-def make_plain_apply(s: Shape):
-  """The factored head's function written the plain way: concatenate [h, e(x)], then matmul.
-
-  Same parameters and the same logit as `make_apply` (up to float32 rounding); the first layer
-  multiplies the whole concatenation by the stacked W1, as a user would write it.
+  The first DNN layer factored, `W1_h h + sum_j (E_j W1_j)[x_j]`, or with `plain` the same
+  function written as a user would: concatenate [h, e(x)], then multiply by the stacked W1
+  (same parameters, same logit up to float32 rounding).
   """
   sf = s.num_server_fields * s.embed_dim
 
@@ -147,8 +128,15 @@ def make_plain_apply(s: Shape):
     fields = jnp.concatenate([h[:sf].reshape(s.num_server_fields, s.embed_dim), jnp.stack(e)])
     tot = fields.sum(0)
     fm = 0.5 * jnp.sum(tot * tot - jnp.sum(fields * fields, 0))
-    w1 = jnp.concatenate([p['W1_h'], *p['W1_priv']], axis=0)  # [d + P * E, h1]
-    a1 = jnp.concatenate([h, *e]) @ w1 + p['b1']
+    if plain:
+      w1 = jnp.concatenate([p['W1_h'], *p['W1_priv']], axis=0)  # [d + P * E, h1]
+      a1 = jnp.concatenate([h, *e]) @ w1 + p['b1']
+    else:
+      a1 = (
+        h @ p['W1_h']
+        + sum((p['emb'][j] @ p['W1_priv'][j])[x[j]] for j in range(num_priv))
+        + p['b1']
+      )
     a2 = jax.nn.relu(jax.nn.relu(a1) @ p['W2'] + p['b2'])
     return lin + fm + a2 @ p['w3'] + p['b3']
 
@@ -188,20 +176,9 @@ def compare_heads(s: Shape, peak: float) -> dict:
   n = s.num_users
   heads = {}
   for name in _HEADS.value:
-    if name == 'factored':
-      apply, params, d, cards = (
-        make_apply(s),
-        init_deepfm(jax.random.key(0), s),
-        s.d,
-        (s.priv_cardinalities),
-      )
-    elif name == 'plain':
-      apply, params, d, cards = (
-        make_plain_apply(s),
-        init_deepfm(jax.random.key(0), s),
-        s.d,
-        (s.priv_cardinalities),
-      )
+    if name in ('factored', 'plain'):
+      apply = make_apply(s, plain=name == 'plain')
+      params, d, cards = init_deepfm(jax.random.key(0), s), s.d, s.priv_cardinalities
     elif name == 'splitjax':
       apply, params, d, cards = splitjax_head(s)
     else:
@@ -235,7 +212,7 @@ def compare_heads(s: Shape, peak: float) -> dict:
       head['seconds_all'].append(time.perf_counter() - t0)
   out = {}
   for name, head in heads.items():
-    t = float(np.median(head.pop('seconds_all')[:]))
+    t = float(np.median(head.pop('seconds_all')))
     head.pop('run')
     rate = n * head['private_candidates'] * head['flops_per_candidate'] / t
     out[name] = dict(head, seconds=t, flops_per_second=rate, fraction_of_matmul_rate=rate / peak)
