@@ -743,18 +743,21 @@ class Restored:
         "--overwrite (sweep points leave them out), or attack test users (--users=test)"
       )
     params_path = self.workdir / "transcript_params.msgpack"
-    meta = io.checkpoint_metadata(params_path)
     pidx = arrays["param_index"]
-    versions = int(meta.get("versions", int(pidx.max()) + 1 if len(pidx) else 1))
-    if len(pidx) and (pidx.min() < 0 or pidx.max() >= versions):
-      raise io.CheckpointError(
-        f"transcript {path} refers to parameter versions [{pidx.min()}, {pidx.max()}] but "
-        f"{params_path.name} holds {versions}: the two files are of different runs; rerun "
-        "experiments.train with --overwrite"
+
+    def template(meta):  # the saved versions decide the leading axis
+      versions = int(meta.get("versions", int(pidx.max()) + 1 if len(pidx) else 1))
+      if len(pidx) and (pidx.min() < 0 or pidx.max() >= versions):
+        raise io.CheckpointError(
+          f"transcript {path} refers to parameter versions [{pidx.min()}, {pidx.max()}] but "
+          f"{params_path.name} holds {versions}: the two files are of different runs; rerun "
+          "experiments.train with --overwrite"
+        )
+      return jax.tree.map(
+        lambda x: np.zeros((versions,) + x.shape, x.dtype),
+        jax.device_get(self.state.device_params),
       )
-    template = jax.tree.map(
-      lambda x: np.zeros((versions,) + x.shape, x.dtype), jax.device_get(self.state.device_params)
-    )
+
     params, _ = io.restore_checkpoint(params_path, template, fingerprint="transcript")
     return protocol.Transcript(
       h=arrays["h"],

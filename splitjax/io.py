@@ -521,7 +521,8 @@ def restore_checkpoint(path, target, *, fingerprint=None):  # pylint: disable=re
   Args:
     path: the checkpoint file.
     target: a pytree with the expected structure, shapes and dtypes (e.g. a freshly initialised
-      state); its values are not used.
+      state); its values are not used. Or a callable `metadata -> pytree`, for a structure that
+      depends on what was saved (the file is read once either way).
     fingerprint: if given, the `metadata['fingerprint']` the checkpoint must carry.
 
   Returns:
@@ -547,6 +548,8 @@ def restore_checkpoint(path, target, *, fingerprint=None):  # pylint: disable=re
     f'checkpoint at {path} does not match the expected model structure ({why}); '
     f'use a fresh --workdir or --overwrite'
   )
+  if callable(target):
+    target = target(metadata)
   data_target = _keys_to_data(target)
   try:
     diff = _state_dict_diff(serialization.to_state_dict(data_target), state)
