@@ -380,11 +380,7 @@ def _attack_owned(
     {"attack": cfg, "model": restored.fingerprint, "schema_version": SCHEMA_VERSION}
   )
   if out_path.exists() and not overwrite:
-    old = io.read_json(out_path)
-    if not isinstance(old, dict) or "config" not in old:
-      raise io.ResultsError(
-        f"{out_path} is not an attack record (edited or damaged): --overwrite to recompute it"
-      )
+    old = read_record(out_path)
     if old.get("schema_version") != SCHEMA_VERSION:
       raise io.WorkdirError(
         f"{out_path} was written by splitjax < 0.2 (attack record schema "
@@ -419,7 +415,9 @@ def _attack_owned(
   transcript, split_name = observed_transcript(restored, config, clip, sigma)
   n = transcript.num_rows
   device_apply = models.device_logit_fn(model)
-  if check_memory:  # before anything sized by the candidates (the informed prior's pair table)
+  # One estimate of the run (linear in users) serves the memory check and the progress line.
+  est = None
+  if check_memory or progress:
     est = attacks.estimate(
       device_apply,
       transcript.params_at(int(transcript.param_index[0])),
@@ -427,6 +425,7 @@ def _attack_owned(
       dataset.priv_cardinalities,
       n,
     )
+  if check_memory:  # before anything sized by the candidates (the informed prior's pair table)
     common.check_memory(
       est.min_peak_bytes,
       f"EXACT over {est.num_pairs:,} (candidate, label) pairs per user",
@@ -452,17 +451,12 @@ def _attack_owned(
   label_post = done.get("label_posterior", np.full((n, 2), np.nan))  # P(label | g), Bayes only
   map_codes = done.get("map_codes", np.full(n, -1, np.int64))  # joint MAP / nearest tuple
   if progress:
-    est = attacks.estimate(
-      device_apply,
-      transcript.params_at(int(transcript.param_index[0])),
-      transcript.h.shape[1],
-      dataset.priv_cardinalities,
-      int((~finished).sum()),
-    )
+    remaining = int((~finished).sum())
     progress(
-      f"EXACT: {est.num_users:,} users x {est.num_pairs:,} pairs, about "
-      f"{est.seconds:.2g} s after compilation (estimate: {est.flops_per_candidate:,} "
-      f"FLOPs per candidate at half of {est.matmul_flops_per_second / 1e9:.0f} GFLOP/s)"
+      f"EXACT: {remaining:,} users x {est.num_pairs:,} pairs, about "
+      f"{est.seconds * remaining / max(n, 1):.2g} s after compilation (estimate: "
+      f"{est.flops_per_candidate:,} FLOPs per candidate at half of "
+      f"{est.matmul_flops_per_second / 1e9:.0f} GFLOP/s)"
     )
   t0 = time.time()
   bar = (
@@ -579,6 +573,16 @@ def _attack_owned(
     io.atomic_write_json(out_path, record)
     partial_path.unlink(missing_ok=True)
   return record
+
+
+def read_record(path: pathlib.Path) -> dict:
+  """An existing attack record; one line with the fix when it is corrupted or not a record."""
+  old = io.read_json(path)
+  if not isinstance(old, dict) or "config" not in old:
+    raise io.ResultsError(
+      f"{path} is not an attack record (edited or damaged): --overwrite to recompute it"
+    )
+  return old
 
 
 def check_knn_k(config: configs_base.AttackConfig, dataset) -> None:

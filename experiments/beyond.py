@@ -270,11 +270,7 @@ def _attack_owned(workdir, config, *, resume, overwrite, progress, kill_switch, 
   cfg = dataclasses.asdict(config)
   cfg_record = dict(cfg, options=dataclasses.asdict(options), resolved_attack=name)
   if out_path.exists() and not overwrite:
-    old = io.read_json(out_path)
-    if not isinstance(old, dict) or "config" not in old:
-      raise io.ResultsError(
-        f"{out_path} is not an attack record (edited or damaged): --overwrite to recompute it"
-      )
+    old = attacking.read_record(out_path)
     if old.get("config") == io.to_jsonable(cfg_record):
       if progress:
         progress(f"{out_path} already holds this attack; nothing to do")
