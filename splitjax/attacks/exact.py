@@ -207,6 +207,11 @@ def _check_positive_int(value, name: str, *, allow_none: bool = True) -> int | N
   return int(value)
 
 
+def _check_distance(distance) -> None:
+  if distance not in DISTANCES:
+    raise AttackError(f'unknown distance {distance!r}; valid names: {sorted(DISTANCES)}.')
+
+
 def _check_scalar(value, name: str) -> float | None:
   """None stays None; otherwise a float >= 0 (inf allowed), not NaN."""
   if value is None:
@@ -1117,8 +1122,7 @@ def exact(
       f'num_labels={num_labels}: exact supports binary labels (a scalar '
       'logit with binary cross-entropy) only.'
     )
-  if distance not in DISTANCES:
-    raise AttackError(f'unknown distance {distance!r}; valid names: {sorted(DISTANCES)}.')
+  _check_distance(distance)
   top_k = _check_positive_int(top_k, 'top_k', allow_none=False)
   chunk_size = _check_positive_int(chunk_size, 'chunk_size')
   users_per_chunk = _check_positive_int(users_per_chunk, 'users_per_chunk')
@@ -1431,8 +1435,7 @@ def exact_user(
     raise AttackError(f'num_labels must be 2 (binary cross-entropy), got {num_labels!r}.')
   k = _check_positive_int(top_k, 'top_k', allow_none=False)
   assert k is not None  # allow_none=False
-  if distance not in DISTANCES:
-    raise AttackError(f'distance must be one of {sorted(DISTANCES)}, got {distance!r}.')
+  _check_distance(distance)
   bayes = noise_stddev is not None
   if bayes and distance != 'l2':
     raise AttackError(
