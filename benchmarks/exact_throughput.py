@@ -17,7 +17,6 @@ candidate gradient, hence candidate gradients per second, the speed-up and the r
 """
 
 import dataclasses
-import importlib
 import json
 import math
 import time
@@ -28,7 +27,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
-exact_lib = importlib.import_module('splitjax.attacks.exact')
+from splitjax import attacks
+from splitjax.attacks import sizing
 
 _DATASETS = flags.DEFINE_list('datasets', ['adult', 'bank'], 'Shapes to benchmark.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs after compilation (median reported).')
@@ -191,11 +191,11 @@ def compare_heads(s: Shape, peak: float) -> dict:
         h, x, y
       )
     )
-    run = lambda a=apply, p=params, h=h, g=g, c=cards: exact_lib.exact(a, p, h, g, c)
+    run = lambda a=apply, p=params, h=h, g=g, c=cards: attacks.exact(a, p, h, g, c)
     t0 = time.perf_counter()
     res = run()
     first = time.perf_counter() - t0
-    est = exact_lib.estimate(apply, params, d, cards, n)
+    est = attacks.estimate(apply, params, d, cards, n)
     heads[name] = dict(
       run=run,
       cut_width=d,
@@ -256,14 +256,14 @@ def matmul_flops_per_second(repeats: int, n: int = 2048, dtype=jnp.float32) -> f
 
 def screened_pair_errors(apply, params, h, cards, num_users: int = 64) -> np.ndarray:
   """||g_bf16 - g_f32|| / ||g_f32|| of every (candidate, label) pair gradient of `num_users`."""
-  table = jnp.asarray(exact_lib.candidate_table(cards))
+  table = jnp.asarray(attacks.candidate_table(cards))
   vg = jax.value_and_grad(apply, argnums=1)
   results = []
-  for fn in (vg, exact_lib.low_precision_matmuls(vg)):
+  for fn in (vg, attacks.low_precision_matmuls(vg)):
     z, v = jax.jit(jax.vmap(jax.vmap(fn, (None, None, 0)), (None, 0, None)))(
       params, h[:num_users], table
     )
-    a = exact_lib.loss_factors(z)
+    a = attacks.loss_factors(z)
     results.append(a[..., None] * v[:, :, None, :])
   ref, low = results
   return np.asarray(jnp.linalg.norm(low - ref, axis=-1) / jnp.linalg.norm(ref, axis=-1)).ravel()
@@ -271,7 +271,7 @@ def screened_pair_errors(apply, params, h, cards, num_users: int = 64) -> np.nda
 
 def make_plain(apply, params, s: Shape, users_per_chunk: int):
   """Plain vmap(grad) of the BCE loss over all (candidate, label) pairs, then argmin; chunked."""
-  table = exact_lib.candidate_table(s.priv_cardinalities)
+  table = attacks.candidate_table(s.priv_cardinalities)
   pairs_x = jnp.asarray(np.repeat(table, 2, axis=0))  # [2C, P], label fastest
   pairs_y = jnp.asarray(np.tile(np.array([0.0, 1.0], np.float32), len(table)))
   grad = jax.grad(lambda h, x, y: bce(apply, params, h, x, y))
@@ -304,7 +304,7 @@ def make_plain(apply, params, s: Shape, users_per_chunk: int):
 
 def python_loop_seconds_per_user(apply, params, h, g, s: Shape, num_users: int) -> float:
   """The authors' style: one jitted gradient call per (candidate, label), a Python loop."""
-  table = exact_lib.candidate_table(s.priv_cardinalities)
+  table = attacks.candidate_table(s.priv_cardinalities)
   grad = jax.jit(jax.grad(lambda h, x, y: bce(apply, params, h, x, y)))
   jax.block_until_ready(grad(h[0], table[0], 0.0))
   t0 = time.perf_counter()
@@ -335,7 +335,7 @@ def benchmark(s: Shape, peak: float, peak_bf16: float) -> dict:
   repeats = _REPEATS.value
 
   def exact(**kwargs):
-    return exact_lib.exact(apply, params, h, g, s.priv_cardinalities, **kwargs)
+    return attacks.exact(apply, params, h, g, s.priv_cardinalities, **kwargs)
 
   t_compile = time.perf_counter()
   r = exact()
@@ -351,7 +351,7 @@ def benchmark(s: Shape, peak: float, peak_bf16: float) -> dict:
       jax.block_until_ready(fn())
       times.append(time.perf_counter() - t0)
   t_exact, t_screen = float(np.median(times_f32)), float(np.median(times_screen))
-  plan = exact_lib._plan(
+  plan = sizing.plan(
     apply,
     params,
     s.d,

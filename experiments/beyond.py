@@ -25,7 +25,6 @@ label ``accuracy, ci, macro_f1, prior_accuracy, knn_accuracy, ...``; continuous 
 """
 
 import dataclasses
-import importlib
 import math
 import pathlib
 import time
@@ -42,12 +41,12 @@ from experiments.configs import base as configs_base
 from splitjax import attacks
 from splitjax import io
 from splitjax import metrics
+from splitjax import models
 from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import bounds
 
 # The module (the package re-exports the function `optimize` under its name).
-optimize_lib = importlib.import_module("splitjax.attacks.optimize")
 
 LABEL_ATTACKS = ("label_norm", "label_direction")
 ATTACKS = ("optimize", "hybrid", "exact_activations", "exact") + LABEL_ATTACKS
@@ -496,13 +495,13 @@ def _run_block(
   num_dense = int(dataset.train.priv_dense.shape[1])
   if name == "optimize":
     r = attacks.optimize(
-      optimize_lib.relaxed_device_apply(model),
+      models.soft_device_apply(model),
       params,
       h,
       g,
       cards,
       num_dense,
-      optimizer=optimize_lib.default_optimizer(options.learning_rate, options.num_steps),
+      optimizer=attacks.default_optimizer(options.learning_rate, options.num_steps),
       num_steps=options.num_steps,
       num_restarts=options.num_restarts,
       key=key,
@@ -523,7 +522,7 @@ def _run_block(
       g,
       cards,
       num_dense,
-      optimizer=optimize_lib.default_optimizer(options.learning_rate, options.hybrid_steps),
+      optimizer=attacks.default_optimizer(options.learning_rate, options.hybrid_steps),
       num_steps=options.hybrid_steps,
       num_restarts=options.hybrid_starts,
       num_refine=options.num_refine,

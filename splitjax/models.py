@@ -130,8 +130,15 @@ class Head(nn.Module):
   """DeepFM or MLP head on the cut activation plus its own features -> logit.
 
   Inputs (one example): ``h: [d]`` whose first ``num_h_fields * embed_dim``
-  entries are embedding fields (the rest dense), ``cat: [P] int32``,
-  ``dense: [Pd] float32``. Returns a scalar logit.
+  entries are embedding fields (the rest dense), ``cat``, ``dense: [Pd] float32``.
+  Returns a scalar logit.
+
+  ``cat`` is either ``[P] int32`` (the model as trained and as EXACT enumerates it) or
+  its soft form, a tuple of P probability vectors ``[K_j]`` (what relaxed attacks
+  optimise): every lookup ``M[x_j]`` of a row of a per-category matrix (embeddings,
+  the factored first layer ``T_j = E_j W_j``, the linear weights) becomes the mixture
+  ``probs_j @ M``. One-hot ``probs`` give the integer model's logit (a test checks
+  it), and the soft form is differentiable in ``probs``.
   """
 
   cardinalities: tuple[int, ...]
@@ -143,6 +150,16 @@ class Head(nn.Module):
 
   @nn.compact
   def __call__(self, h, cat, dense):
+    soft = isinstance(cat, (tuple, list))
+    if soft and len(cat) != len(self.cardinalities):
+      raise ValueError(
+        f"the soft form of cat must hold {len(self.cardinalities)} probability vectors "
+        f"(one per private categorical feature), got {len(cat)}."
+      )
+
+    def lookup(matrix, j):  # row x_j of a per-category matrix, or its mixture under probs_j
+      return cat[j] @ matrix if soft else matrix[cat[j]]
+
     e = self.embed_dim
     emb_init = nn.initializers.normal(stddev=0.1)
     dense_init = nn.initializers.lecun_normal()
@@ -164,11 +181,11 @@ class Head(nn.Module):
       w_j = self.param(
         f"dnn0_w_{j}", lambda k, s: w_init(k, s) * (e / d_in_total) ** 0.5, (e, width0)
       )
-      pre = pre + (table @ w_j)[cat[j]]  # T_j[x_j], T_j computed once per call
-      fields.append(table[cat[j]])
+      pre = pre + lookup(table @ w_j, j)  # T_j[x_j], T_j computed once per call
+      fields.append(lookup(table, j))
       if self.kind == "deepfm":
         lin_j = self.param(f"lin_{j}", nn.initializers.zeros, (card,))
-        lin = lin + lin_j[cat[j]]
+        lin = lin + lookup(lin_j, j)
     if self.num_dense:
       dense = dense.astype(jnp.float32)
       w_d = self.param("dnn0_w_dense", dense_init, (self.num_dense, width0))
@@ -237,6 +254,10 @@ class SplitModel(NamedTuple):
   In ``device_top`` the server owns the encoder and the device the head; in
   ``device_bottom`` the other way round. Build one with `make_model` (splitjax's DeepFM or
   MLP) or, for your own model, with `SplitModel.from_apply_fns`.
+  ``head_soft_apply(params, h[d], probs, dense) -> logit`` is the head with its categorical
+  inputs relaxed to a tuple of probability vectors ``probs[j]: [K_j]`` (one-hot ``probs``:
+  ``head_apply``), for the relaxed attacks (`attacks.optimize`); None when a custom model
+  gives none.
   """
 
   spec: ModelSpec | CustomSpec
@@ -244,6 +265,7 @@ class SplitModel(NamedTuple):
   encoder_apply: Callable[..., jax.Array]
   head_init: Callable[[jax.Array], Any]
   head_apply: Callable[..., jax.Array]
+  head_soft_apply: Callable[..., jax.Array] | None = None
 
   def encode_batch(self, params, cat, dense):
     """``cat: [N, P], dense: [N, Pd] -> [N, d]``."""
@@ -265,6 +287,7 @@ class SplitModel(NamedTuple):
     num_priv_dense: int = 0,
     cut_dim: int | None = None,
     name: str = "custom",
+    device_soft_apply: Callable[..., jax.Array] | None = None,
   ) -> "SplitModel":
     """A split model from your own functions (Flax linen or NNX, Haiku, plain JAX).
 
@@ -283,9 +306,17 @@ class SplitModel(NamedTuple):
       name: names the architecture in fingerprints and records.
 
     Returns:
+      device_soft_apply: optional ``(phi, h [d], probs, priv_dense [Pd]) -> logit``, the soft
+        form of ``device_apply`` for `attacks.optimize`: ``probs`` is a tuple of P probability
+        vectors ``[K_j]``, and every place ``device_apply`` looks a row up by ``priv_cat[j]``
+        (``table[x_j]``) it takes the mixture ``probs[j] @ table`` instead; with one-hot
+        ``probs`` it must equal ``device_apply``. A head that concatenates embeddings,
+        ``concatenate([h, E_j[x_j], ...]) @ W``, becomes ``concatenate([h, probs[j] @ E_j,
+        ...]) @ W``. (`attacks.exact` and `attacks.hybrid` need only ``device_apply``.)
+
+    Returns:
       A `SplitModel` with a `CustomSpec` that `training.fit`, `protocol` and `attacks.exact`
-      accept. (`attacks.optimize.relaxed_device_apply` rewrites splitjax's own head and refuses
-      it; write a relaxed ``device_apply`` of your model for `attacks.optimize` instead.)
+      accept.
     """
     spec = CustomSpec(
       priv_cardinalities=tuple(priv_cardinalities),
@@ -293,7 +324,7 @@ class SplitModel(NamedTuple):
       cut_dim=cut_dim,
       name=name,
     )
-    return cls(spec, server_init, server_apply, device_init, device_apply)
+    return cls(spec, server_init, server_apply, device_init, device_apply, device_soft_apply)
 
   # Names of the paper's orientation.
   @property
@@ -354,7 +385,36 @@ def make_model(spec: ModelSpec) -> SplitModel:
   def head_apply(params, h, cat, dense):
     return head.apply({"params": params}, h, cat, dense)
 
-  return SplitModel(spec, encoder_init, encoder_apply, head_init, head_apply)
+  def head_soft_apply(params, h, probs, dense):
+    return head.apply({"params": params}, h, tuple(probs), dense)
+
+  return SplitModel(spec, encoder_init, encoder_apply, head_init, head_apply, head_soft_apply)
+
+
+def soft_device_apply(model: SplitModel) -> Callable[..., jax.Array]:
+  """The device head with soft categorical inputs, ``(phi, h, probs, dense) -> logit``.
+
+  What `attacks.optimize` descends on: ``probs`` is a tuple of P probability vectors
+  ``[K_j]``; one-hot ``probs`` give ``model.head_apply``.
+
+  Raises:
+    ValueError: the model is ``device_bottom`` (there the device holds the encoder: attack
+      the activations, `attacks.exact_activations`), or a custom model without a soft form
+      (pass ``device_soft_apply`` to `SplitModel.from_apply_fns`).
+  """
+  if model.spec.topology != "device_top":
+    raise ValueError(
+      f"soft_device_apply needs a device_top model (the device runs the head); got topology "
+      f"{model.spec.topology!r}. For device_bottom attack the activations "
+      "(splitjax.attacks.exact_activations)."
+    )
+  if model.head_soft_apply is None:
+    raise ValueError(
+      "this model has no soft form of its device head: pass device_soft_apply to "
+      "SplitModel.from_apply_fns (see its docstring for how to write one), or use "
+      "attacks.exact / attacks.hybrid, which need only device_apply."
+    )
+  return model.head_soft_apply
 
 
 def device_logit_fn(model: SplitModel, priv_dense=None) -> Callable[..., jax.Array]:

@@ -39,6 +39,7 @@ WORKER = textwrap.dedent("""
       assert jax.process_count() == 2 and jax.device_count() == 2
     assert (writes == []) == (pid == 1), (pid, writes)  # process 1 writes nothing
     from splitjax import models, protocol, training
+    from splitjax import attacks as sj_attacks
     restored = pipeline.Restored(workdir)  # process 0's files (the train binary synchronised)
     model, state, test = restored.model, restored.state, restored.dataset.test
     leaves = [training.to_host(x).ravel() for x in
@@ -46,8 +47,6 @@ WORKER = textwrap.dedent("""
     g_train = restored.transcript().g.ravel()
     # Attacks under jax.distributed: users sharded over both processes' devices, results gathered
     # on every process. The trained model's gradients of 24 test users, attacked by exact/optimize.
-    exact_lib = importlib.import_module("splitjax.attacks.exact")
-    opt_lib = importlib.import_module("splitjax.attacks.optimize")
     local = lambda tree: jax.tree.map(lambda x: jax.numpy.asarray(training.to_host(x)), tree)
     theta, phi = local(state.server_params), local(state.device_params)
     m = 24
@@ -55,9 +54,9 @@ WORKER = textwrap.dedent("""
     g = np.asarray(protocol.top_step(model, phi, h, test.priv_cat[:m], test.priv_dense[:m],
                                      test.y[:m], np.ones(m, np.float32)).cut_grads)
     cards = restored.dataset.priv_cardinalities
-    ex = exact_lib.exact(models.device_logit_fn(model), phi, h, g, cards)
+    ex = sj_attacks.exact(models.device_logit_fn(model), phi, h, g, cards)
     assert (ex.features == test.priv_cat[:m]).mean() > 0.9, ex.features
-    op = opt_lib.optimize(opt_lib.relaxed_device_apply(model), phi, h, g, cards, 0, num_steps=10,
+    op = sj_attacks.optimize(models.soft_device_apply(model), phi, h, g, cards, 0, num_steps=10,
                           num_restarts=2, key=jax.random.key(0))
     attacks = [ex.features, ex.labels, ex.distances, op.features, op.labels, op.distances]
     np.save(out, np.concatenate(leaves + [g_train]

@@ -1,6 +1,5 @@
-"""Tests of splitjax.attacks.exact on a small random DeepFM-shaped device model."""
+"""Tests of EXACT (`splitjax.attacks.exact`, `exact_user`) on a small random DeepFM-shaped model."""
 
-import importlib
 import math
 import os
 import textwrap
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 
 import splitjax.attacks
+from splitjax.attacks import screen as screen_lib
 
-# The module (the package re-exports the function `exact` under the module's name).
-exact_lib = importlib.import_module('splitjax.attacks.exact')
+exact_lib = splitjax.attacks  # the public functions (exact, candidate_table, ...)
 
 # Small fixed shapes shared by every test (one compilation per option set).
 NUM_SERVER_FIELDS = 2
@@ -554,29 +553,13 @@ def test_screened_vote_equals_full_precision_vote(top_k):
 
 
 def test_screen_selection_flags_non_finite_scores():
-  opts = exact_lib._Options(
-    (4,),
-    2,
-    1,
-    'l2',
-    False,
-    True,
-    False,
-    False,
-    False,
-    2,
-    1,
-    1,
-    screen_dtype='float16',
-    screen_top=2,
-  )
   screen = jnp.array(
     [
       [1.0, 3.0, 0.5, 2.0, 9.0, 7.0, 8.0, 6.0],
       [1.0, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf, jnp.inf],
     ]
   )
-  top, cutoff, non_finite = exact_lib._screen_top(opts, screen)
+  top, cutoff, non_finite = screen_lib.screen_top(screen, 2)
   np.testing.assert_array_equal(np.asarray(top[0]), [2, 0])
   assert float(cutoff[0]) == 2.0
   np.testing.assert_array_equal(np.asarray(non_finite), [False, True])
@@ -644,8 +627,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     assert jax.device_count() == 4, jax.devices()
     spec = importlib.util.spec_from_file_location('test_exact', sys.argv[1])
     t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
-    import importlib
-    ex = importlib.import_module('splitjax.attacks.exact')
+    import splitjax.attacks as ex
     prob = t.Problem(seed=7)
     rng = np.random.default_rng(0)
     n = 37  # not a multiple of the device count: padded
@@ -807,3 +789,35 @@ class ExactUserTest(chex.TestCase):
       splitjax.attacks.exact_user(
         p.apply, p.params, p.h[0], p.g[0], CARDS, noise_stddev=0.1, log_prior=jnp.zeros(5)
       )
+
+
+def test_closed_form_clip_equals_clip_rows():
+  """exact's clip `a min(1, C / (|a| ||v||))` on gradients `a v` equals `clip_rows(a v, C)`."""
+  from splitjax import privacy
+  from splitjax.attacks import scoring
+
+  rng = np.random.default_rng(0)
+  d, clip = 6, 0.5
+  v = rng.normal(size=(7, d)).astype(np.float32)
+  v[1] *= 1e-20  # far below the clip norm: unchanged
+  v[2] = 0.0  # zero row: stays zero
+  v[3] *= 1e17  # extreme but representable (||a v||^2 ~ 1e34): clipped to norm C
+  v[4, 2] = np.nan  # non-finite rows: NaN in both
+  v[5, 0] = np.inf
+  a = np.array(
+    [[0.3, -0.7], [0.9, -0.1], [0.5, -0.5], [1e-3, -1.0], [0.2, -0.8], [0.4, -0.6], [0.0, -1.0]],
+    np.float32,
+  )
+  closed = scoring.clip_factors(jnp.asarray(a), jnp.linalg.norm(v, axis=-1), clip)
+  closed = np.asarray(closed[..., None] * v[:, None, :])
+  direct = np.asarray(scoring.clip_rows(jnp.asarray(a[..., None] * v[:, None, :]), clip))
+  finite = np.isfinite(v).all(axis=1)
+  np.testing.assert_allclose(closed[finite], direct[finite], rtol=2e-6, atol=0)
+  assert np.isnan(closed[~finite]).any(axis=-1).all() and np.isnan(direct[~finite]).any(-1).all()
+  norms = np.linalg.norm(direct[finite].astype(np.float64), axis=-1)
+  assert np.all(norms <= clip * (1 + 1e-6)) and np.isclose(norms[3], clip, rtol=1e-6).all()
+  np.testing.assert_array_equal(direct[1], a[1][:, None] * v[1][None])  # below C: unchanged
+  # The device's clip (which also zeroes non-finite rows) agrees with both on finite rows.
+  rows = jnp.asarray((a[..., None] * v[:, None, :])[finite].reshape(-1, d))
+  device, _ = privacy.clip_per_example(clip).update(rows, None)
+  np.testing.assert_allclose(np.asarray(device), direct[finite].reshape(-1, d), rtol=2e-6)

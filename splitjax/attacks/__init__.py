@@ -1,10 +1,20 @@
-"""Attacks on the cut layer (EXACT) and baselines without gradients, looked up by name."""
+"""Attacks on the cut layer (EXACT and its relatives) and baselines without gradients.
+
+Public functions are re-exported here; the modules under them:
+
+- `enumeration` (`exact`, the host runner over users) and `core` (`exact_user`, the pure
+  per-user core both use); `scoring` (candidates, distances, `clip_rows`, the selection),
+  `screen` (the bf16 screen), `sizing` (`estimate`), `runner` (padding, sharding, jit over
+  users), `checks` (argument checks, `AttackError`);
+- `relaxed` (`optimize`), `hybrid_search` (`hybrid`), `matching` (their objectives and
+  simulators), `activations` (`exact_activations`), `label_only`, `baselines`, `priors`.
+
+No function here shadows a submodule (a test checks it).
+"""
 
 from collections.abc import Callable
 from typing import Any
 
-# Note: the function `exact` below shadows the submodule of the same name in this namespace; reach
-# the module with importlib.import_module('splitjax.attacks.exact').
 from splitjax.attacks import baselines
 from splitjax.attacks import priors
 from splitjax.attacks.activations import ActivationResult
@@ -14,25 +24,18 @@ from splitjax.attacks.baselines import PriorResult
 from splitjax.attacks.baselines import knn
 from splitjax.attacks.baselines import majority_prior
 from splitjax.attacks.baselines import server_feature_matrix
-from splitjax.attacks.exact import DISTANCES
-from splitjax.attacks.exact import SCREEN_DTYPES
-from splitjax.attacks.exact import AttackError
-from splitjax.attacks.exact import Estimate
-from splitjax.attacks.exact import ExactResult
-from splitjax.attacks.exact import ExactUserResult
-from splitjax.attacks.exact import candidate_table
-from splitjax.attacks.exact import estimate
-from splitjax.attacks.exact import exact
-from splitjax.attacks.exact import exact_user
-from splitjax.attacks.exact import low_precision_matmuls
+from splitjax.attacks.checks import AttackError
+from splitjax.attacks.core import ExactUserResult
+from splitjax.attacks.core import exact_user
+from splitjax.attacks.enumeration import ExactResult
+from splitjax.attacks.enumeration import exact
+from splitjax.attacks.hybrid_search import HybridResult
+from splitjax.attacks.hybrid_search import hybrid
 from splitjax.attacks.label_only import LabelResult
 from splitjax.attacks.label_only import label_direction
 from splitjax.attacks.label_only import label_norm
-from splitjax.attacks.optimize import HybridResult
-from splitjax.attacks.optimize import OptimizeResult
-from splitjax.attacks.optimize import hybrid
-from splitjax.attacks.optimize import optimize
-from splitjax.attacks.optimize import relaxed_device_apply
+from splitjax.attacks.matching import OBJECTIVES
+from splitjax.attacks.matching import default_optimizer
 from splitjax.attacks.priors import PRIORS
 from splitjax.attacks.priors import InformedPrior
 from splitjax.attacks.priors import candidate_label_probability
@@ -41,6 +44,18 @@ from splitjax.attacks.priors import fit_informed_prior
 from splitjax.attacks.priors import pair_log_prior
 from splitjax.attacks.priors import prior_guess
 from splitjax.attacks.priors import tuple_codes
+from splitjax.attacks.relaxed import OptimizeResult
+from splitjax.attacks.relaxed import optimize
+from splitjax.attacks.scoring import DISTANCES
+from splitjax.attacks.scoring import TIE_ATOL
+from splitjax.attacks.scoring import TIE_RTOL
+from splitjax.attacks.scoring import candidate_table
+from splitjax.attacks.scoring import clip_rows
+from splitjax.attacks.scoring import loss_factors
+from splitjax.attacks.screen import SCREEN_DTYPES
+from splitjax.attacks.screen import low_precision_matmuls
+from splitjax.attacks.sizing import Estimate
+from splitjax.attacks.sizing import estimate
 
 # Name -> attack function (array API). The transcript-level runner wraps these.
 ATTACKS: dict[str, Callable[..., Any]] = {

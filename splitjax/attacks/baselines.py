@@ -11,7 +11,6 @@ References:
 """
 
 import functools
-import importlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -21,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The module, not the function `splitjax.attacks.exact` that shadows its name in the package.
-exact_lib = importlib.import_module('splitjax.attacks.exact')
+from splitjax.attacks import checks
 
-AttackError = exact_lib.AttackError
+AttackError = checks.AttackError
 
 # Bytes of the [test chunk, N_train] distance block k-NN materialises at once.
 KNN_MEMORY_BUDGET_BYTES = 256 * 1024**2
@@ -57,7 +55,7 @@ class KnnResult(NamedTuple):
 
 
 def _check_targets(values, cardinalities, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
-  cards = exact_lib._check_cardinalities(cardinalities)  # pylint: disable=protected-access
+  cards = checks.cardinalities(cardinalities)
   arr = np.asarray(values)
   if arr.ndim == 1 and len(cards) == 1:
     arr = arr[:, None]

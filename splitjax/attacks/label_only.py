@@ -22,7 +22,6 @@ References:
   Two-party Split Learning. ICLR 2022, arXiv:2102.08504.
 """
 
-import importlib
 import numbers
 from typing import NamedTuple
 
@@ -30,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-exact_lib = importlib.import_module('splitjax.attacks.exact')
+from splitjax.attacks import checks
 
-AttackError = exact_lib.AttackError
+AttackError = checks.AttackError
 
 
 class LabelResult(NamedTuple):
@@ -54,7 +53,7 @@ def _check_g(g_obs) -> np.ndarray:
   g = g.astype(
     jax.dtypes.canonicalize_dtype(g.dtype if np.issubdtype(g.dtype, np.floating) else np.float32)
   )
-  exact_lib._check_finite_matrix(g, 'g_obs')  # pylint: disable=protected-access
+  checks.finite_matrix(g, 'g_obs')
   return g
 
 

@@ -24,7 +24,6 @@ References:
 """
 
 import functools
-import importlib
 import math
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -34,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The module, not the function `splitjax.attacks.exact` that shadows its name in the package.
-exact_lib = importlib.import_module("splitjax.attacks.exact")
+from splitjax.attacks import checks
+from splitjax.attacks import scoring
 
 PRIORS = ("uniform", "marginal", "informed")
 _MEMORY_BUDGET_BYTES = 256 * 1024**2
@@ -100,7 +99,7 @@ def nearest_neighbours(
   n, r = len(query_x), len(ref_x)
   exclude = np.full(n, -1, np.int32) if exclude is None else np.asarray(exclude, np.int32)
   if not 1 <= k <= r - (1 if (exclude >= 0).any() else 0):
-    raise exact_lib.AttackError(f"k={k} must lie in [1, {r}] (the reference rows)")
+    raise checks.AttackError(f"k={k} must lie in [1, {r}] (the reference rows)")
   chunk = max(1, min(n, _MEMORY_BUDGET_BYTES // (4 * max(r, 1))))
   chunk = 1 << (chunk.bit_length() - 1)  # a power of two: few compilations
   ref_sq = np.sum(np.square(ref_x), axis=1)[None, :]
@@ -194,7 +193,7 @@ def fit_informed_prior(
   codes = tuple_codes(ref_values, cards)
   r = len(codes)
   if r < 2:
-    raise exact_lib.AttackError(f"the informed prior needs at least 2 reference rows, got {r}")
+    raise checks.AttackError(f"the informed prior needs at least 2 reference rows, got {r}")
   rng = np.random.default_rng(seed)
   perm = rng.permutation(r)
   n_hold = max(1, min(int(round(holdout * r)), max_holdout))
@@ -232,7 +231,7 @@ def fit_informed_prior(
 def marginal_tuple_log_prior(ref_values: np.ndarray, cardinalities: Sequence[int]) -> np.ndarray:
   """Log of the product of the reference rows' per-feature marginals (one pseudo-count per
   value): `[C]` in `candidate_table` order (features independent: the `marginal` prior)."""
-  table = exact_lib.candidate_table(cardinalities)
+  table = scoring.candidate_table(cardinalities)
   logp = np.zeros(len(table))
   for j, card in enumerate(cardinalities):
     p = np.bincount(np.asarray(ref_values)[:, j], minlength=card) + 1.0
@@ -260,7 +259,7 @@ def candidate_label_probability(
   Returns:
     [N, C] float32 probabilities, candidates in `candidate_table` order.
   """
-  table = jnp.asarray(exact_lib.candidate_table(cardinalities))
+  table = jnp.asarray(scoring.candidate_table(cardinalities))
   h = np.asarray(h, np.float32)
 
   @jax.jit
@@ -287,7 +286,7 @@ def debias_label_probability(p_noisy: np.ndarray, flip_probability: float) -> np
   """
   q = float(flip_probability)
   if not 0 <= q < 0.5:
-    raise exact_lib.AttackError(f"flip probability must lie in [0, 1/2), got {q}")
+    raise checks.AttackError(f"flip probability must lie in [0, 1/2), got {q}")
   return np.clip((np.asarray(p_noisy, np.float64) - q) / (1 - 2 * q), 1e-6, 1 - 1e-6)
 
 

@@ -8,4 +8,4 @@ from splitjax.data.datasets import DATASETS
 from splitjax.data.datasets import DEFAULT_ROLES
 from splitjax.data.datasets import load
 from splitjax.data.datasets import read_schema
-from splitjax.data.synthetic import synthetic
+from splitjax.data.generator import synthetic

@@ -9,8 +9,8 @@ import numpy as np
 
 from splitjax.data import base
 from splitjax.data import bundled
+from splitjax.data import generator as synthetic_lib
 from splitjax.data import reader
-from splitjax.data import synthetic as synthetic_lib
 from splitjax.data import tabular
 
 DATASETS = ("adult", "bank", "credit", "taobao", "csv", "synthetic")
