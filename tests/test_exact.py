@@ -312,6 +312,20 @@ def test_bayes_per_user_prior_equals_shared_prior(problem):
   np.testing.assert_allclose(shared.label_posterior, per_user.label_posterior, rtol=1e-5, atol=1e-7)
 
 
+def test_noise_multiplier_is_noise_stddev_over_the_clip_norm(problem):
+  prior = np.random.default_rng(5).normal(size=(math.prod(CARDS), 2)).astype(np.float32)
+  args = (problem.apply, problem.params, problem.h, problem.g, CARDS)
+  by_stddev = exact_lib.exact(*args, l2_clip_norm=2.0, noise_stddev=0.1, log_prior=prior)
+  by_sigma = exact_lib.exact(*args, l2_clip_norm=2.0, noise_multiplier=0.05, log_prior=prior)
+  for a, b in zip(by_stddev, by_sigma, strict=True):
+    for x, y in zip(*((v,) if not isinstance(v, tuple) else v for v in (a, b)), strict=True):
+      np.testing.assert_array_equal(x, y)
+  with pytest.raises(splitjax.attacks.AttackError, match='not both'):
+    exact_lib.exact(*args, l2_clip_norm=2.0, noise_stddev=0.1, noise_multiplier=0.05)
+  with pytest.raises(splitjax.attacks.AttackError, match='finite l2_clip_norm'):
+    exact_lib.exact(*args, noise_multiplier=0.05)
+
+
 def test_top_k_majority_vote(problem, brute):
   table, cand = brute
   n = cand.shape[0]

@@ -102,10 +102,10 @@ def optimized(dense_model):
 
 
 @pytest.mark.parametrize('head', ['deepfm', 'mlp'])
-def test_relaxed_head_equals_head_on_one_hot(head):
+def test_soft_head_equals_head_on_one_hot(head):
   model = models.make_model(_spec(1, head))
   obs = _observe(model, num_users=8)
-  relaxed = models.soft_device_apply(model)
+  relaxed = models.soft_device_apply(model)  # models.Head's soft form, one implementation
   assert models.soft_device_apply(model) is relaxed  # cached: compilations are reused
 
   def one(h, x, d):
@@ -276,6 +276,20 @@ def test_bad_inputs_raise(dense_model):
         )
       )
     )
+  custom = dict(
+    server_init=lambda k: {},
+    server_apply=lambda p, c, d: d,
+    device_init=lambda k: {},
+    device_apply=lambda p, h, c, d: jnp.sum(h),
+    priv_cardinalities=(2,),
+  )
+  with pytest.raises(ValueError, match='device_soft_apply'):
+    models.soft_device_apply(models.SplitModel.from_apply_fns(**custom))
+  soft = lambda p, h, probs, d: jnp.sum(h) + probs[0][1]
+  given = models.SplitModel.from_apply_fns(**custom, device_soft_apply=soft)
+  assert models.soft_device_apply(given) is soft
+  with pytest.raises(ValueError, match='probability vectors'):
+    model.head_soft_apply(obs['phi'], obs['h'][0], (jnp.ones(2),), obs['dense'][0])
 
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
