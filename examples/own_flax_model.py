@@ -64,8 +64,10 @@ theta, phi = result.state.server_params, result.state.device_params
 # What the server sees of each test user: h (it computed it) and g (the device sent it back).
 test = data.test
 h = model.encode_batch(theta, test.pub_cat, test.pub_dense)
+# Per-example apply functions; features are the pytree (cat_i, dense_i).
+server_apply, device_apply = protocol.apply_fns(model)
 g = protocol.device_step(
-  model, phi, h, test.priv_cat, test.priv_dense, test.y, jnp.ones(len(test))
+  device_apply, phi, h, (test.priv_cat, test.priv_dense), test.y, jnp.ones(len(test))
 ).cut_grads
 found = attacks.exact(models.device_logit_fn(model), phi, h, g, data.priv_cardinalities)
 # [/library-snippet]

@@ -8,13 +8,24 @@ Paper orientation (``device_top``, DESIGN.md §1)::
 Classic orientation (``device_bottom``): the device sends ``a = f_phi(x_priv)``
 (after DP), the server holds the label and the head and sends back ``dl_i/da_i``.
 
-Functions here are named after the *encoder* (bottom) and *head* (top) parts so
-that one implementation serves both topologies; :func:`server_forward`,
-:func:`device_step` and :func:`server_backward` are the paper's names for the
-``device_top`` case. All of them are pure and jit-friendly; per-example rows
-have axis 0 as the batch axis and padded rows (``mask == 0``) contribute zero.
+Every function takes per-example apply functions, so any model works (Flax, Haiku, plain JAX):
+``encoder_apply(params, x_i) -> h_i [d]`` and ``head_apply(params, h_i, x_i) -> scalar logit``,
+where ``x_i`` is one example's features as a pytree (splitjax's own models use the tuple
+``(cat [P] int32, dense [Pd])``; `apply_fns(model)` gives their two functions). Batches are
+pytrees whose leaves have a leading batch axis ``N``; padded rows (``mask == 0``) contribute zero.
+
+- `encoder_forward`, `head_step` (loss, per-example cut gradients, parameter gradients),
+  `head_step_per_example`, `encoder_backward`: one implementation for both topologies;
+- `server_forward`, `device_step`, `server_backward`: the paper's names for them in
+  ``device_top``;
+- `split_step`: one pass through the cut (forward, the head's step, the privatizer on what the
+  device sends, the backward), what the SL and FSL training steps run.
+
+All are pure and jit-friendly.
 """
 
+import functools
+from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
@@ -25,15 +36,19 @@ import optax
 
 from splitjax import models
 
+# (x_sent [N, d], mask [N]) -> (x_sent [N, d] with padded rows zero, int32 count of rows zeroed)
+Privatizer = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
-class TopStepOut(NamedTuple):
+
+class DeviceStepOut(NamedTuple):
   """What the head side computes on one batch.
 
   Attributes:
     loss: scalar, mean BCE over the valid rows.
     cut_grads: ``[N, d]``, row i = d l_i / d h_i (per example, NOT divided by
       the batch size; zero on padded rows).
-    param_grads: gradient of the mean loss w.r.t. the head's parameters.
+    param_grads: gradient of the mean loss w.r.t. the head's parameters (with
+      `head_step_per_example`: one per example, leaves ``[N, ...]``).
     logits: ``[N]``.
   """
 
@@ -43,104 +58,237 @@ class TopStepOut(NamedTuple):
   logits: jax.Array
 
 
+# The name before 0.3 (the head side's step in both topologies).
+TopStepOut = DeviceStepOut
+
+
 def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example binary cross-entropy from logits (stable at any logit). ``[N] -> [N]``."""
   return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
 
 
-def top_step_per_example(model: models.SplitModel, params, h, cat, dense, y, mask) -> TopStepOut:
-  """Like :func:`top_step`, but ``param_grads`` holds one gradient per example.
+@functools.cache
+def apply_fns(
+  model: models.SplitModel,
+) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+  """``(encoder_apply(params, x_i), head_apply(params, h_i, x_i))`` of a `SplitModel`.
 
-  Each leaf of ``param_grads`` gets a leading batch axis ``[N, ...]`` (zero on
-  padded rows): what device DP-SGD clips per example before aggregating.
+  ``x_i = (cat_i, dense_i)``. Cached per model (the same objects on every call).
   """
-  mask = mask.astype(jnp.float32)
 
-  def loss_i(p, hi, ci, di, yi, mi):
-    logit = model.head_apply(p, hi, ci, di)
-    return mi * bce_loss(logit[None], yi[None])[0], logit
+  def encoder_apply(params, x):
+    return model.encoder_apply(params, *x)
 
-  grads_fn = jax.vmap(
-    jax.value_and_grad(loss_i, argnums=(0, 1), has_aux=True), in_axes=(None, 0, 0, 0, 0, 0)
-  )
-  (losses, logits), (p_grads, h_grads) = grads_fn(params, h, cat, dense, y, mask)
-  n = jnp.maximum(jnp.sum(mask), 1.0)
-  return TopStepOut(jnp.sum(losses) / n, h_grads, p_grads, logits)
+  def head_apply(params, h, x):
+    return model.head_apply(params, h, *x)
+
+  return encoder_apply, head_apply
 
 
-def bottom_forward(model: models.SplitModel, params, cat, dense) -> jax.Array:
-  """Encoder forward: ``cat [N, P] int32, dense [N, Pd] -> cut activation [N, d]``."""
-  return model.encode_batch(params, cat, dense)
+def encoder_forward(encoder_apply: Callable[..., jax.Array], params, x) -> jax.Array:
+  """Encoder forward: ``x`` (pytree of ``[N, ...]`` leaves) ``-> cut activation [N, d]``."""
+  return jax.vmap(encoder_apply, in_axes=(None, 0))(params, x)
 
 
-def top_step(model: models.SplitModel, params, h, cat, dense, y, mask) -> TopStepOut:
+def head_step(head_apply: Callable[..., jax.Array], params, h, x, y, mask) -> DeviceStepOut:
   """Head forward and backward on a batch (the receiving side of the cut).
 
   Args:
-    model: the split model.
+    head_apply: ``(params, h_i [d], x_i) -> scalar logit``.
     params: head parameters.
     h: ``[N, d]`` cut activations received.
-    cat: ``[N, P] int32`` the head side's categorical features.
-    dense: ``[N, Pd]`` the head side's dense features.
+    x: the head side's features, a pytree of ``[N, ...]`` leaves.
     y: ``[N]`` labels in {0, 1}.
     mask: ``[N]`` 1 for real rows, 0 for padding.
 
   Returns:
-    :class:`TopStepOut`. ``cut_grads[i]`` is the gradient of example i's own
-    loss with respect to its own ``h_i`` (the sum of per-example losses is
-    differentiated, and example i's loss depends only on ``h_i``).
+    `DeviceStepOut`. ``cut_grads[i]`` is the gradient of example i's own loss with respect to
+    its own ``h_i`` (the sum of per-example losses is differentiated, and example i's loss
+    depends only on ``h_i``); ``param_grads`` that of the mean loss over the real rows.
   """
   mask = mask.astype(jnp.float32)
+  logits_fn = jax.vmap(head_apply, in_axes=(None, 0, 0))
 
   def total_loss(p, hh):
-    logits = model.head_batch(p, hh, cat, dense)
+    logits = logits_fn(p, hh, x)
     return jnp.sum(mask * bce_loss(logits, y)), logits
 
   (total, logits), (p_grads, h_grads) = jax.value_and_grad(
     total_loss, argnums=(0, 1), has_aux=True
   )(params, h)
   n = jnp.maximum(jnp.sum(mask), 1.0)
-  p_grads = jax.tree.map(lambda x: x / n, p_grads)
-  return TopStepOut(total / n, h_grads * mask[:, None], p_grads, logits)
+  p_grads = jax.tree.map(lambda g: g / n, p_grads)
+  return DeviceStepOut(total / n, h_grads * mask[:, None], p_grads, logits)
 
 
-def bottom_backward(model: models.SplitModel, params, cat, dense, cut_grads, num_valid):
+def head_step_per_example(
+  head_apply: Callable[..., jax.Array], params, h, x, y, mask
+) -> DeviceStepOut:
+  """Like `head_step`, but ``param_grads`` holds one gradient per example.
+
+  Each leaf of ``param_grads`` gets a leading batch axis ``[N, ...]`` (zero on padded rows):
+  what device DP-SGD clips per example before aggregating.
+  """
+  mask = mask.astype(jnp.float32)
+
+  def loss_i(p, hi, xi, yi, mi):
+    logit = head_apply(p, hi, xi)
+    return mi * bce_loss(logit[None], yi[None])[0], logit
+
+  grads_fn = jax.vmap(
+    jax.value_and_grad(loss_i, argnums=(0, 1), has_aux=True), in_axes=(None, 0, 0, 0, 0)
+  )
+  (losses, logits), (p_grads, h_grads) = grads_fn(params, h, x, y, mask)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  return DeviceStepOut(jnp.sum(losses) / n, h_grads, p_grads, logits)
+
+
+def encoder_backward(encoder_apply: Callable[..., jax.Array], params, x, cut_grads, num_valid):
   """Pulls the received per-example ``cut_grads [N, d]`` back through the encoder.
 
-  Returns the gradient of the mean loss w.r.t. the encoder parameters: the
-  receiver of ``g`` divides by the batch size itself (``num_valid``).
-  The forward is recomputed inside ``jax.vjp`` (no stored closure).
+  Returns the gradient of the mean loss w.r.t. the encoder parameters: the receiver of ``g``
+  divides by the number of real rows itself (``num_valid``). The forward is recomputed inside
+  ``jax.vjp`` (no stored closure).
   """
-  _, vjp = jax.vjp(lambda p: bottom_forward(model, p, cat, dense), params)
+  _, vjp = jax.vjp(lambda p: encoder_forward(encoder_apply, p, x), params)
   (grads,) = vjp(cut_grads / jnp.maximum(num_valid, 1.0))
   return grads
 
 
-# The paper's names (device_top).
-def server_forward(model, theta, pub_cat, pub_dense):
-  """Server: ``x_pub -> h [N, d]`` (device_top)."""
-  _check_top(model)
-  return bottom_forward(model, theta, pub_cat, pub_dense)
+# The paper's names (device_top: the server runs the encoder, the device the head).
+def server_forward(server_apply: Callable[..., jax.Array], theta, x_pub) -> jax.Array:
+  """Server: ``x_pub`` (pytree of ``[N, ...]``) ``-> h [N, d]``; ``server_apply(theta, x_i)``."""
+  return encoder_forward(server_apply, theta, x_pub)
 
 
-def device_step(model, phi, h, priv_cat, priv_dense, y, mask) -> TopStepOut:
-  """Device: loss, per-example ``g_i = dl_i/dh_i`` and its parameter gradients (device_top)."""
-  _check_top(model)
-  return top_step(model, phi, h, priv_cat, priv_dense, y, mask)
+def device_step(device_apply: Callable[..., jax.Array], phi, h, x_priv, y, mask) -> DeviceStepOut:
+  """Device: loss, per-example ``g_i = dl_i/dh_i`` and its parameter gradients (see `head_step`).
+
+  ``device_apply(phi, h_i [d], x_priv_i) -> logit``; ``h [N, d]``, ``x_priv`` a pytree of
+  ``[N, ...]`` leaves, ``y, mask [N]``.
+  """
+  return head_step(device_apply, phi, h, x_priv, y, mask)
 
 
-def server_backward(model, theta, pub_cat, pub_dense, g, num_valid):
-  """Server: theta gradient of the mean loss from the received ``g [N, d]`` (device_top)."""
-  _check_top(model)
-  return bottom_backward(model, theta, pub_cat, pub_dense, g, num_valid)
+def server_backward(server_apply: Callable[..., jax.Array], theta, x_pub, g, num_valid):
+  """Server: theta gradient of the mean loss from the received ``g [N, d]`` (see
+  `encoder_backward`)."""
+  return encoder_backward(server_apply, theta, x_pub, g, num_valid)
 
 
-def _check_top(model):
-  if model.spec.topology != "device_top":
-    raise ValueError(
-      "server_forward/device_step/server_backward are the device_top "
-      "names; use bottom_forward/top_step/bottom_backward"
-    )
+class SplitStepOut(NamedTuple):
+  """One pass through the cut (`split_step`).
+
+  Attributes:
+    loss: scalar mean loss over the real rows.
+    encoder_grads, head_grads: gradients of the mean loss for each side's parameters.
+    h_sent: ``[N, d]`` the activations that crossed the wire (after the privatizer in
+      ``device_bottom``).
+    g_sent: ``[N, d]`` the gradients that crossed the wire (after the privatizer in
+      ``device_top``).
+    logits: ``[N]``.
+    nonfinite: int32, rows the privatizer zeroed because they held an inf or NaN.
+  """
+
+  loss: jax.Array
+  encoder_grads: Any
+  head_grads: Any
+  h_sent: jax.Array
+  g_sent: jax.Array
+  logits: jax.Array
+  nonfinite: jax.Array
+
+
+def _no_privatizer(x, mask):
+  return x * mask[:, None].astype(x.dtype), jnp.zeros((), jnp.int32)
+
+
+def split_step(
+  encoder_apply: Callable[..., jax.Array],
+  head_apply: Callable[..., jax.Array],
+  encoder_params,
+  head_params,
+  x_encoder,
+  x_head,
+  y,
+  mask,
+  *,
+  topology: str,
+  privatize: Privatizer | None = None,
+  privatize_head_grads: Callable[[Any, jax.Array], Any] | None = None,
+  head_step_fn: Callable[..., DeviceStepOut] | None = None,
+) -> SplitStepOut:
+  """One pass through the cut: encoder forward, head step, the device's privatizer, backward.
+
+  In ``device_top`` (the paper's) the device runs the head and privatizes the per-example
+  cut gradients it sends back; in ``device_bottom`` it runs the encoder and privatizes the
+  activations it sends. The encoder's gradient is pulled back from what was sent.
+
+  Args:
+    encoder_apply: ``(params, x_i) -> h_i [d]``.
+    head_apply: ``(params, h_i [d], x_i) -> scalar logit``.
+    encoder_params, head_params: each side's parameters.
+    x_encoder, x_head: each side's features (pytrees of ``[N, ...]`` leaves).
+    y, mask: ``[N]`` labels and 1 for real rows (0 for padding).
+    topology: ``'device_top'`` or ``'device_bottom'`` (which side is the device).
+    privatize: the device's chain on what it sends, ``(x [N, d], mask) -> (x_sent, nonfinite)``
+      (e.g. clip and noise; padded rows must come back zero); None sends ``x`` as is.
+    privatize_head_grads: ``device_top`` only: device DP-SGD, ``(per-example parameter
+      gradients [N, ...], mask) -> the gradient used``; None uses the plain mean gradient.
+    head_step_fn: ``device_top`` only: ``(head_params, h [N, d], x_head, y, mask) ->
+      DeviceStepOut`` in place of `head_step` (federated split learning passes one that runs
+      each device's own head on its own rows; its ``loss`` may then be per device).
+
+  Returns:
+    `SplitStepOut`.
+  """
+  if topology not in models.TOPOLOGIES:
+    raise ValueError(f"unknown topology {topology!r}: choose one of {models.TOPOLOGIES}")
+  if topology == "device_bottom" and (privatize_head_grads is not None or head_step_fn is not None):
+    raise ValueError("device DP-SGD and a custom head step are implemented for device_top only")
+  privatize = _no_privatizer if privatize is None else privatize
+  mask = mask.astype(jnp.float32)
+  n = jnp.sum(mask)
+  h = encoder_forward(encoder_apply, encoder_params, x_encoder)
+  if topology == "device_top":
+    if head_step_fn is not None:
+      out = head_step_fn(head_params, h, x_head, y, mask)
+    elif privatize_head_grads is None:
+      out = head_step(head_apply, head_params, h, x_head, y, mask)
+    else:
+      out = head_step_per_example(head_apply, head_params, h, x_head, y, mask)
+      out = out._replace(param_grads=privatize_head_grads(out.param_grads, mask))
+    g_sent, nonfinite = privatize(out.cut_grads, mask)
+    enc_grads = encoder_backward(encoder_apply, encoder_params, x_encoder, g_sent, n)
+    return SplitStepOut(out.loss, enc_grads, out.param_grads, h, g_sent, out.logits, nonfinite)
+  # device_bottom: the device privatises its activations.
+  h_sent, nonfinite = privatize(h, mask)
+  out = head_step(head_apply, head_params, h_sent, x_head, y, mask)
+  enc_grads = encoder_backward(encoder_apply, encoder_params, x_encoder, out.cut_grads, n)
+  return SplitStepOut(
+    out.loss, enc_grads, out.param_grads, h_sent, out.cut_grads, out.logits, nonfinite
+  )
+
+
+# The model-based forms (both topologies; ``cat, dense`` as separate arrays).
+def bottom_forward(model: models.SplitModel, params, cat, dense) -> jax.Array:
+  """Encoder forward of a `SplitModel`: ``cat [N, P] int32, dense [N, Pd] -> [N, d]``."""
+  return encoder_forward(apply_fns(model)[0], params, (cat, dense))
+
+
+def top_step(model: models.SplitModel, params, h, cat, dense, y, mask) -> DeviceStepOut:
+  """`head_step` of a `SplitModel` (``cat [N, P] int32, dense [N, Pd]``)."""
+  return head_step(apply_fns(model)[1], params, h, (cat, dense), y, mask)
+
+
+def top_step_per_example(model: models.SplitModel, params, h, cat, dense, y, mask):
+  """`head_step_per_example` of a `SplitModel`."""
+  return head_step_per_example(apply_fns(model)[1], params, h, (cat, dense), y, mask)
+
+
+def bottom_backward(model: models.SplitModel, params, cat, dense, cut_grads, num_valid):
+  """`encoder_backward` of a `SplitModel`."""
+  return encoder_backward(apply_fns(model)[0], params, (cat, dense), cut_grads, num_valid)
 
 
 class Transcript(NamedTuple):

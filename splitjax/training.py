@@ -181,7 +181,7 @@ def device_dp_sgd(per_example_grads, dp: DPConfig, key, mask):
 
 
 def _head_step(model, params, h, head_in: tuple[Any, Any], y, mask, dp, key, device_dp: bool):
-  """The device's head step; with ``device_dp`` its parameter gradient is privatised."""
+  """One device's head step (FSL); with ``device_dp`` its parameter gradient is privatised."""
   if not device_dp:
     return protocol.top_step(model, params, h, *head_in, y, mask)
   out = protocol.top_step_per_example(model, params, h, *head_in, y, mask)
@@ -194,21 +194,32 @@ def _split_forward_backward(
 ):
   """One pass through the cut; (loss, enc_grads, head_grads, h_sent, g_sent, logits, nonfinite)."""
   _, enc_in, head_in = _sides(model, batch)
-  mask = batch.mask.astype(jnp.float32)
-  n = jnp.sum(mask)
-  h = protocol.bottom_forward(model, enc_params, *enc_in)
-  if model.spec.topology == "device_top":
-    out = _head_step(model, head_params, h, head_in, batch.y, mask, dp, key, device_dp)
-    g_sent, nonfinite = cut_layer_dp(out.cut_grads, dp, key, mask)
-    enc_grads = protocol.bottom_backward(model, enc_params, *enc_in, g_sent, n)
-    return out.loss, enc_grads, out.param_grads, h, g_sent, out.logits, nonfinite
-  # device_bottom: the device privatises its activations.
-  if device_dp:
-    raise ValueError("device DP-SGD is implemented for device_top only")
-  h_sent, nonfinite = cut_layer_dp(h, dp, key, mask)
-  out = protocol.top_step(model, head_params, h_sent, *head_in, batch.y, mask)
-  enc_grads = protocol.bottom_backward(model, enc_params, *enc_in, out.cut_grads, n)
-  return out.loss, enc_grads, out.param_grads, h_sent, out.cut_grads, out.logits, nonfinite
+  encoder_apply, head_apply = protocol.apply_fns(model)
+  head_privatizer = None
+  if device_dp:  # the device's parameter gradient is privatised too (device DP-SGD)
+    head_privatizer = lambda grads, mask: device_dp_sgd(grads, dp, jax.random.fold_in(key, 1), mask)
+  out = protocol.split_step(
+    encoder_apply,
+    head_apply,
+    enc_params,
+    head_params,
+    enc_in,
+    head_in,
+    batch.y,
+    batch.mask,
+    topology=model.spec.topology,
+    privatize=lambda x, mask: cut_layer_dp(x, dp, key, mask),
+    privatize_head_grads=head_privatizer,
+  )
+  return (
+    out.loss,
+    out.encoder_grads,
+    out.head_grads,
+    out.h_sent,
+    out.g_sent,
+    out.logits,
+    out.nonfinite,
+  )
 
 
 @functools.cache
@@ -273,29 +284,50 @@ def make_fsl_round(
     bcast = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_dev,) + x.shape), t)
     phis, opts = bcast(state.device_params), bcast(state.device_opt)
     flat = jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), batch)
-    mask = flat.mask.astype(jnp.float32)
-    n = jnp.sum(mask)
+    encoder_apply, head_apply = protocol.apply_fns(model)
 
     def local(carry, t):
       server, server_opt, phis, opts = carry
       key = jax.random.fold_in(state.key, state.step * local_steps + t)
-      h = protocol.bottom_forward(model, server, flat.pub_cat, flat.pub_dense)
-      hd = h.reshape(batch.y.shape + h.shape[-1:])
       dev_keys = jax.random.split(jax.random.fold_in(key, 2), num_dev)
-      out = jax.vmap(
-        lambda p, hh, c, dd, yy, mm, kk: _head_step(
-          model, p, hh, (c, dd), yy, mm, dp, kk, device_dp
+
+      def device_heads(phis_, h, x_head, y, mask):  # each device's head on its own rows
+        out = jax.vmap(
+          lambda p, hh, c, dd, yy, mm, kk: _head_step(
+            model, p, hh, (c, dd), yy, mm, dp, kk, device_dp
+          )
+        )(
+          phis_,
+          h.reshape(batch.y.shape + h.shape[-1:]),
+          x_head[0],
+          x_head[1],
+          y.reshape(batch.y.shape),
+          mask.reshape(batch.y.shape),
+          dev_keys,
         )
-      )(phis, hd, batch.priv_cat, batch.priv_dense, batch.y, batch.mask, dev_keys)
-      g = out.cut_grads.reshape(h.shape)
-      g_sent, nonfinite = cut_layer_dp(g, dp, key, mask)
-      server_g = protocol.bottom_backward(model, server, flat.pub_cat, flat.pub_dense, g_sent, n)
-      upd, server_opt = tx_server.update(server_g, server_opt, server)
+        return out._replace(cut_grads=out.cut_grads.reshape(h.shape))
+
+      cut = protocol.split_step(
+        encoder_apply,
+        head_apply,
+        server,
+        phis,
+        (flat.pub_cat, flat.pub_dense),
+        (batch.priv_cat, batch.priv_dense),
+        flat.y,
+        flat.mask,
+        topology="device_top",
+        privatize=lambda x, mask: cut_layer_dp(x, dp, key, mask),
+        head_step_fn=device_heads,
+      )
+      hd = cut.h_sent.reshape(batch.y.shape + cut.h_sent.shape[-1:])
+      upd, server_opt = tx_server.update(cut.encoder_grads, server_opt, server)
       server = optax.apply_updates(server, upd)
-      upd, opts = jax.vmap(tx_device.update)(out.param_grads, opts, phis)
+      upd, opts = jax.vmap(tx_device.update)(cut.head_grads, opts, phis)
       phis = jax.vmap(optax.apply_updates)(phis, upd)
-      loss = jnp.sum(out.loss * device_mask) / jnp.maximum(jnp.sum(device_mask), 1.0)
-      return (server, server_opt, phis, opts), (loss, hd, g_sent.reshape(hd.shape), nonfinite)
+      loss = jnp.sum(cut.loss * device_mask) / jnp.maximum(jnp.sum(device_mask), 1.0)
+      g_sent = cut.g_sent.reshape(hd.shape)
+      return (server, server_opt, phis, opts), (loss, hd, g_sent, cut.nonfinite)
 
     (server, server_opt, phis, opts), (losses, hs, gs, nonfinite) = jax.lax.scan(
       local, (state.server_params, state.server_opt, phis, opts), jnp.arange(local_steps)

@@ -103,7 +103,8 @@ def test_cut_gradients_are_finite_and_exact_at_extreme_logits(head):
   pub_cat = np.stack([rng.integers(0, c, n) for c in _SPEC["pub_cardinalities"]], 1)
   priv_cat = np.stack([rng.integers(0, c, n) for c in _SPEC["priv_cardinalities"]], 1)
   priv_cat = priv_cat.astype(np.int32)
-  h = jax.jit(lambda t, c, d: protocol.server_forward(model, t, c, d))(
+  server_apply, device_apply = protocol.apply_fns(model)
+  h = jax.jit(lambda t, c, d: protocol.server_forward(server_apply, t, (c, d)))(
     theta, pub_cat.astype(np.int32), rng.random((n, 1), np.float32)
   )
   dense = np.zeros((n, 0), np.float32)
@@ -113,7 +114,7 @@ def test_cut_gradients_are_finite_and_exact_at_extreme_logits(head):
 
   @jax.jit
   def step_and_reference(phi):
-    out = protocol.device_step(model, phi, h, priv_cat, dense, y, mask)
+    out = protocol.device_step(device_apply, phi, h, (priv_cat, dense), y, mask)
     # g_i = (sigmoid(z_i) - y_i) dz_i/dh_i, and exactly 0 on padding.
     want = (jax.nn.sigmoid(out.logits) - y)[:, None] * dz_dh(phi, h, priv_cat, dense)
     return out, want * mask[:, None]

@@ -77,7 +77,7 @@ def test_split_gradients_equal_end_to_end(topology, head):
   assert np.all(np.asarray(out.cut_grads[-3:]) == 0)
 
 
-def test_paper_names_reject_device_bottom():
+def test_split_step_refuses_device_dp_sgd_in_device_bottom():
   spec = models.ModelSpec(
     pub_cardinalities=PUB_CARDS,
     num_pub_dense=2,
@@ -86,8 +86,21 @@ def test_paper_names_reject_device_bottom():
     hidden=(16, 8),
   )
   model = models.make_model(spec)
-  with pytest.raises(ValueError, match="device_top"):
-    protocol.server_forward(model, None, None, None)
+  enc_apply, head_apply = protocol.apply_fns(model)
+  pub_cat, pub_dense, priv_cat, priv_dense, y, mask = _batch()
+  with pytest.raises(ValueError, match="device_top only"):
+    protocol.split_step(
+      enc_apply,
+      head_apply,
+      None,
+      None,
+      (priv_cat, priv_dense),
+      (pub_cat, pub_dense),
+      y,
+      mask,
+      topology="device_bottom",
+      privatize_head_grads=lambda g, m: g,
+    )
 
 
 def test_gradient_is_label_scaled_direction():
@@ -99,10 +112,12 @@ def test_gradient_is_label_scaled_direction():
   enc = model.encoder_init(jax.random.key(0))
   top = model.head_init(jax.random.key(1))
   pub_cat, pub_dense, priv_cat, priv_dense, y, mask = _batch(1)
-  h = protocol.server_forward(model, enc, pub_cat, pub_dense)
+  server_apply, device_apply = protocol.apply_fns(model)  # per example, features (cat, dense)
+  h = protocol.server_forward(server_apply, enc, (pub_cat, pub_dense))
   priv_dense = priv_dense[:, :0]
-  g0 = protocol.device_step(model, top, h, priv_cat, priv_dense, np.zeros(N, np.int32), mask)
-  g1 = protocol.device_step(model, top, h, priv_cat, priv_dense, np.ones(N, np.int32), mask)
+  x_priv = (priv_cat, priv_dense)
+  g0 = protocol.device_step(device_apply, top, h, x_priv, np.zeros(N, np.int32), mask)
+  g1 = protocol.device_step(device_apply, top, h, x_priv, np.ones(N, np.int32), mask)
   z = g0.logits
   dzdh = jax.vmap(jax.grad(model.head_apply, argnums=1), in_axes=(None, 0, 0, 0))(
     top, h, priv_cat, priv_dense
@@ -140,3 +155,107 @@ def test_spec_rejects_bad_values():
     )
   with pytest.raises(ValueError, match=">= 1"):
     models.ModelSpec(pub_cardinalities=(2,), num_pub_dense=0, priv_cardinalities=(0,))
+
+
+def _foreign(key):
+  """A plain-JAX split model with dict features: no SplitModel, no Flax."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  theta = dict(emb=0.3 * jax.random.normal(k1, (5, 4)), w=0.3 * jax.random.normal(k2, (2, 4)))
+  phi = dict(
+    emb=0.3 * jax.random.normal(k3, (3, 4)), w1=jnp.linspace(-1.0, 1.0, 8 * 6).reshape(8, 6)
+  )
+  phi["w2"] = jnp.linspace(0.5, -0.5, 6)
+
+  def server_apply(t, x):  # x: {"code": int32 scalar, "num": [2]}
+    return jnp.tanh(t["emb"][x["code"]] + x["num"] @ t["w"])
+
+  def device_apply(p, h, x):  # x: (int32 scalar,) + a scalar weight
+    z = jnp.concatenate([h, p["emb"][x[0]] * x[1]])
+    return jnp.tanh(z @ p["w1"]) @ p["w2"]
+
+  rng = np.random.default_rng(3)
+  x_pub = dict(code=rng.integers(0, 5, N).astype(np.int32), num=rng.normal(size=(N, 2)))
+  x_priv = (rng.integers(0, 3, N).astype(np.int32), rng.uniform(size=N).astype(np.float32))
+  x_pub["num"] = x_pub["num"].astype(np.float32)
+  y = rng.integers(0, 2, N).astype(np.float32)
+  return server_apply, device_apply, theta, phi, x_pub, x_priv, y
+
+
+@pytest.mark.parametrize("topology", ["device_top", "device_bottom"])
+def test_split_step_of_a_foreign_model_equals_the_composed_gradient(topology):
+  server_apply, device_apply, theta, phi, x_pub, x_priv, y = _foreign(jax.random.key(0))
+  mask = np.ones(N, np.float32)
+  mask[-2:] = 0.0
+  # The same functions in either orientation (without a privatizer the maths is the same; the
+  # topology says which side is the device, i.e. what a privatizer would touch).
+
+  def composed(t, p):
+    h = jax.vmap(server_apply, in_axes=(None, 0))(t, x_pub)
+    logits = jax.vmap(device_apply, in_axes=(None, 0, 0))(p, h, x_priv)
+    return jnp.sum(mask * protocol.bce_loss(logits, y)) / jnp.sum(mask)
+
+  ref_t, ref_p = jax.grad(composed, argnums=(0, 1))(theta, phi)
+  out = jax.jit(
+    lambda t, p: protocol.split_step(
+      server_apply, device_apply, t, p, x_pub, x_priv, y, mask, topology=topology
+    )
+  )(theta, phi)
+  np.testing.assert_allclose(out.loss, composed(theta, phi), rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(out.encoder_grads), jax.tree.leaves(ref_t), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  for got, want in zip(jax.tree.leaves(out.head_grads), jax.tree.leaves(ref_p), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert np.all(np.asarray(out.g_sent[-2:]) == 0) and out.nonfinite == 0
+  # The paper's names on the same functions give the same pieces (device_top).
+  h = protocol.server_forward(server_apply, theta, x_pub)
+  real = mask > 0  # (device_bottom sends zero activations for padded rows)
+  np.testing.assert_allclose(h[real], out.h_sent[real], rtol=1e-6)
+  step = protocol.device_step(device_apply, phi, h, x_priv, y, mask)
+  np.testing.assert_allclose(step.cut_grads, out.g_sent, rtol=1e-5, atol=1e-8)
+  back = protocol.server_backward(server_apply, theta, x_pub, step.cut_grads, mask.sum())
+  for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(ref_t), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_split_step_applies_the_privatizer_to_what_the_device_sends():
+  server_apply, device_apply, theta, phi, x_pub, x_priv, y = _foreign(jax.random.key(1))
+  mask = np.ones(N, np.float32)
+  halve = lambda x, m: (0.5 * x * m[:, None], jnp.ones((), jnp.int32))
+  top = protocol.split_step(
+    server_apply,
+    device_apply,
+    theta,
+    phi,
+    x_pub,
+    x_priv,
+    y,
+    mask,
+    topology="device_top",
+    privatize=halve,
+  )
+  plain = protocol.split_step(
+    server_apply, device_apply, theta, phi, x_pub, x_priv, y, mask, topology="device_top"
+  )
+  np.testing.assert_allclose(top.g_sent, 0.5 * plain.g_sent, rtol=1e-6)
+  for a, b in zip(
+    jax.tree.leaves(top.encoder_grads), jax.tree.leaves(plain.encoder_grads), strict=True
+  ):
+    np.testing.assert_allclose(a, 0.5 * b, rtol=1e-5, atol=1e-8)  # pulled back from what was sent
+  assert int(top.nonfinite) == 1
+  bottom = protocol.split_step(
+    server_apply,
+    device_apply,
+    theta,
+    phi,
+    x_pub,
+    x_priv,
+    y,
+    mask,
+    topology="device_bottom",
+    privatize=halve,
+  )
+  np.testing.assert_allclose(bottom.h_sent, 0.5 * plain.h_sent, rtol=1e-6)
+  with pytest.raises(ValueError, match="topology"):
+    protocol.split_step(
+      server_apply, device_apply, theta, phi, x_pub, x_priv, y, mask, topology="sideways"
+    )
