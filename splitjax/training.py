@@ -173,11 +173,19 @@ def cut_layer_dp(x, dp: DPConfig, key, mask):
 
 
 def device_dp_sgd(per_example_grads, dp: DPConfig, key, mask):
-  """Device DP-SGD: clip each example's gradient, sum, add noise, average over real rows."""
-  tx = dp_transforms.dp_aggregate(dp.device_l2_clip_norm, dp.device_noise_multiplier, key=key)
+  """Device DP-SGD: clip each example's gradient, sum, add noise, average over real rows.
+
+  Padded rows' gradients are zero (the head step masks them); the number of real rows of the
+  batch is public (fixed by the dataset and batch sizes), so dividing by it is post-processing.
+  """
+  tx = dp_transforms.dp_aggregate(
+    dp.device_l2_clip_norm,
+    dp.device_noise_multiplier,
+    key=key,
+    normalize_by=jnp.maximum(jnp.sum(mask), 1.0),
+  )
   noisy_mean, _ = tx.update(per_example_grads, tx.init(per_example_grads))
-  scale = mask.shape[0] / jnp.maximum(jnp.sum(mask), 1.0)  # dp_aggregate divides by padded N
-  return jax.tree.map(lambda x: x * scale, noisy_mean)
+  return noisy_mean
 
 
 def _head_step(model, params, h, head_in: tuple[Any, Any], y, mask, dp, key, device_dp: bool):

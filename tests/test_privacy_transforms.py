@@ -294,3 +294,40 @@ def test_an_empty_batch_is_a_value_error_naming_the_problem(make):
     with pytest.raises(privacy.PrivacyError, match="the batch is empty") as e:
       tx.update(empty, tx.init(empty))
     assert isinstance(e.value, ValueError)
+
+
+def test_the_transforms_are_thin_adapters_of_the_pure_functions():
+  """clip_per_example is privacy.clip_rows; add_gaussian_noise is add_noise with the split key."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(
+    rng.normal(size=(6, 5)).astype(np.float32) * np.array([[1e-3], [1], [3], [0], [1e30], [7]])
+  )
+  tx = privacy.clip_per_example(1.5)
+  np.testing.assert_array_equal(tx.update(x, tx.init(x))[0], privacy.clip_rows(x, 1.5))
+  key = jax.random.key(3)
+  noise_tx = privacy.add_gaussian_noise(0.7, 1.5, key=key)
+  got, _ = noise_tx.update(x, noise_tx.init(x))
+  _, noise_key = jax.random.split(key)
+  np.testing.assert_array_equal(got, privacy.add_noise(x, noise_key, 0.7 * 1.5))
+
+
+def test_add_noise_has_the_requested_stddev_and_is_a_function_of_the_key():
+  x = jnp.zeros((4000, 8), jnp.float32)
+  a = np.asarray(privacy.add_noise(x, jax.random.key(0), 0.3))
+  assert abs(a.std() - 0.3) < 0.3 * 0.02 and abs(a.mean()) < 0.3 * 0.02
+  np.testing.assert_array_equal(a, privacy.add_noise(x, jax.random.key(0), 0.3))
+  assert not np.array_equal(a, privacy.add_noise(x, jax.random.key(1), 0.3))
+
+
+def test_dp_aggregate_normalize_by_divides_the_noisy_sum_by_the_given_count():
+  rng = np.random.default_rng(1)
+  g = rng.normal(size=(8, 3)).astype(np.float32)
+  g[5:] = 0.0  # padded rows: zero
+  key = jax.random.key(2)
+  tx = privacy.dp_aggregate(1.0, 0.5, key=key, normalize_by=5.0)
+  got, _ = tx.update(jnp.asarray(g), tx.init(None))
+  summed = jnp.sum(privacy.clip_rows(jnp.asarray(g), 1.0), axis=0)
+  _, noise_key = jax.random.split(key)
+  np.testing.assert_allclose(got, privacy.add_noise(summed, noise_key, 0.5) / 5.0, rtol=1e-6)
+  plain = privacy.dp_aggregate(1.0, 0.0, key=key)  # default: the static batch size
+  np.testing.assert_allclose(plain.update(jnp.asarray(g), plain.init(None))[0], summed / 8.0)

@@ -27,7 +27,9 @@ from splitjax.privacy.label_dp import randomized_response_jax
 from splitjax.privacy.transforms import AddGaussianNoiseState
 from splitjax.privacy.transforms import DpAggregateState
 from splitjax.privacy.transforms import add_gaussian_noise
+from splitjax.privacy.transforms import add_noise
 from splitjax.privacy.transforms import clip_per_example
+from splitjax.privacy.transforms import clip_rows
 from splitjax.privacy.transforms import cut_layer_dp
 from splitjax.privacy.transforms import dp_aggregate
 from splitjax.privacy.transforms import nonfinite_rows

@@ -137,7 +137,21 @@ def nonfinite_rows(updates: Any) -> jax.Array:
   return ~_row_stats(leaves).finite
 
 
-def _clip_rows(updates: optax.Updates, l2_clip_norm) -> optax.Updates:
+def clip_rows(updates: optax.Updates, l2_clip_norm: jax.typing.ArrayLike) -> optax.Updates:
+  """The pure clip behind `clip_per_example`: each example's row to L2 norm at most C.
+
+  Args:
+    updates: a pytree whose leaves are `[batch, ...]` floats; row i is the i-th slice of every
+      leaf together (global norm over the leaves).
+    l2_clip_norm: C >= 0 (traced or concrete; not checked here, see `clip_per_example`).
+
+  Returns:
+    The pytree with row i multiplied by min(1, C / ||row_i||); non-finite rows become zero
+    rows. The same robust computation as `clip_per_example` (its Formal guarantees hold).
+    (`splitjax.attacks.clip_rows` is the attacker's simulation of it on candidate rows `[..., d]`:
+    the same result on every row whose squared norm is representable, differentiable at zero
+    rows.)
+  """
   leaves, treedef = jax.tree.flatten(updates)
   st = _row_stats(leaves)
   clip = jnp.asarray(l2_clip_norm, dtype=st.dtype)
@@ -215,7 +229,7 @@ def clip_per_example(l2_clip_norm: jax.typing.ArrayLike) -> optax.GradientTransf
       return updates, state
     _batch_size(leaves)
     _check_float(leaves)
-    return _clip_rows(updates, l2_clip_norm), state
+    return clip_rows(updates, l2_clip_norm), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -251,12 +265,24 @@ def _stddev_value(noise_multiplier, l2_clip_norm):
   return jnp.where((sigma == 0) | (clip == 0), 0.0, sigma * jnp.where(clip == 0, 1.0, clip))
 
 
-def _add_noise(updates, key, stddev):
-  """Adds stddev * N(0, 1) to every element; one draw for all leaves (one PRNG kernel)."""
+def add_noise(
+  updates: optax.Updates, key: jax.Array, stddev: jax.typing.ArrayLike
+) -> optax.Updates:
+  """The pure noise behind `add_gaussian_noise`: `stddev * N(0, 1)` added to every element.
+
+  One draw of `jax.random.normal(key, (total size,))` serves all leaves in `tree.flatten` order
+  (one PRNG kernel), in float32 or the widest leaf dtype; each leaf keeps its dtype. The same key
+  gives the same noise: derive per-step keys with `jax.random.fold_in(key, step)`.
+
+  Args:
+    updates: a pytree of float leaves.
+    key: a PRNG key.
+    stddev: the standard deviation (scalar, traced or concrete).
+  """
   leaves, treedef = jax.tree.flatten(updates)
   ndtype = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
   sizes = [x.size for x in leaves]
-  noise = jax.random.normal(key, (sum(sizes),), ndtype) * stddev.astype(ndtype)
+  noise = jax.random.normal(key, (sum(sizes),), ndtype) * jnp.asarray(stddev).astype(ndtype)
   offsets = [0]
   for size in sizes:
     offsets.append(offsets[-1] + size)
@@ -315,7 +341,7 @@ def add_gaussian_noise(
       return updates, new_state
     _check_float(leaves)
     stddev = _stddev_value(noise_multiplier, l2_clip_norm)
-    return _add_noise(updates, noise_key, stddev), new_state
+    return add_noise(updates, noise_key, stddev), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -351,18 +377,24 @@ def cut_layer_dp(
 
 
 def dp_aggregate(
-  l2_clip_norm: jax.typing.ArrayLike, noise_multiplier: jax.typing.ArrayLike, *, key: jax.Array
+  l2_clip_norm: jax.typing.ArrayLike,
+  noise_multiplier: jax.typing.ArrayLike,
+  *,
+  key: jax.Array,
+  normalize_by: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformation:
   """Device DP-SGD: clip each example, sum over the batch, add N(0, (sigma C)^2), divide by N.
 
   Input leaves are per-example device-parameter gradients `[batch, ...]`; output leaves drop
-  the batch axis (`[...]`): the noisy mean. N is the static batch size (padded rows must be
-  zero, and are then counted in N). State carries the PRNG key, split on every update.
+  the batch axis (`[...]`): the noisy mean. N is `normalize_by` when given (e.g. the number of
+  real rows of a padded batch; padded rows must be zero, so they add nothing to the sum), else
+  the static batch size. State carries the PRNG key, split on every update.
 
   Args:
     l2_clip_norm: C >= 0 (float or traced scalar).
     noise_multiplier: sigma >= 0 (float or traced scalar; 0 gives the clipped mean).
     key: a PRNG key.
+    normalize_by: N > 0, a public count (float or traced scalar), or None (the batch size).
 
   Returns:
     `optax.GradientTransformation` with state `DpAggregateState(count, rng_key)`.
@@ -374,7 +406,10 @@ def dp_aggregate(
     The clipped sum has sensitivity 2C under replace-one (C under add/remove) in L2 over all
     leaves together; the Gaussian noise of std sigma C on the sum makes each update mu-GDP with
     mu = 2 / sigma for every example in the batch (no amplification by sampling is claimed);
-    dividing by the public N is post-processing. k updates that use an example: 2 sqrt(k)/sigma.
+    dividing by N is post-processing when N is public: the batch size, or `normalize_by` if the
+    caller passes a count that does not depend on the private data (the number of real rows of
+    a fixed-size padded batch is fixed by the public dataset size and batch size). k updates
+    that use an example: 2 sqrt(k)/sigma.
 
   References:
     Abadi et al., "Deep Learning with Differential Privacy", arXiv 1607.00133.
@@ -395,10 +430,11 @@ def dp_aggregate(
       return updates, new_state
     n = _batch_size(leaves)
     _check_float(leaves)
-    clipped = _clip_rows(updates, l2_clip_norm)
+    clipped = clip_rows(updates, l2_clip_norm)
     summed = jax.tree.map(lambda x: jnp.sum(x, axis=0), clipped)
     if not static_zero:
-      summed = _add_noise(summed, noise_key, _stddev_value(noise_multiplier, l2_clip_norm))
-    return jax.tree.map(lambda x: x / jnp.asarray(n, x.dtype), summed), new_state
+      summed = add_noise(summed, noise_key, _stddev_value(noise_multiplier, l2_clip_norm))
+    denom = n if normalize_by is None else normalize_by
+    return jax.tree.map(lambda x: x / jnp.asarray(denom, x.dtype), summed), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
