@@ -12,8 +12,8 @@ small power-of-two bucket reuses one compiled function), several chunks per jitt
 when there are several. Users may come from different parameter versions (`param_index`, e.g.
 training users of a transcript). With `screen_dtype='bfloat16'` every pair is first screened with
 bf16 matrix products (`screen.low_precision_matmuls`), each user's best pairs are rescored in
-float32, and users the screen cannot decide are redone in float32 (about 1.3-1.4x faster on a
-bf16-capable CPU for noise-free observations). jit caches the compiled function on
+float32, and users the screen cannot decide are redone in float32 (faster where bf16 matmuls
+are; BUILD_NOTES.md "EXACT throughput" has the figures). jit caches the compiled function on
 (device_apply, cardinalities, options, devices): calling `exact` again with the same model and
 shapes does not retrace or recompile.
 
@@ -174,8 +174,8 @@ def exact(
     screen_dtype: None (default: every score in the input precision), or 'bfloat16' / 'float16':
       a faster two-stage attack for noise-free observations. Every pair is first scored with the
       model's matrix products on `screen_dtype`-rounded inputs (float32 sums; see
-      `low_precision_matmuls`; about 1.7x the float32 matmul rate on this project's bf16-capable
-      CPU, more on GPUs/TPUs), then the `screen_top` best pairs of each user are rescored in full
+      `low_precision_matmuls`; faster where the hardware's bf16 matmuls are, see BUILD_NOTES.md),
+      then the `screen_top` best pairs of each user are rescored in full
       precision and the answer is taken among them. The l2 screening score of a pair is its
       distance to the segment of gradients its loss factor sigmoid(z) - y would give for logits
       within SCREEN_LOGIT_SLACK of the screened one (the screen's largest error is in the logit;

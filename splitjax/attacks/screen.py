@@ -137,8 +137,8 @@ def screen_top(screen, num_top: int):
   Returns ([U, m] indices in ascending screening score, m = min(num_top, n); [U] the cutoff: the
   screening score of the best pair left out, +inf when every pair is kept; [U] bool, True where
   some screening score is not finite, e.g. a float16 overflow, which voids the screen's error
-  bound). Selected by m + 1 masked argmins: `lax.top_k` is a sort on CPU and cost ~40 % of the
-  whole screen in the adult benchmark.
+  bound). Selected by m + 1 masked argmins: `lax.top_k` is a sort on CPU, a large share of the
+  screen's time (BUILD_NOTES.md, "EXACT throughput").
   """
   num_users, num_pairs = screen.shape
   m = min(num_top, num_pairs)

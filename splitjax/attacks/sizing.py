@@ -165,8 +165,8 @@ def estimate(
 
   FLOPs per candidate are counted on the traced gradient of `device_apply` (dot products that
   depend on the candidate); the rate is a float32 matmul measured on the default device (about
-  0.2 s, once per process); `efficiency` is the fraction of that rate EXACT reaches (0.7-0.8
-  measured for DeepFM heads on CPUs, BUILD_NOTES.md "EXACT throughput"; 0.5 leaves a margin).
+  0.2 s, once per process); `efficiency` is the fraction of that rate EXACT reaches (the
+  measured fractions are in BUILD_NOTES.md, "EXACT throughput"; 0.5 leaves a margin).
 
   Args:
     device_apply: `(params, h [d], x_priv [P] int32) -> scalar logit`, as for `exact`.
