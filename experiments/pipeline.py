@@ -558,7 +558,18 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   if frozen_server:
     fit_kwargs["freeze_server"] = True
   if start_epoch < recipe.epochs:
-    state = training.fit(model, dataset.train, **fit_kwargs).state
+    result = training.fit(model, dataset.train, **fit_kwargs)
+    state = result.state
+    # The accountant's k (planned from the config, before training: calibration needs it) must be
+    # what the loop sent: every example the same number of rows per epoch.
+    per_epoch = releases // recipe.epochs
+    counted = result.releases
+    if counted.min() != counted.max() or counted.max() != per_epoch * (recipe.epochs - start_epoch):
+      raise RuntimeError(
+        f"internal error: the training loop sent {counted.min()}-{counted.max()} cut-layer rows "
+        f"per example in epochs {start_epoch + 1}-{recipe.epochs}, but the accountant assumed "
+        f"{releases} over {recipe.epochs} epochs; the epsilon would be wrong: metrics.json is not written"
+      )
   elif not (workdir / "transcript.npz").exists():
     raise io.CheckpointError(
       f"{workdir} holds a finished checkpoint but no transcript: rerun "

@@ -521,12 +521,16 @@ class FitResult(NamedTuple):
       (:class:`splitjax.protocol.Transcript`), or None when not recorded.
     history: one dict per epoch run in this call (loss, seconds).
     seconds: wall time of the epochs run in this call.
+    releases: ``[num_train]`` int64, the cut-layer rows each training example sent in the
+      epochs run in this call, counted by the loop (SL: one per epoch; FSL: ``local_steps`` per
+      epoch). What the accountant's k must equal (``experiments`` checks it).
   """
 
   state: TrainState
   transcript: Any
   history: list
   seconds: float
+  releases: np.ndarray | None = None
 
 
 def fit(
@@ -605,6 +609,7 @@ def fit(
   if shard is not None:
     state = put_global(state, shard.replicated)
   history, transcript = [], None
+  releases = np.zeros(len(train_split), np.int64)  # rows each example sent, counted here
   t_all = time.time()
   for epoch in range(start_epoch, recipe.epochs):
     t0 = time.time()
@@ -621,6 +626,7 @@ def fit(
     if protocol_name == "sl":
       it = sl_batches(train_split, recipe.batch_size, seed, epoch)
       for i, batch in enumerate(it):
+        np.add.at(releases, batch.index[batch.mask > 0], 1)
         if shard is not None:
           batch = put_global(batch, shard.batch)
         if rec is not None:
@@ -636,6 +642,7 @@ def fit(
       for i, (batch, dmask) in enumerate(
         fsl_rounds(train_split, partition, devices_per_round, seed, epoch)
       ):
+        np.add.at(releases, batch.index[batch.mask > 0], local_steps)
         if shard is not None:
           batch, dmask = put_global((batch, dmask), shard.batch)
         if rec is not None:
@@ -681,7 +688,7 @@ def fit(
         on_transcript(transcript)
     if on_epoch_end is not None:
       on_epoch_end(epoch, state, log)
-  return FitResult(state, transcript, history, time.time() - t_all)
+  return FitResult(state, transcript, history, time.time() - t_all, releases)
 
 
 class _Sharding(NamedTuple):

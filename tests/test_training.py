@@ -75,6 +75,20 @@ def test_fsl_multiple_local_steps_differs_and_records_each_step():
   assert np.array_equal(np.sort(tr.example_index[tr.local_step == 0]), np.arange(40))
   versions = jax.tree.leaves(tr.device_params)[0].shape[0]
   assert versions == 3  # ceil(5 devices / 2 per round) rounds
+  # The loop counts what each example sent: local_steps rows per epoch, every example alike,
+  # and the transcript agrees.
+  np.testing.assert_array_equal(res.releases, np.full(40, 3))
+  np.testing.assert_array_equal(np.bincount(tr.example_index, minlength=40), res.releases)
+
+
+def test_sl_counts_one_release_per_example_and_epoch_with_a_padded_last_batch():
+  recipe = training.Recipe(optimizer="sgd", learning_rate=0.5, batch_size=16, epochs=2)
+  res = training.fit(MODEL, _split(40), recipe=recipe, seed=0, progress=None)  # 16 + 16 + 8
+  np.testing.assert_array_equal(res.releases, np.full(40, 2))
+  resumed = training.fit(
+    MODEL, _split(40), recipe=recipe, seed=0, progress=None, state=res.state, start_epoch=1
+  )
+  np.testing.assert_array_equal(resumed.releases, np.full(40, 1))  # the epochs of this call
 
 
 def test_sl_transcript_rows_are_what_the_step_sent():
@@ -195,3 +209,18 @@ def test_device_dp_sgd_update_is_clipped_per_example():
     )
   )
   assert delta <= clip * (1 + 1e-4)  # the mean of 8 rows each clipped to C_d
+
+
+def test_a_loop_that_sends_more_than_the_accountant_assumed_is_refused(tmp_path, monkeypatch):
+  """Sabotage: the accountant's k is one release short of what training sends."""
+  from experiments import pipeline
+  from experiments.configs import base as configs_base
+
+  config = configs_base.TrainConfig(
+    dataset="synthetic", synthetic_examples=200, epochs=2, hidden=(8,), batch_size=64
+  )
+  planned = pipeline.releases_of
+  monkeypatch.setattr(pipeline, "releases_of", lambda c: planned(c) - 1)
+  with pytest.raises(RuntimeError, match="accountant assumed 1 over 2 epochs"):
+    pipeline.train_workdir(config, tmp_path / "w", progress=None)
+  assert not (tmp_path / "w" / "metrics.json").exists()
