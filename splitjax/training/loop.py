@@ -1,0 +1,355 @@
+"""The training loop (`fit`), its transcript recorder and progress lines, and the test replay."""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from splitjax import models
+from splitjax import protocol
+from splitjax.data.batching import device_partition
+from splitjax.data.batching import fsl_rounds
+from splitjax.data.batching import sl_batches
+from splitjax.data.batching import split_to_batch
+from splitjax.multihost import put_global
+from splitjax.multihost import to_host
+from splitjax.training.state import DPConfig
+from splitjax.training.state import Recipe
+from splitjax.training.state import TrainState
+from splitjax.training.state import init_state
+from splitjax.training.state import make_optimizer
+from splitjax.training.state import no_dp
+from splitjax.training.state import server_optimizer
+from splitjax.training.steps import make_fsl_round
+from splitjax.training.steps import make_replay
+from splitjax.training.steps import make_sl_step
+
+
+class ProgressPrinter:
+  """Hands one progress line per ``every`` seconds to ``printer`` (progress on long runs).
+
+  The first step includes compilation, so the rate behind the ETA is measured from the end of the
+  first step on; until a second step has finished no ETA is given.
+  """
+
+  def __init__(
+    self, total: int, label: str, every: float = 5.0, printer: Callable[[str], None] | None = None
+  ):
+    self.total, self.label, self.every = total, label, every
+    self.printer = printer if printer is not None else (lambda line: None)
+    self.start = self.last = time.time()
+    self.first_done: float | None = None  # time at which the first (compiling) step finished
+
+  def __call__(self, done: int, extra: str = ""):
+    now = time.time()
+    if done >= 1 and self.first_done is None:
+      self.first_done = now
+    if now - self.last >= self.every or done == self.total:
+      self.last = now
+      if done >= 2 and self.first_done is not None and now > self.first_done:
+        rate = (done - 1) / (now - self.first_done)
+        eta = f"eta {(self.total - done) / rate:.1f}s"
+      else:
+        eta = "eta after the first compiled step"
+      self.printer(
+        f"[{self.label}] {done}/{self.total} ({100.0 * done / max(self.total, 1):.0f}%)"
+        f" {now - self.start:.1f}s elapsed, {eta} {extra}".rstrip()
+      )
+
+
+class FitResult(NamedTuple):
+  """Output of :func:`fit`.
+
+  Attributes:
+    state: final :class:`TrainState`.
+    transcript: the cut-layer traffic of the last epoch
+      (:class:`splitjax.protocol.Transcript`), or None when not recorded.
+    history: one dict per epoch run in this call (loss, seconds).
+    seconds: wall time of the epochs run in this call.
+    releases: ``[num_train]`` int64, the cut-layer rows each training example sent in the
+      epochs run in this call, counted by the loop (SL: one per epoch; FSL: ``local_steps`` per
+      epoch). What the accountant's k must equal (``experiments`` checks it).
+  """
+
+  state: TrainState
+  transcript: Any
+  history: list
+  seconds: float
+  releases: np.ndarray | None = None
+
+
+def fit(
+  model: models.SplitModel,
+  train_split,
+  *,
+  recipe: Recipe,
+  seed: int,
+  protocol_name: str = "sl",
+  dp: DPConfig | None = None,
+  samples_per_device: int = 16,
+  devices_per_round: int = 16,
+  local_steps: int = 2,
+  labels: np.ndarray | None = None,
+  state: TrainState | None = None,
+  freeze_server: bool = False,
+  data_parallel: bool | None = None,
+  start_epoch: int = 0,
+  record_last_epoch: bool = True,
+  on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
+  on_transcript: Callable[[Any], None] | None = None,
+  progress: Callable[[str], None] | None = None,
+) -> FitResult:
+  """Trains a split model with SL or FSL.
+
+  Args:
+    model: the split model.
+    train_split: a :class:`splitjax.data.Split`.
+    recipe: optimiser, learning rate, batch size, epochs.
+    seed: seeds the initial parameters, the data order and the DP noise.
+    protocol_name: ``'sl'`` or ``'fsl'``.
+    dp: cut-layer DP (traced); None = no DP.
+    samples_per_device, devices_per_round, local_steps: FSL shape.
+    labels: labels to train on instead of ``train_split.y`` (label DP draws
+      them once, before training).
+    freeze_server: keep the server's parameters at initialisation (what
+      ``noise_multiplier = inf`` means: the server learns nothing from ``g``).
+    data_parallel: shard every batch over all devices along a 1-D mesh axis
+      ``'data'`` (the state is replicated; XLA inserts the reductions). None =
+      whenever there is more than one device and the batch (FSL: devices per
+      round) divides evenly. Results equal the single-device ones up to
+      floating-point summation order.
+    state: resume from this state (``start_epoch`` epochs already done).
+    start_epoch: first epoch to run.
+    record_last_epoch: keep the last epoch's transcript.
+    on_epoch_end: ``callback(epoch, state, epoch_log)`` after each epoch
+      (checkpointing). The state is donated to the next step afterwards: copy
+      what must outlive the callback.
+    on_transcript: ``callback(transcript)`` once the last epoch's transcript is
+      complete, before that epoch's ``on_epoch_end``.
+    progress: called with each progress line (per-step lines every few seconds and one line
+      per epoch with its training loss), or None (the default: the library prints nothing).
+
+  Returns:
+    :class:`FitResult`.
+  """
+  if protocol_name not in ("sl", "fsl"):
+    raise ValueError(f"unknown protocol {protocol_name!r}: choose 'sl' or 'fsl'")
+  dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
+  if labels is not None:
+    train_split = dataclasses.replace(train_split, y=np.asarray(labels, np.int32))
+  tx = make_optimizer(recipe)
+  tx_server = server_optimizer(recipe, freeze_server)
+  if state is None:
+    state = init_state(model, tx_server, tx, seed)
+  if protocol_name == "sl":
+    step_fn = make_sl_step(model, tx_server, tx, dp.device_dp)
+    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+  else:
+    round_fn = make_fsl_round(model, tx_server, tx, local_steps, dp.device_dp)
+    partition = device_partition(len(train_split), samples_per_device, seed)
+    steps_per_epoch = math.ceil(partition.shape[0] / devices_per_round)
+  shard = _data_sharding(
+    data_parallel, recipe.batch_size if protocol_name == "sl" else devices_per_round
+  )
+  if shard is not None:
+    state = put_global(state, shard.replicated)
+  history, transcript = [], None
+  releases = np.zeros(len(train_split), np.int64)  # rows each example sent, counted here
+  t_all = time.time()
+  for epoch in range(start_epoch, recipe.epochs):
+    t0 = time.time()
+    record = record_last_epoch and epoch == recipe.epochs - 1
+    rec = _Recorder() if record else None
+    bar = (
+      ProgressPrinter(
+        steps_per_epoch, f"{protocol_name} epoch {epoch + 1}/{recipe.epochs}", printer=progress
+      )
+      if progress
+      else None
+    )
+    losses, nonfinite = [], []
+    if protocol_name == "sl":
+      it = sl_batches(train_split, recipe.batch_size, seed, epoch)
+      for i, batch in enumerate(it):
+        np.add.at(releases, batch.index[batch.mask > 0], 1)
+        if shard is not None:
+          batch = put_global(batch, shard.batch)
+        if rec is not None:
+          rec.add_params(state.device_params)
+        state, loss, h, g, bad = step_fn(state, batch, dp)
+        losses.append(loss)
+        nonfinite.append(bad)
+        if rec is not None:
+          rec.add(h, g, batch.index, batch.mask, np.zeros(len(batch.mask), np.int32))
+        if bar:
+          bar(i + 1)
+    else:
+      for i, (batch, dmask) in enumerate(
+        fsl_rounds(train_split, partition, devices_per_round, seed, epoch)
+      ):
+        np.add.at(releases, batch.index[batch.mask > 0], local_steps)
+        if shard is not None:
+          batch, dmask = put_global((batch, dmask), shard.batch)
+        if rec is not None:
+          rec.add_params(state.device_params)
+        state, loss, hs, gs, bad = round_fn(state, batch, dmask, dp)
+        losses.append(jnp.mean(loss))
+        nonfinite.append(bad)
+        if rec is not None:
+          flat_mask = to_host(batch.mask).reshape(-1)
+          flat_index = to_host(batch.index).reshape(-1)
+          hs, gs = to_host(hs), to_host(gs)
+          for t in range(local_steps):
+            rec.add(
+              hs[t].reshape(-1, hs.shape[-1]),
+              gs[t].reshape(-1, gs.shape[-1]),
+              flat_index,
+              flat_mask,
+              np.full(len(flat_mask), t, np.int32),
+            )
+        if bar:
+          bar(i + 1)
+    loss = float(np.mean([to_host(x) for x in losses])) if losses else float("nan")
+    if not np.isfinite(loss):
+      raise FloatingPointError(
+        f"training loss became {loss} in epoch {epoch + 1}: "
+        "lower the learning rate or check the data for extreme values"
+      )
+    log = {
+      "epoch": epoch + 1,
+      "train_loss": loss,
+      "seconds": time.time() - t0,
+      "nonfinite_rows_zeroed": int(sum(int(to_host(x)) for x in nonfinite)),
+    }
+    history.append(log)
+    if progress:
+      progress(
+        f"[{protocol_name}] epoch {epoch + 1}/{recipe.epochs}: train loss {loss:.4f} "
+        f"({log['seconds']:.1f} s)"
+      )
+    if rec is not None:
+      transcript = rec.finish(dp)
+      if on_transcript is not None:
+        on_transcript(transcript)
+    if on_epoch_end is not None:
+      on_epoch_end(epoch, state, log)
+  return FitResult(state, transcript, history, time.time() - t_all, releases)
+
+
+class _Sharding(NamedTuple):
+  batch: jax.sharding.NamedSharding  # axis 0 split over the 'data' mesh axis
+  replicated: jax.sharding.NamedSharding  # every device holds a copy
+
+
+def _data_sharding(data_parallel: bool | None, leading: int) -> _Sharding | None:
+  """Shardings of a 1-D ``'data'`` mesh over all devices, or None for one device."""
+  n = jax.device_count()
+  if data_parallel is False or n == 1:
+    return None
+  if leading % n:
+    if data_parallel:
+      raise ValueError(
+        f"data_parallel needs the batch axis ({leading}) to be a multiple of "
+        f"the {n} devices: change the batch size (FSL: devices_per_round)"
+      )
+    return None
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  P = jax.sharding.PartitionSpec
+  return _Sharding(
+    jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P())
+  )
+
+
+class _Recorder:
+  """Accumulates the cut-layer traffic of one epoch on the host."""
+
+  def __init__(self):
+    self.h, self.g, self.index, self.pidx, self.local = [], [], [], [], []
+    self.params = []
+
+  def add_params(self, params):
+    self.params.append(jax.tree.map(to_host, params))
+
+  def add(self, h, g, index, mask, local_step):
+    keep = to_host(mask) > 0
+    self.h.append(to_host(h)[keep])
+    self.g.append(to_host(g)[keep])
+    self.index.append(to_host(index)[keep])
+    self.pidx.append(np.full(int(keep.sum()), len(self.params) - 1, np.int32))
+    self.local.append(to_host(local_step)[keep])
+
+  def finish(self, dp: DPConfig) -> protocol.Transcript:
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *self.params)
+    return protocol.Transcript(
+      h=np.concatenate(self.h),
+      g=np.concatenate(self.g),
+      example_index=np.concatenate(self.index).astype(np.int32),
+      param_index=np.concatenate(self.pidx),
+      local_step=np.concatenate(self.local),
+      device_params=stacked,
+      l2_clip_norm=float(dp.l2_clip_norm),
+      noise_multiplier=float(dp.noise_multiplier),
+    )
+
+
+def replay_transcript(
+  model,
+  state: TrainState,
+  split,
+  *,
+  dp: DPConfig | None = None,
+  seed: int = 0,
+  num_examples: int | None = None,
+  batch_size: int = 1024,
+) -> protocol.Transcript:
+  """Sends every row of ``split`` once through the final model (one DP release each).
+
+  This is what the server observes when test users are attacked (DESIGN.md §2).
+  The DP noise of chunk ``c`` uses ``fold_in(key(seed), c)``.
+  """
+  dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
+  n = len(split) if num_examples is None else min(num_examples, len(split))
+  fn = make_replay(model)
+  key = jax.random.key(seed)
+  hs, gs = [], []
+  for c, start in enumerate(range(0, n, batch_size)):
+    part = np.arange(start, min(start + batch_size, n), dtype=np.int32)
+    h, g = fn(
+      state.server_params,
+      state.device_params,
+      split_to_batch(split, part, batch_size),
+      dp,
+      jax.random.fold_in(key, c),
+    )
+    hs.append(np.asarray(h)[: len(part)])
+    gs.append(np.asarray(g)[: len(part)])
+  params = jax.tree.map(lambda x: np.asarray(x)[None], jax.device_get(state.device_params))
+  return protocol.Transcript(
+    h=np.concatenate(hs),
+    g=np.concatenate(gs),
+    example_index=np.arange(n, dtype=np.int32),
+    param_index=np.zeros(n, np.int32),
+    local_step=np.zeros(n, np.int32),
+    device_params=params,
+    l2_clip_norm=float(dp.l2_clip_norm),
+    noise_multiplier=float(dp.noise_multiplier),
+  )
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+  """``jax.distributed.initialize`` for multi-host runs (CPU collectives over gloo).
+
+  Every process runs the same program on the same data; :func:`fit` with
+  ``data_parallel`` then shards each batch across all processes' devices.
+  """
+  # Must run before any backend starts; only the CPU client reads this option.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )

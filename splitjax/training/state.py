@@ -1,0 +1,114 @@
+"""The training state and its static pieces: the optimiser recipe, the DP knobs, initialisation."""
+
+import dataclasses
+import functools
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from splitjax import models
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+  """Optimiser recipe for both sides.
+
+  Attributes:
+    optimizer: ``'adam'``, ``'adagrad_torch'`` (PyTorch's Adagrad) or ``'sgd'``.
+    learning_rate: step size.
+    batch_size: SL batch size (FSL uses devices_per_round x samples_per_device).
+    epochs: passes over the training data (= cut-layer releases per example in SL).
+  """
+
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  batch_size: int = 256
+  epochs: int = 10
+
+
+RECIPES = {
+  # splitjax's tuned recipe.
+  "tuned": Recipe(optimizer="adam", learning_rate=1e-3, batch_size=256, epochs=10),
+  # The authors': PyTorch Adagrad(lr=0.01), batch 1024, 2 epochs.
+  "paper": Recipe(optimizer="adagrad_torch", learning_rate=0.01, batch_size=1024, epochs=2),
+}
+
+
+@functools.cache
+def make_optimizer(recipe: Recipe) -> optax.GradientTransformation:
+  """One optax chain per side from the recipe.
+
+  ``adagrad_torch`` is PyTorch's Adagrad (accumulator starts at 0; optax puts
+  eps inside the square root and defaults differ, DESIGN.md §5). Cached, so
+  the same recipe gives the same object and the jitted steps are reused.
+  """
+  if recipe.optimizer == "adam":
+    return optax.adam(recipe.learning_rate)
+  if recipe.optimizer == "adagrad_torch":
+    return optax.adagrad(recipe.learning_rate, initial_accumulator_value=0.0, eps=0.0)
+  if recipe.optimizer == "sgd":
+    return optax.sgd(recipe.learning_rate)
+  raise ValueError(f"unknown optimizer {recipe.optimizer!r}: choose adam, adagrad_torch or sgd")
+
+
+@functools.cache
+def server_optimizer(recipe: Recipe, freeze_server: bool = False) -> optax.GradientTransformation:
+  """The server's optimiser; ``freeze_server`` keeps its parameters fixed."""
+  return optax.set_to_zero() if freeze_server else make_optimizer(recipe)
+
+
+class TrainState(NamedTuple):
+  """Both sides' parameters and optimiser states, the step counter and the DP key."""
+
+  server_params: Any
+  device_params: Any
+  server_opt: Any
+  device_opt: Any
+  step: jax.Array
+  key: jax.Array
+
+
+class DPConfig(NamedTuple):
+  """DP knobs, traced (a sweep does not recompile per point).
+
+  ``l2_clip_norm``/``noise_multiplier`` act on the cut layer (``inf``/0 = none).
+  ``device_l2_clip_norm``/``device_noise_multiplier`` are device DP-SGD on the
+  device parameters' per-example gradients (``inf``/0 = off): each device
+  update (SL step, FSL local step) is clipped per example, summed, noised with
+  N(0, (sigma_d C_d)^2) and averaged before it is applied (and, in FSL, before
+  the server averages it).
+  """
+
+  l2_clip_norm: Any
+  noise_multiplier: Any
+  device_l2_clip_norm: Any = float("inf")
+  device_noise_multiplier: Any = 0.0
+
+  @property
+  def device_dp(self) -> bool:
+    """Whether device DP-SGD is on (a static, host-side decision)."""
+    return bool(
+      np.isfinite(float(self.device_l2_clip_norm)) or float(self.device_noise_multiplier) > 0
+    )
+
+  def as_arrays(self) -> "DPConfig":
+    return DPConfig(*(jnp.float32(x) for x in self))
+
+
+def no_dp() -> DPConfig:
+  return DPConfig(jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(jnp.inf), jnp.float32(0.0))
+
+
+def init_state(model: models.SplitModel, tx_server, tx_device, seed: int) -> TrainState:
+  """Initial parameters from ``jax.random.key(seed)``."""
+  key = jax.random.key(seed)
+  k_server, k_device, k_dp = jax.random.split(key, 3)
+  server = model.server_init(k_server)
+  device = model.device_init(k_device)
+  return TrainState(
+    server, device, tx_server.init(server), tx_device.init(device), jnp.zeros((), jnp.int32), k_dp
+  )

@@ -1,0 +1,224 @@
+"""The jitted SL step and FSL round, and the one-release replay, over `protocol.split_step`."""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from splitjax import models
+from splitjax import protocol
+from splitjax.data.batching import Batch
+from splitjax.privacy import transforms as dp_transforms
+from splitjax.training.state import DPConfig
+from splitjax.training.state import TrainState
+
+
+def sides(model, batch) -> tuple[str, tuple[Any, Any], tuple[Any, Any]]:
+  """(encoder params name, encoder inputs, head inputs) for the topology."""
+  if model.spec.topology == "device_top":
+    return "server", (batch.pub_cat, batch.pub_dense), (batch.priv_cat, batch.priv_dense)
+  return "device", (batch.priv_cat, batch.priv_dense), (batch.pub_cat, batch.pub_dense)
+
+
+def cut_layer_dp(x, dp: DPConfig, key, mask):
+  """The device's DP chain (clip each row, add Gaussian noise) on ``x [N, d]``.
+
+  Returns ``(x_sent [N, d], nonfinite)``: padded rows are zero, and ``nonfinite`` (int32) counts
+  the real rows that held an inf or NaN and were sent as zero rows (reported with the privacy
+  report: a model that produces them needs attention, though the bound still holds).
+  """
+  tx = dp_transforms.cut_layer_dp(dp.l2_clip_norm, dp.noise_multiplier, key=key)
+  out, _ = tx.update(x, tx.init(x))
+  nonfinite = jnp.sum(dp_transforms.nonfinite_rows(x) & (mask > 0)).astype(jnp.int32)
+  return out * mask[:, None].astype(out.dtype), nonfinite
+
+
+def device_dp_sgd(per_example_grads, dp: DPConfig, key, mask):
+  """Device DP-SGD: clip each example's gradient, sum, add noise, average over real rows.
+
+  Padded rows' gradients are zero (the head step masks them); the number of real rows of the
+  batch is public (fixed by the dataset and batch sizes), so dividing by it is post-processing.
+  """
+  tx = dp_transforms.dp_aggregate(
+    dp.device_l2_clip_norm,
+    dp.device_noise_multiplier,
+    key=key,
+    normalize_by=jnp.maximum(jnp.sum(mask), 1.0),
+  )
+  noisy_mean, _ = tx.update(per_example_grads, tx.init(per_example_grads))
+  return noisy_mean
+
+
+def _head_step(model, params, h, head_in: tuple[Any, Any], y, mask, dp, key, device_dp: bool):
+  """One device's head step (FSL); with ``device_dp`` its parameter gradient is privatised."""
+  if not device_dp:
+    return protocol.top_step(model, params, h, *head_in, y, mask)
+  out = protocol.top_step_per_example(model, params, h, *head_in, y, mask)
+  grads = device_dp_sgd(out.param_grads, dp, jax.random.fold_in(key, 1), mask)
+  return out._replace(param_grads=grads)
+
+
+def _split_forward_backward(
+  model, enc_params, head_params, batch, dp, key, device_dp: bool = False
+):
+  """One pass through the cut; (loss, enc_grads, head_grads, h_sent, g_sent, logits, nonfinite)."""
+  _, enc_in, head_in = sides(model, batch)
+  encoder_apply, head_apply = protocol.apply_fns(model)
+  head_privatizer = None
+  if device_dp:  # the device's parameter gradient is privatised too (device DP-SGD)
+    head_privatizer = lambda grads, mask: device_dp_sgd(grads, dp, jax.random.fold_in(key, 1), mask)
+  out = protocol.split_step(
+    encoder_apply,
+    head_apply,
+    enc_params,
+    head_params,
+    enc_in,
+    head_in,
+    batch.y,
+    batch.mask,
+    topology=model.spec.topology,
+    privatize=lambda x, mask: cut_layer_dp(x, dp, key, mask),
+    privatize_head_grads=head_privatizer,
+  )
+  return (
+    out.loss,
+    out.encoder_grads,
+    out.head_grads,
+    out.h_sent,
+    out.g_sent,
+    out.logits,
+    out.nonfinite,
+  )
+
+
+@functools.cache
+def make_sl_step(model: models.SplitModel, tx_server, tx_device, device_dp: bool = False):
+  """Jitted SL step ``(state, batch, dp) -> (state, loss, h_sent[N, d], g_sent[N, d], nonfinite)``.
+
+  The state is donated. ``h_sent``/``g_sent`` are what crossed the wire; ``nonfinite`` (int32)
+  counts the rows the DP clip zeroed because they held an inf or NaN.
+  ``device_dp`` (static) turns on device DP-SGD with ``dp``'s device fields.
+  """
+
+  def step(state: TrainState, batch: Batch, dp: DPConfig):
+    key = jax.random.fold_in(state.key, state.step)
+    device_top = model.spec.topology == "device_top"
+    enc, head = (
+      (state.server_params, state.device_params)
+      if device_top
+      else (state.device_params, state.server_params)
+    )
+    loss, enc_g, head_g, h_sent, g_sent, _, nonfinite = _split_forward_backward(
+      model, enc, head, batch, dp, key, device_dp
+    )
+    server_g, device_g = (enc_g, head_g) if device_top else (head_g, enc_g)
+    upd, server_opt = tx_server.update(server_g, state.server_opt, state.server_params)
+    server = optax.apply_updates(state.server_params, upd)
+    upd, device_opt = tx_device.update(device_g, state.device_opt, state.device_params)
+    device = optax.apply_updates(state.device_params, upd)
+    new = TrainState(server, device, server_opt, device_opt, state.step + 1, state.key)
+    return new, loss, h_sent, g_sent, nonfinite
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def _masked_mean(tree, weights):
+  w = weights / jnp.maximum(jnp.sum(weights), 1.0)
+
+  def avg(x):
+    wx = w.reshape((-1,) + (1,) * (x.ndim - 1))
+    m = jnp.sum(x.astype(jnp.float32) * wx, axis=0)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      m = jnp.round(m)
+    return m.astype(x.dtype)
+
+  return jax.tree.map(avg, tree)
+
+
+@functools.cache
+def make_fsl_round(
+  model: models.SplitModel, tx_server, tx_device, local_steps: int, device_dp: bool = False
+):
+  """Jitted FSL round: ``(state, batch[D, S, ...], device_mask[D], dp)`` ->
+  ``(state, losses, h, g, nonfinite)``.
+
+  ``h``/``g`` are ``[local_steps, D, S, d]``: what crossed the wire at each
+  local step. Only ``device_top`` is supported for FSL.
+  """
+  if model.spec.topology != "device_top":
+    raise ValueError("FSL is implemented for topology='device_top' only")
+
+  def round_fn(state: TrainState, batch: Batch, device_mask, dp: DPConfig):
+    num_dev = batch.y.shape[0]
+    bcast = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_dev,) + x.shape), t)
+    phis, opts = bcast(state.device_params), bcast(state.device_opt)
+    flat = jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), batch)
+    encoder_apply, head_apply = protocol.apply_fns(model)
+
+    def local(carry, t):
+      server, server_opt, phis, opts = carry
+      key = jax.random.fold_in(state.key, state.step * local_steps + t)
+      dev_keys = jax.random.split(jax.random.fold_in(key, 2), num_dev)
+
+      def device_heads(phis_, h, x_head, y, mask):  # each device's head on its own rows
+        out = jax.vmap(
+          lambda p, hh, c, dd, yy, mm, kk: _head_step(
+            model, p, hh, (c, dd), yy, mm, dp, kk, device_dp
+          )
+        )(
+          phis_,
+          h.reshape(batch.y.shape + h.shape[-1:]),
+          x_head[0],
+          x_head[1],
+          y.reshape(batch.y.shape),
+          mask.reshape(batch.y.shape),
+          dev_keys,
+        )
+        return out._replace(cut_grads=out.cut_grads.reshape(h.shape))
+
+      cut = protocol.split_step(
+        encoder_apply,
+        head_apply,
+        server,
+        phis,
+        (flat.pub_cat, flat.pub_dense),
+        (batch.priv_cat, batch.priv_dense),
+        flat.y,
+        flat.mask,
+        topology="device_top",
+        privatize=lambda x, mask: cut_layer_dp(x, dp, key, mask),
+        head_step_fn=device_heads,
+      )
+      hd = cut.h_sent.reshape(batch.y.shape + cut.h_sent.shape[-1:])
+      upd, server_opt = tx_server.update(cut.encoder_grads, server_opt, server)
+      server = optax.apply_updates(server, upd)
+      upd, opts = jax.vmap(tx_device.update)(cut.head_grads, opts, phis)
+      phis = jax.vmap(optax.apply_updates)(phis, upd)
+      loss = jnp.sum(cut.loss * device_mask) / jnp.maximum(jnp.sum(device_mask), 1.0)
+      g_sent = cut.g_sent.reshape(hd.shape)
+      return (server, server_opt, phis, opts), (loss, hd, g_sent, cut.nonfinite)
+
+    (server, server_opt, phis, opts), (losses, hs, gs, nonfinite) = jax.lax.scan(
+      local, (state.server_params, state.server_opt, phis, opts), jnp.arange(local_steps)
+    )
+    device = _masked_mean(phis, device_mask.astype(jnp.float32))
+    device_opt = _masked_mean(opts, device_mask.astype(jnp.float32))
+    new = TrainState(server, device, server_opt, device_opt, state.step + 1, state.key)
+    return new, losses, hs, gs, jnp.sum(nonfinite)
+
+  return jax.jit(round_fn, donate_argnums=(0,))
+
+
+@functools.cache
+def make_replay(model: models.SplitModel):
+  """Jitted ``(server, device, batch, dp, key) -> (h_sent, g_sent)``: one release per row."""
+
+  def replay(server, device, batch: Batch, dp: DPConfig, key):
+    device_top = model.spec.topology == "device_top"
+    enc, head = (server, device) if device_top else (device, server)
+    _, _, _, h, g, _, _ = _split_forward_backward(model, enc, head, batch, dp, key)
+    return h, g
+
+  return jax.jit(replay)
