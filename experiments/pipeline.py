@@ -568,7 +568,8 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
       raise RuntimeError(
         f"internal error: the training loop sent {counted.min()}-{counted.max()} cut-layer rows "
         f"per example in epochs {start_epoch + 1}-{recipe.epochs}, but the accountant assumed "
-        f"{releases} over {recipe.epochs} epochs; the epsilon would be wrong: metrics.json is not written"
+        f"{releases} over {recipe.epochs} epochs; the epsilon would be wrong: metrics.json is "
+        "not written"
       )
   elif not (workdir / "transcript.npz").exists():
     raise io.CheckpointError(
