@@ -137,7 +137,7 @@ def nonfinite_rows(updates: Any) -> jax.Array:
   return ~_row_stats(leaves).finite
 
 
-def clip_rows(updates: optax.Updates, l2_clip_norm: jax.typing.ArrayLike) -> optax.Updates:
+def clip_rows(updates: Any, l2_clip_norm: jax.typing.ArrayLike) -> Any:
   """The pure clip behind `clip_per_example`: each example's row to L2 norm at most C.
 
   Args:
@@ -265,9 +265,7 @@ def _stddev_value(noise_multiplier, l2_clip_norm):
   return jnp.where((sigma == 0) | (clip == 0), 0.0, sigma * jnp.where(clip == 0, 1.0, clip))
 
 
-def add_noise(
-  updates: optax.Updates, key: jax.Array, stddev: jax.typing.ArrayLike
-) -> optax.Updates:
+def add_noise(updates: Any, key: jax.Array, stddev: jax.typing.ArrayLike) -> Any:
   """The pure noise behind `add_gaussian_noise`: `stddev * N(0, 1)` added to every element.
 
   One draw of `jax.random.normal(key, (total size,))` serves all leaves in `tree.flatten` order
