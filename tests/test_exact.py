@@ -822,9 +822,14 @@ def test_closed_form_clip_equals_clip_rows():
     [[0.3, -0.7], [0.9, -0.1], [0.5, -0.5], [1e-3, -1.0], [0.2, -0.8], [0.4, -0.6], [0.0, -1.0]],
     np.float32,
   )
-  closed = scoring.clip_factors(jnp.asarray(a), jnp.linalg.norm(v, axis=-1), clip)
-  closed = np.asarray(closed[..., None] * v[:, None, :])
-  direct = np.asarray(scoring.clip_rows(jnp.asarray(a[..., None] * v[:, None, :]), clip))
+  # (jitted: one compilation instead of dozens of op-by-op dispatches)
+  closed = jax.jit(
+    lambda a, v: (
+      scoring.clip_factors(a, jnp.linalg.norm(v, axis=-1), clip)[..., None] * v[:, None, :]
+    )
+  )(a, v)
+  closed = np.asarray(closed)
+  direct = np.asarray(jax.jit(scoring.clip_rows)(a[..., None] * v[:, None, :], clip))
   finite = np.isfinite(v).all(axis=1)
   np.testing.assert_allclose(closed[finite], direct[finite], rtol=2e-6, atol=0)
   assert np.isnan(closed[~finite]).any(axis=-1).all() and np.isnan(direct[~finite]).any(-1).all()
@@ -833,5 +838,5 @@ def test_closed_form_clip_equals_clip_rows():
   np.testing.assert_array_equal(direct[1], a[1][:, None] * v[1][None])  # below C: unchanged
   # The device's clip (which also zeroes non-finite rows) agrees with both on finite rows.
   rows = jnp.asarray((a[..., None] * v[:, None, :])[finite].reshape(-1, d))
-  device, _ = privacy.clip_per_example(clip).update(rows, None)
+  device = jax.jit(lambda r: privacy.clip_per_example(clip).update(r, None)[0])(rows)
   np.testing.assert_allclose(np.asarray(device), direct[finite].reshape(-1, d), rtol=2e-6)

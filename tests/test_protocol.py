@@ -113,13 +113,15 @@ def test_gradient_is_label_scaled_direction():
   top = model.head_init(jax.random.key(1))
   pub_cat, pub_dense, priv_cat, priv_dense, y, mask = _batch(1)
   server_apply, device_apply = protocol.apply_fns(model)  # per example, features (cat, dense)
-  h = protocol.server_forward(server_apply, enc, (pub_cat, pub_dense))
+  # (jitted: op-by-op dispatch of the Flax modules is slow; the maths is the same)
+  h = jax.jit(protocol.server_forward, static_argnums=0)(server_apply, enc, (pub_cat, pub_dense))
   priv_dense = priv_dense[:, :0]
   x_priv = (priv_cat, priv_dense)
-  g0 = protocol.device_step(device_apply, top, h, x_priv, np.zeros(N, np.int32), mask)
-  g1 = protocol.device_step(device_apply, top, h, x_priv, np.ones(N, np.int32), mask)
+  step = jax.jit(protocol.device_step, static_argnums=0)
+  g0 = step(device_apply, top, h, x_priv, np.zeros(N, np.int32), mask)
+  g1 = step(device_apply, top, h, x_priv, np.ones(N, np.int32), mask)
   z = g0.logits
-  dzdh = jax.vmap(jax.grad(model.head_apply, argnums=1), in_axes=(None, 0, 0, 0))(
+  dzdh = jax.jit(jax.vmap(jax.grad(model.head_apply, argnums=1), in_axes=(None, 0, 0, 0)))(
     top, h, priv_cat, priv_dense
   )
   s = jax.nn.sigmoid(z)[:, None] * mask[:, None]
@@ -194,25 +196,27 @@ def test_split_step_of_a_foreign_model_equals_the_composed_gradient(topology):
     logits = jax.vmap(device_apply, in_axes=(None, 0, 0))(p, h, x_priv)
     return jnp.sum(mask * protocol.bce_loss(logits, y)) / jnp.sum(mask)
 
-  ref_t, ref_p = jax.grad(composed, argnums=(0, 1))(theta, phi)
+  ref_t, ref_p = jax.jit(jax.grad(composed, argnums=(0, 1)))(theta, phi)
   out = jax.jit(
     lambda t, p: protocol.split_step(
       server_apply, device_apply, t, p, x_pub, x_priv, y, mask, topology=topology
     )
   )(theta, phi)
-  np.testing.assert_allclose(out.loss, composed(theta, phi), rtol=1e-6)
+  np.testing.assert_allclose(out.loss, jax.jit(composed)(theta, phi), rtol=1e-6)
   for got, want in zip(jax.tree.leaves(out.encoder_grads), jax.tree.leaves(ref_t), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   for got, want in zip(jax.tree.leaves(out.head_grads), jax.tree.leaves(ref_p), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   assert np.all(np.asarray(out.g_sent[-2:]) == 0) and out.nonfinite == 0
   # The paper's names on the same functions give the same pieces (device_top).
-  h = protocol.server_forward(server_apply, theta, x_pub)
+  h = jax.jit(protocol.server_forward, static_argnums=0)(server_apply, theta, x_pub)
   real = mask > 0  # (device_bottom sends zero activations for padded rows)
   np.testing.assert_allclose(h[real], out.h_sent[real], rtol=1e-6)
-  step = protocol.device_step(device_apply, phi, h, x_priv, y, mask)
+  step = jax.jit(protocol.device_step, static_argnums=0)(device_apply, phi, h, x_priv, y, mask)
   np.testing.assert_allclose(step.cut_grads, out.g_sent, rtol=1e-5, atol=1e-8)
-  back = protocol.server_backward(server_apply, theta, x_pub, step.cut_grads, mask.sum())
+  back = jax.jit(protocol.server_backward, static_argnums=0)(
+    server_apply, theta, x_pub, step.cut_grads, mask.sum()
+  )
   for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(ref_t), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
