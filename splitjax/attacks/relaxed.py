@@ -307,8 +307,7 @@ def optimize(
   cards = checks.cardinalities(cardinalities)
   devices = checks.devices(devices)
   h_np, g_np, dtype = checks.observations(h, g_obs)
-  if h_np.shape != g_np.shape:
-    raise AttackError(f'h {h_np.shape} and g_obs {g_np.shape} must have the same shape [N, d].')
+  checks.same_shape(h_np, g_np)
   num_dense, lo, hi, clip = matching.check_fit(
     num_dense, dense_bounds, l2_clip_norm, distance, num_steps, num_restarts, dtype
   )

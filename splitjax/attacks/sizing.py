@@ -249,9 +249,7 @@ def plan(
   cand_block = -(-num_cand // num_blocks)  # balance the blocks (less padding)
   per_user_bytes = cand_block * per_cand + num_cand * num_labels * 4 * 4
   if per_user_params:  # each user carries a gathered copy of its parameter version
-    per_user_bytes += sum(
-      np.size(x) * np.dtype(jnp.result_type(x)).itemsize for x in jax.tree.leaves(params)
-    )
+    per_user_bytes += sum(np.size(x) * np.dtype(jnp.result_type(x)).itemsize for x in leaves)
   users_per_device = -(-num_users // num_devices)
   if users_per_chunk is None:
     by_memory = max(1, MEMORY_BUDGET_BYTES // max(per_user_bytes, 1))

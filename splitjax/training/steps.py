@@ -51,13 +51,20 @@ def device_dp_sgd(per_example_grads, dp: DPConfig, key, mask):
   return noisy_mean
 
 
+def _head_privatizer(dp: DPConfig, key, device_dp: bool):
+  """Device DP-SGD on the head's per-example gradients (noise key ``fold_in(key, 1)``), or None."""
+  if not device_dp:
+    return None
+  return lambda grads, mask: device_dp_sgd(grads, dp, jax.random.fold_in(key, 1), mask)
+
+
 def _head_step(model, params, h, head_in: tuple[Any, Any], y, mask, dp, key, device_dp: bool):
   """One device's head step (FSL); with ``device_dp`` its parameter gradient is privatised."""
-  if not device_dp:
+  privatize = _head_privatizer(dp, key, device_dp)
+  if privatize is None:
     return protocol.top_step(model, params, h, *head_in, y, mask)
   out = protocol.top_step_per_example(model, params, h, *head_in, y, mask)
-  grads = device_dp_sgd(out.param_grads, dp, jax.random.fold_in(key, 1), mask)
-  return out._replace(param_grads=grads)
+  return out._replace(param_grads=privatize(out.param_grads, mask))
 
 
 def _split_forward_backward(
@@ -66,9 +73,6 @@ def _split_forward_backward(
   """One pass through the cut; (loss, enc_grads, head_grads, h_sent, g_sent, logits, nonfinite)."""
   _, enc_in, head_in = sides(model, batch)
   encoder_apply, head_apply = protocol.apply_fns(model)
-  head_privatizer = None
-  if device_dp:  # the device's parameter gradient is privatised too (device DP-SGD)
-    head_privatizer = lambda grads, mask: device_dp_sgd(grads, dp, jax.random.fold_in(key, 1), mask)
   out = protocol.split_step(
     encoder_apply,
     head_apply,
@@ -80,7 +84,7 @@ def _split_forward_backward(
     batch.mask,
     topology=model.spec.topology,
     privatize=lambda x, mask: cut_layer_dp(x, dp, key, mask),
-    privatize_head_grads=head_privatizer,
+    privatize_head_grads=_head_privatizer(dp, key, device_dp),
   )
   return (
     out.loss,
