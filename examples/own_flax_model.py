@@ -58,7 +58,7 @@ model = models.SplitModel.from_apply_fns(
 )
 
 recipe = training.Recipe(optimizer="adam", learning_rate=1e-2, batch_size=64, epochs=3)
-result = training.fit(model, data.train, recipe=recipe, seed=0, progress=None)
+result = training.fit(model, data.train, recipe=recipe, seed=0)
 theta, phi = result.state.server_params, result.state.device_params
 
 # What the server sees of each test user: h (it computed it) and g (the device sent it back).

@@ -203,16 +203,15 @@ def _fit_informed(restored, config, transcript, split_name: str) -> Informed:
   dataset, model, state = restored.dataset, restored.model, restored.state
   ref = dataset.test if split_name == "train" else dataset.train
   query = getattr(dataset, split_name).take(transcript.example_index)
-  predict_h = training.make_predict_h(model)
   spaces = {
     "server": attacks.server_feature_matrix(ref.pub_cat, ref.pub_dense, dataset.pub_cardinalities),
-    "h": np.asarray(predict_h(state.server_params, ref.pub_cat, ref.pub_dense)),
+    "h": np.asarray(training.predict_h(model, state.server_params, ref.pub_cat, ref.pub_dense)),
   }
   query_spaces = {
     "server": attacks.server_feature_matrix(
       query.pub_cat, query.pub_dense, dataset.pub_cardinalities
     ),
-    "h": np.asarray(predict_h(state.server_params, query.pub_cat, query.pub_dense)),
+    "h": np.asarray(training.predict_h(model, state.server_params, query.pub_cat, query.pub_dense)),
   }
   fit = attacks.fit_informed_prior(
     spaces, ref.priv_cat, dataset.priv_cardinalities, query_spaces=query_spaces, seed=config.seed
@@ -460,7 +459,7 @@ def _attack_owned(
     )
   t0 = time.time()
   bar = (
-    training.ProgressPrinter(n, f"attack {variant}/{prior} {config.users}", printer=progress)
+    common.ProgressPrinter(n, f"attack {variant}/{prior} {config.users}", printer=progress)
     if progress
     else None
   )
@@ -683,9 +682,7 @@ def score(
   )
   knn = attacks.knn(ref_x, ref_targets, query_x, target_cards, k=config.knn_k)
   ref_h = np.asarray(
-    training.make_predict_h(restored.model)(
-      restored.state.server_params, ref.pub_cat, ref.pub_dense
-    )
+    training.predict_h(restored.model, restored.state.server_params, ref.pub_cat, ref.pub_dense)
   )
   knn_h = attacks.knn(ref_h, ref_targets, transcript.h, target_cards, k=config.knn_k)
   priors = [

@@ -42,7 +42,6 @@ from splitjax import attacks
 from splitjax import io
 from splitjax import metrics
 from splitjax import models
-from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import bounds
 
@@ -378,7 +377,7 @@ def _feature_attack(
   label_scores = done.get("label_scores", np.full(n, np.nan, np.float32))
   finished = done.get("finished", np.zeros(n, bool))
   bar = (
-    training.ProgressPrinter(n, f"attack {name} {config.variant} {config.users}", printer=progress)
+    common.ProgressPrinter(n, f"attack {name} {config.variant} {config.users}", printer=progress)
     if progress
     else None
   )

@@ -7,6 +7,8 @@ import logging as std_logging
 import os
 import pathlib
 import sys
+import time
+from collections.abc import Callable
 
 from absl import flags
 from absl import logging
@@ -104,6 +106,63 @@ SHARED_FLAGS = {
 def progress(message: str) -> None:
   """Progress and diagnostics of the binaries: absl logging (see --verbosity, --log_dir)."""
   logging.info("%s", message)
+
+
+class ProgressPrinter:
+  """Hands one progress line per ``every`` seconds to ``printer`` (progress on long runs).
+
+  The first step includes compilation, so the rate behind the ETA is measured from the end of the
+  first step on; until a second step has finished no ETA is given.
+  """
+
+  def __init__(
+    self, total: int, label: str, every: float = 5.0, printer: Callable[[str], None] | None = None
+  ):
+    self.total, self.label, self.every = total, label, every
+    self.printer = printer if printer is not None else (lambda line: None)
+    self.start = self.last = time.time()
+    self.first_done: float | None = None  # time at which the first (compiling) step finished
+
+  def __call__(self, done: int, extra: str = ""):
+    now = time.time()
+    if done >= 1 and self.first_done is None:
+      self.first_done = now
+    if now - self.last >= self.every or done == self.total:
+      self.last = now
+      if done >= 2 and self.first_done is not None and now > self.first_done:
+        rate = (done - 1) / (now - self.first_done)
+        eta = f"eta {(self.total - done) / rate:.1f}s"
+      else:
+        eta = "eta after the first compiled step"
+      self.printer(
+        f"[{self.label}] {done}/{self.total} ({100.0 * done / max(self.total, 1):.0f}%)"
+        f" {now - self.start:.1f}s elapsed, {eta} {extra}".rstrip()
+      )
+
+
+def fit_callbacks(progress, protocol_name: str, epochs: int):
+  """``(on_step, epoch_line)`` for `training.fit`: per-step lines every few seconds through a
+  `ProgressPrinter` per epoch, and one line per epoch with its training loss (None, None when
+  ``progress`` is None)."""
+  if not progress:
+    return None, None
+  bars: dict = {}
+
+  def on_step(epoch: int, done: int, total: int) -> None:
+    if epoch not in bars:
+      bars.clear()
+      bars[epoch] = ProgressPrinter(
+        total, f"{protocol_name} epoch {epoch + 1}/{epochs}", printer=progress
+      )
+    bars[epoch](done)
+
+  def epoch_line(epoch: int, log: dict) -> None:
+    progress(
+      f"[{protocol_name}] epoch {epoch + 1}/{epochs}: train loss {log['train_loss']:.4f} "
+      f"({log['seconds']:.1f} s)"
+    )
+
+  return on_step, epoch_line
 
 
 class UsageError(ValueError):

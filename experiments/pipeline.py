@@ -160,39 +160,10 @@ def validate(config: configs_base.TrainConfig) -> None:
 
 
 CLIP_SOURCES = {
-  "auto": (
-    "public: half the mean ||g_i|| under the initial model on the server's own rows, "
-    "private values and labels drawn uniformly from their domains"
-  ),
+  "auto": training.AUTO_CLIP_SOURCE,
   "none": "no clip",
   "number": "public: the number given (--dp_clip)",
 }
-
-
-def public_clip_split(dataset: sj_data.TabularData, seed: int):
-  """The training rows as the server sees them, with uniform private values and labels.
-
-  Server features are the server's own; private categorical values, private dense values (in
-  their scaled range [0, 1]) and labels are drawn uniformly from the public domains with
-  ``np.random.default_rng([seed, 11])``, so anything computed from it is public.
-  """
-  train = dataset.train
-  rng = np.random.default_rng([seed, 11])
-  n = len(train)
-  priv_cat = (
-    np.stack([rng.integers(0, k, n) for k in dataset.priv_cardinalities], axis=1)
-    if dataset.priv_cardinalities
-    else train.priv_cat
-  )
-  return dataclasses.replace(
-    train,
-    priv_cat=priv_cat.astype(np.int32),
-    priv_dense=rng.random(train.priv_dense.shape).astype(np.float32),
-    y=rng.integers(0, 2, n).astype(np.int32),
-    p_y_pub=None,
-    p_y_full=None,
-    p_priv_pub=None,
-  )
 
 
 def recipe_of(config) -> training.Recipe:
@@ -282,9 +253,7 @@ def _state_template(model, config):
   if key not in _TEMPLATES:
     if len(_TEMPLATES) >= 8:
       _TEMPLATES.pop(next(iter(_TEMPLATES)))
-    _TEMPLATES[key] = training.init_state(
-      model, training.server_optimizer(recipe, frozen), training.make_optimizer(recipe), config.seed
-    )
+    _TEMPLATES[key] = training.init_state(model, recipe, config.seed, freeze_server=frozen)
   return _TEMPLATES[key]
 
 
@@ -467,21 +436,18 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   # Cut-layer DP parameters (public).
   if "l2_clip_norm" not in extra:
     init = _state_template(model, config)
-    # --dp_clip=auto reads public information only: the server's own features (hence h) under
-    # the initial model, with private values and labels drawn uniformly from their public
-    # domains. A C computed from the private gradients would itself be an unaccounted release
-    # (and would read the true labels, voiding label DP).
-    mean_norm = (
-      training.mean_cut_grad_norm(model, init, public_clip_split(dataset, config.seed))
+    # --dp_clip=auto reads public information only (training.auto_clip_norm says what).
+    if config.dp_clip == "auto" and config.topology != "device_top":
+      raise ConfigError("--dp_clip=auto is defined for gradients (device_top); give a number")
+    auto_clip, mean_norm = (
+      training.auto_clip_norm(model, init, dataset, config.seed)
       if config.topology == "device_top"
-      else float("nan")
+      else (float("nan"), float("nan"))
     )
     if config.dp_clip == "none":
       clip = math.inf
     elif config.dp_clip == "auto":
-      if config.topology != "device_top":
-        raise ConfigError("--dp_clip=auto is defined for gradients (device_top); give a number")
-      clip = 0.5 * mean_norm
+      clip = auto_clip
     else:
       clip = float(config.dp_clip)
     sigma = config.dp_noise_multiplier
@@ -522,7 +488,11 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     if writer:
       write_transcript(workdir, transcript, device_params=config.record_device_params)
 
+  on_step, epoch_line = common.fit_callbacks(progress, config.protocol, recipe.epochs)
+
   def on_epoch_end(epoch, st, log):
+    if epoch_line is not None:
+      epoch_line(epoch, log)
     history.append(log)
     if writer:
       io.save_checkpoint(
@@ -553,7 +523,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     start_epoch=start_epoch,
     on_epoch_end=on_epoch_end,
     on_transcript=on_transcript,
-    progress=progress,
+    on_step=on_step,
   )
   if frozen_server:
     fit_kwargs["freeze_server"] = True

@@ -24,7 +24,6 @@ pytrees whose leaves have a leading batch axis ``N``; padded rows (``mask == 0``
 All are pure and jit-friendly.
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -67,13 +66,13 @@ def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
 
 
-@functools.cache
 def apply_fns(
   model: models.SplitModel,
 ) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
   """``(encoder_apply(params, x_i), head_apply(params, h_i, x_i))`` of a `SplitModel`.
 
-  ``x_i = (cat_i, dense_i)``. Cached per model (the same objects on every call).
+  ``x_i = (cat_i, dense_i)``. New closures on each call: inside a jitted function (where the
+  model is static) that costs nothing.
   """
 
   def encoder_apply(params, x):

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     dp = training.DPConfig(np.float32(0.05), np.float32(0.0))
     for proto in ("sl", "fsl"):
       kw = dict(recipe=recipe, seed=0, protocol_name=proto, dp=dp, samples_per_device=8,
-                devices_per_round=4, local_steps=2, progress=None)
+                devices_per_round=4, local_steps=2)
       one = training.fit(model, split, data_parallel=False, **kw)
       many = training.fit(model, split, data_parallel=True, **kw)
       leaf = jax.tree.leaves(many.state.device_params)[0]

@@ -115,3 +115,29 @@ def test_no_protected_access_across_modules():
       ):
         bad.append(f'{name}:{node.lineno}: {node.value.id}.{node.attr}')
   assert not bad, bad
+
+
+def _cached_functions(path: pathlib.Path) -> list[str]:
+  """Names of the functions of `path` decorated with functools.cache or an unbounded lru_cache."""
+  out = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if not isinstance(node, ast.FunctionDef):
+      continue
+    for dec in node.decorator_list:
+      call = dec.func if isinstance(dec, ast.Call) else dec
+      name = ast.unparse(call)
+      unbounded = not isinstance(dec, ast.Call) or any(
+        k.arg == 'maxsize' and isinstance(k.value, ast.Constant) and k.value.value is None
+        for k in dec.keywords
+      )
+      if name in ('functools.cache', 'cache') or (name.endswith('lru_cache') and unbounded):
+        out.append(node.name)
+  return out
+
+
+def test_jit_is_the_only_cache_of_training_and_protocol():
+  """The steps are module-level jitted functions over a state with static fields: no unbounded
+  cache of built functions stands in for jit's own (issue 18)."""
+  paths = [ROOT / 'protocol.py', *sorted((ROOT / 'training').glob('*.py'))]
+  found = {p.name: names for p in paths if (names := _cached_functions(p))}
+  assert not found, f'unbounded function caches: {found}'

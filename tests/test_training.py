@@ -1,10 +1,12 @@
 """SL and FSL training: FSL with one local step and SGD equals SL on the union; resume is exact."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
 import pytest
+from flax import serialization as flax_serialization
 
 from splitjax import models
 from splitjax import training
@@ -38,16 +40,15 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
 
 def test_fsl_one_local_step_sgd_equals_sl_on_union():
   recipe = training.Recipe(optimizer="sgd", learning_rate=0.5, batch_size=32, epochs=1)
-  tx = training.make_optimizer(recipe)
   split = _split(32)
-  state0 = training.init_state(MODEL, tx, tx, seed=3)
+  state0 = training.init_state(MODEL, recipe, seed=3)
   # FSL round: 4 devices x 8 examples = the whole split.
   partition = np.arange(32, dtype=np.int32).reshape(4, 8)
   ((batch, dmask),) = list(training.fsl_rounds(split, partition, 4, seed=0, epoch=0))
-  fsl = training.make_fsl_round(MODEL, tx, tx, 1)
+  fsl = functools.partial(training.fsl_round, local_steps=1)
   copy = lambda s: jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, s)
   fsl_state, _, hs, gs, _ = fsl(copy(state0), batch, dmask, training.no_dp())
-  sl = training.make_sl_step(MODEL, tx, tx)
+  sl = training.sl_step
   flat = jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), batch)
   sl_state, _, h, g, _ = sl(copy(state0), flat, training.no_dp())
   _close(fsl_state.server_params, sl_state.server_params)
@@ -67,7 +68,6 @@ def test_fsl_multiple_local_steps_differs_and_records_each_step():
     samples_per_device=8,
     devices_per_round=2,
     local_steps=3,
-    progress=None,
   )
   tr = res.transcript
   assert tr.num_rows == 3 * 40  # every example sends one g per local step
@@ -83,18 +83,16 @@ def test_fsl_multiple_local_steps_differs_and_records_each_step():
 
 def test_sl_counts_one_release_per_example_and_epoch_with_a_padded_last_batch():
   recipe = training.Recipe(optimizer="sgd", learning_rate=0.5, batch_size=16, epochs=2)
-  res = training.fit(MODEL, _split(40), recipe=recipe, seed=0, progress=None)  # 16 + 16 + 8
+  res = training.fit(MODEL, _split(40), recipe=recipe, seed=0)  # 16 + 16 + 8
   np.testing.assert_array_equal(res.releases, np.full(40, 2))
-  resumed = training.fit(
-    MODEL, _split(40), recipe=recipe, seed=0, progress=None, state=res.state, start_epoch=1
-  )
+  resumed = training.fit(MODEL, _split(40), recipe=recipe, seed=0, state=res.state, start_epoch=1)
   np.testing.assert_array_equal(resumed.releases, np.full(40, 1))  # the epochs of this call
 
 
 def test_sl_transcript_rows_are_what_the_step_sent():
   recipe = training.Recipe(optimizer="adam", learning_rate=1e-2, batch_size=16, epochs=2)
   split = _split(40)
-  res = training.fit(MODEL, split, recipe=recipe, seed=1, progress=None)
+  res = training.fit(MODEL, split, recipe=recipe, seed=1)
   tr = res.transcript
   assert tr.num_rows == 40 and np.array_equal(np.sort(tr.example_index), np.arange(40))
   # Recompute one row's g from the recorded device parameters: same value.
@@ -114,7 +112,7 @@ def test_resume_equals_uninterrupted():
   recipe = training.Recipe(optimizer="adam", learning_rate=1e-2, batch_size=16, epochs=3)
   split = _split(48)
   dp = training.DPConfig(np.float32(0.05), np.float32(0.5))
-  full = training.fit(MODEL, split, recipe=recipe, seed=2, dp=dp, progress=None)
+  full = training.fit(MODEL, split, recipe=recipe, seed=2, dp=dp)
   saved = {}
 
   def stop_after_first(epoch, state, log):
@@ -129,14 +127,11 @@ def test_resume_equals_uninterrupted():
     recipe=dataclasses.replace(recipe, epochs=1),
     seed=2,
     dp=dp,
-    progress=None,
     on_epoch_end=stop_after_first,
   )
   del part
-  state = saved["state"]._replace(key=full.state.key)  # the key is fixed for the run
-  resumed = training.fit(
-    MODEL, split, recipe=recipe, seed=2, dp=dp, state=state, start_epoch=1, progress=None
-  )
+  state = saved["state"].replace(key=full.state.key)  # the key is fixed for the run
+  resumed = training.fit(MODEL, split, recipe=recipe, seed=2, dp=dp, state=state, start_epoch=1)
   _close(resumed.state.server_params, full.state.server_params, rtol=0, atol=0)
   _close(resumed.state.device_params, full.state.device_params, rtol=0, atol=0)
   np.testing.assert_array_equal(resumed.transcript.g, full.transcript.g)
@@ -152,7 +147,6 @@ def test_dp_in_training_clips_what_is_sent():
     recipe=recipe,
     seed=0,
     dp=training.DPConfig(np.float32(clip), np.float32(0.0)),
-    progress=None,
   )
   norms = np.linalg.norm(res.transcript.g, axis=1)
   assert norms.max() <= clip * (1 + 1e-5)
@@ -162,22 +156,21 @@ def test_dp_in_training_clips_what_is_sent():
 def test_frozen_server_keeps_server_params():
   recipe = training.Recipe(optimizer="adam", learning_rate=1e-2, batch_size=16, epochs=1)
   split = _split(32)
-  tx = training.make_optimizer(recipe)
-  init = training.init_state(MODEL, training.server_optimizer(recipe, True), tx, seed=0)
-  res = training.fit(MODEL, split, recipe=recipe, seed=0, freeze_server=True, progress=None)
+  init = training.init_state(MODEL, recipe, seed=0, freeze_server=True)
+  res = training.fit(MODEL, split, recipe=recipe, seed=0, freeze_server=True)
   _close(res.state.server_params, init.server_params, rtol=0, atol=0)
 
 
 def test_device_dp_sgd_limit_equals_plain_and_noise_changes_it():
   recipe = training.Recipe(optimizer="sgd", learning_rate=0.5, batch_size=16, epochs=1)
   split = _split(40)
-  plain = training.fit(MODEL, split, recipe=recipe, seed=0, progress=None)
+  plain = training.fit(MODEL, split, recipe=recipe, seed=0)
   big_clip = training.DPConfig(np.inf, 0.0, 1e6, 0.0)
-  same = training.fit(MODEL, split, recipe=recipe, seed=0, dp=big_clip, progress=None)
+  same = training.fit(MODEL, split, recipe=recipe, seed=0, dp=big_clip)
   _close(same.state.device_params, plain.state.device_params, rtol=1e-4, atol=1e-6)
   _close(same.state.server_params, plain.state.server_params, rtol=1e-4, atol=1e-6)
   noisy = training.fit(
-    MODEL, split, recipe=recipe, seed=0, progress=None, dp=training.DPConfig(np.inf, 0.0, 0.1, 1.0)
+    MODEL, split, recipe=recipe, seed=0, dp=training.DPConfig(np.inf, 0.0, 0.1, 1.0)
   )
   diff = max(
     float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
@@ -194,11 +187,10 @@ def test_device_dp_sgd_update_is_clipped_per_example():
   """With sigma_d = 0 each example moves the device parameters by at most lr * C_d / n."""
   recipe = training.Recipe(optimizer="sgd", learning_rate=1.0, batch_size=8, epochs=1)
   split = _split(8)
-  tx = training.make_optimizer(recipe)
-  state0 = training.init_state(MODEL, tx, tx, seed=0)
+  state0 = training.init_state(MODEL, recipe, seed=0)
   clip = 1e-3
   res = training.fit(
-    MODEL, split, recipe=recipe, seed=0, progress=None, dp=training.DPConfig(np.inf, 0.0, clip, 0.0)
+    MODEL, split, recipe=recipe, seed=0, dp=training.DPConfig(np.inf, 0.0, clip, 0.0)
   )
   delta = np.sqrt(
     sum(
@@ -222,5 +214,51 @@ def test_a_loop_that_sends_more_than_the_accountant_assumed_is_refused(tmp_path,
   planned = pipeline.releases_of
   monkeypatch.setattr(pipeline, "releases_of", lambda c: planned(c) - 1)
   with pytest.raises(RuntimeError, match="accountant assumed 0 over 1 epochs"):
-    pipeline.train_workdir(config, tmp_path / "w", progress=None)
+    pipeline.train_workdir(config, tmp_path / "w")
   assert not (tmp_path / "w" / "metrics.json").exists()
+
+
+def test_state_static_fields_are_hashed_by_value_and_steps_compile_once():
+  recipe = training.Recipe(optimizer="sgd", learning_rate=0.5, batch_size=16, epochs=1)
+  a = training.init_state(MODEL, recipe, seed=0)
+  b = training.init_state(MODEL, dataclasses.replace(recipe), seed=1)  # equal, not identical
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  other = training.init_state(MODEL, dataclasses.replace(recipe, learning_rate=0.1), seed=0)
+  assert jax.tree.structure(other) != jax.tree.structure(a)
+  # The checkpointed leaves are the arrays only, under the names of the 0.2 NamedTuple state.
+  assert list(flax_serialization.to_state_dict(a)) == [
+    "server_params",
+    "device_params",
+    "server_opt",
+    "device_opt",
+    "step",
+    "key",
+  ]
+  split = _split(32)
+  training.fit(MODEL, split, recipe=recipe, seed=0)
+  size = training.sl_step._cache_size()  # pylint: disable=protected-access
+  training.fit(MODEL, split, recipe=dataclasses.replace(recipe), seed=1)
+  assert training.sl_step._cache_size() == size  # pylint: disable=protected-access
+
+
+def test_auto_clip_reads_nothing_private():
+  """C of --dp_clip=auto is half the mean no-DP ||g|| on the public view of the rows: changing
+  the private values and the labels of the training data leaves it unchanged."""
+  split = _split(48)
+  recipe = training.Recipe(optimizer="sgd", learning_rate=0.5, batch_size=16, epochs=1)
+  state = training.init_state(MODEL, recipe, seed=0)
+
+  class Data:  # the two fields auto_clip_norm reads of a TabularData
+    priv_cardinalities = PRIV_CARDS
+
+    def __init__(self, train):
+      self.train = train
+
+  clip, mean_norm = training.auto_clip_norm(MODEL, state, Data(split), seed=3)
+  assert clip == pytest.approx(0.5 * mean_norm) and mean_norm > 0
+  public = training.public_clip_split(Data(split), 3)
+  assert mean_norm == pytest.approx(training.mean_cut_grad_norm(MODEL, state, public))
+  flipped = dataclasses.replace(split, y=1 - split.y, priv_cat=(split.priv_cat + 1) % 2)
+  assert training.auto_clip_norm(MODEL, state, Data(flipped), seed=3) == (clip, mean_norm)
+  # The true rows give another norm (so the test would notice a clip read from them).
+  assert training.mean_cut_grad_norm(MODEL, state, split) != pytest.approx(mean_norm)

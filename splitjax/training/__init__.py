@@ -17,11 +17,11 @@ Randomness: the data order of epoch ``e`` comes from
 ``jax.random.fold_in(key, t)``. A run resumed from a checkpoint therefore
 replays exactly the same computation.
 
-Modules: `state` (the recipe, optimisers, `TrainState`, `DPConfig`), `steps` (the jitted SL
-step, FSL round and replay over `protocol.split_step`), `loop` (`fit`, the transcript recorder,
-`replay_transcript`), `evaluation` (test logits and metrics, the no-DP cut-gradient norm behind
-``--dp_clip=auto``); host batching is `splitjax.data.batching`. Everything public is re-exported
-here.
+Modules: `state` (the recipe, optimisers, `TrainState` with its static model and recipe,
+`DPConfig`), `steps` (the module-level jitted SL step, FSL round and replay over
+`protocol.split_step`), `loop` (`fit`, the transcript recorder, `replay_transcript`),
+`evaluation` (test logits and metrics, the no-DP cut-gradient norm and the auto clip norm built
+on it); host batching is `splitjax.data.batching`. Everything public is re-exported here.
 """
 
 from splitjax.data.batching import Batch
@@ -35,14 +35,16 @@ from splitjax.training import evaluation
 from splitjax.training import loop
 from splitjax.training import state
 from splitjax.training import steps
+from splitjax.training.evaluation import AUTO_CLIP_SOURCE
+from splitjax.training.evaluation import auto_clip_norm
+from splitjax.training.evaluation import cut_grad_norms
 from splitjax.training.evaluation import evaluate
-from splitjax.training.evaluation import make_cut_grad_norms
-from splitjax.training.evaluation import make_predict
-from splitjax.training.evaluation import make_predict_h
 from splitjax.training.evaluation import mean_cut_grad_norm
+from splitjax.training.evaluation import predict
+from splitjax.training.evaluation import predict_h
 from splitjax.training.evaluation import predict_logits
+from splitjax.training.evaluation import public_clip_split
 from splitjax.training.loop import FitResult
-from splitjax.training.loop import ProgressPrinter
 from splitjax.training.loop import fit
 from splitjax.training.loop import initialize_distributed
 from splitjax.training.loop import replay_transcript
@@ -56,6 +58,6 @@ from splitjax.training.state import no_dp
 from splitjax.training.state import server_optimizer
 from splitjax.training.steps import cut_layer_dp
 from splitjax.training.steps import device_dp_sgd
-from splitjax.training.steps import make_fsl_round
-from splitjax.training.steps import make_replay
-from splitjax.training.steps import make_sl_step
+from splitjax.training.steps import fsl_round
+from splitjax.training.steps import replay
+from splitjax.training.steps import sl_step

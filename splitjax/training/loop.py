@@ -1,4 +1,4 @@
-"""The training loop (`fit`), its transcript recorder and progress lines, and the test replay."""
+"""The training loop (`fit`) and its transcript recorder, and the test replay."""
 
 import dataclasses
 import math
@@ -23,44 +23,10 @@ from splitjax.training.state import DPConfig
 from splitjax.training.state import Recipe
 from splitjax.training.state import TrainState
 from splitjax.training.state import init_state
-from splitjax.training.state import make_optimizer
 from splitjax.training.state import no_dp
-from splitjax.training.state import server_optimizer
-from splitjax.training.steps import make_fsl_round
-from splitjax.training.steps import make_replay
-from splitjax.training.steps import make_sl_step
-
-
-class ProgressPrinter:
-  """Hands one progress line per ``every`` seconds to ``printer`` (progress on long runs).
-
-  The first step includes compilation, so the rate behind the ETA is measured from the end of the
-  first step on; until a second step has finished no ETA is given.
-  """
-
-  def __init__(
-    self, total: int, label: str, every: float = 5.0, printer: Callable[[str], None] | None = None
-  ):
-    self.total, self.label, self.every = total, label, every
-    self.printer = printer if printer is not None else (lambda line: None)
-    self.start = self.last = time.time()
-    self.first_done: float | None = None  # time at which the first (compiling) step finished
-
-  def __call__(self, done: int, extra: str = ""):
-    now = time.time()
-    if done >= 1 and self.first_done is None:
-      self.first_done = now
-    if now - self.last >= self.every or done == self.total:
-      self.last = now
-      if done >= 2 and self.first_done is not None and now > self.first_done:
-        rate = (done - 1) / (now - self.first_done)
-        eta = f"eta {(self.total - done) / rate:.1f}s"
-      else:
-        eta = "eta after the first compiled step"
-      self.printer(
-        f"[{self.label}] {done}/{self.total} ({100.0 * done / max(self.total, 1):.0f}%)"
-        f" {now - self.start:.1f}s elapsed, {eta} {extra}".rstrip()
-      )
+from splitjax.training.steps import fsl_round
+from splitjax.training.steps import replay
+from splitjax.training.steps import sl_step
 
 
 class FitResult(NamedTuple):
@@ -103,7 +69,7 @@ def fit(
   record_last_epoch: bool = True,
   on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
   on_transcript: Callable[[Any], None] | None = None,
-  progress: Callable[[str], None] | None = None,
+  on_step: Callable[[int, int, int], None] | None = None,
 ) -> FitResult:
   """Trains a split model with SL or FSL.
 
@@ -132,8 +98,9 @@ def fit(
       what must outlive the callback.
     on_transcript: ``callback(transcript)`` once the last epoch's transcript is
       complete, before that epoch's ``on_epoch_end``.
-    progress: called with each progress line (per-step lines every few seconds and one line
-      per epoch with its training loss), or None (the default: the library prints nothing).
+    on_step: ``callback(epoch, done, total)`` after each step (SL) or round (FSL) of an epoch,
+      ``done`` of ``total``; progress lines are the caller's (the library prints nothing).
+      The step has been dispatched, not necessarily finished (JAX is asynchronous).
 
   Returns:
     :class:`FitResult`.
@@ -143,15 +110,14 @@ def fit(
   dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
   if labels is not None:
     train_split = dataclasses.replace(train_split, y=np.asarray(labels, np.int32))
-  tx = make_optimizer(recipe)
-  tx_server = server_optimizer(recipe, freeze_server)
   if state is None:
-    state = init_state(model, tx_server, tx, seed)
+    state = init_state(model, recipe, seed, freeze_server=freeze_server)
+  else:  # the arguments decide, as they did before the state carried them
+    state = state.replace(model=model, recipe=recipe, freeze_server=bool(freeze_server))
+  device_dp = dp.device_dp
   if protocol_name == "sl":
-    step_fn = make_sl_step(model, tx_server, tx, dp.device_dp)
     steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
   else:
-    round_fn = make_fsl_round(model, tx_server, tx, local_steps, dp.device_dp)
     partition = device_partition(len(train_split), samples_per_device, seed)
     steps_per_epoch = math.ceil(partition.shape[0] / devices_per_round)
   shard = _data_sharding(
@@ -166,13 +132,6 @@ def fit(
     t0 = time.time()
     record = record_last_epoch and epoch == recipe.epochs - 1
     rec = _Recorder() if record else None
-    bar = (
-      ProgressPrinter(
-        steps_per_epoch, f"{protocol_name} epoch {epoch + 1}/{recipe.epochs}", printer=progress
-      )
-      if progress
-      else None
-    )
     losses, nonfinite = [], []
     if protocol_name == "sl":
       it = sl_batches(train_split, recipe.batch_size, seed, epoch)
@@ -182,13 +141,13 @@ def fit(
           batch = put_global(batch, shard.batch)
         if rec is not None:
           rec.add_params(state.device_params)
-        state, loss, h, g, bad = step_fn(state, batch, dp)
+        state, loss, h, g, bad = sl_step(state, batch, dp, device_dp=device_dp)
         losses.append(loss)
         nonfinite.append(bad)
         if rec is not None:
           rec.add(h, g, batch.index, batch.mask, np.zeros(len(batch.mask), np.int32))
-        if bar:
-          bar(i + 1)
+        if on_step is not None:
+          on_step(epoch, i + 1, steps_per_epoch)
     else:
       for i, (batch, dmask) in enumerate(
         fsl_rounds(train_split, partition, devices_per_round, seed, epoch)
@@ -198,7 +157,9 @@ def fit(
           batch, dmask = put_global((batch, dmask), shard.batch)
         if rec is not None:
           rec.add_params(state.device_params)
-        state, loss, hs, gs, bad = round_fn(state, batch, dmask, dp)
+        state, loss, hs, gs, bad = fsl_round(
+          state, batch, dmask, dp, local_steps=local_steps, device_dp=device_dp
+        )
         losses.append(jnp.mean(loss))
         nonfinite.append(bad)
         if rec is not None:
@@ -213,8 +174,8 @@ def fit(
               flat_mask,
               np.full(len(flat_mask), t, np.int32),
             )
-        if bar:
-          bar(i + 1)
+        if on_step is not None:
+          on_step(epoch, i + 1, steps_per_epoch)
     loss = float(np.mean([to_host(x) for x in losses])) if losses else float("nan")
     if not np.isfinite(loss):
       raise FloatingPointError(
@@ -228,11 +189,6 @@ def fit(
       "nonfinite_rows_zeroed": int(sum(int(to_host(x)) for x in nonfinite)),
     }
     history.append(log)
-    if progress:
-      progress(
-        f"[{protocol_name}] epoch {epoch + 1}/{recipe.epochs}: train loss {loss:.4f} "
-        f"({log['seconds']:.1f} s)"
-      )
     if rec is not None:
       transcript = rec.finish(dp)
       if on_transcript is not None:
@@ -315,14 +271,13 @@ def replay_transcript(
   """
   dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
   n = len(split) if num_examples is None else min(num_examples, len(split))
-  fn = make_replay(model)
+  state = state.replace(model=model)
   key = jax.random.key(seed)
   hs, gs = [], []
   for c, start in enumerate(range(0, n, batch_size)):
     part = np.arange(start, min(start + batch_size, n), dtype=np.int32)
-    h, g = fn(
-      state.server_params,
-      state.device_params,
+    h, g = replay(
+      state,
       split_to_batch(split, part, batch_size),
       dp,
       jax.random.fold_in(key, c),

@@ -1,7 +1,6 @@
 """The training state and its static pieces: the optimiser recipe, the DP knobs, initialisation."""
 
 import dataclasses
-import functools
 from typing import Any
 from typing import NamedTuple
 
@@ -9,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 from splitjax import models
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Recipe:
-  """Optimiser recipe for both sides.
+  """Optimiser recipe for both sides (frozen, hashed by value: a static field of `TrainState`).
 
   Attributes:
     optimizer: ``'adam'``, ``'adagrad_torch'`` (PyTorch's Adagrad) or ``'sgd'``.
@@ -38,13 +38,12 @@ RECIPES = {
 }
 
 
-@functools.cache
 def make_optimizer(recipe: Recipe) -> optax.GradientTransformation:
   """One optax chain per side from the recipe.
 
   ``adagrad_torch`` is PyTorch's Adagrad (accumulator starts at 0; optax puts
-  eps inside the square root and defaults differ, DESIGN.md §5). Cached, so
-  the same recipe gives the same object and the jitted steps are reused.
+  eps inside the square root and defaults differ, DESIGN.md §5). A pure function of the recipe:
+  the jitted steps build it inside the trace from the state's static `Recipe`.
   """
   if recipe.optimizer == "adam":
     return optax.adam(recipe.learning_rate)
@@ -55,14 +54,32 @@ def make_optimizer(recipe: Recipe) -> optax.GradientTransformation:
   raise ValueError(f"unknown optimizer {recipe.optimizer!r}: choose adam, adagrad_torch or sgd")
 
 
-@functools.cache
 def server_optimizer(recipe: Recipe, freeze_server: bool = False) -> optax.GradientTransformation:
   """The server's optimiser; ``freeze_server`` keeps its parameters fixed."""
   return optax.set_to_zero() if freeze_server else make_optimizer(recipe)
 
 
-class TrainState(NamedTuple):
-  """Both sides' parameters and optimiser states, the step counter and the DP key."""
+class TrainState(struct.PyTreeNode):
+  """Both sides' parameters and optimiser states, the step counter and the DP key.
+
+  A pytree (`flax.struct.PyTreeNode`, a frozen dataclass) whose array fields are its leaves and whose last three
+  fields are static (part of the tree structure, compared and hashed by value): the jitted steps
+  (`splitjax.training.sl_step`, `fsl_round`) build the model's apply functions and both
+  optimisers inside the trace from them, so ``jax.jit``'s own cache, keyed on the structure, is
+  the only cache. Checkpoints hold the array fields only (their names are those of the
+  NamedTuple state before splitjax 0.3, so older checkpoints restore).
+
+  Attributes:
+    server_params, device_params: the two sides' parameters (pytrees).
+    server_opt, device_opt: their optax states.
+    step: int32 scalar, steps (SL) or rounds (FSL) taken; the noise of step t uses
+      ``fold_in(key, t)``.
+    key: the typed PRNG key of the DP noise.
+    model: the `models.SplitModel` (static: its spec by value and its functions; `make_model`
+      returns the same functions for equal specs).
+    recipe: the `Recipe` (static).
+    freeze_server: whether the server's optimiser is ``set_to_zero`` (static).
+  """
 
   server_params: Any
   device_params: Any
@@ -70,6 +87,19 @@ class TrainState(NamedTuple):
   device_opt: Any
   step: jax.Array
   key: jax.Array
+  model: models.SplitModel = struct.field(pytree_node=False)
+  recipe: Recipe = struct.field(pytree_node=False)
+  freeze_server: bool = struct.field(pytree_node=False, default=False)
+
+  @property
+  def tx_server(self) -> optax.GradientTransformation:
+    """The server's optimiser, from the static recipe."""
+    return server_optimizer(self.recipe, self.freeze_server)
+
+  @property
+  def tx_device(self) -> optax.GradientTransformation:
+    """The device's optimiser, from the static recipe."""
+    return make_optimizer(self.recipe)
 
 
 class DPConfig(NamedTuple):
@@ -103,12 +133,30 @@ def no_dp() -> DPConfig:
   return DPConfig(jnp.float32(jnp.inf), jnp.float32(0.0), jnp.float32(jnp.inf), jnp.float32(0.0))
 
 
-def init_state(model: models.SplitModel, tx_server, tx_device, seed: int) -> TrainState:
-  """Initial parameters from ``jax.random.key(seed)``."""
+def init_state(
+  model: models.SplitModel, recipe: Recipe, seed: int, *, freeze_server: bool = False
+) -> TrainState:
+  """Initial parameters from ``jax.random.key(seed)`` and both optimisers' initial states.
+
+  Args:
+    model: the split model (a static field of the state).
+    recipe: the optimiser recipe (a static field).
+    seed: ``jax.random.key(seed)`` is split into the server's, the device's and the DP key.
+    freeze_server: the server's optimiser is ``optax.set_to_zero()``.
+  """
   key = jax.random.key(seed)
   k_server, k_device, k_dp = jax.random.split(key, 3)
   server = model.server_init(k_server)
   device = model.device_init(k_device)
+  tx_server, tx_device = server_optimizer(recipe, freeze_server), make_optimizer(recipe)
   return TrainState(
-    server, device, tx_server.init(server), tx_device.init(device), jnp.zeros((), jnp.int32), k_dp
+    server_params=server,
+    device_params=device,
+    server_opt=tx_server.init(server),
+    device_opt=tx_device.init(device),
+    step=jnp.zeros((), jnp.int32),
+    key=k_dp,
+    model=model,
+    recipe=recipe,
+    freeze_server=bool(freeze_server),
   )

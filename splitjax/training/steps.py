@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from splitjax import models
 from splitjax import protocol
 from splitjax.data.batching import Batch
 from splitjax.privacy import transforms as dp_transforms
@@ -97,35 +96,41 @@ def _split_forward_backward(
   )
 
 
-@functools.cache
-def make_sl_step(model: models.SplitModel, tx_server, tx_device, device_dp: bool = False):
-  """Jitted SL step ``(state, batch, dp) -> (state, loss, h_sent[N, d], g_sent[N, d], nonfinite)``.
+@functools.partial(jax.jit, static_argnames=("device_dp",), donate_argnums=(0,))
+def sl_step(state: TrainState, batch: Batch, dp: DPConfig, *, device_dp: bool = False):
+  """One SL step: ``(state, batch, dp, *, device_dp=False) ->
+  (state, loss, h_sent [N, d], g_sent [N, d], nonfinite)``.
 
-  The state is donated. ``h_sent``/``g_sent`` are what crossed the wire; ``nonfinite`` (int32)
-  counts the rows the DP clip zeroed because they held an inf or NaN.
-  ``device_dp`` (static) turns on device DP-SGD with ``dp``'s device fields.
+  Jitted at module level; the state is donated (pass a copy to keep the old one). The model and the
+  optimisers come from the state's static fields. ``h_sent``/``g_sent`` are what crossed the wire
+  (padded rows zero); ``nonfinite`` (int32) counts the rows the DP clip zeroed because they held an
+  inf or NaN. The noise key is ``fold_in(state.key, state.step)``. ``device_dp`` (static) turns on
+  device DP-SGD with ``dp``'s device fields.
   """
-
-  def step(state: TrainState, batch: Batch, dp: DPConfig):
-    key = jax.random.fold_in(state.key, state.step)
-    device_top = model.spec.topology == "device_top"
-    enc, head = (
-      (state.server_params, state.device_params)
-      if device_top
-      else (state.device_params, state.server_params)
-    )
-    loss, enc_g, head_g, h_sent, g_sent, _, nonfinite = _split_forward_backward(
-      model, enc, head, batch, dp, key, device_dp
-    )
-    server_g, device_g = (enc_g, head_g) if device_top else (head_g, enc_g)
-    upd, server_opt = tx_server.update(server_g, state.server_opt, state.server_params)
-    server = optax.apply_updates(state.server_params, upd)
-    upd, device_opt = tx_device.update(device_g, state.device_opt, state.device_params)
-    device = optax.apply_updates(state.device_params, upd)
-    new = TrainState(server, device, server_opt, device_opt, state.step + 1, state.key)
-    return new, loss, h_sent, g_sent, nonfinite
-
-  return jax.jit(step, donate_argnums=(0,))
+  key = jax.random.fold_in(state.key, state.step)
+  model = state.model
+  device_top = model.spec.topology == "device_top"
+  enc, head = (
+    (state.server_params, state.device_params)
+    if device_top
+    else (state.device_params, state.server_params)
+  )
+  loss, enc_g, head_g, h_sent, g_sent, _, nonfinite = _split_forward_backward(
+    model, enc, head, batch, dp, key, device_dp
+  )
+  server_g, device_g = (enc_g, head_g) if device_top else (head_g, enc_g)
+  upd, server_opt = state.tx_server.update(server_g, state.server_opt, state.server_params)
+  server = optax.apply_updates(state.server_params, upd)
+  upd, device_opt = state.tx_device.update(device_g, state.device_opt, state.device_params)
+  device = optax.apply_updates(state.device_params, upd)
+  new = state.replace(
+    server_params=server,
+    device_params=device,
+    server_opt=server_opt,
+    device_opt=device_opt,
+    step=state.step + 1,
+  )
+  return new, loss, h_sent, g_sent, nonfinite
 
 
 def _masked_mean(tree, weights):
@@ -141,88 +146,103 @@ def _masked_mean(tree, weights):
   return jax.tree.map(avg, tree)
 
 
-@functools.cache
-def make_fsl_round(
-  model: models.SplitModel, tx_server, tx_device, local_steps: int, device_dp: bool = False
+@functools.partial(jax.jit, static_argnames=("local_steps", "device_dp"), donate_argnums=(0,))
+def fsl_round(
+  state: TrainState,
+  batch: Batch,
+  device_mask,
+  dp: DPConfig,
+  *,
+  local_steps: int,
+  device_dp: bool = False,
 ):
-  """Jitted FSL round: ``(state, batch[D, S, ...], device_mask[D], dp)`` ->
-  ``(state, losses, h, g, nonfinite)``.
+  """One FSL round: ``(state, batch [D, S, ...], device_mask [D], dp, *,
+  local_steps, device_dp=False) -> (state, losses [local_steps], h, g, nonfinite)``.
 
-  ``h``/``g`` are ``[local_steps, D, S, d]``: what crossed the wire at each
-  local step. Only ``device_top`` is supported for FSL.
+  Jitted at module level (``local_steps`` and ``device_dp`` static); the state is donated.
+  ``h``/``g`` are ``[local_steps, D, S, d]``: what crossed the wire at each local step; the noise of
+  local step t of round r uses ``fold_in(state.key, r * local_steps + t)``. Only ``device_top`` is
+  supported for FSL (ValueError otherwise).
   """
+  model, tx_server, tx_device = state.model, state.tx_server, state.tx_device
   if model.spec.topology != "device_top":
     raise ValueError("FSL is implemented for topology='device_top' only")
+  num_dev = batch.y.shape[0]
+  bcast = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_dev,) + x.shape), t)
+  phis, opts = bcast(state.device_params), bcast(state.device_opt)
+  flat = jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), batch)
+  encoder_apply, head_apply = protocol.apply_fns(model)
 
-  def round_fn(state: TrainState, batch: Batch, device_mask, dp: DPConfig):
-    num_dev = batch.y.shape[0]
-    bcast = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_dev,) + x.shape), t)
-    phis, opts = bcast(state.device_params), bcast(state.device_opt)
-    flat = jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), batch)
-    encoder_apply, head_apply = protocol.apply_fns(model)
+  def local(carry, t):
+    server, server_opt, phis, opts = carry
+    key = jax.random.fold_in(state.key, state.step * local_steps + t)
+    dev_keys = jax.random.split(jax.random.fold_in(key, 2), num_dev)
 
-    def local(carry, t):
-      server, server_opt, phis, opts = carry
-      key = jax.random.fold_in(state.key, state.step * local_steps + t)
-      dev_keys = jax.random.split(jax.random.fold_in(key, 2), num_dev)
-
-      def device_heads(phis_, h, x_head, y, mask):  # each device's head on its own rows
-        out = jax.vmap(
-          lambda p, hh, c, dd, yy, mm, kk: _head_step(
-            model, p, hh, (c, dd), yy, mm, dp, kk, device_dp
-          )
-        )(
-          phis_,
-          h.reshape(batch.y.shape + h.shape[-1:]),
-          x_head[0],
-          x_head[1],
-          y.reshape(batch.y.shape),
-          mask.reshape(batch.y.shape),
-          dev_keys,
+    def device_heads(phis_, h, x_head, y, mask):  # each device's head on its own rows
+      out = jax.vmap(
+        lambda p, hh, c, dd, yy, mm, kk: _head_step(
+          model, p, hh, (c, dd), yy, mm, dp, kk, device_dp
         )
-        return out._replace(cut_grads=out.cut_grads.reshape(h.shape))
-
-      cut = protocol.split_step(
-        encoder_apply,
-        head_apply,
-        server,
-        phis,
-        (flat.pub_cat, flat.pub_dense),
-        (batch.priv_cat, batch.priv_dense),
-        flat.y,
-        flat.mask,
-        topology="device_top",
-        privatize=lambda x, mask: cut_layer_dp(x, dp, key, mask),
-        head_step_fn=device_heads,
+      )(
+        phis_,
+        h.reshape(batch.y.shape + h.shape[-1:]),
+        x_head[0],
+        x_head[1],
+        y.reshape(batch.y.shape),
+        mask.reshape(batch.y.shape),
+        dev_keys,
       )
-      hd = cut.h_sent.reshape(batch.y.shape + cut.h_sent.shape[-1:])
-      upd, server_opt = tx_server.update(cut.encoder_grads, server_opt, server)
-      server = optax.apply_updates(server, upd)
-      upd, opts = jax.vmap(tx_device.update)(cut.head_grads, opts, phis)
-      phis = jax.vmap(optax.apply_updates)(phis, upd)
-      loss = jnp.sum(cut.loss * device_mask) / jnp.maximum(jnp.sum(device_mask), 1.0)
-      g_sent = cut.g_sent.reshape(hd.shape)
-      return (server, server_opt, phis, opts), (loss, hd, g_sent, cut.nonfinite)
+      return out._replace(cut_grads=out.cut_grads.reshape(h.shape))
 
-    (server, server_opt, phis, opts), (losses, hs, gs, nonfinite) = jax.lax.scan(
-      local, (state.server_params, state.server_opt, phis, opts), jnp.arange(local_steps)
+    cut = protocol.split_step(
+      encoder_apply,
+      head_apply,
+      server,
+      phis,
+      (flat.pub_cat, flat.pub_dense),
+      (batch.priv_cat, batch.priv_dense),
+      flat.y,
+      flat.mask,
+      topology="device_top",
+      privatize=lambda x, mask: cut_layer_dp(x, dp, key, mask),
+      head_step_fn=device_heads,
     )
-    device = _masked_mean(phis, device_mask.astype(jnp.float32))
-    device_opt = _masked_mean(opts, device_mask.astype(jnp.float32))
-    new = TrainState(server, device, server_opt, device_opt, state.step + 1, state.key)
-    return new, losses, hs, gs, jnp.sum(nonfinite)
+    hd = cut.h_sent.reshape(batch.y.shape + cut.h_sent.shape[-1:])
+    upd, server_opt = tx_server.update(cut.encoder_grads, server_opt, server)
+    server = optax.apply_updates(server, upd)
+    upd, opts = jax.vmap(tx_device.update)(cut.head_grads, opts, phis)
+    phis = jax.vmap(optax.apply_updates)(phis, upd)
+    loss = jnp.sum(cut.loss * device_mask) / jnp.maximum(jnp.sum(device_mask), 1.0)
+    g_sent = cut.g_sent.reshape(hd.shape)
+    return (server, server_opt, phis, opts), (loss, hd, g_sent, cut.nonfinite)
 
-  return jax.jit(round_fn, donate_argnums=(0,))
+  (server, server_opt, phis, opts), (losses, hs, gs, nonfinite) = jax.lax.scan(
+    local, (state.server_params, state.server_opt, phis, opts), jnp.arange(local_steps)
+  )
+  device = _masked_mean(phis, device_mask.astype(jnp.float32))
+  device_opt = _masked_mean(opts, device_mask.astype(jnp.float32))
+  new = state.replace(
+    server_params=server,
+    device_params=device,
+    server_opt=server_opt,
+    device_opt=device_opt,
+    step=state.step + 1,
+  )
+  return new, losses, hs, gs, jnp.sum(nonfinite)
 
 
-@functools.cache
-def make_replay(model: models.SplitModel):
-  """Jitted ``(server, device, batch, dp, key) -> (h_sent, g_sent)``: one release per row."""
+@jax.jit
+def replay(state: TrainState, batch: Batch, dp: DPConfig, key):
+  """Jitted ``(state, batch, dp, key) -> (h_sent [N, d], g_sent [N, d])``: one release per row.
 
-  def replay(server, device, batch: Batch, dp: DPConfig, key):
-    device_top = model.spec.topology == "device_top"
-    enc, head = (server, device) if device_top else (device, server)
-    _, _, _, h, g, _, _ = _split_forward_backward(model, enc, head, batch, dp, key)
-    return h, g
-
-  return jax.jit(replay)
+  Nothing is donated or updated; the noise key is ``key`` itself.
+  """
+  model = state.model
+  device_top = model.spec.topology == "device_top"
+  enc, head = (
+    (state.server_params, state.device_params)
+    if device_top
+    else (state.device_params, state.server_params)
+  )
+  _, _, _, h, g, _, _ = _split_forward_backward(model, enc, head, batch, dp, key)
+  return h, g
