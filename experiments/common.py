@@ -223,15 +223,22 @@ _FLAG_HINTS = {
   ("CheckpointError", "version"): ": rerun experiments.train",
   ("CheckpointError", "other_config"): "; use a fresh --workdir or --overwrite",
   ("CheckpointError", "structure"): "; use a fresh --workdir or --overwrite",
+  ("DataError", "schema"): " (the schema is the JSON file of --schema)",
+  ("DataError", "no_table"): ": --data_path=FILE and --schema=FILE.json",
+  ("DataError", "no_directory"): ": --data_path=DIR (reproduce: --taobao_dir=DIR)",
+  ("DataError", "path_not_taken"): ": drop --data_path, or use --dataset=csv with --data_path "
+  "and --schema",
 }
 
 
 def flag_hint(e: BaseException) -> str:
-  """The command-line fix of a ``splitjax.results`` / ``splitjax.checkpointing`` error, to append
-  to its message (empty for any other error, or one raised without a ``reason``)."""
+  """The command-line fix of a ``splitjax.results`` / ``splitjax.checkpointing`` /
+  ``splitjax.data`` error, to append to its message (empty for any other error, or one raised
+  without a ``reason``)."""
+  from splitjax import data  # pylint: disable=import-outside-toplevel
   from splitjax import results  # pylint: disable=import-outside-toplevel
 
-  if not isinstance(e, results.FileError) or e.reason is None:
+  if not isinstance(e, (results.FileError, data.DataError)) or e.reason is None:
     return ""
   for cls in type(e).__mro__:
     hint = _FLAG_HINTS.get((cls.__name__, e.reason))

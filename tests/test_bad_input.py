@@ -357,7 +357,7 @@ CASES = [
   ),
   ("sweep", dict(config=TINY, seeds=["0", "0"]), ("--seeds has duplicates",)),
   # ---- CSV files given to --dataset=csv / bank --data_path ----------------------------------
-  ("train", dict(dataset="csv"), ("csv needs a table: give --data_path=FILE",)),
+  ("train", dict(dataset="csv"), ("csv needs a table", "--data_path=FILE and --schema=FILE.json")),
   (
     "train",
     dict(dataset="csv", data_path="{files}/missing.csv"),
@@ -403,7 +403,7 @@ CASES = [
   (
     "train",
     dict(dataset="csv", data_path="{files}/good.csv"),
-    ("no label column for good.csv", "\"label\" key of --schema"),
+    ("no label column for good.csv", "\"label\" key of the schema", "JSON file of --schema"),
   ),
   (
     "train",
@@ -1525,6 +1525,16 @@ def test_library_errors_name_no_flag_and_the_binaries_add_the_fix(tmp_path, caps
       common.run_main(main)([])
     line = _assert_one_clear_line(exit_info.value.code, capsys.readouterr().err, (hint,))
     assert line == f"error: {e}{common.flag_hint(e)}" and line.startswith(f"error: {e}")
+  for kwargs, reason, hint in (
+    (dict(name="adult", path=str(bad_json)), "path_not_taken", "drop --data_path, or use"),
+    (dict(name="csv"), "no_table", "--data_path=FILE and --schema=FILE.json"),
+    (dict(name="taobao"), "no_directory", "--data_path=DIR"),
+  ):
+    with pytest.raises(sj_data.DataError) as info:
+      sj_data.load(**kwargs)
+    e = info.value
+    assert e.reason == reason and "--" not in str(e), (reason, str(e))
+    assert hint in common.flag_hint(e), (reason, common.flag_hint(e))
   # An error the binaries raise themselves (no reason) gets no second hint.
   assert common.flag_hint(sj_results.WorkdirError("x: use --overwrite")) == ""
   assert common.flag_hint(ValueError("plain")) == ""
