@@ -37,7 +37,7 @@ class FileError(Exception):
 
 
 class ResultsError(FileError, ValueError, OSError):
-  """A results or config JSON file is missing, unreadable or corrupted (one line: file and fix).
+  """A results or config JSON file is missing, unreadable or corrupted (one line naming the file).
 
   Attributes:
     path: the file.
