@@ -21,9 +21,9 @@ from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 from splitjax import attacks
-from splitjax import io
 from splitjax import metrics
 from splitjax import models
+from splitjax import results
 from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import bounds
@@ -81,7 +81,7 @@ def _with_defaults(old_cfg):
   """A record's attack config with fields added since it was written set to their defaults."""
   if not isinstance(old_cfg, dict):
     return old_cfg
-  defaults = io.to_jsonable(dataclasses.asdict(configs_base.AttackConfig()))
+  defaults = results.to_jsonable(dataclasses.asdict(configs_base.AttackConfig()))
   return {**{k: v for k, v in defaults.items() if k not in old_cfg}, **old_cfg}
 
 
@@ -189,8 +189,8 @@ def informed_prior(restored, config, transcript, split_name: str) -> Informed:
     restored.fingerprint,
     split_name,
     config.seed,
-    io.fingerprint(transcript.example_index.tolist()),
-    io.fingerprint(transcript.param_index.tolist()),
+    results.fingerprint(transcript.example_index.tolist()),
+    results.fingerprint(transcript.param_index.tolist()),
   )
   if key not in _INFORMED_CACHE:
     if len(_INFORMED_CACHE) >= 4:
@@ -375,24 +375,24 @@ def _attack_owned(
   out_path = workdir / name
   cfg = dataclasses.asdict(config)
   partial_path = workdir / (name + ".partial.npz")
-  run_key = io.fingerprint(
+  run_key = results.fingerprint(
     {"attack": cfg, "model": restored.fingerprint, "schema_version": SCHEMA_VERSION}
   )
   if out_path.exists() and not overwrite:
     old = read_record(out_path)
     if old.get("schema_version") != SCHEMA_VERSION:
-      raise io.WorkdirError(
+      raise results.WorkdirError(
         f"{out_path} was written by splitjax < 0.2 (attack record schema "
         f"{old.get('schema_version', 1)}, this splitjax writes "
         f"{SCHEMA_VERSION}): --overwrite to recompute it"
       )
-    same_config = _with_defaults(old.get("config")) == io.to_jsonable(cfg)
+    same_config = _with_defaults(old.get("config")) == results.to_jsonable(cfg)
     if same_config and old.get("model_fingerprint") == restored.fingerprint:
       if progress:
         progress(f"{out_path} already holds this attack; nothing to do")
       return old
     if not same_config:
-      raise io.WorkdirError(
+      raise results.WorkdirError(
         f"{out_path} holds another attack configuration: use --overwrite or another --workdir"
       )
     # Same attack of an earlier model of this workdir: stale, recompute it.
@@ -504,7 +504,7 @@ def _attack_owned(
         redone[rows] = res.screen_fallback
       finished[rows] = True
       if workdir_lib.is_writer():
-        io.atomic_write_bytes(
+        results.atomic_write_bytes(
           partial_path,
           _npz(
             features=feats,
@@ -569,16 +569,16 @@ def _attack_owned(
       record["first_local_step"] = _stale_report(dataset, feats, labels, true_feats, true_y, ~stale)
   record["environment"] = records.environment()
   if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
-    io.atomic_write_json(out_path, record)
+    results.atomic_write_json(out_path, record)
     partial_path.unlink(missing_ok=True)
   return record
 
 
 def read_record(path: pathlib.Path) -> dict:
   """An existing attack record; one line with the fix when it is corrupted or not a record."""
-  old = io.read_json(path)
+  old = results.read_json(path)
   if not isinstance(old, dict) or "config" not in old:
-    raise io.ResultsError(
+    raise results.ResultsError(
       f"{path} is not an attack record (edited or damaged): --overwrite to recompute it"
     )
   return old
@@ -603,7 +603,7 @@ def read_partial(path: pathlib.Path, run_key: str, num_rows: int) -> dict:
     return {}
   why = None
   try:
-    io.check_regular_file(path)
+    results.check_regular_file(path)
     with np.load(path, allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
   except Exception as e:  # np.load raises many types on truncated or garbage files

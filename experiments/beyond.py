@@ -39,9 +39,9 @@ from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 from splitjax import attacks
-from splitjax import io
 from splitjax import metrics
 from splitjax import models
+from splitjax import results
 from splitjax.privacy import accounting
 from splitjax.privacy import bounds
 
@@ -241,7 +241,7 @@ def attack_workdir(
   Raises:
     pipeline.ConfigError: the attack does not fit the workdir's model (e.g. a label attack on a
       device_bottom model).
-    io.WorkdirError: the results file holds another configuration (use ``overwrite``).
+    results.WorkdirError: the results file holds another configuration (use ``overwrite``).
   """
   attacking.validate(config)
   with attacking.owned_for_attack(workdir, config, overwrite=overwrite):
@@ -269,11 +269,11 @@ def _attack_owned(workdir, config, *, resume, overwrite, progress, kill_switch, 
   cfg_record = dict(cfg, options=dataclasses.asdict(options), resolved_attack=name)
   if out_path.exists() and not overwrite:
     old = attacking.read_record(out_path)
-    if old.get("config") == io.to_jsonable(cfg_record):
+    if old.get("config") == results.to_jsonable(cfg_record):
       if progress:
         progress(f"{out_path} already holds this attack; nothing to do")
       return old
-    raise io.WorkdirError(
+    raise results.WorkdirError(
       f"{out_path} holds another attack configuration: use --overwrite or another --workdir"
     )
   clip, sigma = _dp_of(restored)
@@ -301,7 +301,7 @@ def _attack_owned(workdir, config, *, resume, overwrite, progress, kill_switch, 
   record["config"] = cfg_record
   record["environment"] = records.environment()
   if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
-    io.atomic_write_json(out_path, record)
+    results.atomic_write_json(out_path, record)
     partial_path.unlink(missing_ok=True)
   return record
 
@@ -361,7 +361,7 @@ def _feature_attack(
   clip_arg = clip if (math.isfinite(clip) and config.variant != "paper") else None
   bayes = config.variant == "bayes" and sigma > 0 and math.isfinite(clip)
   done = {}
-  run_key = io.fingerprint(
+  run_key = results.fingerprint(
     {
       "attack": dataclasses.asdict(config),
       "options": dataclasses.asdict(options),
@@ -413,7 +413,7 @@ def _feature_attack(
         label_scores[rows] = out["label_scores"]
       finished[rows] = True
       if workdir_lib.is_writer():
-        io.atomic_write_bytes(
+        results.atomic_write_bytes(
           partial_path,
           attacking._npz(  # pylint: disable=protected-access
             features=feats,

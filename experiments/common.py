@@ -239,7 +239,7 @@ def run_main(main_fn):
     except (ValueError, OSError, FloatingPointError) as e:  # one clear line
       if _DEBUG.value:
         raise
-      print(f"error: {first_line(e)}", file=sys.stderr)
+      print(f"error: {first_line(e)}{flag_hint(e)}", file=sys.stderr)
       sys.exit(2)
     except Exception as e:  # unexpected: still no bare traceback unless --debug
       if _DEBUG.value:
@@ -261,6 +261,49 @@ CHECKPOINTS: list[str] = []
 def checkpointed(what: str) -> None:
   """Records that ``what`` is on disk (a rerun with --resume continues after it)."""
   CHECKPOINTS.append(what)
+
+
+# The flags that fix a library file error, by (error class name, reason): the library's messages
+# state the problem (and any fix without flags), the binaries add these. Each hint starts with
+# the punctuation that joins it to the library's message.
+_FLAG_HINTS = {
+  ("ResultsError", "missing"): ", or check --workdir",
+  ("ResultsError", "unreadable"): ": check --workdir",
+  ("ResultsError", "corrupted"): ", or use --overwrite",
+  ("WorkdirError", "not_writable"): ": choose another --workdir",
+  ("WorkdirError", "config_differs"): ": use --overwrite or another --workdir",
+  ("WorkdirError", "config_unreadable"): ": use --overwrite or another --workdir",
+  ("WriteError", "no_space"): ", or choose another --workdir",
+  ("WriteError", "not_permitted"): ", or choose another --workdir",
+  ("WriteError", "os_error"): ", or choose another --workdir",
+  ("CheckpointError", "missing"): ": run experiments.train first or check --workdir",
+  ("CheckpointError", "unreadable"): ": check --workdir",
+  ("CheckpointError", "corrupted"): ": delete it and rerun experiments.train, or use --overwrite",
+  ("CheckpointError", "version"): ": rerun experiments.train",
+  ("CheckpointError", "other_config"): "; use a fresh --workdir or --overwrite",
+  ("CheckpointError", "structure"): "; use a fresh --workdir or --overwrite",
+  ("DataError", "schema"): " (the schema is the JSON file of --schema)",
+  ("DataError", "no_table"): ": --data_path=FILE and --schema=FILE.json",
+  ("DataError", "no_directory"): ": --data_path=DIR (reproduce: --taobao_dir=DIR)",
+  ("DataError", "path_not_taken"): ": drop --data_path, or use --dataset=csv with --data_path "
+  "and --schema",
+}
+
+
+def flag_hint(e: BaseException) -> str:
+  """The command-line fix of a ``splitjax.results`` / ``splitjax.checkpointing`` /
+  ``splitjax.data`` error, to append to its message (empty for any other error, or one raised
+  without a ``reason``)."""
+  from splitjax import data  # pylint: disable=import-outside-toplevel
+  from splitjax import results  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(e, (results.FileError, data.DataError)) or e.reason is None:
+    return ""
+  for cls in type(e).__mro__:
+    hint = _FLAG_HINTS.get((cls.__name__, e.reason))
+    if hint is not None:
+      return hint
+  return ""
 
 
 def first_line(e: BaseException) -> str:

@@ -24,10 +24,11 @@ from experiments import common
 from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
+from splitjax import checkpointing
 from splitjax import data as sj_data
-from splitjax import io
 from splitjax import models
 from splitjax import protocol
+from splitjax import results
 from splitjax import training
 from splitjax.privacy import accounting
 from splitjax.privacy import label_dp
@@ -249,7 +250,7 @@ def _state_template(model, config):
   """The initial train state of ``config`` (also the structure checkpoints restore into)."""
   recipe = recipe_of(config)
   frozen = math.isinf(config.dp_noise_multiplier)
-  key = (io.fingerprint(model.spec.to_dict()), recipe, frozen, config.seed)
+  key = (results.fingerprint(model.spec.to_dict()), recipe, frozen, config.seed)
   if key not in _TEMPLATES:
     if len(_TEMPLATES) >= 8:
       _TEMPLATES.pop(next(iter(_TEMPLATES)))
@@ -317,7 +318,7 @@ def _train_owned(
   workdir_lib.barrier("train-status")
   epochs = recipe_of(config).epochs
   if status == "finished" and not (overwrite and not keep_identical):
-    metrics = io.read_json(workdir / "metrics.json")
+    metrics = results.read_json(workdir / "metrics.json")
     if progress:
       progress(
         f"already trained (test AUC {auc_text(metrics)}) in {workdir}: kept; --overwrite to retrain"
@@ -335,7 +336,7 @@ def _train_owned(
         f"an unfinished run (epoch {epoch} of {epochs}) is in {workdir}: --resume to continue, "
         "--overwrite to restart"
       )
-    io.check_config_compatible(workdir, cfg, overwrite=False)  # raises, naming the differences
+    results.check_config_compatible(workdir, cfg, overwrite=False)  # raises, naming the differences
     raise workdir_lib.WorkdirError(
       f"workdir {workdir} holds another run: use --overwrite or another --workdir"
     )
@@ -371,8 +372,8 @@ def _run_status(workdir: pathlib.Path, cfg: dict, config) -> tuple[str, int]:
   if not target.exists():
     return "empty", 0
   try:
-    same = io.read_json(target) == json.loads(io.dumps_json(cfg))
-  except io.ResultsError:
+    same = results.read_json(target) == json.loads(results.dumps_json(cfg))
+  except results.ResultsError:
     return "other", 0
   if not same:
     return "other", 0
@@ -388,9 +389,9 @@ def _run_status(workdir: pathlib.Path, cfg: dict, config) -> tuple[str, int]:
   epoch = 0
   if (workdir / "checkpoint.msgpack").exists():
     try:
-      meta = io.checkpoint_metadata(workdir / "checkpoint.msgpack")
+      meta = checkpointing.checkpoint_metadata(workdir / "checkpoint.msgpack")
       epoch = int(meta.get("epoch", 0))
-    except io.CheckpointError:
+    except checkpointing.CheckpointError:
       epoch = 0  # --resume reports the corruption with its fix
   return "unfinished", epoch
 
@@ -410,7 +411,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
   writer = workdir_lib.is_writer()  # under jax.distributed only process 0 writes
   if writer:
-    io.check_config_compatible(workdir, cfg, overwrite=False)
+    results.check_config_compatible(workdir, cfg, overwrite=False)
   dataset = load_data(config)
   if progress:
     for note in dataset.notes:
@@ -421,12 +422,12 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     for note in notes:
       progress(note)
   releases = releases_of(config)
-  fingerprint = run_fingerprint(model, json.loads(io.dumps_json(cfg)))  # = config.json
+  fingerprint = run_fingerprint(model, json.loads(results.dumps_json(cfg)))  # = config.json
   ckpt_path = workdir / "checkpoint.msgpack"
 
   state, start_epoch, history, extra = None, 0, [], {}
   if resume and ckpt_path.exists():
-    state, meta = io.restore_checkpoint(
+    state, meta = checkpointing.restore_checkpoint(
       ckpt_path, _state_template(model, config), fingerprint=fingerprint
     )
     start_epoch, history, extra = meta["epoch"], meta["history"], meta["extra"]
@@ -495,7 +496,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
       epoch_line(epoch, log)
     history.append(log)
     if writer:
-      io.save_checkpoint(
+      checkpointing.save_checkpoint(
         ckpt_path,
         st,
         metadata={
@@ -542,7 +543,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
         "not written"
       )
   elif not (workdir / "transcript.npz").exists():
-    raise io.CheckpointError(
+    raise checkpointing.CheckpointError(
       f"{workdir} holds a finished checkpoint but no transcript: rerun "
       "experiments.train with --overwrite"
     )
@@ -608,11 +609,11 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   )
   if not writer:
     return metrics
-  io.atomic_write_json(workdir / "metrics.json", metrics)
+  results.atomic_write_json(workdir / "metrics.json", metrics)
   workdir_lib.write_manifest(
     workdir,
     kind="train",
-    config_fingerprint=io.fingerprint(cfg),
+    config_fingerprint=results.fingerprint(cfg),
     artifacts=[a for a in TRAIN_ARTIFACTS if (workdir / a).exists()],
     data=workdir_lib.data_files(config),
   )
@@ -621,7 +622,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
 
 def run_fingerprint(model, stored_config: dict) -> str:
   """Identifies a training run: the architecture and the config as stored in config.json."""
-  return io.fingerprint({"spec": model.spec.to_dict(), "config": stored_config})
+  return results.fingerprint({"spec": model.spec.to_dict(), "config": stored_config})
 
 
 def write_transcript(
@@ -633,7 +634,7 @@ def write_transcript(
   buf = _pyio.BytesIO()
   np.savez_compressed(buf, **transcript.to_arrays())
   if device_params:
-    io.save_checkpoint(
+    checkpointing.save_checkpoint(
       workdir / "transcript_params.msgpack",
       transcript.device_params,
       metadata={
@@ -641,7 +642,7 @@ def write_transcript(
         "versions": int(jax.tree.leaves(transcript.device_params)[0].shape[0]),
       },
     )
-  io.atomic_write_bytes(workdir / "transcript.npz", buf.getvalue())
+  results.atomic_write_bytes(workdir / "transcript.npz", buf.getvalue())
 
 
 def config_from_json(raw: dict) -> configs_base.TrainConfig:
@@ -666,11 +667,11 @@ class Restored:
   def __init__(self, workdir):
     workdir = pathlib.Path(workdir)
     if not (workdir / "metrics.json").exists():
-      raise io.CheckpointError(
+      raise checkpointing.CheckpointError(
         f"no finished training run in {workdir}: run experiments.train "
         "with this --workdir first (or check the path)"
       )
-    raw = io.read_json(workdir / "config.json")
+    raw = results.read_json(workdir / "config.json")
     self.manifest = workdir_lib.read_manifest(workdir)
     if self.manifest is None:
       print(
@@ -682,12 +683,12 @@ class Restored:
     if self.manifest is not None:
       workdir_lib.verify(workdir, self.manifest, data=workdir_lib.data_files(self.config))
     self.workdir = workdir
-    self.metrics = io.read_json(workdir / "metrics.json")
+    self.metrics = results.read_json(workdir / "metrics.json")
     self.dataset = load_data(self.config)
     self.model = model_of(self.config, self.dataset)
     fingerprint = run_fingerprint(self.model, raw)
     self.fingerprint = fingerprint
-    self.state, _ = io.restore_checkpoint(
+    self.state, _ = checkpointing.restore_checkpoint(
       workdir / "checkpoint.msgpack",
       _state_template(self.model, self.config),
       fingerprint=fingerprint,
@@ -696,21 +697,23 @@ class Restored:
   def transcript(self) -> protocol.Transcript:
     path = self.workdir / "transcript.npz"
     if not path.exists():
-      raise io.CheckpointError(f"no transcript in {self.workdir}: rerun experiments.train")
-    io.check_regular_file(path, io.CheckpointError)
+      raise checkpointing.CheckpointError(
+        f"no transcript in {self.workdir}: rerun experiments.train"
+      )
+    results.check_regular_file(path, checkpointing.CheckpointError)
     try:
       with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
       rows = {len(arrays[k]) for k in ("h", "g", "example_index", "param_index", "local_step")}
     except Exception as e:  # corrupted file
-      raise io.CheckpointError(
+      raise checkpointing.CheckpointError(
         f"transcript {path} is unreadable ({type(e).__name__}): rerun "
         "experiments.train with --overwrite"
       ) from None
     num_train = len(self.dataset.train)
     index = arrays["example_index"]
     if len(rows) != 1 or (len(index) and (index.min() < 0 or index.max() >= num_train)):
-      raise io.CheckpointError(
+      raise checkpointing.CheckpointError(
         f"transcript {path} does not fit this run's data ({len(index):,} rows with example "
         f"indices in [{index.min() if len(index) else 0}, "
         f"{index.max() if len(index) else 0}], {num_train:,} training rows): rerun "
@@ -719,7 +722,7 @@ class Restored:
     if not (self.workdir / "transcript_params.msgpack").exists() and not getattr(
       self.config, "record_device_params", True
     ):
-      raise io.CheckpointError(
+      raise checkpointing.CheckpointError(
         f"{self.workdir} was trained without the per-step device parameters that attacking "
         "training users needs: retrain with experiments.train --record_device_params "
         "--overwrite (sweep points leave them out), or attack test users (--users=test)"
@@ -730,7 +733,7 @@ class Restored:
     def template(meta):  # the saved versions decide the leading axis
       versions = int(meta.get("versions", int(pidx.max()) + 1 if len(pidx) else 1))
       if len(pidx) and (pidx.min() < 0 or pidx.max() >= versions):
-        raise io.CheckpointError(
+        raise checkpointing.CheckpointError(
           f"transcript {path} refers to parameter versions [{pidx.min()}, {pidx.max()}] but "
           f"{params_path.name} holds {versions}: the two files are of different runs; rerun "
           "experiments.train with --overwrite"
@@ -740,7 +743,7 @@ class Restored:
         jax.device_get(self.state.device_params),
       )
 
-    params, _ = io.restore_checkpoint(params_path, template, fingerprint="transcript")
+    params, _ = checkpointing.restore_checkpoint(params_path, template, fingerprint="transcript")
     return protocol.Transcript(
       h=arrays["h"],
       g=arrays["g"],

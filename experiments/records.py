@@ -15,7 +15,7 @@ import pathlib
 import platform
 import subprocess
 
-from splitjax import io
+from splitjax import results
 
 ENVIRONMENT_KEY = "environment"
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "dp-accounting", "numpy")
@@ -98,4 +98,4 @@ def write_history(workdir: pathlib.Path, history: list[dict]) -> None:
   (up to the epochs' wall-clock ``seconds``).
   """
   text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in history)
-  io.atomic_write_bytes(pathlib.Path(workdir) / "history.jsonl", text.encode())
+  results.atomic_write_bytes(pathlib.Path(workdir) / "history.jsonl", text.encode())

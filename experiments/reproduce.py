@@ -21,7 +21,7 @@ from experiments import common
 from experiments import records
 from experiments import reproducing
 from experiments import workdir as workdir_lib
-from splitjax import io
+from splitjax import results as sj_results
 
 _PRESET = flags.DEFINE_string(
   "preset", "quick", "quick, full or tiny (configs <dataset>_<preset>)."
@@ -111,14 +111,14 @@ def _check_same_study(workdir, studies) -> None:
     and not (workdir / "reproduce_config.json").exists()
     and old_results.exists()
   ):  # written by splitjax < 0.2: compare preset and datasets
-    old = io.read_json(old_results)
+    old = sj_results.read_json(old_results)
     if (old.get("preset"), list(old.get("datasets", {}))) != (cfg["preset"], cfg["datasets"]):
-      raise io.WorkdirError(
+      raise sj_results.WorkdirError(
         f"workdir {workdir} holds a study of --preset={old.get('preset')} "
         f"on {list(old.get('datasets', {}))}: use --overwrite or another "
         "--workdir"
       )
-  io.check_config_compatible(
+  sj_results.check_config_compatible(
     workdir, cfg, overwrite=common.overwrite(), filename="reproduce_config.json"
   )
 
@@ -153,7 +153,7 @@ def _reproduce(workdir, studies) -> None:
     )
   results["seconds"] = time.time() - t0
   results["environment"] = records.environment()
-  io.atomic_write_json(workdir / "results.json", results)
+  sj_results.atomic_write_json(workdir / "results.json", results)
   reproducing.write_report(results, studies, workdir)
   print(f"wrote {workdir / 'REPORT.md'} and results.json in {results['seconds']:.0f} s")
 

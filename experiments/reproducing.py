@@ -25,7 +25,7 @@ from experiments import pipeline
 from experiments import records
 from experiments import sweeping
 from experiments.configs import base as configs_base
-from splitjax import io
+from splitjax import results as sj_results
 
 PAPER_SIGMA = 0.01
 NEAR_PRIOR = 0.05  # "near the prior": attack accuracy at most this much above it
@@ -51,9 +51,9 @@ def run_study(
   """
   ds = study.train.dataset
   out = pathlib.Path(workdir) / ds / "study.json"
-  study_key = io.fingerprint(dataclasses.asdict(study))
+  study_key = sj_results.fingerprint(dataclasses.asdict(study))
   if out.exists():
-    cached = io.read_json(out)
+    cached = sj_results.read_json(out)
     if cached.get("study_fingerprint", None if overwrite else study_key) == study_key:
       return _decode(cached)
   t0 = time.time()
@@ -110,8 +110,8 @@ def run_study(
   res["cost"] = cost_summary(res)
   res["seconds"] = time.time() - t0
   res["study_fingerprint"] = study_key
-  io.atomic_write_json(out, res)
-  return _decode(io.read_json(out))  # the same values whether fresh or resumed
+  sj_results.atomic_write_json(out, res)
+  return _decode(sj_results.read_json(out))  # the same values whether fresh or resumed
 
 
 def _decode(obj):
@@ -507,5 +507,5 @@ def write_report(results: dict, studies: dict, workdir) -> str:
   if results.get("environment"):
     out += ["", "---", "", records.environment_footer(results["environment"])]
   text = "\n".join(out) + "\n"
-  io.atomic_write_text(workdir / "REPORT.md", text)
+  sj_results.atomic_write_text(workdir / "REPORT.md", text)
   return text

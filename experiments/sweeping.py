@@ -21,7 +21,7 @@ from experiments import pipeline
 from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
-from splitjax import io
+from splitjax import results
 
 SIGMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 TARGET_EPSILONS = (1.0, 4.0, 16.0)
@@ -224,14 +224,16 @@ def _run_sweep(
     and not (workdir / "sweep_config.json").exists()
     and (workdir / "sweep.json").exists()
   ):  # written by splitjax < 0.2: compare its points
-    old = io.read_json(workdir / "sweep.json")
+    old = results.read_json(workdir / "sweep.json")
     old_points = [row.get("point") for row in (old["rows"] if isinstance(old, dict) else old)]
     if old_points != sweep_cfg["points"]:
-      raise io.WorkdirError(
+      raise results.WorkdirError(
         f"workdir {workdir} holds a sweep of other points ({old_points}): "
         "use --overwrite or another --workdir"
       )
-  io.check_config_compatible(workdir, sweep_cfg, overwrite=overwrite, filename="sweep_config.json")
+  results.check_config_compatible(
+    workdir, sweep_cfg, overwrite=overwrite, filename="sweep_config.json"
+  )
   rows = []
   for i, point in enumerate(points):
     if progress:
@@ -252,11 +254,11 @@ def _run_sweep(
   # One object: the rows (each point's summary), and where they were computed. An identical
   # rerun keeps the file (and its environment) as it was.
   summary_path = workdir / "sweep.json"
-  old = io.read_json(summary_path) if summary_path.exists() else None
-  if not (isinstance(old, dict) and old.get("rows") == io.to_jsonable(rows)):
-    io.atomic_write_json(summary_path, {"rows": rows, "environment": records.environment()})
-  io.atomic_write_text(workdir / "sweep.csv", to_csv(rows))
-  io.atomic_write_text(workdir / "sweep.md", to_markdown(rows))
+  old = results.read_json(summary_path) if summary_path.exists() else None
+  if not (isinstance(old, dict) and old.get("rows") == results.to_jsonable(rows)):
+    results.atomic_write_json(summary_path, {"rows": rows, "environment": records.environment()})
+  results.atomic_write_text(workdir / "sweep.csv", to_csv(rows))
+  results.atomic_write_text(workdir / "sweep.md", to_markdown(rows))
   return rows
 
 
@@ -494,4 +496,4 @@ def _finite(x) -> bool:
 def _save(fig, path):
   buf = _pyio.BytesIO()
   fig.savefig(buf, format="png", dpi=110)
-  io.atomic_write_bytes(path, buf.getvalue())
+  results.atomic_write_bytes(path, buf.getvalue())

@@ -21,7 +21,7 @@ Rules (every binary):
   reproduce call train and attack in-process). Under ``jax.distributed`` only process 0 locks and
   writes; the workdir must then be on a filesystem every process sees.
 - The next run that owns a workdir exclusively removes the temp files of killed writes
-  (``.<name>.*.tmp``, see ``splitjax.io.atomic_write_bytes``).
+  (``.<name>.*.tmp``, see ``splitjax.results.atomic_write_bytes``).
 """
 
 import contextlib
@@ -40,7 +40,7 @@ import uuid
 from absl import logging
 
 import splitjax
-from splitjax import io
+from splitjax import results
 
 MANIFEST = "run.json"
 STAGING = ".staging"
@@ -59,7 +59,7 @@ HOLD_ENV = "SPLITJAX_TEST_HOLD_LOCK"  # test hook: see _hold_for_test
 HELD_MARKER = "SPLITJAX_TEST_LOCK_HELD"
 
 
-class WorkdirError(io.WorkdirError):
+class WorkdirError(results.WorkdirError):
   """A workdir that must not be written; the message names it and the fix."""
 
 
@@ -331,7 +331,7 @@ def claim(path, kind: str) -> pathlib.Path:
         f"holds {shown}): choose a new or empty --workdir; splitjax does not "
         "write into other directories"
       )
-  return io.ensure_workdir(p)
+  return results.ensure_workdir(p)
 
 
 def data_files(config) -> list[pathlib.Path]:
@@ -356,7 +356,7 @@ def write_manifest(workdir, *, kind: str, config_fingerprint: str, artifacts, da
   Args:
     workdir: the run's directory.
     kind: ``'train'``, ``'sweep'`` or ``'reproduce'``.
-    config_fingerprint: ``io.fingerprint`` of the requested config.
+    config_fingerprint: ``results.fingerprint`` of the requested config.
     artifacts: names (relative to ``workdir``) of the files the run wrote.
     data: paths of the input data files.
 
@@ -374,7 +374,7 @@ def write_manifest(workdir, *, kind: str, config_fingerprint: str, artifacts, da
     "data_sha256": {str(p): file_sha256(p) for p in data},
     "artifacts": {name: file_sha256(workdir / name) for name in sorted(artifacts)},
   }
-  io.atomic_write_json(workdir / MANIFEST, manifest)
+  results.atomic_write_json(workdir / MANIFEST, manifest)
   return manifest
 
 
@@ -383,7 +383,7 @@ def read_manifest(workdir) -> dict | None:
   path = pathlib.Path(workdir) / MANIFEST
   if not path.exists():
     return None
-  manifest = io.read_json(path)
+  manifest = results.read_json(path)
   if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
     raise WorkdirError(
       f"{path} is not a splitjax run manifest: rerun experiments.train with --overwrite"

@@ -43,8 +43,9 @@ from experiments import sweep as sweep_bin
 from experiments import train as train_bin
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
+from splitjax import checkpointing
 from splitjax import data as sj_data
-from splitjax import io as sj_io
+from splitjax import results as sj_results
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "synthetic_tiny"
@@ -356,7 +357,7 @@ CASES = [
   ),
   ("sweep", dict(config=TINY, seeds=["0", "0"]), ("--seeds has duplicates",)),
   # ---- CSV files given to --dataset=csv / bank --data_path ----------------------------------
-  ("train", dict(dataset="csv"), ("csv needs a table: give --data_path=FILE",)),
+  ("train", dict(dataset="csv"), ("csv needs a table", "--data_path=FILE and --schema=FILE.json")),
   (
     "train",
     dict(dataset="csv", data_path="{files}/missing.csv"),
@@ -402,7 +403,7 @@ CASES = [
   (
     "train",
     dict(dataset="csv", data_path="{files}/good.csv"),
-    ("no label column for good.csv", "\"label\" key of --schema"),
+    ("no label column for good.csv", "\"label\" key of the schema", "JSON file of --schema"),
   ),
   (
     "train",
@@ -1057,7 +1058,12 @@ def test_disk_full_while_writing_the_manifest_leaves_no_partial_file(tmp_path, c
   code, err = _call(capsys, "train", workdir=str(workdir), config=TINY)
   monkeypatch.setattr(os, "fsync", real)
   _assert_one_clear_line(
-    code, err, (f"could not write {workdir / 'run.json'} (No space left on device): free space",)
+    code,
+    err,
+    (
+      f"could not write {workdir / 'run.json'} (No space left on device)",
+      "free space on that filesystem, or choose another --workdir",
+    ),
   )
   names = set(_snapshot(workdir))
   assert "run.json" not in names and not any(n.startswith(".run.json") for n in names)
@@ -1456,13 +1462,82 @@ def test_disk_full_names_the_file(tmp_path):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(os, "fsync", _failing(real, errno.ENOSPC, lambda fd: True))
     with pytest.raises(
-      sj_io.WriteError,
+      sj_results.WriteError,
       match=f"could not write {target} \\(No space left on "
-      "device\\): free space on that filesystem",
+      "device\\); the earlier file, if any, is unchanged: free space on that filesystem$",
     ) as e:
-      sj_io.atomic_write_json(target, {"a": 1})
+      sj_results.atomic_write_json(target, {"a": 1})
   assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
+  assert e.value.path == target and e.value.reason == "no_space"
   assert not list(tmp_path.iterdir())
+
+
+def test_library_errors_name_no_flag_and_the_binaries_add_the_fix(tmp_path, capsys):
+  bad_json = tmp_path / "bad.json"
+  bad_json.write_text("{")
+  blocker = tmp_path / "afile"
+  blocker.write_text("x")
+  sj_results.check_config_compatible(tmp_path / "run", {"seed": 0}, overwrite=False)
+  ckpt = tmp_path / "ckpt.msgpack"
+  checkpointing.save_checkpoint(ckpt, {"w": np.ones(2)}, metadata={"fingerprint": "a"})
+  cases = [  # (raise a library error, its reason, the hint the binaries add)
+    (lambda: sj_results.read_json(tmp_path / "none.json"), "missing", "check --workdir"),
+    (lambda: sj_results.read_json(bad_json), "corrupted", "or use --overwrite"),
+    (lambda: sj_results.ensure_workdir(blocker / "sub"), "not_writable", "another --workdir"),
+    (
+      lambda: sj_results.check_config_compatible(tmp_path / "run", {"seed": 1}, overwrite=False),
+      "config_differs",
+      "use --overwrite or another --workdir",
+    ),
+    (
+      lambda: checkpointing.restore_checkpoint(tmp_path / "none", {"w": np.ones(2)}),
+      "missing",
+      "run experiments.train first or check --workdir",
+    ),
+    (
+      lambda: checkpointing.restore_checkpoint(bad_json, {"w": np.ones(2)}),
+      "corrupted",
+      "delete it and rerun experiments.train, or use --overwrite",
+    ),
+    (
+      lambda: checkpointing.restore_checkpoint(ckpt, {"w": np.ones(2)}, fingerprint="b"),
+      "other_config",
+      "use a fresh --workdir or --overwrite",
+    ),
+    (
+      lambda: checkpointing.restore_checkpoint(ckpt, {"w": np.ones(3)}),
+      "structure",
+      "use a fresh --workdir or --overwrite",
+    ),
+  ]
+  for make, reason, hint in cases:
+    with pytest.raises(sj_results.FileError) as info:
+      make()
+    e = info.value
+    assert e.reason == reason and e.path is not None and "--" not in str(e), (reason, str(e))
+
+    def main(argv, e=e):
+      del argv
+      raise e
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+      common.run_main(main)([])
+    line = _assert_one_clear_line(exit_info.value.code, capsys.readouterr().err, (hint,))
+    assert line == f"error: {e}{common.flag_hint(e)}" and line.startswith(f"error: {e}")
+  for kwargs, reason, hint in (
+    (dict(name="adult", path=str(bad_json)), "path_not_taken", "drop --data_path, or use"),
+    (dict(name="csv"), "no_table", "--data_path=FILE and --schema=FILE.json"),
+    (dict(name="taobao"), "no_directory", "--data_path=DIR"),
+  ):
+    with pytest.raises(sj_data.DataError) as info:
+      sj_data.load(**kwargs)
+    e = info.value
+    assert e.reason == reason and "--" not in str(e), (reason, str(e))
+    assert hint in common.flag_hint(e), (reason, common.flag_hint(e))
+  # An error the binaries raise themselves (no reason) gets no second hint.
+  assert common.flag_hint(sj_results.WorkdirError("x: use --overwrite")) == ""
+  assert common.flag_hint(ValueError("plain")) == ""
 
 
 def test_a_one_class_test_split_reports_auc_as_undefined(tmp_path, capsys, monkeypatch):

@@ -8,8 +8,8 @@ import pytest
 
 from experiments import pipeline
 from splitjax import attacks
-from splitjax import io
 from splitjax import models
+from splitjax import results
 from splitjax import training
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "train_v0_2"
@@ -58,7 +58,7 @@ def test_an_edited_artifact_is_refused_with_one_line(tmp_path):
   shutil.copytree(FIXTURE, work)
   with open(work / "transcript.npz", "ab") as f:
     f.write(b"x")
-  with pytest.raises(io.WorkdirError) as err:
+  with pytest.raises(results.WorkdirError) as err:
     pipeline.Restored(work).transcript()
   message = str(err.value)
   assert "transcript.npz changed since run.json" in message and "\n" not in message, message

@@ -181,7 +181,7 @@ def test_csv_with_json_schema(tmp_path):
   assert flipped.roles.server_dense == ("income", "spend")
   assert flipped.notes == (
     "t.csv: 1 unlisted column(s) go to the server: server_dense (spend) "
-    '(list any under "ignore" in --schema to drop it)',
+    '(list any under "ignore" in the schema to drop it)',
   )
   assert _all(flipped.train, flipped.test, "y").sum() == 6
   semi = data.load(
@@ -234,9 +234,10 @@ def test_own_table_refuses_an_id_and_an_empty_server_side(tmp_path):
     data.DataError,
     match=r"categorical column 'application_id' of .*german.csv "
     r"has 200 distinct values in 200 rows, like an identifier: list it under "
-    r'"ignore" in --schema',
-  ):
+    r'"ignore" in the schema',
+  ) as info:
     data.load("csv", path=path, schema=tables.SCHEMA)
+  assert info.value.reason == "schema" and "--" not in str(info.value)
   table = data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=["application_id"]))
   assert "application_id" not in table.roles.features()
   assert "application_id" not in table.notes[0]
@@ -251,9 +252,10 @@ def test_own_table_refuses_an_id_and_an_empty_server_side(tmp_path):
   with pytest.raises(
     data.DataError,
     match=r"the server holds no feature for .*german.csv; list "
-    r'its columns under "server_categorical" or "server_dense" in --schema',
-  ):
+    r'its columns under "server_categorical" or "server_dense" in the schema',
+  ) as info:
     data.load("csv", path=path, schema=dict(tables.SCHEMA, ignore=every_other))
+  assert info.value.reason == "schema" and "--" not in str(info.value)
   with pytest.raises(data.DataError, match=r"the server holds no feature for adult"):
     data.load(
       "adult",
@@ -338,8 +340,9 @@ def test_taobao_join_fills_and_shifts(tmp_path):
 
 def test_taobao_errors(tmp_path):
   directory = _taobao_dir(tmp_path)
-  with pytest.raises(data.DataError, match="taobao needs --data_path=DIR"):
+  with pytest.raises(data.DataError, match="taobao needs the directory holding") as info:
     data.load("taobao")
+  assert info.value.reason == "no_directory" and "--" not in str(info.value)
   (directory / "ad_feature.csv").write_text(_AD_FEATURE.replace("12,4280", "13,4280"))
   with pytest.raises(data.DataError, match=r"adgroup_id '12' at raw_sample\.csv line 5"):
     data.load("taobao", path=directory)

@@ -20,10 +20,13 @@ WORKER = textwrap.dedent("""
     import numpy as np
     pid, port, out, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     from absl import flags
-    from splitjax import io as sj_io
+    from splitjax import results as sj_results
     writes = []  # every atomic write and rename this process makes
-    _atomic = sj_io.atomic_write_bytes
-    sj_io.atomic_write_bytes = lambda path, data: (writes.append(str(path)), _atomic(path, data))[1]
+    _atomic = sj_results.atomic_write_bytes
+    def _counted(path, data):
+      writes.append(str(path))
+      return _atomic(path, data)
+    sj_results.atomic_write_bytes = _counted
     from experiments import common, pipeline, train as train_bin
     argv = ["train", f"--workdir={workdir}", "--config=synthetic_tiny", "--epochs=2"]
     if pid >= 0:

@@ -137,8 +137,19 @@ def test_experiments_is_not_an_installed_package():
 
 
 def test_public_surface_and_metadata():
-  for name in ("attacks", "data", "io", "metrics", "models", "privacy", "protocol", "training"):
+  for name in (
+    "attacks",
+    "checkpointing",
+    "data",
+    "metrics",
+    "models",
+    "privacy",
+    "protocol",
+    "results",
+    "training",
+  ):
     assert hasattr(splitjax, name), name
+  assert not hasattr(splitjax, "io")  # split into checkpointing and results
   assert splitjax.__version__ == PYPROJECT["project"]["version"] == "0.2.0"
   assert "Apache License" in (REPO / "LICENSE").read_text()
   citation = (REPO / "CITATION.cff").read_text()

@@ -4,10 +4,9 @@ With `exact(..., screen_dtype='bfloat16')` every pair is first scored with the m
 products on bf16-rounded inputs (`low_precision_matmuls`), each user's best pairs are rescored in
 float32 and users the screen cannot decide (`conclusive`) are redone in float32.
 
-Relative errors of bf16-screened pair gradients, measured (BUILD_NOTES.md, "EXACT throughput"):
-median ~1e-3, 99th percentile 3-5e-2, worst 0.12-0.15 on random models; on a trained adult model
-the logit is off by up to 0.18, i.e. the loss-gradient factor sigmoid(z) - y by up to ~18 %, which
-the screening scores absorb (SCREEN_LOGIT_SLACK); dz/dh's direction by up to 0.12 rad.
+bf16 rounding moves a trained model's logit, hence the loss-gradient factor sigmoid(z) - y, by more
+than neighbouring candidates' gradients differ, which the screening scores absorb
+(SCREEN_LOGIT_SLACK); the measured errors are in BUILD_NOTES.md, "EXACT throughput".
 """
 
 import math

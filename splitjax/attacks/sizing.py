@@ -100,7 +100,7 @@ def bytes_per_candidate(
 
 @functools.lru_cache(maxsize=32)
 def _bytes_per_candidate_memo(device_apply, treedef, leaves, d, dtype, num_features, num_labels):
-  """`bytes_per_candidate` at parameter shapes (tracing device_apply costs 50-200 ms a call)."""
+  """`bytes_per_candidate` at parameter shapes (memoised: tracing device_apply is not free)."""
   params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, t) for s, t in leaves])
   return bytes_per_candidate(device_apply, params, d, dtype, num_features, num_labels)
 
@@ -161,12 +161,13 @@ def estimate(
   dtype=jnp.float32,
   efficiency: float = 0.5,
 ) -> Estimate:
-  """Sizes an EXACT run and estimates its duration before it starts (in well under a second).
+  """Sizes an EXACT run and estimates its duration before it starts (without running it).
 
   FLOPs per candidate are counted on the traced gradient of `device_apply` (dot products that
-  depend on the candidate); the rate is a float32 matmul measured on the default device (about
-  0.2 s, once per process); `efficiency` is the fraction of that rate EXACT reaches (the
-  measured fractions are in BUILD_NOTES.md, "EXACT throughput"; 0.5 leaves a margin).
+  depend on the candidate); the rate is a float32 matmul measured on the default device (within
+  `matmul_flops_per_second`'s 0.2 s budget, once per process); `efficiency` is the fraction of
+  that rate EXACT reaches (the measured fractions are in BUILD_NOTES.md, "EXACT throughput"; 0.5
+  leaves a margin).
 
   Args:
     device_apply: `(params, h [d], x_priv [P] int32) -> scalar logit`, as for `exact`.

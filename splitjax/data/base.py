@@ -6,7 +6,20 @@ import numpy as np
 
 
 class DataError(ValueError):
-  """Bad data or a bad data request; the message is one line naming the problem and the fix."""
+  """Bad data or a bad data request; the message is one line naming the problem and the fix.
+
+  The message names no command-line flag (a program adds its own hints).
+
+  Attributes:
+    reason: None, or what to fix, for a program that maps it to its own flags: `'schema'` (a
+      column's role: fix the schema), `'no_table'` (the csv dataset was given no path),
+      `'no_directory'` (taobao was given no directory) or `'path_not_taken'` (a bundled
+      dataset was given a path).
+  """
+
+  def __init__(self, message: str, *, reason: str | None = None):
+    super().__init__(message)
+    self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)

@@ -211,8 +211,9 @@ def load(
         kwargs[key] = spec[key]
   if name in ("adult", "credit") and path is not None:
     raise base.DataError(
-      f"{name} is bundled with splitjax and takes no --data_path; for your own copy use "
-      "--dataset=csv with --data_path and --schema"
+      f"{name} is bundled with splitjax and takes no path; for your own copy load it as the "
+      "csv dataset with its path and a schema",
+      reason="path_not_taken",
     )
   max_rows = kwargs.get("max_rows")
   if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 2):
@@ -231,8 +232,9 @@ def load(
   else:  # csv
     if path is None:
       raise base.DataError(
-        "csv needs a table: give --data_path=FILE (a delimited text file) and "
-        "--schema=FILE.json naming at least the label and the private columns"
+        "csv needs a table: give its path (a delimited text file) and a schema naming at "
+        "least the label and the private columns",
+        reason="no_table",
       )
     table = reader.read_csv(path, delimiter=kwargs.get("delimiter"), max_rows=max_rows)
   source = name if name != "csv" else table.source
@@ -353,9 +355,9 @@ def taobao_table(path, *, max_rows: int | None = None) -> reader.RawTable:
   """
   if path is None:
     raise base.DataError(
-      f"taobao needs --data_path=DIR (or --taobao_dir) holding {', '.join(TAOBAO_FILES)} "
-      f"(Alibaba 'Ad Display/Click "
-      "Data on Taobao.com'); it is not bundled"
+      f"taobao needs the directory holding {', '.join(TAOBAO_FILES)} (Alibaba 'Ad "
+      "Display/Click Data on Taobao.com'); it is not bundled",
+      reason="no_directory",
     )
   path = os.fspath(path)
   if not os.path.isdir(path):

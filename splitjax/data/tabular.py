@@ -89,7 +89,8 @@ def resolve_roles(
     label = defaults.label if defaults is not None else None
   if not label:
     raise base.DataError(
-      f"no label column for {source}; name a binary column with the \"label\" key of --schema"
+      f"no label column for {source}; name a binary column with the \"label\" key of the schema",
+      reason="schema",
     )
   roles = base.Roles(label=label, **final)
   known = set(header)
@@ -108,8 +109,9 @@ def resolve_roles(
   if not roles.private_categorical and not roles.private_dense:
     raise base.DataError(
       f"no private feature for {source}; list the device's columns under "
-      "\"private_categorical\" or \"private_dense\" in --schema (the device must hold at "
-      "least one feature)"
+      "\"private_categorical\" or \"private_dense\" in the schema (the device must hold at "
+      "least one feature)",
+      reason="schema",
     )
   return roles
 
@@ -119,8 +121,9 @@ def check_server_side(roles: base.Roles, *, source: str) -> None:
   if not roles.server_categorical and not roles.server_dense:
     raise base.DataError(
       f"the server holds no feature for {source}; list its columns under "
-      "\"server_categorical\" or \"server_dense\" in --schema (or leave them unlisted: for "
-      "csv, unlisted columns go to the server)"
+      "\"server_categorical\" or \"server_dense\" in the schema (or leave them unlisted: "
+      "for csv, unlisted columns go to the server)",
+      reason="schema",
     )
 
 
@@ -174,7 +177,7 @@ def assign_unlisted(
   ]
   note = (
     f"{table.source}: {len(unlisted)} unlisted column(s) go to the server: "
-    f"{'; '.join(p for p in parts if p)} (list any under \"ignore\" in --schema to drop "
+    f"{'; '.join(p for p in parts if p)} (list any under \"ignore\" in the schema to drop "
     "it)"
   )
   return roles, note
@@ -189,8 +192,9 @@ def check_no_identifiers(table: reader.RawTable, roles: base.Roles) -> None:
     if distinct >= ID_MIN_DISTINCT and distinct >= ID_MIN_FRACTION * num_rows:
       raise base.DataError(
         f"categorical column {col!r} of {table.source} has {distinct:,} distinct values in "
-        f"{num_rows:,} rows, like an identifier: list it under \"ignore\" in --schema (a "
-        "per-row category teaches the model nothing and EXACT would enumerate every value)"
+        f"{num_rows:,} rows, like an identifier: list it under \"ignore\" in the schema (a "
+        "per-row category teaches the model nothing and EXACT would enumerate every value)",
+        reason="schema",
       )
 
 

@@ -62,8 +62,9 @@ def server_optimizer(recipe: Recipe, freeze_server: bool = False) -> optax.Gradi
 class TrainState(struct.PyTreeNode):
   """Both sides' parameters and optimiser states, the step counter and the DP key.
 
-  A pytree (`flax.struct.PyTreeNode`, a frozen dataclass) whose array fields are its leaves and whose last three
-  fields are static (part of the tree structure, compared and hashed by value): the jitted steps
+  A pytree (`flax.struct.PyTreeNode`, a frozen dataclass) whose array fields are its leaves and
+  whose last three fields are static (part of the tree structure, compared and hashed by value):
+  the jitted steps
   (`splitjax.training.sl_step`, `fsl_round`) build the model's apply functions and both
   optimisers inside the trace from them, so ``jax.jit``'s own cache, keyed on the structure, is
   the only cache. Checkpoints hold the array fields only (their names are those of the
