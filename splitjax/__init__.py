@@ -2,6 +2,7 @@
 
 from splitjax import attacks
 from splitjax import data
+from splitjax import evaluation
 from splitjax import io
 from splitjax import metrics
 from splitjax import models
