@@ -365,6 +365,7 @@ def attack_workdir(
   validate(config)
   with owned_for_attack(workdir, config, overwrite=overwrite):
     restored = pipeline.Restored(workdir)
+    check_knn_k(config, restored.dataset)
     name = resolve_attack(config, restored.model)
     if name != "exact" and config.screen_dtype != "none" and config.attack == "exact":
       raise pipeline.ConfigError(
@@ -461,7 +462,6 @@ def _attack_enumerable(
 ) -> dict:
   """EXACT on a device_top model with categorical private features only -> the attack record."""
   dataset = restored.dataset
-  check_knn_k(config, dataset)
   record_name = results_name(config)
   out_path = workdir / record_name
   cfg = dataclasses.asdict(config)
@@ -653,8 +653,6 @@ def _attack_searched(
 ) -> dict:
   """The attacks beyond enumeration (``name``: the resolved one) -> the attack record."""
   options = options or options_of(config)
-  dataset = restored.dataset
-  check_knn_k(config, dataset)
   out_path = workdir / results_name(config)
   partial_path = workdir / (out_path.name + ".partial.npz")
   cfg = dataclasses.asdict(config)
