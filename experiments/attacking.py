@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import io as _pyio
 import math
+import os
 import pathlib
 import sys
 import time
@@ -59,6 +60,14 @@ from splitjax.privacy import label_dp
 VARIANTS = attacks.VARIANTS
 USERS = ("test", "train")
 BLOCK = 1024  # attacked rows per resumable block
+
+
+def _block_rows() -> int:
+  """Rows per resumable block: BLOCK, or the test-only ``common.ATTACK_BLOCK_ENV``."""
+  value = os.environ.get(common.ATTACK_BLOCK_ENV, "")
+  return int(value) if value.strip() else BLOCK
+
+
 SCHEMA_VERSION = evaluation.SCHEMA_VERSION  # attack.json: 2 = splitjax 0.2
 LABEL_ATTACKS = ("label_norm", "label_direction")
 
@@ -554,7 +563,8 @@ def _attack_enumerable(
   # Compile on a first block (exact buckets its chunk plan by powers of two, so blocks of this
   # size reuse it), so that the timed attack measures throughput, not compilation.
   tc = time.time()
-  first = np.arange(min(BLOCK, n))
+  block = _block_rows()
+  first = np.arange(min(block, n))
   attacks.run("exact", transcript.take(first), public.take(first), variant=variant, **options)
   compile_seconds = time.time() - tc
 
@@ -572,7 +582,7 @@ def _attack_enumerable(
     "exact",
     transcript,
     public,
-    [todo[start : start + BLOCK] for start in range(0, len(todo), BLOCK)],
+    [todo[start : start + block] for start in range(0, len(todo), block)],
     variant=variant,
     block_options=lambda rows: options,
     keep=keep,
@@ -811,10 +821,11 @@ def _feature_attack(
       state["label_scores"][rows] = res.label_posterior[:, 1]
 
   # These attacks take one parameter version per call: blocks of rows of one version each.
+  block = _block_rows()
   blocks = []
   for version in np.unique(transcript.param_index):
     rows_v = np.flatnonzero((transcript.param_index == version) & ~state["finished"])
-    blocks += [rows_v[start : start + BLOCK] for start in range(0, len(rows_v), BLOCK)]
+    blocks += [rows_v[start : start + block] for start in range(0, len(rows_v), block)]
   attack_seconds = _attack_blocks(
     name,
     transcript,
