@@ -70,12 +70,7 @@ def main(argv):
     kill_switch=common.KillSwitch(),
     check_memory=not _SKIP_MEMORY_CHECK.value,
   )
-  if "resolved_attack" in record.get("config", {}):
-    from experiments import beyond  # pylint: disable=g-import-not-at-top
-
-    print(beyond.markdown_table(record))
-  else:
-    print(attacking.markdown_table(record))
+  print(attacking.markdown_table(record))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,47 @@
-"""Attack a trained workdir: EXACT (three variants) and the no-gradient baselines -> attack.json.
+r"""Attack a trained workdir: one resumable loop over ``splitjax.attacks.run`` -> the record.
 
-The attacker gets the transcript (``h``, ``g`` and the device parameters behind
-each row) and public knowledge (domains, train-set marginals, C, sigma); ground
-truth is used only to score the answers.
+The attacker gets the transcript (``h``, ``g`` and the device parameters behind each row) and
+public knowledge (``attacks.Public``: domains, train-set marginals, C, sigma, priors); ground
+truth is used only to score the answers (``splitjax.evaluation``). Every attack of
+``attacks.ATTACKS`` runs here:
+
+* ``exact`` on a device_top model with categorical private features only: EXACT in three
+  variants (clip_aware, paper, bayes) and three priors (uniform, marginal, informed) ->
+  ``attack.json`` (the default attack) or ``attack_exact_<variant>_<prior>_<users>.json``; the
+  parameter versions of a training transcript are attacked in one batched call per block
+  (``param_index``);
+* ``optimize``: relaxed gradient matching of every secret (``splitjax.attacks.optimize``);
+* ``hybrid`` (and ``exact`` with private dense features): EXACT over categorical features and the
+  label, optimisation over the dense ones (``splitjax.attacks.hybrid``);
+* ``label_norm`` / ``label_direction``: label-only attacks of Li et al. 2021, scored by AUC;
+* ``exact_activations`` (and ``exact`` on ``device_bottom``): EXACT on the activations the device
+  sends (``splitjax.attacks.exact_activations``).
+
+The attacks other than EXACT write ``attack_<attack>_<variant>_<users>.json`` with the same
+schema (``evaluation.score``): per categorical feature and the label ``accuracy, ci, macro_f1,
+prior_accuracy, knn_accuracy, ...``; continuous features get ``mae`` (original units),
+``within_tolerance`` (fraction within ``dense_tolerance`` original units, 2 years for age) and
+their baselines; label-only attacks add ``auc``.
+
+  python -m experiments.train --dataset=adult --private_dense=age --workdir=/tmp/adult_age
+  python -m experiments.attack --workdir=/tmp/adult_age --attack=hybrid --num_examples=1000
+  python -m experiments.attack --workdir=/tmp/adult_age --attack=optimize --num_examples=1000
+  python -m experiments.attack --workdir=/tmp/adult_age --attack=label_norm
+  python -m experiments.train --dataset=adult --topology=device_bottom --workdir=/tmp/adult_bottom
+  python -m experiments.attack --workdir=/tmp/adult_bottom --attack=exact_activations
 """
 
 import contextlib
 import dataclasses
+import io as _pyio
 import math
+import os
 import pathlib
 import sys
 import time
-from typing import NamedTuple
+from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from experiments import common
@@ -21,22 +50,26 @@ from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 from splitjax import attacks
+from splitjax import evaluation
 from splitjax import metrics
 from splitjax import models
 from splitjax import results
 from splitjax import training
-from splitjax.privacy import accounting
-from splitjax.privacy import bounds
 from splitjax.privacy import label_dp
 
-VARIANTS = ("clip_aware", "paper", "bayes")
+VARIANTS = attacks.VARIANTS
 USERS = ("test", "train")
 BLOCK = 1024  # attacked rows per resumable block
-SCHEMA_VERSION = 2  # attack.json: 2 = splitjax 0.2 (prior, bounds with kinds, gains)
-INFORMED_ASSUMPTION = (
-  "the attacker holds an auxiliary sample of the population with private attributes (the split "
-  "not attacked) and the device model; Jayaraman & Evans, CCS 2022"
-)
+
+
+def _block_rows() -> int:
+  """Rows per resumable block: BLOCK, or the test-only ``common.ATTACK_BLOCK_ENV``."""
+  value = os.environ.get(common.ATTACK_BLOCK_ENV, "")
+  return int(value) if value.strip() else BLOCK
+
+
+SCHEMA_VERSION = evaluation.SCHEMA_VERSION  # attack.json: 2 = splitjax 0.2
+LABEL_ATTACKS = ("label_norm", "label_direction")
 
 
 def results_name(config: configs_base.AttackConfig) -> str:
@@ -141,50 +174,120 @@ def validate(config: configs_base.AttackConfig) -> None:
     )
 
 
-def marginal_log_prior(dataset) -> np.ndarray:
-  """Log prior over (candidate, label) pairs from train marginals (features independent).
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SearchOptions:
+  """Knobs of the optimisation attacks; an ``AttackConfig`` field of the same name overrides each.
 
-  ``[C * 2]`` in ``attacks.candidate_table`` order, label fastest.
+  Attributes:
+    num_steps: Adam steps per restart of ``optimize``.
+    num_restarts: restarts per user of ``optimize``.
+    learning_rate: initial step of the cosine-decayed Adam of ``optimize``.
+    hybrid_starts: stratified starting points of the dense box per (candidate, label) pair.
+    hybrid_steps: refinement steps of the ``num_refine`` best pairs.
+    num_refine: pairs short-listed for refinement per user.
+    refine_starts: fresh stratified starts each short-listed pair tries before its descent.
+    dense_tolerance: ``within_tolerance`` counts |error| <= this, in original units (2 years for
+      adult's age).
+    oracle: also run EXACT told the true dense values (a reference level, not an attack).
   """
-  logp = attacks.priors.marginal_tuple_log_prior(dataset.train.priv_cat, dataset.priv_cardinalities)
-  py = np.bincount(dataset.train.y, minlength=2) + 1.0
-  return (logp[:, None] + np.log(py / py.sum())[None, :]).reshape(-1)
+
+  num_steps: int = 200
+  num_restarts: int = 32
+  learning_rate: float = 0.05
+  hybrid_starts: int = 128
+  hybrid_steps: int = 30
+  num_refine: int = 128
+  refine_starts: int = 512
+  dense_tolerance: float = 2.0
+  oracle: bool = True
 
 
-def variant_kwargs(
-  variant: str, clip: float, sigma: float, dataset, prior: str = "marginal", pair_log_prior=None
-) -> dict:
-  """Keyword arguments of ``attacks.exact`` for a named variant, prior and the DP parameters.
-
-  ``pair_log_prior``: the informed prior's per-user ``[N, C, 2]`` log prior (``prior='informed'``).
-  """
-  clip_arg = clip if math.isfinite(clip) else None
-  kwargs = {"l2_clip_norm": clip_arg, "clip_aware": variant != "paper"}
-  if variant == "bayes" and sigma > 0 and clip_arg is not None:
-    kwargs["noise_stddev"] = sigma * clip
-    if prior == "marginal":
-      kwargs["log_prior"] = marginal_log_prior(dataset)
-    elif prior == "informed":
-      kwargs["log_prior"] = pair_log_prior
-  return kwargs
+def options_of(config) -> SearchOptions:
+  """``SearchOptions`` with the fields that ``config`` also has taken from it."""
+  names = {f.name for f in dataclasses.fields(SearchOptions)}
+  return SearchOptions(**{n: getattr(config, n) for n in names if hasattr(config, n)})
 
 
-class Informed(NamedTuple):
-  """The informed prior of the attacked rows (see ``splitjax.attacks.priors``)."""
+def resolve_attack(config, model) -> str:
+  """The attack to run: ``exact`` maps to hybrid / exact_activations where it cannot enumerate."""
+  topology = model.spec.topology
+  name = config.attack
+  if name == "exact":
+    if topology == "device_bottom":
+      return "exact_activations"
+    return "hybrid" if model.spec.num_priv_dense else "exact"
+  if topology == "device_bottom" and name != "exact_activations":
+    raise pipeline.ConfigError(
+      f"--attack={name} attacks gradients of a device_top model; this "
+      "workdir is device_bottom: use --attack=exact_activations"
+    )
+  if topology == "device_top" and name == "exact_activations":
+    raise pipeline.ConfigError(
+      "--attack=exact_activations needs a device_bottom model (train with --topology=device_bottom)"
+    )
+  if name == "exact_activations" and not model.spec.priv_cardinalities:
+    raise pipeline.ConfigError("exact_activations needs at least one private categorical feature")
+  return name
 
-  fit: attacks.InformedPrior  # tuple prior [N, C] and how it was chosen
-  label_p1: np.ndarray  # [N, C] P(y = 1 | h, x) for the true label (debiased under label DP)
-  label_noisy_p1: (
-    np.ndarray
-  )  # [N, C] the model's own P(y~ = 1 | h, x) (= label_p1 without label DP)
-  flip: float  # randomized-response flip probability (0 without label DP)
+
+def dp_of(restored) -> tuple[float, float]:
+  """The workdir's public DP parameters ``(C, sigma)`` (inf: none); refuses sigma = inf."""
+  clip = restored.metrics["l2_clip_norm"]
+  clip = math.inf if clip == "inf" else float(clip)
+  sigma = restored.metrics["noise_multiplier"]
+  sigma = math.inf if sigma == "inf" else float(sigma)
+  if math.isinf(sigma):
+    raise pipeline.ConfigError(
+      "the model was trained with noise multiplier inf (the server "
+      "sees pure noise): there is nothing to attack"
+    )
+  return clip, sigma
+
+
+def setting_of(restored, config: configs_base.AttackConfig) -> evaluation.Setting:
+  """The public facts of the attacked workdir that its record states (``evaluation.Setting``)."""
+  cfg, m = restored.config, restored.metrics
+  clip, sigma = dp_of(restored)
+  device_dp = bool(cfg.device_dp_clip) and cfg.device_dp_noise_multiplier > 0
+  return evaluation.Setting(
+    dataset=cfg.dataset,
+    protocol=cfg.protocol,
+    attack=config.attack,
+    variant=config.variant,
+    users=config.users,
+    knn_k=config.knn_k,
+    releases=int(m["releases"]),
+    l2_clip_norm=clip,
+    noise_multiplier=sigma,
+    device_noise_multiplier=cfg.device_dp_noise_multiplier if device_dp else None,
+    label_epsilon=cfg.label_dp_epsilon,
+    delta=cfg.target_delta,
+    clip_source=m.get("clip_source"),
+    # splitjax < 0.2 computed --dp_clip=auto from the private training labels.
+    clip_read_labels=cfg.dp_clip == "auto"
+    and str(m.get("clip_source", "private")).startswith("private"),
+  )
+
+
+def public_of(restored, clip: float, sigma: float, **priors) -> attacks.Public:
+  """What the server knows of the workdir (``attacks.Public``), with the given priors."""
+  dataset = restored.dataset
+  return attacks.Public(
+    model=restored.model,
+    cardinalities=dataset.priv_cardinalities,
+    num_dense=int(dataset.train.priv_dense.shape[1]),
+    l2_clip_norm=clip,
+    noise_multiplier=sigma,
+    positive_fraction=float(dataset.train.y.mean()),
+    **priors,
+  )
 
 
 _INFORMED_CACHE: dict = {}  # the last few fits: the variants of one sweep point share theirs
 
 
-def informed_prior(restored, config, transcript, split_name: str) -> Informed:
-  """Fits the informed prior on the split not attacked and evaluates it for the attacked rows."""
+def informed_prior(restored, config, transcript, split_name: str) -> evaluation.Informed:
+  """The informed prior of the attacked rows (``evaluation.fit_informed``), cached per workdir."""
   key = (
     restored.fingerprint,
     split_name,
@@ -195,59 +298,16 @@ def informed_prior(restored, config, transcript, split_name: str) -> Informed:
   if key not in _INFORMED_CACHE:
     if len(_INFORMED_CACHE) >= 4:
       _INFORMED_CACHE.pop(next(iter(_INFORMED_CACHE)))
-    _INFORMED_CACHE[key] = _fit_informed(restored, config, transcript, split_name)
-  return _INFORMED_CACHE[key]
-
-
-def _fit_informed(restored, config, transcript, split_name: str) -> Informed:
-  dataset, model, state = restored.dataset, restored.model, restored.state
-  ref = dataset.test if split_name == "train" else dataset.train
-  query = getattr(dataset, split_name).take(transcript.example_index)
-  spaces = {
-    "server": attacks.server_feature_matrix(ref.pub_cat, ref.pub_dense, dataset.pub_cardinalities),
-    "h": np.asarray(training.predict_h(model, state.server_params, ref.pub_cat, ref.pub_dense)),
-  }
-  query_spaces = {
-    "server": attacks.server_feature_matrix(
-      query.pub_cat, query.pub_dense, dataset.pub_cardinalities
-    ),
-    "h": np.asarray(training.predict_h(model, state.server_params, query.pub_cat, query.pub_dense)),
-  }
-  fit = attacks.fit_informed_prior(
-    spaces, ref.priv_cat, dataset.priv_cardinalities, query_spaces=query_spaces, seed=config.seed
-  )
-  device_apply = models.device_logit_fn(model)
-  noisy = np.empty((transcript.num_rows, fit.probs.shape[1]), np.float32)
-  for version in np.unique(transcript.param_index):
-    rows = np.flatnonzero(transcript.param_index == version)
-    noisy[rows] = attacks.candidate_label_probability(
-      device_apply,
-      transcript.params_at(int(version)),
-      transcript.h[rows],
-      dataset.priv_cardinalities,
+    _INFORMED_CACHE[key] = evaluation.fit_informed(
+      restored.dataset,
+      restored.model,
+      restored.state.server_params,
+      transcript,
+      split_name,
+      seed=config.seed,
+      label_epsilon=restored.config.label_dp_epsilon,
     )
-  eps = restored.config.label_dp_epsilon
-  flip = label_dp.flip_probability(eps) if eps else 0.0
-  p1 = attacks.debias_label_probability(noisy, flip) if eps else noisy.astype(np.float64)
-  return Informed(fit, p1, noisy, flip)
-
-
-def rr_label_answer(
-  p1_true: np.ndarray, noisy_label_posterior: np.ndarray, flip: float
-) -> np.ndarray:
-  """P(y = 1 | g) from P(y~ | g) [N, 2] and P(y = 1 | h, x) [N] through the RR channel.
-
-  ``P(y | g) = sum_y~ P(y~ | g) P(y | y~, h, x)`` with
-  ``P(y | y~, h, x) ∝ P(y | h, x) P(y~ | y)`` and ``P(y~ | y) = 1 - q`` if equal, else q.
-  """
-  p1 = np.clip(np.asarray(p1_true, np.float64), 1e-12, 1 - 1e-12)
-  post = np.zeros_like(p1)
-  for noisy in (0, 1):
-    like1 = (1 - flip) if noisy == 1 else flip  # P(y~ | y = 1)
-    like0 = flip if noisy == 1 else (1 - flip)  # P(y~ | y = 0)
-    given = p1 * like1 / (p1 * like1 + (1 - p1) * like0)
-    post += np.asarray(noisy_label_posterior, np.float64)[:, noisy] * given
-  return post
+  return _INFORMED_CACHE[key]
 
 
 def observed_transcript(restored, config, clip: float, sigma: float):
@@ -296,24 +356,44 @@ def attack_workdir(
   progress=common.progress,
   kill_switch=None,
   check_memory: bool = True,
+  options: SearchOptions | None = None,
 ) -> dict:
   """Runs ``config`` against the trained ``workdir``; writes and returns the attack record.
 
   Holds the workdir's lock shared (exclusive with ``overwrite``) and the record's exclusive, so
   several attacks of other configurations can run on one workdir at once (experiments/workdir.py).
   With ``check_memory``, an EXACT run whose smallest possible peak memory exceeds 80 % of the
-  free memory is refused before it starts (``common.check_memory``).
+  free memory is refused before it starts (``common.check_memory``). ``options``: the knobs of
+  the optimisation attacks (default: ``options_of(config)``).
+
+  Raises:
+    pipeline.ConfigError: the attack does not fit the workdir's model (e.g. a label attack on a
+      device_bottom model).
+    results.WorkdirError: the results file holds another configuration (use ``overwrite``).
   """
   validate(config)
   with owned_for_attack(workdir, config, overwrite=overwrite):
-    return _attack_owned(
-      workdir,
+    restored = pipeline.Restored(workdir)
+    check_knn_k(config, restored.dataset)
+    name = resolve_attack(config, restored.model)
+    if name != "exact" and config.screen_dtype != "none" and config.attack == "exact":
+      raise pipeline.ConfigError(
+        "--screen_dtype applies to EXACT on device_top models without "
+        "private dense features; this workdir's model needs the "
+        "activation or hybrid attack: use --screen_dtype=none"
+      )
+    run = _attack_enumerable if name == "exact" else _attack_searched
+    extra = {"check_memory": check_memory} if name == "exact" else {"options": options}
+    return run(
+      restored,
+      pathlib.Path(workdir),
       config,
+      name,
       resume=resume,
       overwrite=overwrite,
       progress=progress,
       kill_switch=kill_switch,
-      check_memory=check_memory,
+      **extra,
     )
 
 
@@ -336,9 +416,52 @@ def owned_for_attack(workdir, config: configs_base.AttackConfig, *, overwrite: b
     yield
 
 
-def _attack_owned(
-  workdir,
+def _attack_blocks(
+  name: str,
+  transcript,
+  public: attacks.Public,
+  blocks,
+  *,
+  variant: str,
+  block_options: Callable[[np.ndarray], dict],
+  keep: Callable,
+  state: dict,
+  run_key: str,
+  partial_path: pathlib.Path,
+  bar,
+  kill_switch,
+) -> float:
+  """The resumable attack loop: ``attacks.run`` on each block of rows, then its answers kept.
+
+  After each block ``keep(result, rows)`` stores the answers in the arrays of ``state`` (which
+  holds ``finished``), the partial file is rewritten from them (``--resume`` continues after
+  the last block written) and the kill switch ticks. Returns the seconds spent attacking.
+  """
+  n = transcript.num_rows
+  seconds = 0.0
+  for rows in blocks:
+    ta = time.time()
+    res = attacks.run(
+      name, transcript.take(rows), public.take(rows), variant=variant, **block_options(rows)
+    )
+    seconds += time.time() - ta
+    keep(res, rows)
+    state["finished"][rows] = True
+    if workdir_lib.is_writer():
+      results.atomic_write_bytes(partial_path, _npz(**state, run_key=np.str_(run_key)))
+    common.checkpointed(f"{int(state['finished'].sum()):,} of {n:,} attacked users")
+    if bar:
+      bar(int(state["finished"].sum()))
+    if kill_switch is not None:
+      kill_switch.tick()
+  return seconds
+
+
+def _attack_enumerable(
+  restored,
+  workdir: pathlib.Path,
   config: configs_base.AttackConfig,
+  name: str,
   *,
   resume: bool,
   overwrite: bool,
@@ -346,35 +469,12 @@ def _attack_owned(
   kill_switch,
   check_memory: bool = True,
 ) -> dict:
-  restored = None if config.attack != "exact" else pipeline.Restored(workdir)
-  if restored is None or (
-    restored.model.spec.topology != "device_top" or restored.model.spec.num_priv_dense
-  ):
-    # Attacks beyond enumeration, activation matching (device_bottom) and the hybrid of
-    # enumeration and optimisation (private dense features).
-    if config.screen_dtype != "none" and restored is not None:
-      raise pipeline.ConfigError(
-        "--screen_dtype applies to EXACT on device_top models without "
-        "private dense features; this workdir's model needs the "
-        "activation or hybrid attack: use --screen_dtype=none"
-      )
-    from experiments import beyond  # pylint: disable=g-import-not-at-top
-
-    return beyond.attack_workdir(
-      workdir,
-      config,
-      resume=resume,
-      overwrite=overwrite,
-      progress=progress,
-      kill_switch=kill_switch,
-    )
-  workdir = pathlib.Path(workdir)
-  dataset, model = restored.dataset, restored.model
-  check_knn_k(config, dataset)
-  name = results_name(config)
-  out_path = workdir / name
+  """EXACT on a device_top model with categorical private features only -> the attack record."""
+  dataset = restored.dataset
+  record_name = results_name(config)
+  out_path = workdir / record_name
   cfg = dataclasses.asdict(config)
-  partial_path = workdir / (name + ".partial.npz")
+  partial_path = workdir / (record_name + ".partial.npz")
   run_key = results.fingerprint(
     {"attack": cfg, "model": restored.fingerprint, "schema_version": SCHEMA_VERSION}
   )
@@ -396,32 +496,21 @@ def _attack_owned(
         f"{out_path} holds another attack configuration: use --overwrite or another --workdir"
       )
     # Same attack of an earlier model of this workdir: stale, recompute it.
-  clip = (
-    float(restored.metrics["l2_clip_norm"])
-    if restored.metrics["l2_clip_norm"] != "inf"
-    else math.inf
-  )
-  sigma = restored.metrics["noise_multiplier"]
-  sigma = math.inf if sigma == "inf" else float(sigma)
-  if math.isinf(sigma):
-    raise pipeline.ConfigError(
-      "the model was trained with noise multiplier inf (the server "
-      "sees pure noise): there is nothing to attack"
-    )
+  clip, sigma = dp_of(restored)
   label_eps = restored.config.label_dp_epsilon or 0.0
   variant, prior = resolve(config, clip, sigma, label_eps)
 
   transcript, split_name = observed_transcript(restored, config, clip, sigma)
   n = transcript.num_rows
-  device_apply = models.device_logit_fn(model)
+  cards = dataset.priv_cardinalities
   # One estimate of the run (linear in users) serves the memory check and the progress line.
   est = None
   if check_memory or progress:
     est = attacks.estimate(
-      device_apply,
+      models.device_logit_fn(restored.model),
       transcript.params_at(int(transcript.param_index[0])),
       transcript.h.shape[1],
-      dataset.priv_cardinalities,
+      cards,
       n,
     )
   if check_memory:  # before anything sized by the candidates (the informed prior's pair table)
@@ -431,26 +520,34 @@ def _attack_owned(
       "--skip_memory_check",
     )
   informed = informed_prior(restored, config, transcript, split_name)
-  pair_lp = None
+  priors = {}
   if prior == "informed":
-    pair_lp = attacks.pair_log_prior(informed.fit.probs, informed.label_noisy_p1)
-  kwargs = variant_kwargs(variant, clip, sigma, dataset, prior, pair_lp)
+    priors["user_log_prior"] = attacks.pair_log_prior(informed.fit.probs, informed.label_noisy_p1)
+  elif prior == "marginal":
+    priors["log_prior"] = evaluation.marginal_log_prior(dataset)
+  public = public_of(restored, clip, sigma, **priors)
+  options = {"top_k": config.top_k, "distance": config.distance}
   if config.screen_dtype != "none":
-    kwargs["screen_dtype"] = config.screen_dtype
+    options["screen_dtype"] = config.screen_dtype
 
-  # Resumable: blocks of rows grouped by parameter version.
+  # Resumable: blocks of rows; the parameter versions of a block go in one call (param_index).
   done = {}
   if resume:
     done = read_partial(partial_path, run_key, n)
-  feats = done.get("features", np.full((n, len(dataset.priv_cardinalities)), -1, np.int32))
-  labels = done.get("labels", np.full(n, -1, np.int32))
-  ties = done.get("ties", np.zeros(n, np.int32))
-  finished = done.get("finished", np.zeros(n, bool))
-  redone = done.get("screen_fallback", np.zeros(n, bool))  # users the bf16 screen left undecided
-  label_post = done.get("label_posterior", np.full((n, 2), np.nan))  # P(label | g), Bayes only
-  map_codes = done.get("map_codes", np.full(n, -1, np.int64))  # joint MAP / nearest tuple
+  state = {
+    "features": done.get("features", np.full((n, len(cards)), -1, np.int32)),
+    "labels": done.get("labels", np.full(n, -1, np.int32)),
+    "ties": done.get("ties", np.zeros(n, np.int32)),
+    # users the bf16 screen left undecided
+    "screen_fallback": done.get("screen_fallback", np.zeros(n, bool)),
+    "finished": done.get("finished", np.zeros(n, bool)),
+    # P(label | g), Bayes only
+    "label_posterior": done.get("label_posterior", np.full((n, 2), np.nan)),
+    # joint MAP / nearest tuple
+    "map_codes": done.get("map_codes", np.full(n, -1, np.int64)),
+  }
   if progress:
-    remaining = int((~finished).sum())
+    remaining = int((~state["finished"]).sum())
     progress(
       f"EXACT: {remaining:,} users x {est.num_pairs:,} pairs, about "
       f"{est.seconds * remaining / max(n, 1):.2g} s after compilation (estimate: "
@@ -466,90 +563,64 @@ def _attack_owned(
   # Compile on a first block (exact buckets its chunk plan by powers of two, so blocks of this
   # size reuse it), so that the timed attack measures throughput, not compilation.
   tc = time.time()
-  first = np.flatnonzero(transcript.param_index == transcript.param_index[0])[:BLOCK]
-  attacks.exact(
-    device_apply,
-    transcript.params_at(int(transcript.param_index[0])),
-    transcript.h[first],
-    transcript.g[first],
-    dataset.priv_cardinalities,
-    top_k=config.top_k,
-    distance=config.distance,
-    **_first_rows(kwargs, first),
-  )
+  block = _block_rows()
+  first = np.arange(min(block, n))
+  attacks.run("exact", transcript.take(first), public.take(first), variant=variant, **options)
   compile_seconds = time.time() - tc
-  attack_seconds = 0.0
-  for version in np.unique(transcript.param_index):
-    rows_v = np.flatnonzero((transcript.param_index == version) & ~finished)
-    params = transcript.params_at(int(version))
-    for start in range(0, len(rows_v), BLOCK):
-      rows = rows_v[start : start + BLOCK]
-      ta = time.time()
-      res = attacks.exact(
-        device_apply,
-        params,
-        transcript.h[rows],
-        transcript.g[rows],
-        dataset.priv_cardinalities,
-        top_k=config.top_k,
-        distance=config.distance,
-        **_first_rows(kwargs, rows),
-      )
-      attack_seconds += time.time() - ta
-      feats[rows], labels[rows], ties[rows] = res.features, res.labels, res.num_ties
-      map_codes[rows] = attacks.tuple_codes(res.map_features, dataset.priv_cardinalities)
-      if res.label_posterior is not None:
-        label_post[rows] = res.label_posterior
-      if res.screen_fallback is not None:
-        redone[rows] = res.screen_fallback
-      finished[rows] = True
-      if workdir_lib.is_writer():
-        results.atomic_write_bytes(
-          partial_path,
-          _npz(
-            features=feats,
-            labels=labels,
-            ties=ties,
-            screen_fallback=redone,
-            finished=finished,
-            label_posterior=label_post,
-            map_codes=map_codes,
-            run_key=np.str_(run_key),
-          ),
-        )
-      common.checkpointed(f"{int(finished.sum()):,} of {n:,} attacked users")
-      if bar:
-        bar(int(finished.sum()))
-      if kill_switch is not None:
-        kill_switch.tick()
 
+  def keep(res, rows):
+    state["features"][rows], state["labels"][rows] = res.features, res.labels
+    state["ties"][rows] = res.num_ties
+    state["map_codes"][rows] = attacks.tuple_codes(res.map_features, cards)
+    if res.label_posterior is not None:
+      state["label_posterior"][rows] = res.label_posterior
+    if res.screen_fallback is not None:
+      state["screen_fallback"][rows] = res.screen_fallback
+
+  todo = np.flatnonzero(~state["finished"])
+  attack_seconds = _attack_blocks(
+    "exact",
+    transcript,
+    public,
+    [todo[start : start + block] for start in range(0, len(todo), block)],
+    variant=variant,
+    block_options=lambda rows: options,
+    keep=keep,
+    state=state,
+    run_key=run_key,
+    partial_path=partial_path,
+    bar=bar,
+    kill_switch=kill_switch,
+  )
+  feats, labels, ties = state["features"], state["labels"], state["ties"]
   if label_eps and prior == "informed":
     # The gradient reveals the noisy label; the true label's answer goes through the RR channel
     # with the device model's (debiased) P(y | h, x) at the recovered tuple.
-    p1_at = informed.label_p1[np.arange(n), map_codes]
+    p1_at = informed.label_p1[np.arange(n), state["map_codes"]]
+    label_post = state["label_posterior"]
     noisy_post = (
       label_post if variant == "bayes" and not np.isnan(label_post).any() else (np.eye(2)[labels])
     )
-    labels = (rr_label_answer(p1_at, noisy_post, informed.flip) > 0.5).astype(np.int32)
+    labels = (evaluation.rr_label_answer(p1_at, noisy_post, informed.flip) > 0.5).astype(np.int32)
   true_feats, true_y = _targets(dataset, split_name, transcript.example_index)
-  record = score(
+  record = evaluation.score(
     dataset,
-    restored,
-    config,
+    setting_of(restored, config),
+    restored.model,
+    restored.state.server_params,
     transcript,
     feats,
     labels,
     ties,
     true_feats,
     true_y,
-    clip=clip,
-    sigma=sigma,
     prior=prior,
     informed=informed,
   )
   record["variant"], record["prior"] = variant, prior
-  candidates = int(np.prod(dataset.priv_cardinalities)) * 2
+  candidates = int(np.prod(cards)) * 2
   if config.screen_dtype != "none":
+    redone = state["screen_fallback"]
     record["screen_fallback_fraction"] = float(redone.mean()) if n else 0.0
   record.update(
     {
@@ -565,13 +636,320 @@ def _attack_owned(
     record["local_steps_attacked"] = sorted(set(int(s) for s in transcript.local_step))
     stale = transcript.local_step > 0
     if stale.any():
-      record["stale_model"] = _stale_report(dataset, feats, labels, true_feats, true_y, stale)
-      record["first_local_step"] = _stale_report(dataset, feats, labels, true_feats, true_y, ~stale)
+      record["stale_model"] = evaluation.stale_report(
+        dataset, feats, labels, true_feats, true_y, stale
+      )
+      record["first_local_step"] = evaluation.stale_report(
+        dataset, feats, labels, true_feats, true_y, ~stale
+      )
   record["environment"] = records.environment()
   if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
     results.atomic_write_json(out_path, record)
     partial_path.unlink(missing_ok=True)
   return record
+
+
+def _attack_searched(
+  restored,
+  workdir: pathlib.Path,
+  config: configs_base.AttackConfig,
+  name: str,
+  *,
+  resume: bool,
+  overwrite: bool,
+  progress,
+  kill_switch,
+  options: SearchOptions | None = None,
+) -> dict:
+  """The attacks beyond enumeration (``name``: the resolved one) -> the attack record."""
+  options = options or options_of(config)
+  out_path = workdir / results_name(config)
+  partial_path = workdir / (out_path.name + ".partial.npz")
+  cfg = dataclasses.asdict(config)
+  cfg_record = dict(cfg, options=dataclasses.asdict(options), resolved_attack=name)
+  if out_path.exists() and not overwrite:
+    old = read_record(out_path)
+    if old.get("config") == results.to_jsonable(cfg_record):
+      if progress:
+        progress(f"{out_path} already holds this attack; nothing to do")
+      return old
+    raise results.WorkdirError(
+      f"{out_path} holds another attack configuration: use --overwrite or another --workdir"
+    )
+  clip, sigma = dp_of(restored)
+  transcript, split_name = observed_transcript(restored, config, clip, sigma)
+  t0 = time.time()
+  if name in LABEL_ATTACKS:
+    record = _label_attack(name, restored, config, transcript, split_name, clip, sigma)
+  else:
+    record = _feature_attack(
+      name,
+      restored,
+      config,
+      options,
+      transcript,
+      split_name,
+      clip,
+      sigma,
+      partial_path=partial_path,
+      resume=resume,
+      progress=progress,
+      kill_switch=kill_switch,
+    )
+  record["seconds"] = time.time() - t0
+  record["config"] = cfg_record
+  record["environment"] = records.environment()
+  if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
+    results.atomic_write_json(out_path, record)
+    partial_path.unlink(missing_ok=True)
+  return record
+
+
+def _label_attack(name, restored, config, transcript, split_name, clip, sigma) -> dict:
+  dataset = restored.dataset
+  res = attacks.run(name, transcript, public_of(restored, clip, sigma))
+  split = getattr(dataset, split_name)
+  true_feats = split.priv_cat[transcript.example_index]
+  true_y = split.y[transcript.example_index]
+  # evaluation.score reports the label with its baselines and bounds; the features are not
+  # attacked (zeros are passed and their entries dropped).
+  dummy = np.zeros_like(true_feats)
+  record = evaluation.score(
+    dataset,
+    setting_of(restored, config),
+    restored.model,
+    restored.state.server_params,
+    transcript,
+    dummy,
+    res.labels,
+    np.ones(len(res.labels), np.int32),
+    true_feats,
+    true_y,
+    prior="uniform",
+    informed=informed_prior(restored, config, transcript, split_name),
+  )
+  record["features"] = {}
+  record["ties"] = 0
+  record["label"]["auc"] = metrics.roc_auc(res.scores, true_y)
+  return record
+
+
+def _search_options(name: str, options: SearchOptions, config) -> dict:
+  """Keyword arguments of the optimisation attack ``name`` (the ``key`` comes per block)."""
+  if name == "optimize":
+    return dict(
+      optimizer=attacks.default_optimizer(options.learning_rate, options.num_steps),
+      num_steps=options.num_steps,
+      num_restarts=options.num_restarts,
+      distance=config.distance,
+    )
+  shared = dict(
+    num_steps=options.hybrid_steps,
+    num_restarts=options.hybrid_starts,
+    num_refine=options.num_refine,
+    refine_starts=options.refine_starts,
+    distance=config.distance,
+  )
+  if name == "hybrid":
+    shared["optimizer"] = attacks.default_optimizer(options.learning_rate, options.hybrid_steps)
+  return shared
+
+
+def _feature_attack(
+  name,
+  restored,
+  config,
+  options,
+  transcript,
+  split_name,
+  clip,
+  sigma,
+  *,
+  partial_path,
+  resume,
+  progress,
+  kill_switch,
+) -> dict:
+  dataset, model = restored.dataset, restored.model
+  n = transcript.num_rows
+  num_cat = len(dataset.priv_cardinalities)
+  num_dense = int(dataset.train.priv_dense.shape[1])
+  clip_arg = clip if (math.isfinite(clip) and config.variant != "paper") else None
+  bayes = config.variant == "bayes" and sigma > 0 and math.isfinite(clip)
+  # 'auto' scores as clip_aware here (it means Bayes only for EXACT's enumeration).
+  variant = "clip_aware" if config.variant == "auto" else config.variant
+  log_prior = None
+  if name == "hybrid":
+    log_prior = evaluation.marginal_log_prior(dataset)
+  elif name == "exact_activations":
+    log_prior = evaluation.marginal_log_prior(dataset, with_label=False)
+  public = public_of(restored, clip, sigma, log_prior=log_prior)
+  run_key = results.fingerprint(
+    {
+      "attack": dataclasses.asdict(config),
+      "options": dataclasses.asdict(options),
+      "model": restored.fingerprint,
+    }
+  )
+  done = read_partial(partial_path, run_key, n) if resume else {}
+  state = {
+    "features": done.get("features", np.full((n, num_cat), -1, np.int32)),
+    "dense": done.get("dense", np.full((n, num_dense), np.nan, np.float32)),
+    "labels": done.get("labels", np.full(n, -1, np.int32)),
+    "ties": done.get("ties", np.zeros(n, np.int32)),
+    "label_scores": done.get("label_scores", np.full(n, np.nan, np.float32)),
+    "finished": done.get("finished", np.zeros(n, bool)),
+  }
+  bar = (
+    common.ProgressPrinter(n, f"attack {name} {config.variant} {config.users}", printer=progress)
+    if progress
+    else None
+  )
+  key = jax.random.key(config.seed)
+
+  def block_options(rows):
+    version = int(transcript.param_index[rows[0]])
+    block_key = jax.random.fold_in(jax.random.fold_in(key, version), int(rows[0]))
+    return dict(_search_options(name, options, config), key=block_key)
+
+  def keep(res, rows):
+    state["features"][rows], state["dense"][rows] = res.features, res.dense
+    state["ties"][rows] = res.num_ties if name != "optimize" else 1
+    if name != "exact_activations":  # the activations carry no label
+      state["labels"][rows] = res.labels
+    if name == "hybrid" and res.label_posterior is not None:
+      state["label_scores"][rows] = res.label_posterior[:, 1]
+
+  # These attacks take one parameter version per call: blocks of rows of one version each.
+  block = _block_rows()
+  blocks = []
+  for version in np.unique(transcript.param_index):
+    rows_v = np.flatnonzero((transcript.param_index == version) & ~state["finished"])
+    blocks += [rows_v[start : start + block] for start in range(0, len(rows_v), block)]
+  attack_seconds = _attack_blocks(
+    name,
+    transcript,
+    public,
+    blocks,
+    variant=variant,
+    block_options=block_options,
+    keep=keep,
+    state=state,
+    run_key=run_key,
+    partial_path=partial_path,
+    bar=bar,
+    kill_switch=kill_switch,
+  )
+  feats, dense, labels = state["features"], state["dense"], state["labels"]
+  ties, label_scores = state["ties"], state["label_scores"]
+
+  rows = transcript.example_index
+  split = getattr(dataset, split_name)
+  true_feats, true_y = split.priv_cat[rows], split.y[rows]
+  setting = setting_of(restored, config)
+  if model.spec.topology == "device_top":
+    record = evaluation.score(
+      dataset,
+      setting,
+      model,
+      restored.state.server_params,
+      transcript,
+      feats,
+      labels,
+      ties,
+      true_feats,
+      true_y,
+      prior="marginal",
+      informed=informed_prior(restored, config, transcript, split_name),
+    )
+    if np.isfinite(label_scores).all():
+      record["label"]["auc"] = metrics.roc_auc(label_scores, true_y)
+  else:
+    record = evaluation.score_bottom(dataset, setting, transcript, feats, ties, true_feats)
+  record["attack"] = name
+  names = dataset.roles.private_dense
+  for j, (prior_pred, knn_pred) in enumerate(
+    evaluation.dense_baselines(dataset, config.users, rows, config.knn_k)
+  ):
+    record["features"][names[j]] = evaluation.dense_report(
+      dense[:, j],
+      split.priv_dense[rows, j],
+      dataset.dense_ranges[names[j]],
+      options.dense_tolerance,
+      prior_pred=prior_pred,
+      knn_pred=knn_pred,
+    )
+  if options.oracle and num_dense and model.spec.topology == "device_top" and num_cat:
+    record["oracle_known_dense"] = _oracle(
+      dataset,
+      model,
+      transcript,
+      split.priv_dense[rows],
+      true_feats,
+      true_y,
+      clip_arg,
+      bayes,
+      clip,
+      sigma,
+    )
+  record.update(
+    {"attack_seconds": attack_seconds, "users_per_second": n / max(attack_seconds, 1e-9)}
+  )
+  return record
+
+
+class _KnownDenseApply:
+  """``(params, [h, dense], x) -> logit``: dense read from extra columns of h, not differentiated.
+
+  The gradient's extra columns are zero, so EXACT with ``g`` padded by zeros scores categorical
+  candidates exactly as if the dense values were known.
+  """
+
+  def __init__(self, head_apply, num_dense: int):
+    self.head_apply, self.num_dense = head_apply, num_dense
+
+  def __call__(self, params, h_ext, x):
+    h, dense = h_ext[: -self.num_dense], jax.lax.stop_gradient(h_ext[-self.num_dense :])
+    return self.head_apply(params, h, x, dense)
+
+  def __hash__(self):
+    return hash((_KnownDenseApply, self.head_apply, self.num_dense))
+
+  def __eq__(self, other):
+    return (
+      isinstance(other, _KnownDenseApply)
+      and other.head_apply is self.head_apply
+      and other.num_dense == self.num_dense
+    )
+
+
+def _oracle(
+  dataset, model, transcript, true_dense, true_feats, true_y, clip_arg, bayes, clip, sigma
+) -> dict:
+  """Accuracy of EXACT told each user's true dense values (a reference level, not an attack)."""
+  num_dense = true_dense.shape[1]
+  apply = _KnownDenseApply(model.head_apply, num_dense)
+  h_ext = np.concatenate([transcript.h, true_dense.astype(transcript.h.dtype)], axis=1)
+  g_ext = np.concatenate([transcript.g, np.zeros_like(true_dense, transcript.g.dtype)], axis=1)
+  kwargs = {"l2_clip_norm": clip_arg}
+  if bayes:
+    kwargs.update(noise_stddev=sigma * clip, log_prior=evaluation.marginal_log_prior(dataset))
+  versions = np.unique(transcript.param_index)
+  if len(versions) > 1:  # every parameter version in one batched call
+    params = transcript.device_params
+    kwargs["param_index"] = transcript.param_index
+  else:
+    params = transcript.params_at(int(versions[0]) if len(versions) else 0)
+  r = attacks.exact(apply, params, h_ext, g_ext, dataset.priv_cardinalities, **kwargs)
+  feats, labels = r.features, r.labels
+  out = {
+    "note": "EXACT told the true private dense values: the categorical level to compare "
+    "with, not an attack"
+  }
+  for j, fname in enumerate(dataset.roles.private_categorical):
+    out[fname] = metrics.accuracy(feats[:, j], true_feats[:, j])["accuracy"]
+  out["label"] = metrics.accuracy(labels, true_y)["accuracy"]
+  return out
 
 
 def read_record(path: pathlib.Path) -> dict:
@@ -619,240 +997,16 @@ def read_partial(path: pathlib.Path, run_key: str, num_rows: int) -> dict:
   return arrays
 
 
-def _first_rows(kwargs: dict, rows) -> dict:
-  """``kwargs`` with a per-user log prior (if any) cut to ``rows``."""
-  lp = kwargs.get("log_prior")
-  if lp is not None and np.ndim(lp) >= 2 and np.shape(lp)[0] > 1:
-    return dict(kwargs, log_prior=np.asarray(lp)[rows])
-  return kwargs
-
-
 def _npz(**arrays) -> bytes:
-  import io as _pyio
-
   buf = _pyio.BytesIO()
   np.savez(buf, **arrays)
   return buf.getvalue()
 
 
-def _stale_report(dataset, feats, labels, true_feats, true_y, rows) -> dict:
-  out = {"num_examples": int(rows.sum())}
-  for j, fname in enumerate(dataset.roles.private_categorical):
-    out[fname] = metrics.accuracy(feats[rows, j], true_feats[rows, j])["accuracy"]
-  out["label"] = metrics.accuracy(labels[rows], true_y[rows])["accuracy"]
-  return out
-
-
-def score(
-  dataset,
-  restored,
-  config,
-  transcript,
-  feats,
-  labels,
-  ties,
-  true_feats,
-  true_y,
-  *,
-  clip,
-  sigma,
-  prior: str = "marginal",
-  informed: Informed | None = None,
-) -> dict:
-  """Per-secret metrics, baselines, the prior-only answers and the gain, bounds and the report.
-
-  Every secret gets ``accuracy`` (Clopper-Pearson ``ci``), the majority guess ``prior_accuracy``,
-  k-NN on server features and on ``h``, ``prior_only_accuracy`` (the attack's own prior without
-  the gradient, on the same users) with the paired ``gain`` (McNemar interval), ``marks``, and
-  ``bound`` / ``bound_kind`` / ``bound_prior`` (per user, averaged over the attacked users; see
-  ``bounds.BOUND_KINDS``), beside ``bound_marginal`` (the marginal prior; not valid against an
-  attacker who knows h). ``mu_hat`` only where the bound is a guarantee.
-  """
-  cards = dataset.priv_cardinalities
-  train = dataset.train
-  # Baselines without gradients: majority prior, k-NN on server features and on h.
-  ref = dataset.test if config.users == "train" else dataset.train
-  query_split = getattr(dataset, "train" if config.users == "train" else "test")
-  q = transcript.example_index
-  ref_targets = np.concatenate([ref.priv_cat, ref.y[:, None]], axis=1)
-  target_cards = tuple(cards) + (2,)
-  ref_x = attacks.server_feature_matrix(ref.pub_cat, ref.pub_dense, dataset.pub_cardinalities)
-  query_x = attacks.server_feature_matrix(
-    query_split.pub_cat[q], query_split.pub_dense[q], dataset.pub_cardinalities
-  )
-  knn = attacks.knn(ref_x, ref_targets, query_x, target_cards, k=config.knn_k)
-  ref_h = np.asarray(
-    training.predict_h(restored.model, restored.state.server_params, ref.pub_cat, ref.pub_dense)
-  )
-  knn_h = attacks.knn(ref_h, ref_targets, transcript.h, target_cards, k=config.knn_k)
-  priors = [
-    np.bincount(train.priv_cat[:, j], minlength=c) / len(train) for j, c in enumerate(cards)
-  ] + [np.bincount(train.y, minlength=2) / len(train)]
-  n = int(transcript.num_rows)
-
-  # The prior's own answers (no gradient): the informed prior, or the majority guess.
-  if informed is None:
-    raise ValueError("score needs the informed prior (attacking.informed_prior)")
-  inf_feats, inf_labels, inf_margs, inf_py1 = attacks.prior_guess(
-    informed.fit.probs, informed.label_p1, cards
-  )
-  inf_preds = [inf_feats[:, j] for j in range(len(cards))] + [inf_labels]
-  inf_posts = list(inf_margs) + [np.stack([1 - inf_py1, inf_py1], axis=1)]
-
-  # What protects each channel (DESIGN.md §4): the cut layer for test users; training users only
-  # with device DP-SGD as well (their later releases depend on a non-privately updated phi).
-  cfg = restored.config
-  cut_protected = math.isfinite(clip) and sigma > 0
-  releases = 1 if config.users == "test" else int(restored.metrics["releases"])
-  device_dp = bool(cfg.device_dp_clip) and cfg.device_dp_noise_multiplier > 0
-  if not cut_protected or (config.users == "train" and not device_dp):
-    mu_ref = None
-  else:
-    mu_ref = bounds.reference_mu(
-      noise_multiplier=sigma,
-      releases=releases,
-      device_noise_multiplier=cfg.device_dp_noise_multiplier if device_dp else None,
-      device_releases=releases if (device_dp and config.users == "train") else 0,
-    )
-  mu = accounting.composed_mu(sigma, releases) if math.isfinite(clip) else math.inf
-  label_eps = cfg.label_dp_epsilon
-  true_prior = query_split.p_priv_pub is not None and query_split.p_y_pub is not None
-  record = {
-    "schema_version": SCHEMA_VERSION,
-    "dataset": cfg.dataset,
-    "protocol": cfg.protocol,
-    "attack": config.attack,
-    "variant": config.variant,
-    "prior": prior,
-    "users": config.users,
-    "num_examples": n,
-    "ties": int(np.sum(ties > 1)),
-    "features": {},
-    "label": None,
-    "informed_prior": {
-      "k": informed.fit.k,
-      "lam": informed.fit.lam,
-      "space": informed.fit.space,
-      "cv_log_loss": informed.fit.cv_log_loss,
-      "ece": {
-        name: informed.fit.ece[j] for j, name in enumerate(dataset.roles.private_categorical)
-      },
-      "assumption": INFORMED_ASSUMPTION,
-    },
-  }
-  names = list(dataset.roles.private_categorical) + ["label"]
-  preds = [feats[:, j] for j in range(len(cards))] + [labels]
-  trues = [true_feats[:, j] for j in range(len(cards))] + [true_y]
-  offsets = np.concatenate([[0], np.cumsum(cards)])
-  for j, name in enumerate(names):
-    k = target_cards[j]
-    is_label = name == "label"
-    rep = metrics.feature_report(
-      preds[j], trues[j], k, prior_pred=int(np.argmax(priors[j])), knn_pred=knn.predictions[:, j]
-    )
-    rep["knn_h_accuracy"] = metrics.accuracy(knn_h.predictions[:, j], trues[j])["accuracy"]
-    # The same prior without the gradient, on the same users, and the paired gain.
-    if prior == "informed" or (is_label and label_eps and prior != "uniform"):
-      base_pred = inf_preds[j]
-    else:
-      base_pred = np.full(n, int(np.argmax(priors[j])))
-    rep["prior_only_accuracy"] = float(np.mean(base_pred == trues[j]))
-    rep["informed_prior_accuracy"] = float(np.mean(inf_preds[j] == trues[j]))
-    rep["gain"] = metrics.paired_difference(preds[j] == trues[j], base_pred == trues[j])
-    rep["marks"] = ([("below_majority_prior")] if rep["ci"][1] < rep["prior_accuracy"] else []) + (
-      ["below_knn"] if rep["accuracy"] < rep["knn_accuracy"] else []
-    )
-    # Per-user priors for the bound: the generator's truth (synthetic), else the informed prior.
-    if true_prior:
-      user_prior = (
-        np.stack([1 - query_split.p_y_pub[q], query_split.p_y_pub[q]], axis=1)
-        if is_label
-        else query_split.p_priv_pub[q][:, offsets[j] : offsets[j + 1]]
-      )
-      kind, described = "guarantee:true_prior", "the generator's P(secret | x_pub)"
-    else:
-      user_prior = inf_posts[j]
-      kind, described = "estimate:knn_prior", "informed (k-NN joint prior + device model)"
-    marginal = np.tile(priors[j], (n, 1))
-    if mu_ref is None:
-      bound, bound_marginal = None, None
-    else:
-      bound = float(np.mean(bounds.per_user_bound(user_prior, mu_ref)))
-      bound_marginal = float(np.mean(bounds.per_user_bound(marginal, mu_ref)))
-    clip_read_labels = cfg.dp_clip == "auto" and str(
-      restored.metrics.get("clip_source", "private")
-    ).startswith("private")
-    if is_label and label_eps and clip_read_labels:
-      # splitjax < 0.2 computed --dp_clip=auto from the true training labels: a release that
-      # nothing accounts for, so the label's randomized-response guarantee is void.
-      rep["label_guarantee_void"] = (
-        "the clip norm was computed from the private training "
-        "labels (splitjax < 0.2 --dp_clip=auto): retrain"
-      )
-    elif is_label and label_eps:
-      # Randomized response bounds the label end to end (also for training users): the public
-      # clip reads no true label. Under label DP alone the unnoised gradient reveals x_priv, so
-      # the per-user prior is P(y | x_pub, x_priv).
-      if true_prior and query_split.p_y_full is not None:
-        p_full = np.asarray(query_split.p_y_full)[q]
-      else:
-        codes = attacks.tuple_codes(true_feats, cards)
-        p_full = informed.label_p1[np.arange(n), codes]
-        kind, described = "estimate:knn_prior", "the device model's P(y | h, x_priv)"
-      rr = np.asarray(bounds.randomized_response_bound(np.clip(p_full, 0, 1), label_eps))
-      rep["bound_label_dp"] = float(np.mean(rr))
-      rr_marginal = bounds.randomized_response_bound(float(priors[j][1]), label_eps)
-      bound = rep["bound_label_dp"] if bound is None else min(bound, rep["bound_label_dp"])
-      bound_marginal = rr_marginal if bound_marginal is None else min(bound_marginal, rr_marginal)
-    rep["bound"] = bound
-    rep["bound_kind"] = kind if bound is not None else "none:channel_unprotected"
-    rep["bound_prior"] = described if bound is not None else None
-    rep["bound_marginal"] = bound_marginal
-    rep["bound_marginal_note"] = (
-      "marginal prior (estimate:marginal_prior): not valid against an attacker who knows h"
-    )
-    rep["mu_hat"] = None
-    if k == 2 and bound is not None and rep["bound_kind"].startswith("guarantee"):
-      rep["mu_hat"] = bounds.mu_hat(rep["ci"][0], float(np.mean(user_prior[:, 1])))
-    if is_label:
-      record["label"] = rep
-    else:
-      record["features"][name] = rep
-  _check_guarantees(record)
-  record.update(
-    accounting.privacy_report(
-      noise_multiplier=sigma,
-      l2_clip_norm=clip,
-      releases=int(restored.metrics["releases"]),
-      delta=cfg.target_delta,
-      label_epsilon=label_eps or None,
-    )
-  )
-  record["mu_attack_bound"] = mu
-  record["mu_reference"] = mu_ref
-  record["releases_attacked"] = releases
-  record["clip_source"] = restored.metrics.get("clip_source")
-  return record
-
-
-class BoundViolation(AssertionError):
-  """A measured success above its DP bound on synthetic data, beyond sampling error: a bug."""
-
-
-def _check_guarantees(record) -> None:
-  """Fails loudly where a success's CI lower end exceeds a bound of kind guarantee."""
-  for name, r in list(record["features"].items()) + [("label", record["label"])]:
-    if r["bound_kind"].startswith("guarantee") and r["ci"][0] > r["bound"] + 1e-9:
-      raise BoundViolation(
-        f"{name}: measured success {r['accuracy']:.4f} (95% CI lower end {r['ci'][0]:.4f}) is "
-        f"above the DP bound {r['bound']:.4f} on synthetic data with a known prior: "
-        "this is a bug in the attack, the DP transform or the accounting; rerun with --debug "
-        "and report it"
-      )
-
-
 def markdown_table(record: dict) -> str:
   """The attack record as a Markdown table (one row per private feature and the label)."""
+  if "resolved_attack" in (record.get("config") or {}):
+    return _search_table(record)
   fmt = lambda x: "–" if x is None else f"{x:.4f}"
   lines = [
     f"### {record['attack']} ({record['variant']}, prior {record.get('prior')}) on "
@@ -887,4 +1041,42 @@ def markdown_table(record: dict) -> str:
     "reach; mu_hat (in the JSON): the smallest mu consistent with the accuracy, only "
     "where the bound is a guarantee."
   )
+  return "\n".join(lines)
+
+
+def _search_table(record: dict) -> str:
+  """The record as Markdown: categorical rows (accuracy), dense rows (MAE), label (with AUC)."""
+  lines = [
+    f"### {record['attack']} ({record['variant']}) on {record['num_examples']} "
+    f"{record['users']} users of {record['dataset']}",
+    "",
+    "| secret | accuracy / within tol. | 95% CI | MAE | AUC | prior | k-NN |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  rows = list(record["features"].items())
+  if record.get("label"):
+    rows.append(("label", record["label"]))
+
+  def f(x):
+    return "-" if x is None else f"{x:.4f}"
+
+  for name, r in rows:
+    if "mae" in r:
+      lines.append(
+        f"| {name} | {f(r['within_tolerance'])} (±{r['tolerance']:g}) | "
+        f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] | {f(r['mae'])} | - | "
+        f"MAE {f(r['prior_mae'])} | MAE {f(r['knn_mae'])} |"
+      )
+    else:
+      lines.append(
+        f"| {name} | {f(r['accuracy'])} | [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] | - | "
+        f"{f(r.get('auc'))} | {f(r['prior_accuracy'])} | {f(r['knn_accuracy'])} |"
+      )
+  if "oracle_known_dense" in record:
+    o = record["oracle_known_dense"]
+    lines.append("")
+    lines.append(
+      "EXACT told the true dense values (reference): "
+      + ", ".join(f"{k} {v:.4f}" for k, v in o.items() if k != "note")
+    )
   return "\n".join(lines)

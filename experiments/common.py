@@ -51,6 +51,9 @@ SCHEMA = flags.DEFINE_string(
 )
 
 KILL_ENV = "SPLITJAX_TEST_KILL_AFTER"
+# Test-only: rows per resumable attack block (experiments.attacking.BLOCK when unset), so that a
+# tiny transcript spans several blocks and a kill between them can be tested.
+ATTACK_BLOCK_ENV = "SPLITJAX_TEST_ATTACK_BLOCK"
 
 # Lines that tell a user nothing: JAX probing for a TPU on a CPU/GPU machine, and matplotlib
 # building its font cache. Their loggers are quietened; JAX_PLATFORMS stays the user's choice.

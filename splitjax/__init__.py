@@ -3,6 +3,7 @@
 from splitjax import attacks
 from splitjax import checkpointing
 from splitjax import data
+from splitjax import evaluation
 from splitjax import metrics
 from splitjax import models
 from splitjax import multihost

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import splitjax.attacks
-from experiments import beyond
+from experiments import attacking
 from experiments import pipeline
 from experiments.configs import base as configs_base
 from splitjax import models
@@ -131,7 +131,7 @@ def test_runner_on_a_device_bottom_workdir_with_dp_clipping(tmp_path):
     dp_clip='0.5',
   )
   pipeline.train_workdir(config, tmp_path, progress=None)
-  rec = beyond.attack_workdir(
+  rec = attacking.attack_workdir(
     tmp_path, configs_base.AttackConfig(attack='exact', num_examples=40), progress=None
   )
   assert rec['attack'] == 'exact_activations' and rec['label'] is None
@@ -141,4 +141,6 @@ def test_runner_on_a_device_bottom_workdir_with_dp_clipping(tmp_path):
     for key in ('ci', 'macro_f1', 'prior_accuracy', 'knn_accuracy', 'bound_marginal'):
       assert key in r, key
   with pytest.raises(pipeline.ConfigError, match='device_top'):
-    beyond.attack_workdir(tmp_path, configs_base.AttackConfig(attack='label_norm'), progress=None)
+    attacking.attack_workdir(
+      tmp_path, configs_base.AttackConfig(attack='label_norm'), progress=None
+    )

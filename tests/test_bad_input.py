@@ -810,7 +810,8 @@ def test_attack_resume_ignores_a_partial_of_another_configuration(
     raise _Killed(status)
 
   monkeypatch.setattr(common.os, "_exit", kill)
-  monkeypatch.setenv(common.KILL_ENV, "2")
+  # Killed after the first block written (a block's parameter versions go in one EXACT call).
+  monkeypatch.setenv(common.KILL_ENV, "1")
   with pytest.raises(_Killed), flagsaver.flagsaver(workdir=str(workdir), users="train"):
     attack_bin.main([])
   monkeypatch.delenv(common.KILL_ENV)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import splitjax.attacks
-from experiments import beyond
+from experiments import attacking
 from experiments import pipeline
 from experiments.configs import base as configs_base
 from splitjax import metrics
@@ -97,7 +97,7 @@ def tiny_workdir(tmp_path_factory):
 @pytest.mark.parametrize('attack', ['label_norm', 'label_direction'])
 def test_runner_writes_the_attack_record_with_auc(tiny_workdir, attack):
   config = configs_base.AttackConfig(attack=attack, num_examples=30)
-  rec = beyond.attack_workdir(tiny_workdir, config, progress=None)
+  rec = attacking.attack_workdir(tiny_workdir, config, progress=None)
   saved = json.loads((tiny_workdir / f'attack_{attack}_auto_test.json').read_text())
   assert saved['label']['auc'] == rec['label']['auc']
   assert 0.0 <= rec['label']['auc'] <= 1.0
@@ -106,14 +106,12 @@ def test_runner_writes_the_attack_record_with_auc(tiny_workdir, attack):
   assert rec['features'] == {} and rec['num_examples'] == 30
   assert 'epsilon' in rec and 'attack_epsilon' in rec
   # Same configuration again: nothing to do, the saved record comes back.
-  assert beyond.attack_workdir(tiny_workdir, config, progress=None)['label'] == saved['label']
+  assert attacking.attack_workdir(tiny_workdir, config, progress=None)['label'] == saved['label']
 
 
 def test_runner_hybrid_equals_exact_without_dense(tiny_workdir):
-  from experiments import attacking  # pylint: disable=g-import-not-at-top
-
   config = configs_base.AttackConfig(attack='hybrid', num_examples=30)
-  rec = beyond.attack_workdir(tiny_workdir, config, progress=None)
+  rec = attacking.attack_workdir(tiny_workdir, config, progress=None)
   ex = attacking.attack_workdir(
     tiny_workdir, configs_base.AttackConfig(num_examples=30), progress=None
   )
@@ -121,6 +119,6 @@ def test_runner_hybrid_equals_exact_without_dense(tiny_workdir):
     assert rec['features'][name]['accuracy'] == ex['features'][name]['accuracy'], name
   assert rec['label']['accuracy'] == ex['label']['accuracy']
   with pytest.raises(pipeline.ConfigError, match='device_bottom'):
-    beyond.attack_workdir(
+    attacking.attack_workdir(
       tiny_workdir, configs_base.AttackConfig(attack='exact_activations'), progress=None
     )

@@ -319,9 +319,10 @@ def test_attack_killed_then_resumed_equals_uninterrupted(reference, tmp_path):
   shutil.copytree(reference, workdir)
   name = "attack_exact_auto_auto_train.json"
   (workdir / name).unlink()
-  # The train users' transcript has one block per parameter version (6 for the tiny config).
+  # Blocks of 16 rows (a block's parameter versions go in one EXACT call): several blocks.
   killed = _run(
-    ["-m", "experiments.attack", "--users=train", f"--workdir={workdir}"], {common.KILL_ENV: "2"}
+    ["-m", "experiments.attack", "--users=train", f"--workdir={workdir}"],
+    {common.KILL_ENV: "2", common.ATTACK_BLOCK_ENV: "16"},
   )
   assert killed.returncode == KILLED, killed.stderr[-2000:]
   assert (workdir / (name + ".partial.npz")).exists() and not (workdir / name).exists()

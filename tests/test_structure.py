@@ -76,7 +76,14 @@ def test_attack_modules_stay_small():
 
 @pytest.mark.parametrize(
   'package',
-  ['splitjax', 'splitjax.attacks', 'splitjax.data', 'splitjax.privacy', 'splitjax.training'],
+  [
+    'splitjax',
+    'splitjax.attacks',
+    'splitjax.data',
+    'splitjax.evaluation',
+    'splitjax.privacy',
+    'splitjax.training',
+  ],
 )
 def test_no_function_shadows_a_submodule(package):
   pkg = importlib.import_module(package)

@@ -7,13 +7,12 @@ Public functions are re-exported here; the modules under them:
   `screen` (the bf16 screen), `sizing` (`estimate`), `runner` (padding, sharding, jit over
   users), `checks` (argument checks, `AttackError`);
 - `relaxed` (`optimize`), `hybrid_search` (`hybrid`), `matching` (their objectives and
-  simulators), `activations` (`exact_activations`), `label_only`, `baselines`, `priors`.
+  simulators), `activations` (`exact_activations`), `label_only`, `baselines`, `priors`;
+- `dispatch` (`run(name, transcript, public, **options)`: an attack by name on a transcript and
+  the server's public knowledge `Public`).
 
 No function here shadows a submodule (a test checks it).
 """
-
-from collections.abc import Callable
-from typing import Any
 
 from splitjax.attacks import baselines
 from splitjax.attacks import priors
@@ -27,6 +26,10 @@ from splitjax.attacks.baselines import server_feature_matrix
 from splitjax.attacks.checks import AttackError
 from splitjax.attacks.core import ExactUserResult
 from splitjax.attacks.core import exact_user
+from splitjax.attacks.dispatch import ATTACKS
+from splitjax.attacks.dispatch import VARIANTS
+from splitjax.attacks.dispatch import Public
+from splitjax.attacks.dispatch import run
 from splitjax.attacks.enumeration import ExactResult
 from splitjax.attacks.enumeration import exact
 from splitjax.attacks.hybrid_search import HybridResult
@@ -56,26 +59,3 @@ from splitjax.attacks.screen import SCREEN_DTYPES
 from splitjax.attacks.screen import low_precision_matmuls
 from splitjax.attacks.sizing import Estimate
 from splitjax.attacks.sizing import estimate
-
-# Name -> attack function (array API). The transcript-level runner wraps these.
-ATTACKS: dict[str, Callable[..., Any]] = {
-  'exact': exact,
-  'majority_prior': majority_prior,
-  'knn': knn,
-  'optimize': optimize,
-  'hybrid': hybrid,
-  'label_norm': label_norm,
-  'label_direction': label_direction,
-  'exact_activations': exact_activations,
-}
-
-
-def run(name: str, **kwargs) -> Any:
-  """Runs the attack registered under `name` with keyword arguments.
-
-  Raises:
-    AttackError (a ValueError): `name` is not in ATTACKS (the message lists the valid names).
-  """
-  if name not in ATTACKS:
-    raise AttackError(f'unknown attack {name!r}; valid names: {sorted(ATTACKS)}.')
-  return ATTACKS[name](**kwargs)

@@ -1,0 +1,242 @@
+"""The transcript-level runner: `run(name, transcript, public, **options)` by attack name.
+
+The attacks of this package take arrays (`exact(device_apply, device_params, h, g_obs, ...)`);
+`run` takes what crossed the wire (a `protocol.Transcript`) and what the server knows besides
+(`Public`: the model's apply functions, the private domains, the public DP parameters, priors)
+and calls the named attack with the arguments `experiments.attack` uses:
+
+| name | attack | parameter versions |
+|---|---|---|
+| `exact` | `enumeration.exact` on `models.device_logit_fn(model)` | any number (`param_index`) |
+| `hybrid` | `hybrid_search.hybrid` on `model.head_apply` | one |
+| `optimize` | `relaxed.optimize` on `models.soft_device_apply(model)` | one |
+| `exact_activations` | `activations.exact_activations` on `model.encoder_apply` | one |
+| `label_norm`, `label_direction` | `label_only` on `g` | any (unused) |
+
+`variant` (an option of the gradient and activation attacks) names the scoring: `clip_aware`
+(candidates clipped with the public C, nearest wins), `paper` (the authors' clip-unaware scoring)
+or `bayes` (Gaussian likelihood of the public noise plus the public log prior; only where the
+channel is noised: sigma > 0 and a finite C, else it scores as `clip_aware`).
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import numpy as np
+
+from splitjax import models
+from splitjax import protocol
+from splitjax.attacks import activations
+from splitjax.attacks import checks
+from splitjax.attacks import enumeration
+from splitjax.attacks import hybrid_search
+from splitjax.attacks import label_only
+from splitjax.attacks import relaxed
+
+VARIANTS = ('clip_aware', 'paper', 'bayes')
+
+# Name -> attack function (array API); `run` calls these on a transcript.
+ATTACKS: dict[str, Callable[..., Any]] = {
+  'exact': enumeration.exact,
+  'optimize': relaxed.optimize,
+  'hybrid': hybrid_search.hybrid,
+  'label_norm': label_only.label_norm,
+  'label_direction': label_only.label_direction,
+  'exact_activations': activations.exact_activations,
+}
+
+
+class Public(NamedTuple):
+  """What the honest-but-curious server knows besides the transcript (DESIGN.md §2).
+
+  Attributes:
+    model: the split model's pure functions (its device parameters are in the transcript).
+    cardinalities: P ints, the number of values of each private categorical feature.
+    num_dense: Pd, the number of private dense features.
+    dense_bounds: `(lo, hi)`, the box of the private dense features (min-max scaled: (0, 1)).
+    l2_clip_norm: the public clip norm C of the device's DP transform (inf: no clipping).
+    noise_multiplier: the public sigma (0: no noise); the noise per coordinate is sigma * C.
+    log_prior: the Bayes variant's log prior shared by every user: `[C * 2]` over (candidate,
+      label) pairs, label fastest (`exact`, `hybrid`), or `[C]` over candidates
+      (`exact_activations`); candidates in `candidate_table` order; None is uniform.
+    user_log_prior: a log prior per transcript row, `[N, C, 2]` (`exact` only); it replaces
+      `log_prior` where given.
+    positive_fraction: P(y = 1) the label-only attacks answer with (None: their default).
+  """
+
+  model: models.SplitModel
+  cardinalities: tuple[int, ...]
+  num_dense: int = 0
+  dense_bounds: tuple[float, float] = (0.0, 1.0)
+  l2_clip_norm: float = math.inf
+  noise_multiplier: float = 0.0
+  log_prior: np.ndarray | None = None
+  user_log_prior: np.ndarray | None = None
+  positive_fraction: float | None = None
+
+  @property
+  def noisy(self) -> bool:
+    """Whether the channel is noised: sigma > 0 with a finite C (the Bayes variant's case)."""
+    return self.noise_multiplier > 0 and math.isfinite(self.l2_clip_norm)
+
+  @property
+  def clip(self) -> float | None:
+    """C as the attacks take it: None for no clipping."""
+    return float(self.l2_clip_norm) if math.isfinite(self.l2_clip_norm) else None
+
+  def take(self, idx) -> 'Public':
+    """The public knowledge of transcript rows `idx` (`Transcript.take`'s twin)."""
+    if self.user_log_prior is None:
+      return self
+    return self._replace(user_log_prior=np.asarray(self.user_log_prior)[np.asarray(idx)])
+
+
+def _one_version(name: str, transcript: protocol.Transcript):
+  """The device parameters of a transcript of one parameter version."""
+  versions = np.unique(transcript.param_index)
+  if len(versions) > 1:
+    raise checks.AttackError(
+      f'{name} attacks one parameter version per call; this transcript holds '
+      f'{len(versions)}: attack transcript.take(rows) of each version (only exact batches '
+      'versions through param_index)'
+    )
+  return transcript.params_at(int(versions[0]) if len(versions) else 0)
+
+
+def _bayes(public: Public, variant: str) -> dict:
+  """`noise_stddev` and the log prior of the Bayes variant on a noised channel, else {}."""
+  if variant != 'bayes' or not public.noisy:
+    return {}
+  lp = public.user_log_prior if public.user_log_prior is not None else public.log_prior
+  out: dict[str, Any] = {'noise_stddev': public.noise_multiplier * public.l2_clip_norm}
+  if lp is not None:
+    out['log_prior'] = lp
+  return out
+
+
+def _exact(transcript, public, variant, options):
+  versions = np.unique(transcript.param_index)
+  if len(versions) > 1:  # every version in one batched call
+    params, index = transcript.device_params, np.asarray(transcript.param_index)
+    options = dict(options, param_index=index)
+  else:
+    params = transcript.params_at(int(versions[0]) if len(versions) else 0)
+  return enumeration.exact(
+    models.device_logit_fn(public.model),
+    params,
+    transcript.h,
+    transcript.g,
+    public.cardinalities,
+    l2_clip_norm=public.clip,
+    clip_aware=variant != 'paper',
+    **_bayes(public, variant),
+    **options,
+  )
+
+
+def _hybrid(transcript, public, variant, options):
+  return hybrid_search.hybrid(
+    public.model.head_apply,
+    _one_version('hybrid', transcript),
+    transcript.h,
+    transcript.g,
+    public.cardinalities,
+    public.num_dense,
+    l2_clip_norm=public.clip if variant != 'paper' else None,
+    dense_bounds=public.dense_bounds,
+    **_bayes(public, variant),
+    **options,
+  )
+
+
+def _optimize(transcript, public, variant, options):
+  return relaxed.optimize(
+    models.soft_device_apply(public.model),
+    _one_version('optimize', transcript),
+    transcript.h,
+    transcript.g,
+    public.cardinalities,
+    public.num_dense,
+    l2_clip_norm=public.clip if variant != 'paper' else None,
+    dense_bounds=public.dense_bounds,
+    **options,
+  )
+
+
+def _exact_activations(transcript, public, variant, options):
+  # device_bottom: the device sent h (its activations a).
+  return activations.exact_activations(
+    public.model.encoder_apply,
+    _one_version('exact_activations', transcript),
+    transcript.h,
+    public.cardinalities,
+    num_dense=public.num_dense,
+    dense_bounds=public.dense_bounds,
+    l2_clip_norm=public.clip,
+    clip_aware=variant != 'paper',
+    **_bayes(public, variant),
+    **options,
+  )
+
+
+def _label(name):
+  fn = ATTACKS[name]
+
+  def attack(transcript, public, variant, options):
+    del variant
+    return fn(transcript.g, positive_fraction=public.positive_fraction, **options)
+
+  return attack
+
+
+_RUNNERS = {
+  'exact': _exact,
+  'hybrid': _hybrid,
+  'optimize': _optimize,
+  'exact_activations': _exact_activations,
+  'label_norm': _label('label_norm'),
+  'label_direction': _label('label_direction'),
+}
+
+
+def run(
+  name: str,
+  transcript: protocol.Transcript,
+  public: Public,
+  *,
+  variant: str = 'clip_aware',
+  **options,
+) -> Any:
+  """Runs the attack named `name` on `transcript` with the server's public knowledge `public`.
+
+  Args:
+    name: a name in ATTACKS.
+    transcript: what the server observed (`Transcript.take` selects rows); `exact` attacks every
+      parameter version of it in one batched computation (`param_index`), the other gradient and
+      activation attacks need rows of one version.
+    public: what the server knows besides (`Public`); `public.take(rows)` goes with
+      `transcript.take(rows)` when it holds a per-user prior.
+    variant: a name in VARIANTS (the label-only attacks ignore it).
+    **options: further keyword arguments of the attack function (e.g. `top_k`, `distance`,
+      `screen_dtype` of `exact`; `key`, `num_steps`, `optimizer` of `optimize` and `hybrid`).
+
+  Returns:
+    The attack's own result (`ExactResult`, `HybridResult`, `OptimizeResult`, `ActivationResult`
+    or `LabelResult`), rows in the order of the transcript.
+
+  Raises:
+    AttackError (a ValueError): `name` is not in ATTACKS (the message lists the valid names), an
+      unknown `variant`, or several parameter versions for an attack that takes one.
+  """
+  if name not in _RUNNERS:
+    raise checks.AttackError(f'unknown attack {name!r}; valid names: {sorted(_RUNNERS)}.')
+  if variant not in VARIANTS:
+    raise checks.AttackError(f'unknown variant {variant!r}; valid variants: {list(VARIANTS)}.')
+  if public.user_log_prior is not None and len(public.user_log_prior) != transcript.num_rows:
+    raise checks.AttackError(
+      f'public.user_log_prior has {len(public.user_log_prior)} rows for a transcript of '
+      f'{transcript.num_rows}: take the same rows of both (public.take(rows))'
+    )
+  return _RUNNERS[name](transcript, public, variant, options)
