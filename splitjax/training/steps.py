@@ -96,6 +96,13 @@ def _split_forward_backward(
   )
 
 
+def _encoder_and_head(state: TrainState):
+  """``(encoder params, head params)`` of ``state`` for its model's topology."""
+  if state.model.spec.topology == "device_top":
+    return state.server_params, state.device_params
+  return state.device_params, state.server_params
+
+
 @functools.partial(jax.jit, static_argnames=("device_dp",), donate_argnums=(0,))
 def sl_step(state: TrainState, batch: Batch, dp: DPConfig, *, device_dp: bool = False):
   """One SL step: ``(state, batch, dp, *, device_dp=False) ->
@@ -110,11 +117,7 @@ def sl_step(state: TrainState, batch: Batch, dp: DPConfig, *, device_dp: bool = 
   key = jax.random.fold_in(state.key, state.step)
   model = state.model
   device_top = model.spec.topology == "device_top"
-  enc, head = (
-    (state.server_params, state.device_params)
-    if device_top
-    else (state.device_params, state.server_params)
-  )
+  enc, head = _encoder_and_head(state)
   loss, enc_g, head_g, h_sent, g_sent, _, nonfinite = _split_forward_backward(
     model, enc, head, batch, dp, key, device_dp
   )
@@ -238,11 +241,6 @@ def replay(state: TrainState, batch: Batch, dp: DPConfig, key):
   Nothing is donated or updated; the noise key is ``key`` itself.
   """
   model = state.model
-  device_top = model.spec.topology == "device_top"
-  enc, head = (
-    (state.server_params, state.device_params)
-    if device_top
-    else (state.device_params, state.server_params)
-  )
+  enc, head = _encoder_and_head(state)
   _, _, _, h, g, _, _ = _split_forward_backward(model, enc, head, batch, dp, key)
   return h, g
