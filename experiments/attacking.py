@@ -457,6 +457,57 @@ def _attack_blocks(
   return seconds
 
 
+def _existing_record(
+  out_path: pathlib.Path,
+  config: dict,
+  restored,
+  *,
+  overwrite: bool,
+  progress,
+  legacy_is_stale: bool = False,
+) -> dict | None:
+  """The record at ``out_path`` when it holds this attack of this model (nothing to do), else None.
+
+  None also when there is none, ``overwrite`` is set, or it holds this attack of an earlier model
+  of the workdir (stale: the caller recomputes it). A record without a schema version was written
+  by splitjax < 0.2 (refused), or, with ``legacy_is_stale``, is a record of an attack beyond
+  enumeration written before its records carried the model (recomputed).
+
+  Raises:
+    WorkdirError: the record holds another attack configuration or an older schema.
+  """
+  if overwrite or not out_path.exists():
+    return None
+  old = read_record(out_path)
+  version = old.get("schema_version")
+  if version != SCHEMA_VERSION and not (version is None and legacy_is_stale):
+    raise results.WorkdirError(
+      f"{out_path} was written by splitjax < 0.2 (attack record schema "
+      f"{old.get('schema_version', 1)}, this splitjax writes "
+      f"{SCHEMA_VERSION}): --overwrite to recompute it"
+    )
+  if _with_defaults(old.get("config")) != results.to_jsonable(config):
+    raise results.WorkdirError(
+      f"{out_path} holds another attack configuration: use --overwrite or another --workdir"
+    )
+  if old.get("model_fingerprint") != restored.fingerprint:
+    return None  # the same attack of an earlier model of this workdir: stale
+  if progress:
+    progress(f"{out_path} already holds this attack; nothing to do")
+  return old
+
+
+def _write_record(record: dict, restored, out_path: pathlib.Path, partial_path: pathlib.Path):
+  """Stamps the record (schema, model, environment), writes it atomically, drops the partial."""
+  record["schema_version"] = SCHEMA_VERSION
+  record["model_fingerprint"] = restored.fingerprint
+  record["environment"] = records.environment()
+  if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
+    results.atomic_write_json(out_path, record)
+    partial_path.unlink(missing_ok=True)
+  return record
+
+
 def _attack_enumerable(
   restored,
   workdir: pathlib.Path,
@@ -478,24 +529,9 @@ def _attack_enumerable(
   run_key = results.fingerprint(
     {"attack": cfg, "model": restored.fingerprint, "schema_version": SCHEMA_VERSION}
   )
-  if out_path.exists() and not overwrite:
-    old = read_record(out_path)
-    if old.get("schema_version") != SCHEMA_VERSION:
-      raise results.WorkdirError(
-        f"{out_path} was written by splitjax < 0.2 (attack record schema "
-        f"{old.get('schema_version', 1)}, this splitjax writes "
-        f"{SCHEMA_VERSION}): --overwrite to recompute it"
-      )
-    same_config = _with_defaults(old.get("config")) == results.to_jsonable(cfg)
-    if same_config and old.get("model_fingerprint") == restored.fingerprint:
-      if progress:
-        progress(f"{out_path} already holds this attack; nothing to do")
-      return old
-    if not same_config:
-      raise results.WorkdirError(
-        f"{out_path} holds another attack configuration: use --overwrite or another --workdir"
-      )
-    # Same attack of an earlier model of this workdir: stale, recompute it.
+  old = _existing_record(out_path, cfg, restored, overwrite=overwrite, progress=progress)
+  if old is not None:
+    return old
   clip, sigma = dp_of(restored)
   label_eps = restored.config.label_dp_epsilon or 0.0
   variant, prior = resolve(config, clip, sigma, label_eps)
@@ -627,7 +663,6 @@ def _attack_enumerable(
       "seconds": time.time() - t0,
       "attack_seconds": attack_seconds,
       "compile_seconds": compile_seconds,
-      "model_fingerprint": restored.fingerprint,
       "candidates_per_second": n * candidates / max(attack_seconds, 1e-9),
       "config": cfg,
     }
@@ -642,11 +677,7 @@ def _attack_enumerable(
       record["first_local_step"] = evaluation.stale_report(
         dataset, feats, labels, true_feats, true_y, ~stale
       )
-  record["environment"] = records.environment()
-  if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
-    results.atomic_write_json(out_path, record)
-    partial_path.unlink(missing_ok=True)
-  return record
+  return _write_record(record, restored, out_path, partial_path)
 
 
 def _attack_searched(
@@ -667,15 +698,11 @@ def _attack_searched(
   partial_path = workdir / (out_path.name + ".partial.npz")
   cfg = dataclasses.asdict(config)
   cfg_record = dict(cfg, options=dataclasses.asdict(options), resolved_attack=name)
-  if out_path.exists() and not overwrite:
-    old = read_record(out_path)
-    if old.get("config") == results.to_jsonable(cfg_record):
-      if progress:
-        progress(f"{out_path} already holds this attack; nothing to do")
-      return old
-    raise results.WorkdirError(
-      f"{out_path} holds another attack configuration: use --overwrite or another --workdir"
-    )
+  old = _existing_record(
+    out_path, cfg_record, restored, overwrite=overwrite, progress=progress, legacy_is_stale=True
+  )
+  if old is not None:
+    return old
   clip, sigma = dp_of(restored)
   transcript, split_name = observed_transcript(restored, config, clip, sigma)
   t0 = time.time()
@@ -698,11 +725,7 @@ def _attack_searched(
     )
   record["seconds"] = time.time() - t0
   record["config"] = cfg_record
-  record["environment"] = records.environment()
-  if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
-    results.atomic_write_json(out_path, record)
-    partial_path.unlink(missing_ok=True)
-  return record
+  return _write_record(record, restored, out_path, partial_path)
 
 
 def _label_attack(name, restored, config, transcript, split_name, clip, sigma) -> dict:
@@ -941,15 +964,11 @@ def _oracle(
   else:
     params = transcript.params_at(int(versions[0]) if len(versions) else 0)
   r = attacks.exact(apply, params, h_ext, g_ext, dataset.priv_cardinalities, **kwargs)
-  feats, labels = r.features, r.labels
-  out = {
+  return {
     "note": "EXACT told the true private dense values: the categorical level to compare "
-    "with, not an attack"
+    "with, not an attack",
+    **evaluation.accuracy_per_secret(dataset, r.features, r.labels, true_feats, true_y),
   }
-  for j, fname in enumerate(dataset.roles.private_categorical):
-    out[fname] = metrics.accuracy(feats[:, j], true_feats[:, j])["accuracy"]
-  out["label"] = metrics.accuracy(labels, true_y)["accuracy"]
-  return out
 
 
 def read_record(path: pathlib.Path) -> dict:

@@ -5,32 +5,18 @@ import math
 import jax
 import numpy as np
 import pytest
+import splits
 
 from splitjax import attacks
 from splitjax import models
 from splitjax import training
-from splitjax.data import base as data_base
 
-PUB_CARDS, PRIV_CARDS = (3, 4), (2, 3)
-SPEC = models.ModelSpec(
-  pub_cardinalities=PUB_CARDS, num_pub_dense=2, priv_cardinalities=PRIV_CARDS, hidden=(16, 8)
-)
-MODEL = models.make_model(SPEC)
+PUB_CARDS, PRIV_CARDS, SPEC, MODEL = splits.PUB_CARDS, splits.PRIV_CARDS, splits.SPEC, splits.MODEL
 CLIP, SIGMA = 0.05, 0.5
 
 
 def _split(n=48, seed=0):
-  rng = np.random.default_rng(seed)
-  pub_cat = np.stack([rng.integers(0, c, n) for c in PUB_CARDS], 1).astype(np.int32)
-  priv_cat = np.stack([rng.integers(0, c, n) for c in PRIV_CARDS], 1).astype(np.int32)
-  logit = (pub_cat[:, 0] - 1.0) + (priv_cat[:, 1] - 1.0) + rng.normal(size=n)
-  return data_base.Split(
-    priv_cat=priv_cat,
-    priv_dense=np.zeros((n, 0), np.float32),
-    pub_cat=pub_cat,
-    pub_dense=rng.random((n, 2)).astype(np.float32),
-    y=(logit > 0).astype(np.int32),
-  )
+  return splits.split(n, seed)
 
 
 @pytest.fixture(scope='module')
@@ -148,3 +134,25 @@ def test_label_attacks_read_g_only(fsl_transcript):
   want = attacks.label_norm(fsl_transcript.g, positive_fraction=0.3)
   np.testing.assert_array_equal(got.labels, want.labels)
   assert math.isfinite(float(np.sum(got.scores)))
+
+
+def test_label_probability_batches_versions_like_one_call_per_version(fsl_transcript):
+  """The informed prior's P(y = 1 | h, x): every version at once equals a call per version."""
+  tr = fsl_transcript
+  apply = models.device_logit_fn(MODEL)
+  batched = attacks.candidate_label_probability(
+    apply, tr.device_params, tr.h, PRIV_CARDS, param_index=tr.param_index, block=16
+  )
+  assert batched.shape == (tr.num_rows, int(np.prod(PRIV_CARDS)))
+  for version in np.unique(tr.param_index):
+    rows = np.flatnonzero(tr.param_index == version)
+    one = attacks.candidate_label_probability(
+      apply, tr.params_at(int(version)), tr.h[rows], PRIV_CARDS, block=16
+    )
+    np.testing.assert_allclose(batched[rows], one, rtol=1e-5, atol=1e-6)
+  # The versions differ, so a wrong index would show: the first round's parameters on every row
+  # give other probabilities on the rows of later rounds.
+  first = attacks.candidate_label_probability(
+    apply, tr.params_at(int(tr.param_index.min())), tr.h, PRIV_CARDS, block=16
+  )
+  assert np.abs(first - batched).max() > 1e-3

@@ -1,8 +1,10 @@
 """Smoke tests of every binary's main(argv) on the tiny synthetic config, and kill/resume."""
 
+import dataclasses
 import json
 import logging
 import re
+import types
 
 import numpy as np
 import pytest
@@ -135,6 +137,37 @@ def test_attack_records_from_before_a_new_config_field_still_count(trained):
   with flagsaver.flagsaver(workdir=str(trained), num_examples=30):
     attack_bin.main([])  # "already holds this attack; nothing to do", not "another configuration"
   assert json.loads(path.read_text()) == rec
+
+
+def test_an_existing_record_is_kept_refused_or_recomputed_by_what_it_holds(tmp_path):
+  """This attack of this model: kept; of an earlier model (or an unstamped record of a search
+  attack): recomputed; another configuration or a pre-0.2 record: refused, nothing deleted."""
+  from experiments import attacking
+  from experiments.configs import base as configs_base
+  from splitjax import results
+
+  cfg = dataclasses.asdict(configs_base.AttackConfig(num_examples=30))
+  model = types.SimpleNamespace(fingerprint="model-a")
+  path = tmp_path / "attack.json"
+  existing = lambda **kw: attacking._existing_record(
+    path, cfg, model, overwrite=False, progress=None, **kw
+  )
+  assert existing() is None  # nothing there
+  record = {"schema_version": 2, "model_fingerprint": "model-a", "config": cfg, "x": 1}
+  path.write_text(json.dumps(record))
+  assert existing() == json.loads(path.read_text())
+  assert attacking._existing_record(path, cfg, model, overwrite=True, progress=None) is None
+  path.write_text(json.dumps(dict(record, model_fingerprint="model-b")))
+  assert existing() is None  # stale
+  path.write_text(json.dumps(dict(record, config=dict(cfg, num_examples=31))))
+  with pytest.raises(results.WorkdirError, match="another attack configuration"):
+    existing()
+  unstamped = {k: v for k, v in record.items() if k not in ("schema_version", "model_fingerprint")}
+  path.write_text(json.dumps(unstamped))
+  with pytest.raises(results.WorkdirError, match="splitjax < 0.2"):
+    existing()
+  assert existing(legacy_is_stale=True) is None
+  assert json.loads(path.read_text()) == unstamped  # refused or stale: the file is untouched
 
 
 def test_attack_train_users_and_paper_variant(trained):

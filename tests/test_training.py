@@ -6,31 +6,16 @@ import functools
 import jax
 import numpy as np
 import pytest
+import splits
 from flax import serialization as flax_serialization
 
-from splitjax import models
 from splitjax import training
-from splitjax.data import base as data_base
 
-PUB_CARDS, PRIV_CARDS = (3, 4), (2, 3)
-SPEC = models.ModelSpec(
-  pub_cardinalities=PUB_CARDS, num_pub_dense=2, priv_cardinalities=PRIV_CARDS, hidden=(16, 8)
-)
-MODEL = models.make_model(SPEC)
+PUB_CARDS, PRIV_CARDS, SPEC, MODEL = splits.PUB_CARDS, splits.PRIV_CARDS, splits.SPEC, splits.MODEL
 
 
 def _split(n=64, seed=0):
-  rng = np.random.default_rng(seed)
-  pub_cat = np.stack([rng.integers(0, c, n) for c in PUB_CARDS], 1).astype(np.int32)
-  priv_cat = np.stack([rng.integers(0, c, n) for c in PRIV_CARDS], 1).astype(np.int32)
-  logit = (pub_cat[:, 0] - 1.0) + (priv_cat[:, 1] - 1.0) + rng.normal(size=n)
-  return data_base.Split(
-    priv_cat=priv_cat,
-    priv_dense=np.zeros((n, 0), np.float32),
-    pub_cat=pub_cat,
-    pub_dense=rng.random((n, 2)).astype(np.float32),
-    y=(logit > 0).astype(np.int32),
-  )
+  return splits.split(n, seed)
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):

@@ -136,33 +136,24 @@ def _exact(transcript, public, variant, options):
   )
 
 
-def _hybrid(transcript, public, variant, options):
-  return hybrid_search.hybrid(
-    public.model.head_apply,
-    _one_version('hybrid', transcript),
-    transcript.h,
-    transcript.g,
-    public.cardinalities,
-    public.num_dense,
-    l2_clip_norm=public.clip if variant != 'paper' else None,
-    dense_bounds=public.dense_bounds,
-    **_bayes(public, variant),
-    **options,
-  )
+def _search(name: str, device_apply_of: Callable, bayes: bool):
+  """The runner of the search attack `name` (`hybrid`, `optimize`): one version, a dense box."""
 
+  def attack(transcript, public, variant, options):
+    return ATTACKS[name](
+      device_apply_of(public.model),
+      _one_version(name, transcript),
+      transcript.h,
+      transcript.g,
+      public.cardinalities,
+      public.num_dense,
+      l2_clip_norm=public.clip if variant != 'paper' else None,
+      dense_bounds=public.dense_bounds,
+      **(_bayes(public, variant) if bayes else {}),
+      **options,
+    )
 
-def _optimize(transcript, public, variant, options):
-  return relaxed.optimize(
-    models.soft_device_apply(public.model),
-    _one_version('optimize', transcript),
-    transcript.h,
-    transcript.g,
-    public.cardinalities,
-    public.num_dense,
-    l2_clip_norm=public.clip if variant != 'paper' else None,
-    dense_bounds=public.dense_bounds,
-    **options,
-  )
+  return attack
 
 
 def _exact_activations(transcript, public, variant, options):
@@ -193,8 +184,9 @@ def _label(name):
 
 _RUNNERS = {
   'exact': _exact,
-  'hybrid': _hybrid,
-  'optimize': _optimize,
+  'hybrid': _search('hybrid', lambda model: model.head_apply, bayes=True),
+  # The relaxed attack scores by distance only (no Bayes variant).
+  'optimize': _search('optimize', models.soft_device_apply, bayes=False),
   'exact_activations': _exact_activations,
   'label_norm': _label('label_norm'),
   'label_direction': _label('label_direction'),

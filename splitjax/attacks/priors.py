@@ -244,16 +244,39 @@ def marginal_tuple_prior(ref_values: np.ndarray, cardinalities: Sequence[int]) -
   return np.exp(marginal_tuple_log_prior(ref_values, cardinalities))
 
 
+@functools.partial(jax.jit, static_argnames=("device_apply",))
+def _label_probabilities(device_apply, params, table, h, index):
+  """`sigmoid(device_apply(params, h_i, x))` for each row i of `h` and each tuple x of `table`."""
+
+  def per_user(h_i, i):
+    p = params if i is None else jax.tree.map(lambda leaf: leaf[i], params)
+    return jax.vmap(lambda x: device_apply(p, h_i, x))(table)
+
+  if index is None:
+    return jax.nn.sigmoid(jax.vmap(lambda h_i: per_user(h_i, None))(h))
+  return jax.nn.sigmoid(jax.vmap(per_user)(h, index))
+
+
 def candidate_label_probability(
-  device_apply: Callable, params, h: np.ndarray, cardinalities: Sequence[int], *, block: int = 256
+  device_apply: Callable,
+  params,
+  h: np.ndarray,
+  cardinalities: Sequence[int],
+  *,
+  param_index: np.ndarray | None = None,
+  block: int = 256,
 ) -> np.ndarray:
   """The device model's `P(y = 1 | h_i, x)` for every user i and enumerated tuple x: `[N, C]`.
 
   Args:
-    device_apply: `(params, h [d], x_priv [P] int32) -> scalar logit`.
-    params: the device parameters the users' releases were made with.
+    device_apply: `(params, h [d], x_priv [P] int32) -> scalar logit` (hashable: it is a static
+      argument of the jitted computation).
+    params: the device parameters the users' releases were made with; with `param_index`,
+      several versions stacked along a leading axis of every leaf (`Transcript.device_params`).
     h: [N, d] cut activations.
     cardinalities: P ints.
+    param_index: optional [N] ints, the version of `params` behind each row (as in `exact`):
+      every version in one computation.
     block: users per jitted call (the last block padded).
 
   Returns:
@@ -261,12 +284,9 @@ def candidate_label_probability(
   """
   table = jnp.asarray(scoring.candidate_table(cardinalities))
   h = np.asarray(h, np.float32)
-
-  @jax.jit
-  def probs(p, hb):
-    per_user = lambda hi: jax.vmap(lambda x: device_apply(p, hi, x))(table)
-    return jax.nn.sigmoid(jax.vmap(per_user)(hb))
-
+  index = None
+  if param_index is not None:
+    index = checks.param_index(param_index, params, len(h))
   params = jax.tree.map(jnp.asarray, params)
 
   out = np.empty((len(h), len(table)), np.float32)
@@ -274,7 +294,13 @@ def candidate_label_probability(
     part = h[start : start + block]
     pad = block - len(part)
     hb = np.concatenate([part, np.zeros((pad, h.shape[1]), np.float32)]) if pad else part
-    out[start : start + len(part)] = np.asarray(probs(params, hb))[: len(part)]
+    ib = None
+    if index is not None:
+      ib = index[start : start + block]
+      ib = np.concatenate([ib, np.zeros(pad, np.int32)]) if pad else ib
+    out[start : start + len(part)] = np.asarray(
+      _label_probabilities(device_apply, params, table, hb, ib)
+    )[: len(part)]
   return out
 
 

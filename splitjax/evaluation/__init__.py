@@ -5,7 +5,7 @@ library data only:
 
 - `report`: `score` (device_top) and `score_bottom` (device_bottom) -> the record's body, under
   a `Setting` (the public facts of the run); `check_guarantees` / `BoundViolation`;
-  `stale_report`;
+  `accuracy_per_secret` and `stale_report` (accuracy per secret, on some rows);
 - `informed`: the attacker's priors, `fit_informed` (the informed prior of the attacked rows),
   `marginal_log_prior`, `rr_label_answer` (the label through randomized response);
 - `dense`: `dense_report` and `dense_baselines` for private continuous features.
@@ -25,6 +25,7 @@ from splitjax.evaluation.informed import rr_label_answer
 from splitjax.evaluation.report import SCHEMA_VERSION
 from splitjax.evaluation.report import BoundViolation
 from splitjax.evaluation.report import Setting
+from splitjax.evaluation.report import accuracy_per_secret
 from splitjax.evaluation.report import check_guarantees
 from splitjax.evaluation.report import score
 from splitjax.evaluation.report import score_bottom

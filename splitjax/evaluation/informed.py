@@ -80,15 +80,14 @@ def fit_informed(
     spaces, ref.priv_cat, dataset.priv_cardinalities, query_spaces=query_spaces, seed=seed
   )
   device_apply = models.device_logit_fn(model)
-  noisy = np.empty((transcript.num_rows, fit.probs.shape[1]), np.float32)
-  for version in np.unique(transcript.param_index):
-    rows = np.flatnonzero(transcript.param_index == version)
-    noisy[rows] = attacks.candidate_label_probability(
-      device_apply,
-      transcript.params_at(int(version)),
-      transcript.h[rows],
-      dataset.priv_cardinalities,
-    )
+  versions = np.unique(transcript.param_index)
+  if len(versions) > 1:  # every parameter version in one computation
+    params, index = transcript.device_params, np.asarray(transcript.param_index)
+  else:
+    params, index = transcript.params_at(int(versions[0]) if len(versions) else 0), None
+  noisy = attacks.candidate_label_probability(
+    device_apply, params, transcript.h, dataset.priv_cardinalities, param_index=index
+  )
   eps = label_epsilon
   flip = label_dp.flip_probability(eps) if eps else 0.0
   p1 = attacks.debias_label_probability(noisy, flip) if eps else noisy.astype(np.float64)

@@ -62,13 +62,21 @@ class Setting(NamedTuple):
   clip_read_labels: bool = False
 
 
-def stale_report(dataset, feats, labels, true_feats, true_y, rows) -> dict:
-  """Accuracy per secret on the attacked rows ``rows`` (a mask or indices)."""
-  out = {"num_examples": int(rows.sum())}
+def accuracy_per_secret(dataset, feats, labels, true_feats, true_y) -> dict:
+  """``{feature: accuracy, ..., "label": accuracy}`` of answers ``feats [N, P]``, ``labels [N]``."""
+  out = {}
   for j, fname in enumerate(dataset.roles.private_categorical):
-    out[fname] = metrics.accuracy(feats[rows, j], true_feats[rows, j])["accuracy"]
-  out["label"] = metrics.accuracy(labels[rows], true_y[rows])["accuracy"]
+    out[fname] = metrics.accuracy(feats[:, j], true_feats[:, j])["accuracy"]
+  out["label"] = metrics.accuracy(labels, true_y)["accuracy"]
   return out
+
+
+def stale_report(dataset, feats, labels, true_feats, true_y, rows) -> dict:
+  """Accuracy per secret on the attacked rows ``rows`` (a boolean mask)."""
+  return {
+    "num_examples": int(rows.sum()),
+    **accuracy_per_secret(dataset, feats[rows], labels[rows], true_feats[rows], true_y[rows]),
+  }
 
 
 def score(
@@ -112,16 +120,11 @@ def score(
   cards = dataset.priv_cardinalities
   train = dataset.train
   # Baselines without gradients: majority prior, k-NN on server features and on h.
-  ref = dataset.test if setting.users == "train" else dataset.train
-  query_split = getattr(dataset, "train" if setting.users == "train" else "test")
+  ref, query_split = _reference_and_query(dataset, setting)
   q = transcript.example_index
   ref_targets = np.concatenate([ref.priv_cat, ref.y[:, None]], axis=1)
   target_cards = tuple(cards) + (2,)
-  ref_x = attacks.server_feature_matrix(ref.pub_cat, ref.pub_dense, dataset.pub_cardinalities)
-  query_x = attacks.server_feature_matrix(
-    query_split.pub_cat[q], query_split.pub_dense[q], dataset.pub_cardinalities
-  )
-  knn = attacks.knn(ref_x, ref_targets, query_x, target_cards, k=setting.knn_k)
+  knn = _server_knn(dataset, setting, ref, query_split, q, ref_targets, target_cards)
   ref_h = np.asarray(training.predict_h(model, server_params, ref.pub_cat, ref.pub_dense))
   knn_h = attacks.knn(ref_h, ref_targets, transcript.h, target_cards, k=setting.knn_k)
   priors = [
@@ -141,7 +144,7 @@ def score(
   # What protects each channel (DESIGN.md §4): the cut layer for test users; training users only
   # with device DP-SGD as well (their later releases depend on a non-privately updated phi).
   cut_protected = math.isfinite(clip) and sigma > 0
-  releases = 1 if setting.users == "test" else setting.releases
+  releases, mu = _attacked_releases_and_mu(setting)
   device_dp = setting.device_noise_multiplier is not None
   if not cut_protected or (setting.users == "train" and not device_dp):
     mu_ref = None
@@ -152,7 +155,6 @@ def score(
       device_noise_multiplier=setting.device_noise_multiplier,
       device_releases=releases if (device_dp and setting.users == "train") else 0,
     )
-  mu = accounting.composed_mu(sigma, releases) if math.isfinite(clip) else math.inf
   label_eps = setting.label_epsilon
   true_prior = query_split.p_priv_pub is not None and query_split.p_y_pub is not None
   record: dict[str, Any] = {
@@ -254,18 +256,8 @@ def score(
     else:
       record["features"][name] = rep
   check_guarantees(record)
-  record.update(
-    accounting.privacy_report(
-      noise_multiplier=sigma,
-      l2_clip_norm=clip,
-      releases=setting.releases,
-      delta=setting.delta,
-      label_epsilon=label_eps or None,
-    )
-  )
-  record["mu_attack_bound"] = mu
+  record.update(_channel_fields(setting, releases, mu))
   record["mu_reference"] = mu_ref
-  record["releases_attacked"] = releases
   record["clip_source"] = setting.clip_source
   return record
 
@@ -292,19 +284,12 @@ def score_bottom(dataset, setting: Setting, transcript, feats, ties, true_feats)
   The k-NN baseline uses the server's own features only (in this orientation ``h`` is the device's
   activation, i.e. the very signal under attack).
   """
-  clip, sigma = setting.l2_clip_norm, setting.noise_multiplier
   cards = dataset.priv_cardinalities
   train = dataset.train
-  ref = dataset.test if setting.users == "train" else dataset.train
-  query = dataset.train if setting.users == "train" else dataset.test
+  ref, query = _reference_and_query(dataset, setting)
   q = transcript.example_index
-  ref_x = attacks.server_feature_matrix(ref.pub_cat, ref.pub_dense, dataset.pub_cardinalities)
-  query_x = attacks.server_feature_matrix(
-    query.pub_cat[q], query.pub_dense[q], dataset.pub_cardinalities
-  )
-  knn = attacks.knn(ref_x, ref.priv_cat, query_x, cards, k=setting.knn_k)
-  releases = 1 if setting.users == "test" else setting.releases
-  mu = accounting.composed_mu(sigma, releases) if math.isfinite(clip) else math.inf
+  knn = _server_knn(dataset, setting, ref, query, q, ref.priv_cat, cards)
+  releases, mu = _attacked_releases_and_mu(setting)
   record: dict[str, Any] = {
     "dataset": setting.dataset,
     "protocol": setting.protocol,
@@ -334,15 +319,44 @@ def score_bottom(dataset, setting: Setting, transcript, feats, ties, true_feats)
     if cards[j] == 2:
       rep["mu_hat"] = bounds.mu_hat(rep["ci"][0], float(prior[1]))
     record["features"][fname] = rep
-  record.update(
-    accounting.privacy_report(
-      noise_multiplier=sigma,
-      l2_clip_norm=clip,
+  record.update(_channel_fields(setting, releases, mu))
+  return record
+
+
+def _reference_and_query(dataset, setting: Setting):
+  """``(reference, attacked)`` splits: the baselines vote from the split not attacked."""
+  if setting.users == "train":
+    return dataset.test, dataset.train
+  return dataset.train, dataset.test
+
+
+def _server_knn(dataset, setting: Setting, ref, query, q, ref_targets, target_cards):
+  """k-NN on the server's own features: ``ref`` rows vote ``ref_targets`` for ``query`` rows q."""
+  ref_x = attacks.server_feature_matrix(ref.pub_cat, ref.pub_dense, dataset.pub_cardinalities)
+  query_x = attacks.server_feature_matrix(
+    query.pub_cat[q], query.pub_dense[q], dataset.pub_cardinalities
+  )
+  return attacks.knn(ref_x, ref_targets, query_x, target_cards, k=setting.knn_k)
+
+
+def _attacked_releases_and_mu(setting: Setting) -> tuple[int, float]:
+  """Releases of one attacked user (1 for a test user) and the cut layer's composed mu."""
+  releases = 1 if setting.users == "test" else setting.releases
+  clip, sigma = setting.l2_clip_norm, setting.noise_multiplier
+  mu = accounting.composed_mu(sigma, releases) if math.isfinite(clip) else math.inf
+  return releases, mu
+
+
+def _channel_fields(setting: Setting, releases: int, mu: float) -> dict:
+  """The record's accounting: the run's privacy report and the attacked releases' mu."""
+  return {
+    **accounting.privacy_report(
+      noise_multiplier=setting.noise_multiplier,
+      l2_clip_norm=setting.l2_clip_norm,
       releases=setting.releases,
       delta=setting.delta,
       label_epsilon=setting.label_epsilon or None,
-    )
-  )
-  record["mu_attack_bound"] = mu
-  record["releases_attacked"] = releases
-  return record
+    ),
+    "mu_attack_bound": mu,
+    "releases_attacked": releases,
+  }
