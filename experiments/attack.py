@@ -15,9 +15,8 @@ from experiments import attack_flags  # noqa: F401  (defines --num_examples)
 from experiments import attacking
 from experiments import common
 from experiments.configs import base
-from splitjax import attacks
 
-flags.DEFINE_string("attack", "exact", f"Attack: one of {', '.join(attacks.ATTACKS)}.")
+flags.DEFINE_string("attack", "exact", f"Attack: one of {', '.join(attacking.BINARY_ATTACKS)}.")
 flags.DEFINE_string(
   "variant",
   "auto",

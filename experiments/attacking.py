@@ -53,6 +53,7 @@ from splitjax import attacks
 from splitjax import evaluation
 from splitjax import metrics
 from splitjax import models
+from splitjax import protocol
 from splitjax import results
 from splitjax import training
 from splitjax.privacy import label_dp
@@ -70,6 +71,8 @@ def _block_rows() -> int:
 
 SCHEMA_VERSION = evaluation.SCHEMA_VERSION  # attack.json: 2 = splitjax 0.2
 LABEL_ATTACKS = ("label_norm", "label_direction")
+# --attack's names: every attack but exact_releases, which --users=train --releases=all runs.
+BINARY_ATTACKS = tuple(name for name in attacks.ATTACKS if name != "exact_releases")
 
 
 def results_name(config: configs_base.AttackConfig) -> str:
@@ -83,7 +86,8 @@ def results_name(config: configs_base.AttackConfig) -> str:
     return "attack.json"
   if config.attack != "exact":
     return f"attack_{config.attack}_{config.variant}_{config.users}.json"
-  return f"attack_{config.attack}_{config.variant}_{config.prior}_{config.users}.json"
+  releases = "_all" if config.releases == "all" else ""
+  return f"attack_{config.attack}_{config.variant}_{config.prior}_{config.users}{releases}.json"
 
 
 def resolve(
@@ -119,9 +123,13 @@ def _with_defaults(old_cfg):
 
 
 def validate(config: configs_base.AttackConfig) -> None:
-  if config.attack not in attacks.ATTACKS:
+  if config.attack == "exact_releases":
     raise pipeline.ConfigError(
-      f"unknown --attack {config.attack!r}: choose one of {sorted(attacks.ATTACKS)}"
+      "--attack=exact_releases is what --attack=exact --users=train --releases=all runs: use that"
+    )
+  if config.attack not in BINARY_ATTACKS:
+    raise pipeline.ConfigError(
+      f"unknown --attack {config.attack!r}: choose one of {sorted(BINARY_ATTACKS)}"
     )
   if config.variant not in ("auto",) + VARIANTS:
     raise pipeline.ConfigError(
@@ -137,6 +145,21 @@ def validate(config: configs_base.AttackConfig) -> None:
     )
   if config.users not in USERS:
     raise pipeline.ConfigError(f"unknown --users {config.users!r}: choose one of {USERS}")
+  if config.releases not in pipeline.RELEASES:
+    raise pipeline.ConfigError(
+      f"unknown --releases {config.releases!r}: choose one of {pipeline.RELEASES}"
+    )
+  if config.releases == "all":
+    if config.users != "train" or config.attack != "exact":
+      raise pipeline.ConfigError(
+        "--releases=all combines the recorded releases of training users with EXACT: use "
+        "--users=train --attack=exact (a test user sends one release)"
+      )
+    if config.top_k != 1 or config.distance != "l2" or config.screen_dtype != "none":
+      raise pipeline.ConfigError(
+        "--releases=all sums squared distances (log-likelihoods under noise) over releases: "
+        "use --top_k=1 --distance=l2 --screen_dtype=none"
+      )
   if config.num_examples < 0:
     raise pipeline.ConfigError(
       f"--num_examples={config.num_examples} must be > 0 (omit it to attack every user)"
@@ -342,6 +365,39 @@ def observed_transcript(restored, config, clip: float, sigma: float):
   return transcript, "train"
 
 
+RELEASES_NOTE = (
+  "partial likelihood: the per-release Gaussian log-likelihoods of a user's releases summed, each "
+  "under the parameters that produced it; the exact likelihood of the cut releases only when "
+  "those parameters depend on the example through earlier released outputs alone (device "
+  "DP-SGD on), else compare its gain with the prior-only attacker, not with a DP bound"
+)
+
+
+def all_releases(restored, last: protocol.Transcript):
+  """``(every release, one row per user)`` of the training users in ``last`` (the attacked
+  rows of the last-epoch transcript, so ``--num_examples`` picks the same users for both
+  ``--releases`` values). The per-user rows are each user's last release, users ascending."""
+  every = restored.releases()
+  users = np.unique(last.example_index)
+  every = every.take(np.flatnonzero(np.isin(every.example_index, users)))
+  # the last release of each user: the last row of each example index
+  order = np.lexsort((np.arange(every.num_rows), every.example_index))
+  ids = every.example_index[order]
+  last_of = order[np.r_[ids[1:] != ids[:-1], True]]
+  return every, every.take(last_of)
+
+
+def _releases_of_users(every: protocol.Transcript, per_user: protocol.Transcript, public):
+  """``take(rows)`` for the attack loop: every release of the users at ``rows`` of
+  ``per_user`` (ascending ids), with their public knowledge."""
+
+  def take(rows):
+    users = per_user.example_index[rows]
+    return every.take(np.flatnonzero(np.isin(every.example_index, users))), public.take(rows)
+
+  return take
+
+
 def _targets(dataset, split_name: str, rows: np.ndarray):
   split = getattr(dataset, split_name)
   return split.priv_cat[rows], split.y[rows]
@@ -423,6 +479,7 @@ def _attack_blocks(
   blocks,
   *,
   variant: str,
+  take: Callable | None = None,
   block_options: Callable[[np.ndarray], dict],
   keep: Callable,
   state: dict,
@@ -433,7 +490,9 @@ def _attack_blocks(
 ) -> float:
   """The resumable attack loop: ``attacks.run`` on each block of rows, then its answers kept.
 
-  After each block ``keep(result, rows)`` stores the answers in the arrays of ``state`` (which
+  ``take(rows)`` gives the attack's ``(transcript, public)`` of a block (default: those rows of
+  both; ``--releases=all``: every release of those users). After each block
+  ``keep(result, rows)`` stores the answers in the arrays of ``state`` (which
   holds ``finished``), the partial file is rewritten from them (``--resume`` continues after
   the last block written) and the kill switch ticks. Returns the seconds spent attacking.
   """
@@ -441,9 +500,8 @@ def _attack_blocks(
   seconds = 0.0
   for rows in blocks:
     ta = time.time()
-    res = attacks.run(
-      name, transcript.take(rows), public.take(rows), variant=variant, **block_options(rows)
-    )
+    part = take(rows) if take else (transcript.take(rows), public.take(rows))
+    res = attacks.run(name, *part, variant=variant, **block_options(rows))
     seconds += time.time() - ta
     keep(res, rows)
     state["finished"][rows] = True
@@ -537,9 +595,15 @@ def _attack_enumerable(
   variant, prior = resolve(config, clip, sigma, label_eps)
 
   transcript, split_name = observed_transcript(restored, config, clip, sigma)
+  # --releases=all: `transcript` holds one row per user (its last release, for the baselines and
+  # the informed prior), `every` all of the users' releases, which the attack combines.
+  attack_name, every = "exact", None
+  if config.releases == "all":
+    attack_name = "exact_releases"
+    every, transcript = all_releases(restored, transcript)
   n = transcript.num_rows
   cards = dataset.priv_cardinalities
-  # One estimate of the run (linear in users) serves the memory check and the progress line.
+  # One estimate of the run (linear in rows) serves the memory check and the progress line.
   est = None
   if check_memory or progress:
     est = attacks.estimate(
@@ -547,7 +611,7 @@ def _attack_enumerable(
       transcript.params_at(int(transcript.param_index[0])),
       transcript.h.shape[1],
       cards,
-      n,
+      n if every is None else every.num_rows,
     )
   if check_memory:  # before anything sized by the candidates (the informed prior's pair table)
     common.check_memory(
@@ -565,6 +629,10 @@ def _attack_enumerable(
   options = {"top_k": config.top_k, "distance": config.distance}
   if config.screen_dtype != "none":
     options["screen_dtype"] = config.screen_dtype
+  take = None
+  if every is not None:
+    options = {}  # exact_releases: l2 (squared) distances, the nearest pair (validated)
+    take = _releases_of_users(every, transcript, public)
 
   # Resumable: blocks of rows; the parameter versions of a block go in one call (param_index).
   done = {}
@@ -601,10 +669,13 @@ def _attack_enumerable(
   tc = time.time()
   block = _block_rows()
   first = np.arange(min(block, n))
-  attacks.run("exact", transcript.take(first), public.take(first), variant=variant, **options)
+  first_part = take(first) if take else (transcript.take(first), public.take(first))
+  attacks.run(attack_name, *first_part, variant=variant, **options)
   compile_seconds = time.time() - tc
 
   def keep(res, rows):
+    if every is not None:  # a ReleasesResult: users in ascending order, as `rows` are
+      res = res.result
     state["features"][rows], state["labels"][rows] = res.features, res.labels
     state["ties"][rows] = res.num_ties
     state["map_codes"][rows] = attacks.tuple_codes(res.map_features, cards)
@@ -615,11 +686,12 @@ def _attack_enumerable(
 
   todo = np.flatnonzero(~state["finished"])
   attack_seconds = _attack_blocks(
-    "exact",
+    attack_name,
     transcript,
     public,
     [todo[start : start + block] for start in range(0, len(todo), block)],
     variant=variant,
+    take=take,
     block_options=lambda rows: options,
     keep=keep,
     state=state,
@@ -667,6 +739,13 @@ def _attack_enumerable(
       "config": cfg,
     }
   )
+  if every is not None:
+    record["releases_combined"] = {
+      "rows": int(every.num_rows),
+      "per_user": float(every.num_rows / max(n, 1)),
+      "likelihood": RELEASES_NOTE,
+    }
+    transcript = every  # the local steps below are those of every release
   if config.users == "train":
     record["local_steps_attacked"] = sorted(set(int(s) for s in transcript.local_step))
     stale = transcript.local_step > 0

@@ -36,6 +36,13 @@ CONFIG = flags.DEFINE_string(
 )
 DATASET = flags.DEFINE_string("dataset", "adult", "adult, bank, credit, taobao, csv or synthetic.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed (parameters, data split and order, DP noise).")
+flags.DEFINE_string(
+  "releases",
+  "last_epoch",
+  "train: last_epoch records the last epoch's cut-layer traffic; all also every release of "
+  "every epoch with its parameters (releases/). attack --users=train: last_epoch attacks each "
+  "recorded row alone, all combines every release of a user (needs train --releases=all).",
+)
 DATA_PATH = flags.DEFINE_string(
   "data_path",
   "",
@@ -74,6 +81,7 @@ SHARED_FLAGS = {
     "data_path",
     "schema",
     "seed",
+    "releases",
     "resume",
     "overwrite",
     "debug",
@@ -85,6 +93,7 @@ SHARED_FLAGS = {
     "workdir",
     "seed",
     "num_examples",
+    "releases",
     "resume",
     "overwrite",
     "debug",

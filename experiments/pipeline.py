@@ -54,6 +54,13 @@ def validate(config: configs_base.TrainConfig) -> None:
     )
   if config.protocol not in PROTOCOLS:
     raise ConfigError(f"unknown --protocol {config.protocol!r}: choose one of {PROTOCOLS}")
+  if config.releases not in RELEASES:
+    raise ConfigError(f"unknown --releases {config.releases!r}: choose one of {RELEASES}")
+  if config.releases == "all" and not config.record_device_params:
+    raise ConfigError(
+      "--releases=all records every release with the parameters behind it: drop "
+      "--norecord_device_params"
+    )
   if config.recipe not in training.RECIPES:
     raise ConfigError(
       f"unknown --recipe {config.recipe!r}: choose one of {sorted(training.RECIPES)}"
@@ -312,7 +319,7 @@ def _train_owned(
   config, workdir: pathlib.Path, *, resume, overwrite, keep_identical, progress, kill_switch
 ) -> dict:
   """`train_workdir` once the workdir is claimed and locked."""
-  cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  cfg = configs_base.stored_train_dict(config)
   status, epoch = _run_status(workdir, cfg, config)
   # jax.distributed: every process has read the workdir before process 0 writes into it.
   workdir_lib.barrier("train-status")
@@ -408,7 +415,7 @@ TRAIN_ARTIFACTS = (
 
 def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, kill_switch) -> dict:
   """Trains (or resumes) in ``workdir``; writes metrics.json, then the manifest last."""
-  cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  cfg = configs_base.stored_train_dict(config)
   writer = workdir_lib.is_writer()  # under jax.distributed only process 0 writes
   if writer:
     results.check_config_compatible(workdir, cfg, overwrite=False)
@@ -484,9 +491,13 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     rng = np.random.default_rng([config.seed, 7])
     labels = label_dp.randomized_response(dataset.train.y, config.label_dp_epsilon, rng=rng)
 
-  def on_transcript(transcript):
-    # Written before the last checkpoint: a finished checkpoint implies a transcript.
-    if writer:
+  def on_transcript(epoch, transcript):
+    # Written before the epoch's checkpoint: a finished checkpoint implies its transcripts.
+    if not writer:
+      return
+    if config.releases == "all":
+      write_transcript(workdir, transcript, name=release_chunk(epoch))
+    if epoch == recipe.epochs - 1:
       write_transcript(workdir, transcript, device_params=config.record_device_params)
 
   on_step, epoch_line = common.fit_callbacks(progress, config.protocol, recipe.epochs)
@@ -522,6 +533,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     labels=labels,
     state=state,
     start_epoch=start_epoch,
+    record=config.releases,
     on_epoch_end=on_epoch_end,
     on_transcript=on_transcript,
     on_step=on_step,
@@ -614,7 +626,8 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     workdir,
     kind="train",
     config_fingerprint=results.fingerprint(cfg),
-    artifacts=[a for a in TRAIN_ARTIFACTS if (workdir / a).exists()],
+    artifacts=[a for a in TRAIN_ARTIFACTS if (workdir / a).exists()]
+    + release_chunks(workdir, recipe.epochs if config.releases == "all" else 0),
     data=workdir_lib.data_files(config),
   )
   return metrics
@@ -625,24 +638,47 @@ def run_fingerprint(model, stored_config: dict) -> str:
   return results.fingerprint({"spec": model.spec.to_dict(), "config": stored_config})
 
 
+RELEASES = ("last_epoch", "all")  # --releases of train and attack
+RELEASES_DIR = "releases"
+
+
+def release_chunk(epoch: int) -> str:
+  """The name (relative to the workdir) of epoch ``epoch``'s releases, 0-based: epoch_NNNN."""
+  return f"{RELEASES_DIR}/epoch_{epoch + 1:04d}"
+
+
+def release_chunks(workdir: pathlib.Path, epochs: int) -> list[str]:
+  """The artifact names of ``epochs`` epochs of releases (``--releases=all``)."""
+  out = []
+  for epoch in range(epochs):
+    out += [release_chunk(epoch) + ".npz", release_chunk(epoch) + "_params.msgpack"]
+  return out
+
+
 def write_transcript(
-  workdir: pathlib.Path, transcript: protocol.Transcript, *, device_params: bool = True
+  workdir: pathlib.Path,
+  transcript: protocol.Transcript,
+  *,
+  device_params: bool = True,
+  name: str = "transcript",
 ) -> None:
-  """Atomically writes the transcript arrays and (if `device_params`) the parameters behind them."""
+  """Atomically writes the transcript arrays and (if `device_params`) the parameters behind them:
+  ``NAME.npz`` and ``NAME_params.msgpack`` (a chunk of ``--releases=all``: ``release_chunk``)."""
   import io as _pyio
 
   buf = _pyio.BytesIO()
   np.savez_compressed(buf, **transcript.to_arrays())
+  (workdir / name).parent.mkdir(parents=True, exist_ok=True)
   if device_params:
     checkpointing.save_checkpoint(
-      workdir / "transcript_params.msgpack",
+      workdir / f"{name}_params.msgpack",
       transcript.device_params,
       metadata={
         "fingerprint": "transcript",
         "versions": int(jax.tree.leaves(transcript.device_params)[0].shape[0]),
       },
     )
-  results.atomic_write_bytes(workdir / "transcript.npz", buf.getvalue())
+  results.atomic_write_bytes(workdir / f"{name}.npz", buf.getvalue())
 
 
 def config_from_json(raw: dict) -> configs_base.TrainConfig:
@@ -694,8 +730,10 @@ class Restored:
       fingerprint=fingerprint,
     )
 
-  def transcript(self) -> protocol.Transcript:
-    path = self.workdir / "transcript.npz"
+  def transcript(self, name: str = "transcript") -> protocol.Transcript:
+    """The recorded transcript ``NAME.npz`` with the parameters behind it (the last epoch's by
+    default; ``release_chunk(epoch)`` for one epoch of ``--releases=all``)."""
+    path = self.workdir / f"{name}.npz"
     if not path.exists():
       raise checkpointing.CheckpointError(
         f"no transcript in {self.workdir}: rerun experiments.train"
@@ -719,15 +757,13 @@ class Restored:
         f"{index.max() if len(index) else 0}], {num_train:,} training rows): rerun "
         "experiments.train with --overwrite"
       )
-    if not (self.workdir / "transcript_params.msgpack").exists() and not getattr(
-      self.config, "record_device_params", True
-    ):
+    params_path = self.workdir / f"{name}_params.msgpack"
+    if not params_path.exists() and not getattr(self.config, "record_device_params", True):
       raise checkpointing.CheckpointError(
         f"{self.workdir} was trained without the per-step device parameters that attacking "
         "training users needs: retrain with experiments.train --record_device_params "
         "--overwrite (sweep points leave them out), or attack test users (--users=test)"
       )
-    params_path = self.workdir / "transcript_params.msgpack"
     pidx = arrays["param_index"]
 
     def template(meta):  # the saved versions decide the leading axis
@@ -753,4 +789,27 @@ class Restored:
       device_params=params,
       l2_clip_norm=float(arrays["l2_clip_norm"]),
       noise_multiplier=float(arrays["noise_multiplier"]),
+    )
+
+  def releases(self) -> protocol.Transcript:
+    """Every release of every training example (``--releases=all``): the epochs' chunks in
+    order, their parameter versions stacked one after the other (``param_index`` shifted)."""
+    if self.config.releases != "all":
+      raise checkpointing.CheckpointError(
+        f"{self.workdir} recorded the last epoch only: retrain with experiments.train "
+        "--releases=all --overwrite to attack every release, or attack with --releases=last_epoch"
+      )
+    parts, offset = [], 0
+    for epoch in range(recipe_of(self.config).epochs):
+      part = self.transcript(release_chunk(epoch))
+      parts.append(part._replace(param_index=part.param_index + offset))
+      offset += int(jax.tree.leaves(part.device_params)[0].shape[0])
+    first = parts[0]
+    return first._replace(
+      h=np.concatenate([p.h for p in parts]),
+      g=np.concatenate([p.g for p in parts]),
+      example_index=np.concatenate([p.example_index for p in parts]),
+      param_index=np.concatenate([p.param_index for p in parts]),
+      local_step=np.concatenate([p.local_step for p in parts]),
+      device_params=jax.tree.map(lambda *xs: np.concatenate(xs), *[p.device_params for p in parts]),
     )

@@ -51,7 +51,9 @@ def run_study(
   """
   ds = study.train.dataset
   out = pathlib.Path(workdir) / ds / "study.json"
-  study_key = sj_results.fingerprint(dataclasses.asdict(study))
+  study_key = sj_results.fingerprint(
+    dict(dataclasses.asdict(study), train=configs_base.stored_train_dict(study.train))
+  )
   if out.exists():
     cached = sj_results.read_json(out)
     if cached.get("study_fingerprint", None if overwrite else study_key) == study_key:

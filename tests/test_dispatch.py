@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import splits
@@ -67,6 +68,7 @@ def test_unknown_name_raises_listing_the_valid_names(fsl_transcript):
     assert repr(name) in str(err.value), name
   assert set(attacks.ATTACKS) == {
     'exact',
+    'exact_releases',
     'hybrid',
     'optimize',
     'exact_activations',
@@ -156,3 +158,148 @@ def test_label_probability_batches_versions_like_one_call_per_version(fsl_transc
     apply, tr.params_at(int(tr.param_index.min())), tr.h, PRIV_CARDS, block=16
   )
   assert np.abs(first - batched).max() > 1e-3
+
+
+# --- every release of a user combined (attacks.exact_releases) ---
+
+
+def _replays(model_state, split, k, sigma, clip):
+  """k replays of `split` through one fixed model: k releases of every example (real keys)."""
+  parts = [
+    training.replay_transcript(
+      MODEL, model_state, split, dp=training.DPConfig(clip, sigma), seed=100 + r
+    )
+    for r in range(k)
+  ]
+  first = parts[0]
+  return first._replace(
+    h=np.concatenate([p.h for p in parts]),
+    g=np.concatenate([p.g for p in parts]),
+    example_index=np.concatenate([p.example_index for p in parts]),
+    param_index=np.concatenate([p.param_index for p in parts]),
+    local_step=np.concatenate([p.local_step for p in parts]),
+  )
+
+
+@pytest.fixture(scope='module')
+def fixed_model():
+  recipe = training.Recipe(optimizer='sgd', learning_rate=0.5, batch_size=32, epochs=2)
+  return training.fit(MODEL, _split(256), recipe=recipe, seed=0, record='none').state
+
+
+def _label_distance(state, split, clip):
+  """d_u = ||clip(g(x_u, 1)) - clip(g(x_u, 0))|| at each user's true x (the label's two
+  hypotheses), computed with jax.grad directly."""
+  h = np.asarray(training.predict_h(MODEL, state.server_params, split.pub_cat, split.pub_dense))
+  apply = models.device_logit_fn(MODEL)
+
+  def one(h_i, x_i):
+    z, v = jax.value_and_grad(apply, argnums=1)(state.device_params, h_i, x_i)
+    grads = [(jax.nn.sigmoid(z) - y) * v for y in (0.0, 1.0)]
+    clipped = [gr * jnp.minimum(1.0, clip / jnp.linalg.norm(gr)) for gr in grads]
+    return jnp.linalg.norm(clipped[1] - clipped[0])
+
+  return np.asarray(jax.jit(jax.vmap(one))(h, split.priv_cat))
+
+
+@pytest.mark.parametrize('k', [1, 4])
+def test_k_releases_reach_the_gaussian_accuracy_phi_sqrt_k_d_over_2_sigma_c(fixed_model, k):
+  """With x known (a per-user prior on the true tuple) and one fixed model, the label's two
+  hypotheses are at distance d_u and k releases average the noise: the accuracy is
+  mean_u Phi(sqrt(k) d_u / (2 sigma C)). Checked two-sided at 4 standard errors."""
+  from scipy import stats
+
+  split, clip, sigma = _split(3000, seed=5), 0.05, 2.0
+  tr = _replays(fixed_model, split, k, sigma, clip)
+  cand = attacks.candidate_table(PRIV_CARDS)
+  known = (cand[None, :, :] == split.priv_cat[:, None, :]).all(-1)  # [U, C]
+  prior = np.where(known[:, :, None], 0.0, -np.inf) * np.ones((1, 1, 2))
+  res = attacks.run(
+    'exact_releases',
+    tr,
+    attacks.Public(
+      model=MODEL,
+      cardinalities=PRIV_CARDS,
+      l2_clip_norm=clip,
+      noise_multiplier=sigma,
+      user_log_prior=prior,
+    ),
+    variant='bayes',
+  )
+  np.testing.assert_array_equal(res.users, np.arange(len(split)))
+  np.testing.assert_array_equal(res.releases, np.full(len(split), k))
+  correct = res.result.labels == split.y
+  p = stats.norm.cdf(np.sqrt(k) * _label_distance(fixed_model, split, clip) / (2 * sigma * clip))
+  se = np.sqrt(np.sum(p * (1 - p))) / len(p)
+  assert abs(correct.mean() - p.mean()) < 4 * se, (correct.mean(), p.mean(), se)
+  assert 0.55 < p.mean() < 0.95  # a regime where k matters (neither chance nor certainty)
+
+
+def test_one_release_each_equals_exact(fixed_model):
+  """exact_releases on one release per user answers as exact does (Bayes and noise-free)."""
+  split = _split(200, seed=6)
+  apply = models.device_logit_fn(MODEL)
+  for sigma in (0.0, 0.8):
+    tr = _replays(fixed_model, split, 1, sigma, 0.05)
+    noise = {'noise_multiplier': sigma} if sigma else {}
+    want = attacks.exact(apply, tr.params_at(0), tr.h, tr.g, PRIV_CARDS, l2_clip_norm=0.05, **noise)
+    got = attacks.exact_releases(
+      apply,
+      tr.params_at(0),
+      tr.h,
+      tr.g,
+      PRIV_CARDS,
+      user_index=tr.example_index,
+      l2_clip_norm=0.05,
+      **noise,
+    ).result
+    np.testing.assert_array_equal(got.features, want.features)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.map_features, want.map_features)
+    if sigma:
+      np.testing.assert_allclose(got.label_posterior, want.label_posterior, rtol=1e-4, atol=1e-5)
+
+
+def test_every_release_recorded_and_scored_under_its_own_parameters():
+  """fit(record='all') hands every epoch to on_transcript; noise-free, each release matched
+  under its own parameter version reproduces the truth (distance ~0, every secret right), while
+  one version for every row does not."""
+  recipe = training.Recipe(optimizer='sgd', learning_rate=0.5, batch_size=16, epochs=3)
+  split, chunks = _split(), []
+  res = training.fit(
+    MODEL,
+    split,
+    recipe=recipe,
+    seed=0,
+    record='all',
+    on_transcript=lambda e, t: chunks.append((e, t)),
+  )
+  assert [e for e, _ in chunks] == [0, 1, 2]
+  np.testing.assert_array_equal(res.transcript.g, chunks[-1][1].g)  # the last epoch's, as before
+  versions = [jax.tree.leaves(t.device_params)[0].shape[0] for _, t in chunks]
+  offsets = np.cumsum([0] + versions)
+  tr = chunks[0][1]._replace(
+    h=np.concatenate([t.h for _, t in chunks]),
+    g=np.concatenate([t.g for _, t in chunks]),
+    example_index=np.concatenate([t.example_index for _, t in chunks]),
+    param_index=np.concatenate(
+      [t.param_index + o for (_, t), o in zip(chunks, offsets[:-1], strict=True)]
+    ),
+    device_params=jax.tree.map(
+      lambda *xs: np.concatenate(xs), *[t.device_params for _, t in chunks]
+    ),
+  )
+  apply = models.device_logit_fn(MODEL)
+  kw = dict(user_index=tr.example_index)
+  right = attacks.exact_releases(
+    apply, tr.device_params, tr.h, tr.g, PRIV_CARDS, param_index=tr.param_index, **kw
+  )
+  wrong = attacks.exact_releases(
+    apply, tr.device_params, tr.h, tr.g, PRIV_CARDS, param_index=np.zeros_like(tr.param_index), **kw
+  )
+  np.testing.assert_array_equal(right.releases, np.full(len(split), 3))  # one per epoch
+  assert (right.result.features == split.priv_cat).all()
+  assert (right.result.labels == split.y).all()
+  scale = np.linalg.norm(tr.g, axis=1).mean()
+  assert right.result.distances.max() < 1e-3 * scale
+  assert wrong.result.distances.mean() > 10 * right.result.distances.mean() + 1e-3 * scale

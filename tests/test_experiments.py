@@ -414,3 +414,46 @@ def test_own_table_through_the_binaries(tmp_path, caplog, capsys):
   with flagsaver.flagsaver(workdir=str(tmp_path / "r"), preset="tiny", datasets=["csv"]):
     with pytest.raises(common.UsageError, match="--datasets=csv needs your table and its roles"):
       reproduce_bin.main([])
+
+
+def test_every_release_recorded_and_attacked_through_the_binaries(tmp_path):
+  """train --releases=all writes one chunk per epoch (in the manifest); attack --users=train
+  --releases=all combines them per user, on the users --releases=last_epoch attacks; a workdir
+  recorded with the last epoch only refuses --releases=all with the fix; test users refuse it."""
+  workdir = tmp_path / "all"
+  noise = dict(dp_clip="0.05", dp_noise_multiplier=1.0)
+  with flagsaver.flagsaver(workdir=str(workdir), releases="all", **noise, **TINY):
+    train_bin.main([])
+  chunks = sorted(p.name for p in (workdir / "releases").iterdir())
+  assert chunks == [
+    "epoch_0001.npz",
+    "epoch_0001_params.msgpack",
+    "epoch_0002.npz",
+    "epoch_0002_params.msgpack",
+  ]
+  manifest = json.loads((workdir / "run.json").read_text())
+  assert "releases/epoch_0002.npz" in manifest["artifacts"]
+  assert json.loads((workdir / "config.json").read_text())["releases"] == "all"
+  for releases in ("last_epoch", "all"):
+    with flagsaver.flagsaver(
+      workdir=str(workdir), users="train", releases=releases, num_examples=40
+    ):
+      attack_bin.main([])
+  last = json.loads((workdir / "attack_exact_auto_auto_train.json").read_text())
+  every = json.loads((workdir / "attack_exact_auto_auto_train_all.json").read_text())
+  assert last["num_examples"] == every["num_examples"] == 40  # the same 40 users (SL)
+  assert every["releases_combined"]["per_user"] == 2.0  # one release per epoch
+  assert "partial likelihood" in every["releases_combined"]["likelihood"]
+  assert (every["variant"], every["prior"]) == ("bayes", "informed")
+  # Two releases at sigma = 1 carry more than one: the label gains (a small tolerance for 40
+  # users).
+  assert every["label"]["accuracy"] >= last["label"]["accuracy"] - 0.1
+  with flagsaver.flagsaver(workdir=str(workdir), users="test", releases="all"):
+    with pytest.raises(ValueError, match="--users=train --attack=exact"):
+      attack_bin.main([])
+
+
+def test_releases_all_needs_a_workdir_that_recorded_them(trained):
+  with flagsaver.flagsaver(workdir=str(trained), users="train", releases="all", num_examples=10):
+    with pytest.raises(Exception, match="--releases=all --overwrite"):
+      attack_bin.main([])

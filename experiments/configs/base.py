@@ -39,10 +39,28 @@ class TrainConfig:
   # Write the device parameters behind every transcript row (transcript_params.msgpack, about
   # 35 MB for adult SL): attacking training users needs them. Off for sweep points.
   record_device_params: bool = True
+  # "last_epoch": the transcript of the last epoch (transcript.npz); "all": also every release of
+  # every epoch, with the parameters behind it (releases/epoch_NNNN.npz and _params.msgpack).
+  releases: str = "last_epoch"
   split_seed: int = 0  # the 90/10 split (and synthetic data) is fixed across training seeds
   # synthetic dataset only
   synthetic_examples: int = 2000
   synthetic_correlation: float = 0.0
+
+
+# TrainConfig fields added after splitjax 0.2's first workdirs, with the value that means "as
+# before": left out of config.json and of the fingerprints at that value (`stored_train_dict`), so
+# earlier workdirs still resume and earlier reports keep their fingerprints.
+LATER_TRAIN_FIELDS = {"releases": "last_epoch"}
+
+
+def stored_train_dict(config: TrainConfig) -> dict:
+  """The config as ``config.json`` and the fingerprints hold it (see ``LATER_TRAIN_FIELDS``)."""
+  out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  for name, value in LATER_TRAIN_FIELDS.items():
+    if out[name] == value:
+      del out[name]
+  return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,6 +81,9 @@ class AttackConfig:
   # "none", or "bfloat16"/"float16": EXACT screens all pairs with low-precision matmuls and rescores
   # the best in float32 (splitjax.attacks.exact's screen_dtype); not with --variant=bayes.
   screen_dtype: str = "none"
+  # --users=train: "last_epoch" attacks each recorded row alone; "all" combines every release of
+  # a user (the partial likelihood; needs a workdir trained with --releases=all).
+  releases: str = "last_epoch"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

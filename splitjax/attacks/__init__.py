@@ -3,7 +3,8 @@
 Public functions are re-exported here; the modules under them:
 
 - `enumeration` (`exact`, the host runner over users) and `core` (`exact_user`, the pure
-  per-user core both use); `scoring` (candidates, distances, `clip_rows`, the selection),
+  per-user core both use); `releases` (`exact_releases`: every release of a user combined, the
+  partial likelihood); `scoring` (candidates, distances, `clip_rows`, the selection),
   `screen` (the bf16 screen), `sizing` (`estimate`), `runner` (padding, sharding, jit over
   users), `checks` (argument checks, `AttackError`);
 - `relaxed` (`optimize`), `hybrid_search` (`hybrid`), `matching` (their objectives and
@@ -49,6 +50,8 @@ from splitjax.attacks.priors import prior_guess
 from splitjax.attacks.priors import tuple_codes
 from splitjax.attacks.relaxed import OptimizeResult
 from splitjax.attacks.relaxed import optimize
+from splitjax.attacks.releases import ReleasesResult
+from splitjax.attacks.releases import exact_releases
 from splitjax.attacks.scoring import DISTANCES
 from splitjax.attacks.scoring import TIE_ATOL
 from splitjax.attacks.scoring import TIE_RTOL

@@ -8,6 +8,7 @@ and calls the named attack with the arguments `experiments.attack` uses:
 | name | attack | parameter versions |
 |---|---|---|
 | `exact` | `enumeration.exact` on `models.device_logit_fn(model)` | any number (`param_index`) |
+| `exact_releases` | `releases.exact_releases`, a user's rows combined (`example_index`) | any |
 | `hybrid` | `hybrid_search.hybrid` on `model.head_apply` | one |
 | `optimize` | `relaxed.optimize` on `models.soft_device_apply(model)` | one |
 | `exact_activations` | `activations.exact_activations` on `model.encoder_apply` | one |
@@ -34,12 +35,14 @@ from splitjax.attacks import enumeration
 from splitjax.attacks import hybrid_search
 from splitjax.attacks import label_only
 from splitjax.attacks import relaxed
+from splitjax.attacks import releases
 
 VARIANTS = ('clip_aware', 'paper', 'bayes')
 
 # Name -> attack function (array API); `run` calls these on a transcript.
 ATTACKS: dict[str, Callable[..., Any]] = {
   'exact': enumeration.exact,
+  'exact_releases': releases.exact_releases,
   'optimize': relaxed.optimize,
   'hybrid': hybrid_search.hybrid,
   'label_norm': label_only.label_norm,
@@ -136,6 +139,25 @@ def _exact(transcript, public, variant, options):
   )
 
 
+def _exact_releases(transcript, public, variant, options):
+  # One answer per user: rows grouped by example_index, results in ascending user order.
+  # A per-user prior (`public.user_log_prior`) is [U, C, 2] in ascending user order here.
+  bayes = _bayes(public, variant)
+  return releases.exact_releases(
+    models.device_logit_fn(public.model),
+    transcript.device_params,
+    transcript.h,
+    transcript.g,
+    public.cardinalities,
+    user_index=transcript.example_index,
+    param_index=np.asarray(transcript.param_index),
+    l2_clip_norm=public.clip,
+    clip_aware=variant != 'paper',
+    **bayes,
+    **options,
+  )
+
+
 def _search(name: str, device_apply_of: Callable, bayes: bool):
   """The runner of the search attack `name` (`hybrid`, `optimize`): one version, a dense box."""
 
@@ -184,6 +206,7 @@ def _label(name):
 
 _RUNNERS = {
   'exact': _exact,
+  'exact_releases': _exact_releases,
   'hybrid': _search('hybrid', lambda model: model.head_apply, bayes=True),
   # The relaxed attack scores by distance only (no Bayes variant).
   'optimize': _search('optimize', models.soft_device_apply, bayes=False),
@@ -226,7 +249,11 @@ def run(
     raise checks.AttackError(f'unknown attack {name!r}; valid names: {sorted(_RUNNERS)}.')
   if variant not in VARIANTS:
     raise checks.AttackError(f'unknown variant {variant!r}; valid variants: {list(VARIANTS)}.')
-  if public.user_log_prior is not None and len(public.user_log_prior) != transcript.num_rows:
+  if (
+    name != 'exact_releases'
+    and public.user_log_prior is not None
+    and len(public.user_log_prior) != transcript.num_rows
+  ):
     raise checks.AttackError(
       f'public.user_log_prior has {len(public.user_log_prior)} rows for a transcript of '
       f'{transcript.num_rows}: take the same rows of both (public.take(rows))'

@@ -44,6 +44,7 @@ from splitjax.training.evaluation import predict
 from splitjax.training.evaluation import predict_h
 from splitjax.training.evaluation import predict_logits
 from splitjax.training.evaluation import public_clip_split
+from splitjax.training.loop import RECORD
 from splitjax.training.loop import FitResult
 from splitjax.training.loop import fit
 from splitjax.training.loop import initialize_distributed

@@ -28,6 +28,8 @@ from splitjax.training.steps import fsl_round
 from splitjax.training.steps import replay
 from splitjax.training.steps import sl_step
 
+RECORD = ("last_epoch", "all", "none")  # the epochs `fit` records (its `record` argument)
+
 
 class FitResult(NamedTuple):
   """Output of :func:`fit`.
@@ -35,7 +37,8 @@ class FitResult(NamedTuple):
   Attributes:
     state: final :class:`TrainState`.
     transcript: the cut-layer traffic of the last epoch
-      (:class:`splitjax.protocol.Transcript`), or None when not recorded.
+      (:class:`splitjax.protocol.Transcript`), or None when not recorded (with
+      ``record='all'`` the earlier epochs went to ``on_transcript`` only).
     history: one dict per epoch run in this call (loss, seconds).
     seconds: wall time of the epochs run in this call.
     releases: ``[num_train]`` int64, the cut-layer rows each training example sent in the
@@ -66,9 +69,9 @@ def fit(
   freeze_server: bool = False,
   data_parallel: bool | None = None,
   start_epoch: int = 0,
-  record_last_epoch: bool = True,
+  record: str = "last_epoch",
   on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
-  on_transcript: Callable[[Any], None] | None = None,
+  on_transcript: Callable[[int, Any], None] | None = None,
   on_step: Callable[[int, int, int], None] | None = None,
 ) -> FitResult:
   """Trains a split model with SL or FSL.
@@ -92,11 +95,14 @@ def fit(
       floating-point summation order.
     state: resume from this state (``start_epoch`` epochs already done).
     start_epoch: first epoch to run.
-    record_last_epoch: keep the last epoch's transcript.
+    record: which epochs' cut-layer traffic is recorded (a name in ``RECORD``): ``'last_epoch'``
+      (the default), ``'all'`` (every release of every example, one transcript per epoch with
+      the device parameters behind each row, handed to ``on_transcript`` as the epoch ends and
+      then dropped, so host memory holds one epoch) or ``'none'``.
     on_epoch_end: ``callback(epoch, state, epoch_log)`` after each epoch
       (checkpointing). The state is donated to the next step afterwards: copy
       what must outlive the callback.
-    on_transcript: ``callback(transcript)`` once the last epoch's transcript is
+    on_transcript: ``callback(epoch, transcript)`` once a recorded epoch's transcript is
       complete, before that epoch's ``on_epoch_end``.
     on_step: ``callback(epoch, done, total)`` after each step (SL) or round (FSL) of an epoch,
       ``done`` of ``total``; progress lines are the caller's (the library prints nothing).
@@ -107,6 +113,8 @@ def fit(
   """
   if protocol_name not in ("sl", "fsl"):
     raise ValueError(f"unknown protocol {protocol_name!r}: choose 'sl' or 'fsl'")
+  if record not in RECORD:
+    raise ValueError(f"unknown record {record!r}: choose one of {RECORD}")
   dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
   if labels is not None:
     train_split = dataclasses.replace(train_split, y=np.asarray(labels, np.int32))
@@ -130,8 +138,8 @@ def fit(
   t_all = time.time()
   for epoch in range(start_epoch, recipe.epochs):
     t0 = time.time()
-    record = record_last_epoch and epoch == recipe.epochs - 1
-    rec = _Recorder() if record else None
+    last = epoch == recipe.epochs - 1
+    rec = _Recorder() if (record == "all" or (record == "last_epoch" and last)) else None
     losses, nonfinite = [], []
     if protocol_name == "sl":
       it = sl_batches(train_split, recipe.batch_size, seed, epoch)
@@ -190,9 +198,12 @@ def fit(
     }
     history.append(log)
     if rec is not None:
-      transcript = rec.finish(dp)
+      epoch_transcript = rec.finish(dp)
+      if last:
+        transcript = epoch_transcript
       if on_transcript is not None:
-        on_transcript(transcript)
+        on_transcript(epoch, epoch_transcript)
+      del rec, epoch_transcript
     if on_epoch_end is not None:
       on_epoch_end(epoch, state, log)
   return FitResult(state, transcript, history, time.time() - t_all, releases)
