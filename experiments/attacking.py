@@ -376,10 +376,15 @@ RELEASES_NOTE = (
 def all_releases(restored, last: protocol.Transcript):
   """``(every release, one row per user)`` of the training users in ``last`` (the attacked
   rows of the last-epoch transcript, so ``--num_examples`` picks the same users for both
-  ``--releases`` values). The per-user rows are each user's last release, users ascending."""
+  ``--releases`` values). The per-user rows are each user's last release, users ascending.
+
+  FSL: a release after a round's first local step was made with the device's locally updated
+  parameters, which the recording does not hold (its row points at the round-start version), so
+  only first-step releases are combined."""
   every = restored.releases()
   users = np.unique(last.example_index)
-  every = every.take(np.flatnonzero(np.isin(every.example_index, users)))
+  keep = np.isin(every.example_index, users) & (every.local_step == 0)
+  every = every.take(np.flatnonzero(keep))
   # the last release of each user: the last row of each example index
   order = np.lexsort((np.arange(every.num_rows), every.example_index))
   ids = every.example_index[order]
@@ -745,10 +750,12 @@ def _attack_enumerable(
       "per_user": float(every.num_rows / max(n, 1)),
       "likelihood": RELEASES_NOTE,
     }
-    transcript = every  # the local steps below are those of every release
   if config.users == "train":
-    record["local_steps_attacked"] = sorted(set(int(s) for s in transcript.local_step))
-    stale = transcript.local_step > 0
+    attacked = transcript if every is None else every
+    record["local_steps_attacked"] = sorted(set(int(s) for s in attacked.local_step))
+    stale = transcript.local_step > 0  # per attacked user (every=: the last release's step)
+    if every is not None:
+      stale = np.zeros(n, bool)  # only first-step releases were combined
     if stale.any():
       record["stale_model"] = evaluation.stale_report(
         dataset, feats, labels, true_feats, true_y, stale

@@ -416,12 +416,13 @@ def test_own_table_through_the_binaries(tmp_path, caplog, capsys):
       reproduce_bin.main([])
 
 
-def test_every_release_recorded_and_attacked_through_the_binaries(tmp_path):
+@pytest.mark.parametrize("protocol", ["sl", "fsl"])
+def test_every_release_recorded_and_attacked_through_the_binaries(tmp_path, protocol):
   """train --releases=all writes one chunk per epoch (in the manifest); attack --users=train
-  --releases=all combines them per user, on the users --releases=last_epoch attacks; a workdir
-  recorded with the last epoch only refuses --releases=all with the fix; test users refuse it."""
+  --releases=all combines them per user, on the users --releases=last_epoch attacks (FSL: the
+  first local step of each round only); test users refuse it."""
   workdir = tmp_path / "all"
-  noise = dict(dp_clip="0.05", dp_noise_multiplier=1.0)
+  noise = dict(dp_clip="0.05", dp_noise_multiplier=1.0, protocol=protocol)
   with flagsaver.flagsaver(workdir=str(workdir), releases="all", **noise, **TINY):
     train_bin.main([])
   chunks = sorted(p.name for p in (workdir / "releases").iterdir())
@@ -441,8 +442,14 @@ def test_every_release_recorded_and_attacked_through_the_binaries(tmp_path):
       attack_bin.main([])
   last = json.loads((workdir / "attack_exact_auto_auto_train.json").read_text())
   every = json.loads((workdir / "attack_exact_auto_auto_train_all.json").read_text())
-  assert last["num_examples"] == every["num_examples"] == 40  # the same 40 users (SL)
-  assert every["releases_combined"]["per_user"] == 2.0  # one release per epoch
+  # The users of the first 40 rows of the last epoch (SL: 40 users; FSL: each user's local
+  # steps are rows of their own).
+  with np.load(workdir / "transcript.npz") as z:
+    users = np.unique(z["example_index"][:40])
+  assert every["num_examples"] == len(users) and last["num_examples"] == 40
+  assert protocol == "fsl" or len(users) == 40
+  assert every["local_steps_attacked"] == [0]
+  assert every["releases_combined"]["per_user"] == 2.0  # one (first-step) release per epoch
   assert "partial likelihood" in every["releases_combined"]["likelihood"]
   assert (every["variant"], every["prior"]) == ("bayes", "informed")
   # Two releases at sigma = 1 carry more than one: the label gains (a small tolerance for 40
