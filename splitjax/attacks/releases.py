@@ -84,6 +84,28 @@ def _select(summed, sum_g2, log_prior, table, noise_stddev, cardinalities, bayes
   return out
 
 
+def _floor_pow2(n: int) -> int:
+  return 1 << (int(n).bit_length() - 1)
+
+
+def _ceil_pow2(n: int) -> int:
+  return 1 << max(0, int(n - 1).bit_length())
+
+
+def _pad_rows(x: np.ndarray, pad: int) -> np.ndarray:
+  """`x` with `pad` zero rows appended (padded users are dropped from the answers)."""
+  return np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+
+
+def _add_rows(total: np.ndarray, position: np.ndarray, rows: np.ndarray) -> None:
+  """`total[position[i]] += rows[i]` for every i (repeated positions summed; np.add.at's
+  result, by sorting and `np.add.reduceat`)."""
+  order = np.argsort(position, kind="stable")
+  sorted_pos = position[order]
+  starts = np.flatnonzero(np.r_[True, sorted_pos[1:] != sorted_pos[:-1]])
+  total[sorted_pos[starts]] += np.add.reduceat(rows[order].astype(total.dtype), starts, axis=0)
+
+
 def exact_releases(
   device_apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
   device_params: Any,
@@ -165,8 +187,10 @@ def exact_releases(
   clip_value = jnp.asarray(np.inf if clip is None else clip, dtype)
   params = jax.tree.map(jnp.asarray, device_params)
 
-  # Sum each user's releases on the host, a block of rows per call (the last block padded).
-  rows_per_call = int(max(1, min(num_rows, _CALL_BUDGET // max(1, num_cand * h_np.shape[1]))))
+  # Sum each user's releases on the host, a block of rows per call (the last block padded). Block
+  # sizes are powers of two, so inputs of other sizes reuse the compiled computation.
+  cap = _floor_pow2(max(1, _CALL_BUDGET // max(1, num_cand * h_np.shape[1])))
+  rows_per_call = min(cap, _ceil_pow2(num_rows))
   summed = np.zeros((num_users, num_pairs), np.float64)
   sum_g2 = np.zeros(num_users, np.float64)
   np.add.at(sum_g2, position, np.sum(np.square(g_np, dtype=np.float64), axis=1))
@@ -180,21 +204,24 @@ def exact_releases(
       gb = np.concatenate([gb, np.zeros((pad, gb.shape[1]), dtype)])
       ib = None if ib is None else np.concatenate([ib, np.zeros(pad, np.int32)])
     d2 = np.asarray(_squared_distances(device_apply, opts, params, hb, gb, ib, table, clip_value))
-    np.add.at(summed, position[start:stop], d2[: stop - start])
+    _add_rows(summed, position[start:stop], d2[: stop - start])
 
   outs = []
-  for start in range(0, num_users, _USERS_PER_SELECT):
-    rows = slice(start, start + _USERS_PER_SELECT)
+  users_per_call = min(_USERS_PER_SELECT, _ceil_pow2(num_users))
+  for start in range(0, num_users, users_per_call):
+    stop = min(start + users_per_call, num_users)
+    pad = users_per_call - (stop - start)
+    block_prior = prior if prior.shape[0] == 1 else _pad_rows(prior[start:stop], pad)
     out = _select(
-      jnp.asarray(summed[rows], dtype),
-      jnp.asarray(sum_g2[rows], dtype),
-      jnp.asarray(prior if prior.shape[0] == 1 else prior[rows], dtype),
+      jnp.asarray(_pad_rows(summed[start:stop], pad), dtype),
+      jnp.asarray(_pad_rows(sum_g2[start:stop], pad), dtype),
+      jnp.asarray(block_prior, dtype),
       table,
       jnp.asarray(1.0 if stddev is None else stddev, dtype),
       cards,
       bayes,
     )
-    outs.append(jax.tree.map(np.asarray, out))
+    outs.append(jax.tree.map(lambda x, n=stop - start: np.asarray(x)[:n], out))
   if not outs:
     result = scoring.MatchResult.empty(cards, 2, dtype, posteriors=bayes)
   else:
