@@ -753,9 +753,8 @@ def _attack_enumerable(
   if config.users == "train":
     attacked = transcript if every is None else every
     record["local_steps_attacked"] = sorted(set(int(s) for s in attacked.local_step))
-    stale = transcript.local_step > 0  # per attacked user (every=: the last release's step)
-    if every is not None:
-      stale = np.zeros(n, bool)  # only first-step releases were combined
+    # per attacked user (with every: first-step releases only, so none is stale)
+    stale = transcript.local_step > 0
     if stale.any():
       record["stale_model"] = evaluation.stale_report(
         dataset, feats, labels, true_feats, true_y, stale

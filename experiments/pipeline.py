@@ -799,17 +799,5 @@ class Restored:
         f"{self.workdir} recorded the last epoch only: retrain with experiments.train "
         "--releases=all --overwrite to attack every release, or attack with --releases=last_epoch"
       )
-    parts, offset = [], 0
-    for epoch in range(recipe_of(self.config).epochs):
-      part = self.transcript(release_chunk(epoch))
-      parts.append(part._replace(param_index=part.param_index + offset))
-      offset += int(jax.tree.leaves(part.device_params)[0].shape[0])
-    first = parts[0]
-    return first._replace(
-      h=np.concatenate([p.h for p in parts]),
-      g=np.concatenate([p.g for p in parts]),
-      example_index=np.concatenate([p.example_index for p in parts]),
-      param_index=np.concatenate([p.param_index for p in parts]),
-      local_step=np.concatenate([p.local_step for p in parts]),
-      device_params=jax.tree.map(lambda *xs: np.concatenate(xs), *[p.device_params for p in parts]),
-    )
+    epochs = range(recipe_of(self.config).epochs)
+    return protocol.concatenate([self.transcript(release_chunk(epoch)) for epoch in epochs])

@@ -25,6 +25,7 @@ All are pure and jit-friendly.
 """
 
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
@@ -346,3 +347,32 @@ class Transcript(NamedTuple):
     out["l2_clip_norm"] = np.float64(self.l2_clip_norm)
     out["noise_multiplier"] = np.float64(self.noise_multiplier)
     return out
+
+
+def concatenate(transcripts: Sequence[Transcript]) -> Transcript:
+  """One transcript of several (e.g. the epochs of ``fit(record='all')``), rows in order.
+
+  Every transcript's parameter versions are stacked after the previous ones' and its
+  ``param_index`` shifted to match, so each row keeps the parameters that produced it. The
+  public DP parameters are the first transcript's (they are fixed for a run).
+  """
+  if not transcripts:
+    raise ValueError("concatenate needs at least one transcript")
+  offsets = np.cumsum([0] + [_num_versions(t) for t in transcripts])
+  rows = lambda name: np.concatenate([getattr(t, name) for t in transcripts])
+  return transcripts[0]._replace(
+    h=rows("h"),
+    g=rows("g"),
+    example_index=rows("example_index"),
+    param_index=np.concatenate(
+      [t.param_index + o for t, o in zip(transcripts, offsets[:-1], strict=True)]
+    ).astype(np.int32),
+    local_step=rows("local_step"),
+    device_params=jax.tree.map(
+      lambda *xs: np.concatenate(xs), *[t.device_params for t in transcripts]
+    ),
+  )
+
+
+def _num_versions(transcript: Transcript) -> int:
+  return int(np.shape(jax.tree.leaves(transcript.device_params)[0])[0])

@@ -10,6 +10,7 @@ import splits
 
 from splitjax import attacks
 from splitjax import models
+from splitjax import protocol
 from splitjax import training
 
 PUB_CARDS, PRIV_CARDS, SPEC, MODEL = splits.PUB_CARDS, splits.PRIV_CARDS, splits.SPEC, splits.MODEL
@@ -165,19 +166,13 @@ def test_label_probability_batches_versions_like_one_call_per_version(fsl_transc
 
 def _replays(model_state, split, k, sigma, clip):
   """k replays of `split` through one fixed model: k releases of every example (real keys)."""
-  parts = [
-    training.replay_transcript(
-      MODEL, model_state, split, dp=training.DPConfig(clip, sigma), seed=100 + r
-    )
-    for r in range(k)
-  ]
-  first = parts[0]
-  return first._replace(
-    h=np.concatenate([p.h for p in parts]),
-    g=np.concatenate([p.g for p in parts]),
-    example_index=np.concatenate([p.example_index for p in parts]),
-    param_index=np.concatenate([p.param_index for p in parts]),
-    local_step=np.concatenate([p.local_step for p in parts]),
+  return protocol.concatenate(
+    [
+      training.replay_transcript(
+        MODEL, model_state, split, dp=training.DPConfig(clip, sigma), seed=100 + r
+      )
+      for r in range(k)
+    ]
   )
 
 
@@ -276,19 +271,7 @@ def test_every_release_recorded_and_scored_under_its_own_parameters():
   )
   assert [e for e, _ in chunks] == [0, 1, 2]
   np.testing.assert_array_equal(res.transcript.g, chunks[-1][1].g)  # the last epoch's, as before
-  versions = [jax.tree.leaves(t.device_params)[0].shape[0] for _, t in chunks]
-  offsets = np.cumsum([0] + versions)
-  tr = chunks[0][1]._replace(
-    h=np.concatenate([t.h for _, t in chunks]),
-    g=np.concatenate([t.g for _, t in chunks]),
-    example_index=np.concatenate([t.example_index for _, t in chunks]),
-    param_index=np.concatenate(
-      [t.param_index + o for (_, t), o in zip(chunks, offsets[:-1], strict=True)]
-    ),
-    device_params=jax.tree.map(
-      lambda *xs: np.concatenate(xs), *[t.device_params for _, t in chunks]
-    ),
-  )
+  tr = protocol.concatenate([t for _, t in chunks])
   apply = models.device_logit_fn(MODEL)
   kw = dict(user_index=tr.example_index)
   right = attacks.exact_releases(
