@@ -160,6 +160,19 @@ def validate(config: configs_base.AttackConfig) -> None:
         "--releases=all sums squared distances (log-likelihoods under noise) over releases: "
         "use --top_k=1 --distance=l2 --screen_dtype=none"
       )
+  if config.attack == "fsl_tracking" and (
+    config.users != "train"
+    or config.releases != "last_epoch"
+    or config.top_k != 1
+    or config.distance != "l2"
+    or config.screen_dtype != "none"
+    or config.variant == "paper"
+  ):
+    raise pipeline.ConfigError(
+      "--attack=fsl_tracking follows FSL devices through the last epoch's local steps: use "
+      "--users=train --releases=last_epoch with the defaults of --top_k, --distance, "
+      "--screen_dtype and a clip-aware --variant (auto, clip_aware or bayes)"
+    )
   if config.num_examples < 0:
     raise pipeline.ConfigError(
       f"--num_examples={config.num_examples} must be > 0 (omit it to attack every user)"
@@ -442,6 +455,10 @@ def attack_workdir(
         "--screen_dtype applies to EXACT on device_top models without "
         "private dense features; this workdir's model needs the "
         "activation or hybrid attack: use --screen_dtype=none"
+      )
+    if name == "fsl_tracking":
+      return _attack_tracking(
+        restored, pathlib.Path(workdir), config, overwrite=overwrite, progress=progress
       )
     run = _attack_enumerable if name == "exact" else _attack_searched
     extra = {"check_memory": check_memory} if name == "exact" else {"options": options}
@@ -763,6 +780,182 @@ def _attack_enumerable(
         dataset, feats, labels, true_feats, true_y, ~stale
       )
   return _write_record(record, restored, out_path, partial_path)
+
+
+# The match's hypotheses: each row's best pairs by the tracking score, and greedy sweeps.
+MATCH_TOP_K, MATCH_PASSES = 8, 2
+
+TRACKING_NOTE = (
+  "stale_model: each release after a round's first local step scored alone under the round-start "
+  "parameters (what exact does); tracked_later_steps: the same releases under the parameters "
+  "recomputed from the device's decoded step-0 rows (fsl_tracking); fsl_tracking: each example "
+  "from all its releases of the round (summed log-likelihoods under the tracked parameters); "
+  "device_update_match: each device's hypotheses re-ranked by their simulated local update "
+  "against the update it returned (at update_coords coordinates). With device DP-SGD the local "
+  "noise is unknown to the server: tracked parameters after step 0 miss it."
+)
+
+
+def _whole_rounds(transcript: protocol.Transcript, num_examples: int) -> protocol.Transcript:
+  """The first rounds of ``transcript`` that hold at least ``num_examples`` examples (all when
+  0): tracking needs every row of a device."""
+  if not num_examples:
+    return transcript
+  first = transcript.local_step == 0
+  versions = np.unique(transcript.param_index)
+  counts = np.array([np.sum(first & (transcript.param_index == v)) for v in versions])
+  last = versions[min(int(np.searchsorted(np.cumsum(counts), num_examples)), len(versions) - 1)]
+  return transcript.take(np.flatnonzero(transcript.param_index <= last))
+
+
+def _attack_tracking(restored, workdir: pathlib.Path, config, *, overwrite: bool, progress):
+  """``fsl_tracking`` and ``device_update_match`` on the last epoch of an FSL workdir -> record."""
+  record_name = results_name(config)
+  out_path, partial_path = workdir / record_name, workdir / (record_name + ".partial.npz")
+  cfg = dataclasses.asdict(config)
+  old = _existing_record(out_path, cfg, restored, overwrite=overwrite, progress=progress)
+  if old is not None:
+    return old
+  tcfg, dataset = restored.config, restored.dataset
+  if tcfg.protocol != "fsl":
+    raise pipeline.ConfigError(
+      "--attack=fsl_tracking follows FSL devices through their local steps; this workdir "
+      "trained with SL (every step's parameters are recorded: use --attack=exact)"
+    )
+  clip, sigma = dp_of(restored)
+  variant, prior = resolve(config, clip, sigma, tcfg.label_dp_epsilon or 0.0)
+  transcript = _whole_rounds(restored.transcript(), config.num_examples)
+  if transcript.device_slot is None or transcript.device_opt is None:
+    raise pipeline.ConfigError(
+      f"{workdir} was recorded before the tracking attacks (no device slots or optimiser "
+      "states in its transcript): retrain with experiments.train --overwrite"
+    )
+  t0 = time.time()
+  first_rows = np.flatnonzero(transcript.local_step == 0)
+  first = transcript.take(first_rows)
+  priors = {}
+  informed = None
+  if prior == "informed":
+    informed = informed_prior(restored, config, first, "train")
+    per_row = np.zeros((transcript.num_rows, int(np.prod(dataset.priv_cardinalities)), 2))
+    per_row[first_rows] = attacks.pair_log_prior(informed.fit.probs, informed.label_noisy_p1)
+    priors["user_log_prior"] = per_row
+  elif prior == "marginal":
+    priors["log_prior"] = evaluation.marginal_log_prior(dataset)
+  public = public_of(restored, clip, sigma, **priors)._replace(
+    device_optimizer=training.make_optimizer(pipeline.recipe_of(tcfg)),
+    device_l2_clip_norm=float(tcfg.device_dp_clip) if tcfg.device_dp_clip else None,
+  )
+  if progress:
+    progress(
+      f"fsl_tracking: {len(first_rows):,} training users in "
+      f"{len(np.unique(transcript.param_index))} rounds ({variant}, prior {prior})"
+    )
+  res = attacks.run(
+    "fsl_tracking",
+    transcript,
+    public,
+    variant=variant,
+    match=transcript.device_updates is not None,
+    top_k=MATCH_TOP_K,
+    passes=MATCH_PASSES,
+  )
+  attack_seconds = time.time() - t0
+  record = tracking_record(dataset, transcript, res, informed)
+  record.update(
+    attack="fsl_tracking",
+    variant=variant,
+    prior=prior,
+    users="train",
+    dataset=tcfg.dataset,
+    protocol=tcfg.protocol,
+    device_dp_sgd=bool(tcfg.device_dp_clip and tcfg.device_dp_noise_multiplier > 0),
+    l2_clip_norm=clip,
+    noise_multiplier=sigma,
+    local_steps=int(tcfg.local_steps),
+    learning_rate=float(pipeline.recipe_of(tcfg).learning_rate),
+    match_top_k=MATCH_TOP_K,
+    match_passes=MATCH_PASSES,
+    note=TRACKING_NOTE,
+    seconds=time.time() - t0,
+    attack_seconds=attack_seconds,
+    config=cfg,
+  )
+  return _write_record(record, restored, out_path, partial_path)
+
+
+def tracking_record(dataset, transcript, res, informed=None) -> dict:
+  """Accuracy per secret of the stale model, tracking and the match, and the devices' figures."""
+  cards = dataset.priv_cardinalities
+  dev = res.devices
+  real = dev.rows[:, 0] >= 0  # [G, S]
+  ex = transcript.example_index[np.maximum(dev.rows[:, 0], 0)]
+  true_feats, true_y = dataset.train.priv_cat[ex], dataset.train.y[ex]  # [G, S, P], [G, S]
+  true_code = attacks.tuple_codes(true_feats.reshape(-1, len(cards)), cards).reshape(ex.shape)
+  true_pair = true_code * 2 + true_y
+
+  def acc(feats, labels, truth_f, truth_y):
+    return evaluation.accuracy_per_secret(dataset, feats, labels, truth_f, truth_y)
+
+  def of_codes(codes, rows):  # codes [G, S] -> accuracy over the real rows
+    f, y = attacks.tracking.pair_features(codes, cards)
+    return {
+      "num_examples": int(rows.sum()),
+      **acc(f[rows], y[rows], true_feats[rows], true_y[rows]),
+    }
+
+  def later(codes):  # [G, T, S] releases after step 0, each alone
+    later_codes = np.moveaxis(codes[:, 1:], 1, 0)  # [T-1, G, S]
+    f, y = attacks.tracking.pair_features(later_codes, cards)
+    rows = np.broadcast_to(real, later_codes.shape)
+    tf = np.broadcast_to(true_feats, later_codes.shape + (len(cards),))
+    ty = np.broadcast_to(true_y, later_codes.shape)
+    return {"num_releases": int(rows.sum()), **acc(f[rows], y[rows], tf[rows], ty[rows])}
+
+  entirely = lambda codes: float(np.mean(np.all((codes == true_pair) | ~real, axis=1)))
+  out = {
+    "num_examples": int(real.sum()),
+    "first_local_step": of_codes(res.first_step, real),
+    "stale_model": later(res.stale),
+    "tracked_later_steps": later(res.tracked),
+    "fsl_tracking": {
+      "num_examples": int(real.sum()),
+      **acc(res.features[real], res.labels[real], true_feats[real], true_y[real]),
+    },
+  }
+  devices = {
+    "count": int(len(dev.version)),
+    "entirely_right": {
+      "first_local_step": entirely(res.first_step),
+      "fsl_tracking": entirely(res.tracking),
+    },
+  }
+  if res.match is not None:
+    out["device_update_match"] = {
+      "num_examples": int(real.sum()),
+      **acc(res.match_features[real], res.match_labels[real], true_feats[real], true_y[real]),
+    }
+    right = np.all(res.match_features == true_feats, axis=-1) & (res.match_labels == true_y)
+    devices["entirely_right"]["device_update_match"] = float(np.mean(np.all(right | ~real, 1)))
+    devices["exact_update_match"] = float(np.mean(res.exact_match))
+    devices["median_update_distance"] = {
+      "fsl_tracking": float(np.median(res.tracking_update_distance)),
+      "device_update_match": float(np.median(res.update_distance)),
+    }
+    tau = np.asarray(res.update_stddev, np.float64)
+    devices["update_stddev"] = float(np.median(tau))
+    devices["update_coords"] = int(len(transcript.update_coords))
+  out["devices"] = devices
+  if informed is not None:  # the informed prior's own answers (no gradient)
+    pf, py, _, _ = attacks.prior_guess(informed.fit.probs, informed.label_p1, cards)
+    first_ex = transcript.example_index[transcript.local_step == 0]
+    order = np.argsort(first_ex)
+    pos = order[np.searchsorted(first_ex[order], ex[real])]
+    out["prior_only"] = {
+      "num_examples": int(real.sum()),
+      **acc(pf[pos], py[pos], true_feats[real], true_y[real]),
+    }
+  return out
 
 
 def _attack_searched(
@@ -1109,6 +1302,8 @@ def _npz(**arrays) -> bytes:
 
 def markdown_table(record: dict) -> str:
   """The attack record as a Markdown table (one row per private feature and the label)."""
+  if record.get("attack") == "fsl_tracking":
+    return _tracking_table(record)
   if "resolved_attack" in (record.get("config") or {}):
     return _search_table(record)
   fmt = lambda x: "–" if x is None else f"{x:.4f}"
@@ -1145,6 +1340,42 @@ def markdown_table(record: dict) -> str:
     "reach; mu_hat (in the JSON): the smallest mu consistent with the accuracy, only "
     "where the bound is a guarantee."
   )
+  return "\n".join(lines)
+
+
+def _tracking_table(record: dict) -> str:
+  """The FSL tracking record as Markdown: one row per attacker, one column per secret."""
+  sections = [
+    ("prior_only", "informed prior alone"),
+    ("first_local_step", "step-0 releases"),
+    ("stale_model", "later releases, stale model"),
+    ("tracked_later_steps", "later releases, tracked model"),
+    ("fsl_tracking", "fsl_tracking (all releases)"),
+    ("device_update_match", "device_update_match"),
+  ]
+  secrets = [k for k in record["first_local_step"] if k != "num_examples"]
+  lines = [
+    f"### fsl_tracking ({record['variant']}, prior {record['prior']}) on "
+    f"{record['num_examples']} training users of {record['dataset']} (FSL, "
+    f"{record['local_steps']} local steps, lr {record['learning_rate']:g}, device DP-SGD "
+    f"{'on' if record['device_dp_sgd'] else 'off'})",
+    "",
+    "| attacker | " + " | ".join(secrets) + " |",
+    "|---|" + "---|" * len(secrets),
+  ]
+  for key, title in sections:
+    if key in record:
+      lines.append(f"| {title} | " + " | ".join(f"{record[key][s]:.4f}" for s in secrets) + " |")
+  d = record["devices"]
+  right = ", ".join(f"{k} {v:.3f}" for k, v in d["entirely_right"].items())
+  lines += ["", f"devices: {d['count']}; decoded entirely right: {right}"]
+  if "exact_update_match" in d:
+    lines.append(
+      f"exact update match (to {attacks.tracking.EXACT_ULPS:g} float32 ulps): "
+      f"{d['exact_update_match']:.3f}; median relative update distance "
+      f"{d['median_update_distance']['fsl_tracking']:.3g} (tracking) -> "
+      f"{d['median_update_distance']['device_update_match']:.3g} (match)"
+    )
   return "\n".join(lines)
 
 

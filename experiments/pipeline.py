@@ -789,7 +789,26 @@ class Restored:
       device_params=params,
       l2_clip_norm=float(arrays["l2_clip_norm"]),
       noise_multiplier=float(arrays["noise_multiplier"]),
+      **self._fsl_fields(arrays, path),
     )
+
+  def _fsl_fields(self, arrays: dict, path: pathlib.Path) -> dict:
+    """The FSL recording's device slots, round-start optimiser states and returned updates
+    (absent from SL transcripts and from FSL ones recorded before the tracking attacks)."""
+    out = {k: arrays.get(k) for k in ("device_slot", "device_updates", "update_coords")}
+    names = sorted(
+      (k for k in arrays if k.startswith("device_opt_leaf_")), key=lambda k: int(k.rsplit("_")[-1])
+    )
+    out["device_opt"] = None
+    if names:
+      treedef = jax.tree.structure(jax.device_get(self.state.device_opt))
+      if treedef.num_leaves != len(names):
+        raise checkpointing.CheckpointError(
+          f"transcript {path} holds {len(names)} optimiser-state leaves, this run's optimiser "
+          f"{treedef.num_leaves}: rerun experiments.train with --overwrite"
+        )
+      out["device_opt"] = jax.tree.unflatten(treedef, [arrays[k] for k in names])
+    return out
 
   def releases(self) -> protocol.Transcript:
     """Every release of every training example (``--releases=all``): the epochs' chunks in

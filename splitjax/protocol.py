@@ -308,6 +308,17 @@ class Transcript(NamedTuple):
       versions (``param_index`` indexes it). Known to the server (DESIGN.md §2).
     l2_clip_norm: public clip norm C (``inf`` when none).
     noise_multiplier: public sigma (0 when none).
+    device_slot: FSL only (else None): ``[N] int32``, the device of row i within its round
+      (``param_index`` is the round): a device's rows are those with one ``(param_index,
+      device_slot)``, in the same order at every local step.
+    device_opt: FSL only: the device optimiser's state at each round start (the FedAvg'd state
+      the server broadcast), each leaf stacked on a leading axis of versions like
+      ``device_params``.
+    device_updates: FSL only: ``[V, D, M] float32``, what each device of each round returned,
+      as its update ``phi_end - phi_start`` at the ``M`` coordinates ``update_coords`` of the
+      flattened parameters (``jax.flatten_util.ravel_pytree`` order); a server that keeps every
+      coordinate knows more.
+    update_coords: FSL only: ``[M] int64``, the flattened-parameter coordinates kept.
   """
 
   h: np.ndarray
@@ -318,6 +329,10 @@ class Transcript(NamedTuple):
   device_params: Any
   l2_clip_norm: float
   noise_multiplier: float
+  device_slot: np.ndarray | None = None
+  device_opt: Any = None
+  device_updates: np.ndarray | None = None
+  update_coords: np.ndarray | None = None
 
   @property
   def num_rows(self) -> int:
@@ -337,6 +352,7 @@ class Transcript(NamedTuple):
       example_index=self.example_index[idx],
       param_index=self.param_index[idx],
       local_step=self.local_step[idx],
+      device_slot=None if self.device_slot is None else self.device_slot[idx],
     )
 
   def to_arrays(self) -> dict[str, np.ndarray]:
@@ -346,6 +362,12 @@ class Transcript(NamedTuple):
     }
     out["l2_clip_norm"] = np.float64(self.l2_clip_norm)
     out["noise_multiplier"] = np.float64(self.noise_multiplier)
+    for k in ("device_slot", "device_updates", "update_coords"):
+      if getattr(self, k) is not None:
+        out[k] = np.asarray(getattr(self, k))
+    if self.device_opt is not None:  # the leaves, in jax.tree.leaves order
+      for i, leaf in enumerate(jax.tree.leaves(self.device_opt)):
+        out[f"device_opt_leaf_{i}"] = np.asarray(leaf)
     return out
 
 
@@ -371,7 +393,35 @@ def concatenate(transcripts: Sequence[Transcript]) -> Transcript:
     device_params=jax.tree.map(
       lambda *xs: np.concatenate(xs), *[t.device_params for t in transcripts]
     ),
+    **_concatenate_fsl(transcripts),
   )
+
+
+def _concatenate_fsl(transcripts: Sequence[Transcript]) -> dict:
+  """The FSL fields of `concatenate`: joined where every transcript has them, else None."""
+  out: dict[str, Any] = {}
+  for name in ("device_slot", "device_opt", "device_updates"):
+    parts = [getattr(t, name) for t in transcripts]
+    if any(p is None for p in parts):
+      out[name] = None
+    elif name == "device_opt":
+      out[name] = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+    else:
+      out[name] = np.concatenate(parts)
+  coords = [np.asarray(t.update_coords) for t in transcripts]
+  if out["device_updates"] is not None and any(not np.array_equal(c, coords[0]) for c in coords):
+    raise ValueError("concatenate: the transcripts kept different update coordinates")
+  out["update_coords"] = None if out["device_updates"] is None else coords[0]
+  return out
+
+
+def flatten_params(params, batch_dims: int = 0) -> np.ndarray:
+  """The parameters as one flat vector: every leaf raveled, in ``jax.tree.leaves`` order
+  (``ravel_pytree``'s). With ``batch_dims=1`` the leaves share a leading axis ``[B, ...]`` and the
+  result is ``[B, num_params]``. Host (numpy) arrays."""
+  leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+  lead = leaves[0].shape[:batch_dims] if leaves else ()
+  return np.concatenate([x.reshape(lead + (-1,)) for x in leaves], axis=batch_dims)
 
 
 def _num_versions(transcript: Transcript) -> int:

@@ -456,9 +456,29 @@ def test_every_release_recorded_and_attacked_through_the_binaries(tmp_path):
   with flagsaver.flagsaver(workdir=str(workdir), users="test", releases="all"):
     with pytest.raises(ValueError, match="--users=train --attack=exact"):
       attack_bin.main([])
+  # The same FSL workdir through --attack=fsl_tracking: whole rounds from the recorded fields.
+  with flagsaver.flagsaver(
+    workdir=str(workdir), users="train", attack="fsl_tracking", num_examples=40
+  ):
+    attack_bin.main([])
+  tracked = json.loads((workdir / "attack_fsl_tracking_auto_train.json").read_text())
+  assert tracked["num_examples"] >= 40 and tracked["devices"]["count"] >= 1
+  for key in ("first_local_step", "stale_model", "tracked_later_steps", "fsl_tracking"):
+    assert 0.0 <= tracked[key]["label"] <= 1.0
+  assert tracked["stale_model"]["num_releases"] == tracked["num_examples"]  # 2 local steps
+  assert tracked["device_update_match"]["num_examples"] == tracked["num_examples"]
+  assert tracked["devices"]["update_coords"] > 0
+  with flagsaver.flagsaver(workdir=str(workdir), users="test", attack="fsl_tracking"):
+    with pytest.raises(ValueError, match="--users=train --releases=last_epoch"):
+      attack_bin.main([])
 
 
 def test_releases_all_needs_a_workdir_that_recorded_them(trained):
   with flagsaver.flagsaver(workdir=str(trained), users="train", releases="all", num_examples=10):
     with pytest.raises(Exception, match="--releases=all --overwrite"):
+      attack_bin.main([])
+  with flagsaver.flagsaver(
+    workdir=str(trained), users="train", attack="fsl_tracking", num_examples=10
+  ):
+    with pytest.raises(ValueError, match="this workdir trained with SL"):
       attack_bin.main([])

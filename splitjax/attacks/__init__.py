@@ -4,9 +4,10 @@ Public functions are re-exported here; the modules under them:
 
 - `enumeration` (`exact`, the host runner over users) and `core` (`exact_user`, the pure
   per-user core both use); `releases` (`exact_releases`: every release of a user combined, the
-  partial likelihood); `scoring` (candidates, distances, `clip_rows`, the selection),
-  `screen` (the bf16 screen), `sizing` (`estimate`), `runner` (padding, sharding, jit over
-  users), `checks` (argument checks, `AttackError`);
+  partial likelihood); `tracking` (`fsl_tracking` and `device_update_match`: FSL devices followed
+  through their local steps and matched to their returned updates); `scoring` (candidates,
+  distances, `clip_rows`, the selection), `screen` (the bf16 screen), `sizing` (`estimate`),
+  `runner` (padding, sharding, jit over users), `checks` (argument checks, `AttackError`);
 - `relaxed` (`optimize`), `hybrid_search` (`hybrid`), `matching` (their objectives and
   simulators), `activations` (`exact_activations`), `label_only`, `baselines`, `priors`;
 - `dispatch` (`run(name, transcript, public, **options)`: an attack by name on a transcript and
@@ -62,3 +63,5 @@ from splitjax.attacks.screen import SCREEN_DTYPES
 from splitjax.attacks.screen import low_precision_matmuls
 from splitjax.attacks.sizing import Estimate
 from splitjax.attacks.sizing import estimate
+from splitjax.attacks.tracking import TrackingResult
+from splitjax.attacks.tracking import fsl_tracking

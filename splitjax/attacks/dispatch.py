@@ -9,6 +9,7 @@ and calls the named attack with the arguments `experiments.attack` uses:
 |---|---|---|
 | `exact` | `enumeration.exact` on `models.device_logit_fn(model)` | any number (`param_index`) |
 | `exact_releases` | `releases.exact_releases`, a user's rows combined (`example_index`) | any |
+| `fsl_tracking` | `tracking.fsl_tracking` (and `device_update_match`), FSL rows by device | any |
 | `hybrid` | `hybrid_search.hybrid` on `model.head_apply` | one |
 | `optimize` | `relaxed.optimize` on `models.soft_device_apply(model)` | one |
 | `exact_activations` | `activations.exact_activations` on `model.encoder_apply` | one |
@@ -36,6 +37,7 @@ from splitjax.attacks import hybrid_search
 from splitjax.attacks import label_only
 from splitjax.attacks import relaxed
 from splitjax.attacks import releases
+from splitjax.attacks import tracking
 
 VARIANTS = ('clip_aware', 'paper', 'bayes')
 
@@ -43,6 +45,7 @@ VARIANTS = ('clip_aware', 'paper', 'bayes')
 ATTACKS: dict[str, Callable[..., Any]] = {
   'exact': enumeration.exact,
   'exact_releases': releases.exact_releases,
+  'fsl_tracking': tracking.fsl_tracking,
   'optimize': relaxed.optimize,
   'hybrid': hybrid_search.hybrid,
   'label_norm': label_only.label_norm,
@@ -67,6 +70,10 @@ class Public(NamedTuple):
     user_log_prior: a log prior per transcript row, `[N, C, 2]` (`exact` only); it replaces
       `log_prior` where given.
     positive_fraction: P(y = 1) the label-only attacks answer with (None: their default).
+    device_optimizer: FSL: the device optimiser as trained (`training.make_optimizer(recipe)`),
+      which `fsl_tracking` recomputes each device's local steps with.
+    device_l2_clip_norm: FSL with device DP-SGD: its per-example clip norm (None: trained
+      without device DP-SGD).
   """
 
   model: models.SplitModel
@@ -78,6 +85,8 @@ class Public(NamedTuple):
   log_prior: np.ndarray | None = None
   user_log_prior: np.ndarray | None = None
   positive_fraction: float | None = None
+  device_optimizer: Any = None
+  device_l2_clip_norm: float | None = None
 
   @property
   def noisy(self) -> bool:
@@ -158,6 +167,30 @@ def _exact_releases(transcript, public, variant, options):
   )
 
 
+def _fsl_tracking(transcript, public, variant, options):
+  # Rows grouped by device; the per-row prior (`public.user_log_prior`, [N, C, 2]) is read at
+  # each example's step-0 row.
+  if variant == 'paper':
+    raise checks.AttackError(
+      'fsl_tracking recomputes the device update from clip-aware decodes: use variant '
+      "'clip_aware' or 'bayes'"
+    )
+  if public.device_optimizer is None:
+    raise checks.AttackError(
+      'fsl_tracking needs public.device_optimizer (training.make_optimizer(recipe))'
+    )
+  return tracking.fsl_tracking(
+    public.model,
+    public.device_optimizer,
+    transcript,
+    public.cardinalities,
+    l2_clip_norm=public.clip,
+    device_clip=public.device_l2_clip_norm,
+    **_bayes(public, variant),
+    **options,
+  )
+
+
 def _search(name: str, device_apply_of: Callable, bayes: bool):
   """The runner of the search attack `name` (`hybrid`, `optimize`): one version, a dense box."""
 
@@ -207,6 +240,7 @@ def _label(name):
 _RUNNERS = {
   'exact': _exact,
   'exact_releases': _exact_releases,
+  'fsl_tracking': _fsl_tracking,
   'hybrid': _search('hybrid', lambda model: model.head_apply, bayes=True),
   # The relaxed attack scores by distance only (no Bayes variant).
   'optimize': _search('optimize', models.soft_device_apply, bayes=False),

@@ -56,6 +56,27 @@ class ReleasesResult(NamedTuple):
   result: scoring.MatchResult
 
 
+def pair_options(
+  cards: tuple[int, ...], *, clip: bool, clip_aware: bool, per_user_params: bool
+) -> core.Options:
+  """The `core.Options` of a full table of squared l2 distances to every (candidate, label) pair
+  in one block (`_squared_distances`; `tracking` uses it too)."""
+  return core.Options(
+    cardinalities=cards,
+    num_labels=2,
+    top_k=1,
+    distance='l2',
+    clip=clip,
+    clip_aware=clip_aware,
+    bayes=True,
+    per_user_prior=False,
+    per_user_params=per_user_params,
+    candidates_per_block=math.prod(cards),
+    num_blocks=1,
+    chunks_per_call=1,
+  )
+
+
 @functools.partial(jax.jit, static_argnames=('device_apply', 'opts'))
 def _squared_distances(device_apply, opts: core.Options, params, h, g, index, table, clip_norm):
   """[R, C * L] squared l2 distance of each release to the (clipped) gradient of every pair."""
@@ -169,19 +190,11 @@ def exact_releases(
   if log_prior is not None:
     prior_np, _ = checks.log_prior(log_prior, num_users, num_cand, 2)
     prior = prior_np.reshape(prior_np.shape[0], num_pairs)
-  opts = core.Options(
-    cardinalities=cards,
-    num_labels=2,
-    top_k=1,
-    distance='l2',
+  opts = pair_options(
+    cards,
     clip=clip is not None and math.isfinite(clip),
     clip_aware=bool(clip_aware),
-    bayes=True,
-    per_user_prior=False,
     per_user_params=per_user_params,
-    candidates_per_block=num_cand,
-    num_blocks=1,
-    chunks_per_call=1,
   )
   table = jnp.asarray(scoring.candidate_table(cards))
   clip_value = jnp.asarray(np.inf if clip is None else clip, dtype)

@@ -45,10 +45,12 @@ from splitjax.training.evaluation import predict_h
 from splitjax.training.evaluation import predict_logits
 from splitjax.training.evaluation import public_clip_split
 from splitjax.training.loop import RECORD
+from splitjax.training.loop import UPDATE_COORDS
 from splitjax.training.loop import FitResult
 from splitjax.training.loop import fit
 from splitjax.training.loop import initialize_distributed
 from splitjax.training.loop import replay_transcript
+from splitjax.training.loop import update_coordinates
 from splitjax.training.state import RECIPES
 from splitjax.training.state import DPConfig
 from splitjax.training.state import Recipe

@@ -165,14 +165,27 @@ def fit(
           batch, dmask = put_global((batch, dmask), shard.batch)
         if rec is not None:
           rec.add_params(state.device_params)
-        state, loss, hs, gs, bad = fsl_round(
-          state, batch, dmask, dp, local_steps=local_steps, device_dp=device_dp
+          rec.add_opt(state.device_opt)
+        # One compiled round for recorded and unrecorded epochs: the returned parameters stay on
+        # the device unless recorded.
+        state, loss, hs, gs, bad, returned = fsl_round(
+          state,
+          batch,
+          dmask,
+          dp,
+          local_steps=local_steps,
+          device_dp=device_dp,
+          return_device_params=True,
         )
+        if rec is not None:
+          rec.add_update(returned)
         losses.append(jnp.mean(loss))
         nonfinite.append(bad)
         if rec is not None:
+          num_dev, per_dev = batch.mask.shape
           flat_mask = to_host(batch.mask).reshape(-1)
           flat_index = to_host(batch.index).reshape(-1)
+          slot = np.repeat(np.arange(num_dev, dtype=np.int32), per_dev)
           hs, gs = to_host(hs), to_host(gs)
           for t in range(local_steps):
             rec.add(
@@ -181,6 +194,7 @@ def fit(
               flat_index,
               flat_mask,
               np.full(len(flat_mask), t, np.int32),
+              slot,
             )
         if on_step is not None:
           on_step(epoch, i + 1, steps_per_epoch)
@@ -234,35 +248,74 @@ def _data_sharding(data_parallel: bool | None, leading: int) -> _Sharding | None
 
 
 class _Recorder:
-  """Accumulates the cut-layer traffic of one epoch on the host."""
+  """Accumulates the cut-layer traffic of one epoch on the host (FSL: with what the tracking
+  attacks need: the device of each row, the optimiser state at each round start, and each
+  device's returned update at `UPDATE_COORDS` public coordinates)."""
 
   def __init__(self):
-    self.h, self.g, self.index, self.pidx, self.local = [], [], [], [], []
-    self.params = []
+    self.h, self.g, self.index, self.pidx, self.local, self.slot = [], [], [], [], [], []
+    self.params, self.opts, self.updates = [], [], []
+    self.coords = None
 
   def add_params(self, params):
     self.params.append(jax.tree.map(to_host, params))
 
-  def add(self, h, g, index, mask, local_step):
+  def add_opt(self, opt_state):
+    self.opts.append(jax.tree.map(to_host, opt_state))
+
+  def add_update(self, returned):
+    """``returned``: leaves ``[D, ...]``, each device's parameters at the round's end."""
+    start = protocol.flatten_params(self.params[-1])
+    end = protocol.flatten_params(jax.tree.map(to_host, returned), batch_dims=1)
+    if self.coords is None:
+      self.coords = update_coordinates(start.shape[0])
+    self.updates.append((end[:, self.coords] - start[self.coords]).astype(np.float32))
+
+  def add(self, h, g, index, mask, local_step, slot=None):
     keep = to_host(mask) > 0
     self.h.append(to_host(h)[keep])
     self.g.append(to_host(g)[keep])
     self.index.append(to_host(index)[keep])
     self.pidx.append(np.full(int(keep.sum()), len(self.params) - 1, np.int32))
     self.local.append(to_host(local_step)[keep])
+    if slot is not None:
+      self.slot.append(np.asarray(slot, np.int32)[keep])
 
   def finish(self, dp: DPConfig) -> protocol.Transcript:
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *self.params)
+    stack = lambda trees: jax.tree.map(lambda *xs: np.stack(xs), *trees)
+    fsl = {}
+    if self.updates:
+      fsl = {
+        "device_slot": np.concatenate(self.slot),
+        "device_opt": stack(self.opts),
+        "device_updates": np.stack(self.updates),
+        "update_coords": self.coords,
+      }
     return protocol.Transcript(
       h=np.concatenate(self.h),
       g=np.concatenate(self.g),
       example_index=np.concatenate(self.index).astype(np.int32),
       param_index=np.concatenate(self.pidx),
       local_step=np.concatenate(self.local),
-      device_params=stacked,
+      device_params=stack(self.params),
       l2_clip_norm=float(dp.l2_clip_norm),
       noise_multiplier=float(dp.noise_multiplier),
+      **fsl,
     )
+
+
+# Coordinates of each FSL device's returned update that the recording keeps (storage: 16 KiB per
+# device and round; the full update of adult's head is about 300 KiB).
+UPDATE_COORDS = 4096
+
+
+def update_coordinates(num_params: int, num: int = UPDATE_COORDS) -> np.ndarray:
+  """The public, seeded choice of ``min(num, num_params)`` flattened-parameter coordinates
+  (ascending int64) at which the FSL recording keeps each device's returned update."""
+  if num >= num_params:
+    return np.arange(num_params, dtype=np.int64)
+  rng = np.random.default_rng(0)
+  return np.sort(rng.choice(num_params, size=num, replace=False)).astype(np.int64)
 
 
 def replay_transcript(

@@ -149,7 +149,11 @@ def _masked_mean(tree, weights):
   return jax.tree.map(avg, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("local_steps", "device_dp"), donate_argnums=(0,))
+@functools.partial(
+  jax.jit,
+  static_argnames=("local_steps", "device_dp", "return_device_params"),
+  donate_argnums=(0,),
+)
 def fsl_round(
   state: TrainState,
   batch: Batch,
@@ -158,14 +162,17 @@ def fsl_round(
   *,
   local_steps: int,
   device_dp: bool = False,
+  return_device_params: bool = False,
 ):
   """One FSL round: ``(state, batch [D, S, ...], device_mask [D], dp, *,
   local_steps, device_dp=False) -> (state, losses [local_steps], h, g, nonfinite)``.
 
-  Jitted at module level (``local_steps`` and ``device_dp`` static); the state is donated.
-  ``h``/``g`` are ``[local_steps, D, S, d]``: what crossed the wire at each local step; the noise of
-  local step t of round r uses ``fold_in(state.key, r * local_steps + t)``. Only ``device_top`` is
-  supported for FSL (ValueError otherwise).
+  Jitted at module level (``local_steps``, ``device_dp`` and ``return_device_params`` static);
+  the state is donated. ``h``/``g`` are ``[local_steps, D, S, d]``: what crossed the wire at each
+  local step; the noise of local step t of round r uses ``fold_in(state.key, r * local_steps +
+  t)``. With ``return_device_params`` a sixth output holds the parameters each device returned
+  (leaves ``[D, ...]``, before FedAvg averages them: what the server receives). Only
+  ``device_top`` is supported for FSL (ValueError otherwise).
   """
   model, tx_server, tx_device = state.model, state.tx_server, state.tx_device
   if model.spec.topology != "device_top":
@@ -231,6 +238,8 @@ def fsl_round(
     device_opt=device_opt,
     step=state.step + 1,
   )
+  if return_device_params:
+    return new, losses, hs, gs, jnp.sum(nonfinite), phis
   return new, losses, hs, gs, jnp.sum(nonfinite)
 
 
