@@ -663,9 +663,13 @@ def write_transcript(
   name: str = "transcript",
 ) -> None:
   """Atomically writes the transcript arrays and (if `device_params`) the parameters behind them:
-  ``NAME.npz`` and ``NAME_params.msgpack`` (a chunk of ``--releases=all``: ``release_chunk``)."""
+  ``NAME.npz`` and ``NAME_params.msgpack`` (a chunk of ``--releases=all``: ``release_chunk``).
+  Without `device_params` an FSL transcript's optimiser states and returned updates are left out
+  too (only the training-user attacks read them)."""
   import io as _pyio
 
+  if not device_params:  # FSL's optimiser states and returned updates serve the same attacks
+    transcript = transcript._replace(device_opt=None, device_updates=None, update_coords=None)
   buf = _pyio.BytesIO()
   np.savez_compressed(buf, **transcript.to_arrays())
   (workdir / name).parent.mkdir(parents=True, exist_ok=True)

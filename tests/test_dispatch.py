@@ -70,6 +70,7 @@ def test_unknown_name_raises_listing_the_valid_names(fsl_transcript):
   assert set(attacks.ATTACKS) == {
     'exact',
     'exact_releases',
+    'fsl_tracking',
     'hybrid',
     'optimize',
     'exact_activations',

@@ -19,6 +19,7 @@ from splitjax.attacks import tracking
 from tests import splits
 
 RECIPE = training.Recipe(optimizer="adam", learning_rate=0.05, batch_size=64, epochs=1)
+TX = training.make_optimizer(RECIPE)  # one object: the attack's jitted steps compile once
 CLIP = 1.0
 
 
@@ -60,7 +61,7 @@ def _truth(transcript, res):
 def _run(transcript, **kw):
   return tracking.fsl_tracking(
     splits.MODEL,
-    training.make_optimizer(kw.pop("recipe", RECIPE)),
+    TX,
     transcript,
     splits.PRIV_CARDS,
     l2_clip_norm=CLIP,

@@ -4,10 +4,12 @@ Public functions are re-exported here; the modules under them:
 
 - `enumeration` (`exact`, the host runner over users) and `core` (`exact_user`, the pure
   per-user core both use); `releases` (`exact_releases`: every release of a user combined, the
-  partial likelihood); `tracking` (`fsl_tracking` and `device_update_match`: FSL devices followed
-  through their local steps and matched to their returned updates); `scoring` (candidates,
-  distances, `clip_rows`, the selection), `screen` (the bf16 screen), `sizing` (`estimate`),
-  `runner` (padding, sharding, jit over users), `checks` (argument checks, `AttackError`);
+  partial likelihood); `tracking` (`fsl_tracking`: FSL devices followed through their local
+  steps), `update_match` (`device_update_match`: their hypotheses matched to the updates they
+  returned), `devices` (what both share: rows by device, a device's local step); `scoring`
+  (candidates, distances, `clip_rows`, the selection), `screen` (the bf16 screen), `sizing`
+  (`estimate`), `runner` (padding, sharding, jit over users), `checks` (argument checks,
+  `AttackError`);
 - `relaxed` (`optimize`), `hybrid_search` (`hybrid`), `matching` (their objectives and
   simulators), `activations` (`exact_activations`), `label_only`, `baselines`, `priors`;
 - `dispatch` (`run(name, transcript, public, **options)`: an attack by name on a transcript and

@@ -60,7 +60,7 @@ def pair_options(
   cards: tuple[int, ...], *, clip: bool, clip_aware: bool, per_user_params: bool
 ) -> core.Options:
   """The `core.Options` of a full table of squared l2 distances to every (candidate, label) pair
-  in one block (`_squared_distances`; `tracking` uses it too)."""
+  in one block (`squared_distances`; `tracking` uses it too)."""
   return core.Options(
     cardinalities=cards,
     num_labels=2,
@@ -78,7 +78,7 @@ def pair_options(
 
 
 @functools.partial(jax.jit, static_argnames=('device_apply', 'opts'))
-def _squared_distances(device_apply, opts: core.Options, params, h, g, index, table, clip_norm):
+def squared_distances(device_apply, opts: core.Options, params, h, g, index, table, clip_norm):
   """[R, C * L] squared l2 distance of each release to the (clipped) gradient of every pair."""
   if opts.per_user_params:
     params = jax.tree.map(lambda leaf: leaf[index], params)
@@ -89,7 +89,7 @@ def _squared_distances(device_apply, opts: core.Options, params, h, g, index, ta
 
 
 @functools.partial(jax.jit, static_argnames=('cardinalities', 'bayes'))
-def _select(summed, sum_g2, log_prior, table, noise_stddev, cardinalities, bayes):
+def select_answers(summed, sum_g2, log_prior, table, noise_stddev, cardinalities, bayes):
   """The answer of each user from its summed squared distances [U, C * L]."""
   if bayes:
     inv_var = 1.0 / (2.0 * jnp.square(noise_stddev))
@@ -216,7 +216,7 @@ def exact_releases(
       hb = np.concatenate([hb, np.zeros((pad, hb.shape[1]), dtype)])
       gb = np.concatenate([gb, np.zeros((pad, gb.shape[1]), dtype)])
       ib = None if ib is None else np.concatenate([ib, np.zeros(pad, np.int32)])
-    d2 = np.asarray(_squared_distances(device_apply, opts, params, hb, gb, ib, table, clip_value))
+    d2 = np.asarray(squared_distances(device_apply, opts, params, hb, gb, ib, table, clip_value))
     _add_rows(summed, position[start:stop], d2[: stop - start])
 
   outs = []
@@ -225,7 +225,7 @@ def exact_releases(
     stop = min(start + users_per_call, num_users)
     pad = users_per_call - (stop - start)
     block_prior = prior if prior.shape[0] == 1 else _pad_rows(prior[start:stop], pad)
-    out = _select(
+    out = select_answers(
       jnp.asarray(_pad_rows(summed[start:stop], pad), dtype),
       jnp.asarray(_pad_rows(sum_g2[start:stop], pad), dtype),
       jnp.asarray(block_prior, dtype),

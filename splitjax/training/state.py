@@ -1,7 +1,6 @@
 """The training state and its static pieces: the optimiser recipe, the DP knobs, initialisation."""
 
 import dataclasses
-import functools
 from typing import Any
 from typing import NamedTuple
 
@@ -39,10 +38,8 @@ RECIPES = {
 }
 
 
-@functools.cache
 def make_optimizer(recipe: Recipe) -> optax.GradientTransformation:
-  """One optax chain per side from the recipe (the same object for equal recipes, so functions
-  jitted with it as a static argument, like `attacks.fsl_tracking`'s, compile once).
+  """One optax chain per side from the recipe.
 
   ``adagrad_torch`` is PyTorch's Adagrad (accumulator starts at 0; optax puts
   eps inside the square root and defaults differ, DESIGN.md §5). A pure function of the recipe:
