@@ -801,10 +801,8 @@ def _whole_rounds(transcript: protocol.Transcript, num_examples: int) -> protoco
   0): tracking needs every row of a device."""
   if not num_examples:
     return transcript
-  first = transcript.local_step == 0
-  versions = np.unique(transcript.param_index)
-  counts = np.array([np.sum(first & (transcript.param_index == v)) for v in versions])
-  last = versions[min(int(np.searchsorted(np.cumsum(counts), num_examples)), len(versions) - 1)]
+  per_round = np.bincount(transcript.param_index[transcript.local_step == 0])  # examples
+  last = min(int(np.searchsorted(np.cumsum(per_round), num_examples)), len(per_round) - 1)
   return transcript.take(np.flatnonzero(transcript.param_index <= last))
 
 

@@ -35,11 +35,6 @@ class DeviceRows(NamedTuple):
   version: np.ndarray
   slot: np.ndarray
 
-  @property
-  def mask(self) -> np.ndarray:
-    """[G, S] float32, 1 for a device's real examples."""
-    return (self.rows[:, 0] >= 0).astype(np.float32)
-
 
 def device_rows(transcript: protocol.Transcript) -> DeviceRows:
   """Groups an FSL transcript's rows by device: `(param_index, device_slot)`.
@@ -97,9 +92,13 @@ def device_grads(model, phi, h, cat, y, mask, device_clip):
     out = protocol.top_step(model, phi, h, cat, dense, y, mask)
     return out.param_grads, out.cut_grads
   out = protocol.top_step_per_example(model, phi, h, cat, dense, y, mask)
-  clipped = dp_transforms.clip_rows(out.param_grads, device_clip)
-  n = jnp.maximum(jnp.sum(mask), 1.0)
-  return jax.tree.map(lambda x: jnp.sum(x, axis=0) / n, clipped), out.cut_grads
+  # The device's own DP-SGD aggregate (clip each example, sum, divide by the real rows) with the
+  # noise it drew left out: the server does not know it.
+  tx = dp_transforms.dp_aggregate(
+    device_clip, 0.0, key=jax.random.key(0), normalize_by=jnp.maximum(jnp.sum(mask), 1.0)
+  )
+  mean, _ = tx.update(out.param_grads, tx.init(out.param_grads))
+  return mean, out.cut_grads
 
 
 def local_step(model, tx, phi, opt, h, cat, y, mask, device_clip):

@@ -214,11 +214,11 @@ def fsl_tracking(
   apply = models.device_logit_fn(model)
   prior = np.zeros((num_dev, width, num_pairs), np.float32)
   if log_prior is not None:
-    lp = np.asarray(log_prior, np.float32)
-    if lp.ndim <= 1 or lp.shape == (num_cand, 2):
-      prior[:] = lp.reshape(num_pairs)
+    lp, per_row = checks.log_prior(log_prior, transcript.num_rows, num_cand, 2)
+    lp = lp.reshape(lp.shape[0], num_pairs)
+    if not per_row:
+      prior[:] = lp[0]
     else:
-      lp = lp.reshape(transcript.num_rows, num_pairs)
       prior = np.where(dev.rows[:, 0, :, None] >= 0, lp[np.maximum(dev.rows[:, 0], 0)], 0.0)
   inv2var = 1.0 / (2.0 * float(stddev) ** 2) if bayes and stddev is not None else 1.0
   if devices_per_call is None:
@@ -267,7 +267,7 @@ def fsl_tracking(
           dev_clip,
         )
     cum_all[sel] = cum[: len(sel)]
-    out["tracking"][sel] = np.argmin(cum * inv2var - lp, axis=-1)[: len(sel)]
+    out["tracking"][sel] = decoded[: len(sel)]  # the decode from all T releases
     sel_out = releases.select_answers(
       jnp.asarray(cum.reshape(block * width, num_pairs), dtype),
       jnp.asarray(np.sum(np.square(gb, dtype=np.float64), axis=(1, 3)).reshape(-1), dtype),
