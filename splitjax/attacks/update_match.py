@@ -122,8 +122,8 @@ def device_update_match(
     return np.sum(lp * (dev.rows[:, None, 0] >= 0), axis=-1)
 
   start = np.repeat(hyp[:, None], top_k, axis=1)  # the shape of every later call (one compile)
-  up0, _ = simulate(start)
-  resid0 = np.sum(np.square(up0[:, 0] - returned), axis=1)
+  simulated = simulate(start)
+  resid0 = np.sum(np.square(simulated[0][:, 0] - returned), axis=1)
   num_coords = returned.shape[1]
   if update_stddev is not None:
     tau = np.full(num_dev, float(update_stddev))
@@ -132,12 +132,12 @@ def device_update_match(
   else:
     tau = floor
 
-  def objective(codes):
-    up, cut = simulate(codes)
+  def objective(codes, simulated=None):
+    up, cut = simulate(codes) if simulated is None else simulated
     upd = np.sum(np.square(up - returned[:, None]), axis=-1)
     return cut * inv2var - prior_sum(codes) + upd / (2.0 * tau[:, None] ** 2), upd
 
-  best, best_upd = objective(start)
+  best, best_upd = objective(start, simulated)  # the tracking hypotheses, simulated above
   best, best_upd = best[:, 0], best_upd[:, 0]
   real = dev.rows[:, 0] >= 0
   for _ in range(passes):
