@@ -24,6 +24,7 @@ from experiments import common
 from experiments import pipeline
 from experiments import records
 from experiments import sweeping
+from experiments import training_users
 from experiments.configs import base as configs_base
 from splitjax import results as sj_results
 
@@ -52,7 +53,7 @@ def run_study(
   ds = study.train.dataset
   out = pathlib.Path(workdir) / ds / "study.json"
   study_key = sj_results.fingerprint(
-    dict(dataclasses.asdict(study), train=configs_base.stored_train_dict(study.train))
+    dict(configs_base.stored_study_dict(study), train=configs_base.stored_train_dict(study.train))
   )
   if out.exists():
     cached = sj_results.read_json(out)
@@ -107,6 +108,12 @@ def run_study(
         )
       )
     res["sweeps"][proto] = rows
+  if study.train_user_sigmas:
+    if progress:
+      progress(f"[reproduce] {ds}: training users (SL every release, FSL tracking)")
+    res["train_users"] = training_users.run(
+      study, workdir, overwrite=overwrite, kill_switch=kill_switch
+    )
   spec = pipeline.model_of(study.train, pipeline.load_data(study.train)).spec
   res["dims"] = [spec.cut_dim, len(spec.priv_cardinalities)]
   res["cost"] = cost_summary(res)
@@ -505,6 +512,9 @@ def write_report(results: dict, studies: dict, workdir) -> str:
         target = workdir / f"{ds}_{proto}_{f}"
         (workdir / f).replace(target)
         out += ["", f"![{ds} {proto} {f}]({target.name})"]
+    if res.get("train_users"):
+      out += ["", "### Training users — every release and FSL tracking", ""]
+      out += training_users.table(res["train_users"])
     out += ["", "### Table 4 — cost", ""] + table4(res, study, res["dims"])
   if results.get("environment"):
     out += ["", "---", "", records.environment_footer(results["environment"])]

@@ -229,6 +229,7 @@ def test_reproduce_tiny_report_and_results_schema(tiny_report):
     "### Table 2",
     "### Table 3",
     "### Table 4",
+    "### Training users",
     "**(a)",
     "**(b)",
     "**(c)",
@@ -245,6 +246,13 @@ def test_reproduce_tiny_report_and_results_schema(tiny_report):
     assert {"auc_mean", "auc_sd", "epsilon", "attack_epsilon", "attacks"} <= set(row)
   no_dp = sweep[0]["attacks"]["clip_aware"]
   assert all(v["accuracy"] == 1.0 for v in no_dp.values())
+  # The training-user point: SL's 40 users with both epochs' releases combined; FSL whole rounds.
+  (tu,) = ds["train_users"]
+  assert tu["sigma"] == 1.0 and tu["sl"]["users"] == 40 and tu["sl"]["releases_per_user"] == 2.0
+  assert tu["fsl"]["users"] >= 40 and tu["fsl"]["local_learning_rate"] == 0.01
+  for key in ("first_local_step", "stale_model", "fsl_tracking", "device_update_match"):
+    assert set(tu["fsl"][key]) >= {"label", "priv_cat_0"}, key
+  assert tu["sl"]["all_releases"]["label"]["bound"] is None  # no device DP-SGD: unprotected
 
 
 class _Killed(BaseException):

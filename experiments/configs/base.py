@@ -109,3 +109,27 @@ class StudyConfig:
   # Sweep attack names (experiments.sweeping.ATTACK_SPECS): informed = the default attack (Bayes
   # with the informed prior under noise), bayes = Bayes with the marginal prior.
   variants: tuple[str, ...] = ("informed", "clip_aware", "bayes", "paper")
+  # Training users (experiments.training_users): at each of these cut-layer sigmas (clip auto), SL
+  # trained with --releases=all is attacked on its last epoch and on every release, and FSL with
+  # the local learning rate tracking_learning_rate with fsl_tracking; train_user_examples users.
+  train_user_sigmas: tuple[float, ...] = ()
+  train_user_examples: int = 1000
+  tracking_learning_rate: float = 0.01
+
+
+# StudyConfig fields added after the first committed reports, with the value that means "as
+# before": left out of reproduce_config.json and of the study fingerprints at that value.
+LATER_STUDY_FIELDS = {
+  "train_user_sigmas": (),
+  "train_user_examples": 1000,
+  "tracking_learning_rate": 0.01,
+}
+
+
+def stored_study_dict(study: StudyConfig) -> dict:
+  """The study as reproduce_config.json holds it (see ``LATER_STUDY_FIELDS``)."""
+  out = dataclasses.asdict(study)
+  if not study.train_user_sigmas:  # the other two fields only matter with points
+    for name in LATER_STUDY_FIELDS:
+      del out[name]
+  return out

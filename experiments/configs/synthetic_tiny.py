@@ -26,4 +26,7 @@ def get_config() -> base.StudyConfig:
     label_epsilons=(1.0,),
     # The marginal-prior Bayes attack is left out to keep the tests short.
     variants=("informed", "clip_aware", "paper"),
+    # One training-user point (as the every-release test's FSL run: 40 users).
+    train_user_sigmas=(1.0,),
+    train_user_examples=40,
   )
