@@ -28,7 +28,7 @@ from experiments.configs import base as configs_base
 
 # The fields of an attack record's secret kept in study.json.
 _FIELDS = ("accuracy", "ci", "prior_only_accuracy", "gain", "bound", "bound_kind", "mu_hat")
-_TRACKING_KEYS = (
+TRACKING_KEYS = (
   "prior_only",
   "first_local_step",
   "stale_model",
@@ -114,79 +114,10 @@ def run(
           "local_learning_rate": study.tracking_learning_rate,
           "local_steps": study.train.local_steps,
           "users": tracked["num_examples"],
-          **{k: tracked[k] for k in _TRACKING_KEYS if k in tracked},
+          **{k: tracked[k] for k in TRACKING_KEYS if k in tracked},
           "devices": tracked["devices"],
           "attack_seconds": tracked.get("attack_seconds"),
         },
       }
     )
   return rows
-
-
-def _cell(x) -> str:
-  return "–" if x is None else f"{x:.3f}"
-
-
-def _eps(x) -> str:
-  return "∞" if x in ("inf", None) or float(x) == float("inf") else f"{float(x):.4g}"
-
-
-def table(rows: list[dict]) -> list[str]:
-  """The report's training-user section: one table per sigma (markdown lines)."""
-  out = [
-    "Training users, attacked with the default attack (Bayes with the informed prior under "
-    "noise), beside the informed prior alone on the same users. SL: each user's last-epoch "
-    "release alone, then every release combined — a partial likelihood: exact only when the "
-    "parameters at each release depend on the example only through earlier released outputs "
-    "(device DP-SGD on, where it is set beside the bound over all releases); without device "
-    "DP-SGD the total epsilon is infinite and its gain is set against the prior-only attacker "
-    "(the bound column then says none). FSL: the "
-    "releases of a round's first local step; the later steps under the round-start (stale) "
-    "parameters and under the parameters recomputed from the decoded step-0 rows (tracked); "
-    "`fsl_tracking` combines a device's releases of the round; `device_update_match` re-ranks "
-    "its hypotheses by the distance between their simulated local update and the update the "
-    "device returned.",
-  ]
-  for r in rows:
-    sl, fsl = r["sl"], r["fsl"]
-    secrets = list(sl["all_releases"])
-    out += [
-      "",
-      f"**σ = {r['sigma']:g}** — SL: C = {sl['l2_clip_norm']:.4g}, test AUC "
-      f"{sl['test_auc']:.4f}, {sl['users']} users, {sl['releases_per_user']:g} releases per "
-      f"user, epsilon per example {_eps(sl['epsilon'])}, total {_eps(sl['total_epsilon'])}. "
-      f"FSL: C = {fsl['l2_clip_norm']:.4g}, test AUC {fsl['test_auc']:.4f}, {fsl['users']} "
-      f"users, local learning rate {fsl['local_learning_rate']:g}, {fsl['local_steps']} local "
-      f"steps, total epsilon {_eps(fsl['total_epsilon'])}.",
-      "",
-      "| secret | SL prior only | SL last epoch [95% CI] | SL every release [95% CI] | "
-      "bound, every release (kind) | "
-      "FSL prior only | FSL step 0 | later, stale model | later, tracked | fsl_tracking | "
-      "device_update_match |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in secrets:
-      last, every = sl["last_epoch"][s], sl["all_releases"][s]
-      cells = [
-        s,
-        _cell(every["prior_only_accuracy"]),
-        f"{last['accuracy']:.3f} [{last['ci'][0]:.3f}, {last['ci'][1]:.3f}]",
-        f"{every['accuracy']:.3f} [{every['ci'][0]:.3f}, {every['ci'][1]:.3f}]",
-        "none (unprotected)"
-        if every.get("bound") is None
-        else f"{every['bound']:.3f} ({str(every['bound_kind']).split(':')[0]})",
-      ]
-      for key in _TRACKING_KEYS:
-        cells.append(_cell(fsl.get(key, {}).get(s)))
-      out.append("| " + " | ".join(cells) + " |")
-    dev = fsl["devices"]
-    right = dev["entirely_right"]
-    out += [
-      "",
-      f"FSL devices: {dev['count']}; decoded entirely right at step 0 / by tracking / by the "
-      f"match: {_cell(right.get('first_local_step'))} / {_cell(right.get('fsl_tracking'))} / "
-      f"{_cell(right.get('device_update_match'))}; update matched exactly (within 4 float32 "
-      f"ulps, at {dev.get('update_coords', 0)} coordinates): "
-      f"{_cell(dev.get('exact_update_match'))}.",
-    ]
-  return out
