@@ -486,10 +486,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     np.float32(config.device_dp_noise_multiplier),
   )
 
-  labels = None
-  if config.label_dp_epsilon:
-    rng = np.random.default_rng([config.seed, 7])
-    labels = label_dp.randomized_response(dataset.train.y, config.label_dp_epsilon, rng=rng)
+  labels = train_labels(config, dataset.train.y)
 
   def on_transcript(epoch, transcript):
     # Written before the epoch's checkpoint: a finished checkpoint implies its transcripts.
@@ -631,6 +628,18 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     data=workdir_lib.data_files(config),
   )
   return metrics
+
+
+def train_labels(config, y: np.ndarray) -> np.ndarray | None:
+  """The labels training uses under ``--label_dp_epsilon`` (None without label DP).
+
+  Randomized response drawn once, before training, from ``default_rng([seed, 7])``: every epoch
+  trains on the same noisy labels (what the label channel's audit checks).
+  """
+  if not config.label_dp_epsilon:
+    return None
+  rng = np.random.default_rng([config.seed, 7])
+  return label_dp.randomized_response(y, config.label_dp_epsilon, rng=rng)
 
 
 def run_fingerprint(model, stored_config: dict) -> str:

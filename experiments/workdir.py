@@ -3,8 +3,8 @@
 Rules (every binary):
 
 - ``--workdir`` must name a directory. An empty string, or an existing non-empty directory that is
-  not a splitjax workdir of the same kind (``train``, ``sweep``, ``reproduce``), is refused before
-  anything is written: splitjax never touches a user's own files.
+  not a splitjax workdir of the same kind (``train``, ``sweep``, ``reproduce``, ``audit``), is
+  refused before anything is written: splitjax never touches a user's own files.
 - A finished run records ``run.json`` last and atomically: the run id, the splitjax version, the
   fingerprint of the requested config, the SHA-256 of the training data files and of every
   artifact. Reruns compare against it; ``attack`` reads it (workdirs written before splitjax 0.2
@@ -51,6 +51,7 @@ _MARKERS = {
   "train": ("config.json", MANIFEST),
   "sweep": ("sweep_config.json", "sweep.json", "points"),
   "reproduce": ("reproduce_config.json", "results.json", "REPORT.md"),
+  "audit": ("audit_config.json", "audit.json"),
 }
 
 
@@ -306,7 +307,7 @@ def claim(path, kind: str) -> pathlib.Path:
 
   Args:
     path: the ``--workdir`` value.
-    kind: ``'train'``, ``'sweep'`` or ``'reproduce'``.
+    kind: ``'train'``, ``'sweep'``, ``'reproduce'`` or ``'audit'``.
 
   Returns:
     The directory as a ``pathlib.Path`` (created if it did not exist).
@@ -355,7 +356,7 @@ def write_manifest(workdir, *, kind: str, config_fingerprint: str, artifacts, da
 
   Args:
     workdir: the run's directory.
-    kind: ``'train'``, ``'sweep'`` or ``'reproduce'``.
+    kind: ``'train'``, ``'sweep'``, ``'reproduce'`` or ``'audit'``.
     config_fingerprint: ``results.fingerprint`` of the requested config.
     artifacts: names (relative to ``workdir``) of the files the run wrote.
     data: paths of the input data files.

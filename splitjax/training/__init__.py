@@ -49,6 +49,7 @@ from splitjax.training.loop import UPDATE_COORDS
 from splitjax.training.loop import FitResult
 from splitjax.training.loop import fit
 from splitjax.training.loop import initialize_distributed
+from splitjax.training.loop import replay_chunks
 from splitjax.training.loop import replay_transcript
 from splitjax.training.loop import update_coordinates
 from splitjax.training.state import RECIPES

@@ -4,6 +4,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 from typing import NamedTuple
 
@@ -317,6 +318,37 @@ def update_coordinates(num_params: int, num: int = UPDATE_COORDS) -> np.ndarray:
   return np.sort(rng.choice(num_params, size=num, replace=False)).astype(np.int64)
 
 
+def replay_chunks(
+  model,
+  state: TrainState,
+  split,
+  *,
+  dp: DPConfig | None = None,
+  seed: int = 0,
+  num_examples: int | None = None,
+  batch_size: int = 1024,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """The test replay one chunk at a time: yields ``(rows [n_c] int32, h [n_c, d], g [n_c, d])``.
+
+  Every row of ``split`` (its first ``num_examples``) is sent once through the final model (one
+  DP release each); the DP noise of chunk ``c`` uses ``fold_in(key(seed), c)``. What
+  `replay_transcript` concatenates, and what `splitjax.audit` counts without keeping.
+  """
+  dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
+  n = len(split) if num_examples is None else min(num_examples, len(split))
+  state = state.replace(model=model)
+  key = jax.random.key(seed)
+  for c, start in enumerate(range(0, n, batch_size)):
+    part = np.arange(start, min(start + batch_size, n), dtype=np.int32)
+    h, g = replay(
+      state,
+      split_to_batch(split, part, batch_size),
+      dp,
+      jax.random.fold_in(key, c),
+    )
+    yield part, np.asarray(h)[: len(part)], np.asarray(g)[: len(part)]
+
+
 def replay_transcript(
   model,
   state: TrainState,
@@ -330,27 +362,19 @@ def replay_transcript(
   """Sends every row of ``split`` once through the final model (one DP release each).
 
   This is what the server observes when test users are attacked (DESIGN.md §2).
-  The DP noise of chunk ``c`` uses ``fold_in(key(seed), c)``.
+  The DP noise of chunk ``c`` uses ``fold_in(key(seed), c)`` (`replay_chunks`).
   """
   dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
-  n = len(split) if num_examples is None else min(num_examples, len(split))
-  state = state.replace(model=model)
-  key = jax.random.key(seed)
-  hs, gs = [], []
-  for c, start in enumerate(range(0, n, batch_size)):
-    part = np.arange(start, min(start + batch_size, n), dtype=np.int32)
-    h, g = replay(
-      state,
-      split_to_batch(split, part, batch_size),
-      dp,
-      jax.random.fold_in(key, c),
+  chunks = list(
+    replay_chunks(
+      model, state, split, dp=dp, seed=seed, num_examples=num_examples, batch_size=batch_size
     )
-    hs.append(np.asarray(h)[: len(part)])
-    gs.append(np.asarray(g)[: len(part)])
+  )
+  n = sum(len(part) for part, _, _ in chunks)
   params = jax.tree.map(lambda x: np.asarray(x)[None], jax.device_get(state.device_params))
   return protocol.Transcript(
-    h=np.concatenate(hs),
-    g=np.concatenate(gs),
+    h=np.concatenate([h for _, h, _ in chunks]),
+    g=np.concatenate([g for _, _, g in chunks]),
     example_index=np.arange(n, dtype=np.int32),
     param_index=np.zeros(n, np.int32),
     local_step=np.zeros(n, np.int32),
