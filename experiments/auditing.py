@@ -6,6 +6,7 @@ library's own code paths (`splitjax.audit`) and writes ``audit.json`` atomically
 """
 
 import dataclasses
+import json
 import math
 import pathlib
 import time
@@ -85,8 +86,8 @@ def validate(config, request: AuditRequest) -> None:
         "the cut audit runs the SL step of topology device_top (the cut release is the same in "
         "FSL); drop --protocol/--topology"
       )
-  if request.channel == "pipeline":
-    raise AuditUsageError("--channel=pipeline is not built yet: use cut or label")
+  if request.channel == "pipeline" and config.topology != "device_top":
+    raise AuditUsageError("the pipeline audit runs topology device_top (the paper's)")
   if request.channel == "label" and not config.label_dp_epsilon:
     raise AuditUsageError("the label audit needs --label_dp_epsilon (randomized response) > 0")
 
@@ -262,13 +263,23 @@ def run_audit(config, workdir, request: AuditRequest, *, overwrite: bool = False
     "audit": dataclasses.asdict(request),
   }
   with workdir_lib.own(workdir, "audit") as owned:
+    config_path = pathlib.Path(owned) / CONFIG_FILE
+    same = config_path.exists() and results.read_json(config_path) == json.loads(
+      results.dumps_json(stored)
+    )
     results.check_config_compatible(owned, stored, overwrite=overwrite, filename=CONFIG_FILE)
+    if same and (pathlib.Path(owned) / RECORD).exists():
+      if progress:
+        progress(f"{pathlib.Path(owned) / RECORD} holds this audit: kept")
+      return results.read_json(pathlib.Path(owned) / RECORD)
     if request.channel == "cut":
       record = audit_cut(config, request, progress)
     elif request.channel == "label":
       record = audit_label(config, request, progress)
     else:
-      raise AuditUsageError(f"unknown channel {request.channel!r}")
+      from experiments import auditing_pipeline  # pylint: disable=import-outside-toplevel
+
+      record = auditing_pipeline.audit_pipeline(config, request, pathlib.Path(owned), progress)
     record["environment"] = records.environment()
     if workdir_lib.is_writer():
       results.atomic_write_json(pathlib.Path(owned) / RECORD, record)
@@ -278,13 +289,39 @@ def run_audit(config, workdir, request: AuditRequest, *, overwrite: bool = False
 def _num(x, digits: int = 3) -> str:
   if x is None:
     return "-"
+  x = float(x)  # JSON holds inf as "inf"
   if isinstance(x, float) and math.isinf(x):
     return "inf"
   return f"{x:.{digits}f}"
 
 
+def _pipeline_table(record: dict) -> str:
+  head = "| reading | guesses | correct | eps lower |"
+  rows = [head, "|---|---|---|---|"]
+  for t in record["tried"]:
+    rows.append(
+      f"| {t['reading']} | {t['guesses']:,} | {t['correct']:,} | {t['epsilon_lower']:.3f} |"
+    )
+  acc = record.get("epsilon_accounted")
+  lines = [
+    "\n".join(rows),
+    f"{record['protocol'].upper()} pipeline audit, m = {record['trials']:,} canaries: epsilon "
+    f"lower {record['epsilon_lower']:.3f} (saturation {record['saturation']['epsilon_lower']:.3f}"
+    f" at confidence {record['confidence_each']:.4f} per test); accounted cut only "
+    f"{_num(record.get('epsilon_cut_only'))}, total "
+    f"{_num(acc) if acc is not None else 'inf (' + record.get('epsilon_accounted_note', '') + ')'}",
+  ]
+  if record.get("update_matched_exactly") is not None:
+    lines.append(f"returned updates matched exactly: {record['update_matched_exactly']:.3f}")
+  if not record.get("consistent", True):
+    lines.append("AUDIT EXCEEDS THE ACCOUNTED GUARANTEE: the mechanism or its accounting is wrong")
+  return "\n\n".join(lines)
+
+
 def markdown_table(record: dict) -> str:
-  """The audit as a Markdown table: one row per release path."""
+  """The audit as a Markdown table: one row per release path (pipeline: per reading tried)."""
+  if record["channel"] == "pipeline":
+    return _pipeline_table(record)
   head = (
     "| channel | path | releases | trials | mu accounted | mu lower | eps accounted | eps lower |"
   )

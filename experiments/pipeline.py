@@ -24,6 +24,7 @@ from experiments import common
 from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
+from splitjax import audit
 from splitjax import checkpointing
 from splitjax import data as sj_data
 from splitjax import models
@@ -229,9 +230,39 @@ def load_data(config) -> sj_data.TabularData:
     kwargs["schema"] = config.schema
   if config.dataset == "synthetic":
     kwargs.update(num_examples=config.synthetic_examples, correlation=config.synthetic_correlation)
-  return sj_data.load(
+  data = sj_data.load(
     config.dataset, seed=config.split_seed, path=config.data_path or None, **kwargs
   )
+  if getattr(config, "audit_canaries", 0):
+    rows, bits = canaries(config, len(data.train))
+    y = np.array(data.train.y, copy=True)
+    y[rows] = bits
+    data = dataclasses.replace(data, train=dataclasses.replace(data.train, y=y))
+  return data
+
+
+def canaries(config, num_train: int) -> tuple[np.ndarray, np.ndarray]:
+  """The pipeline audit's canaries: ``(training rows [m], secret labels [m])``.
+
+  FSL: the first example of each of the first m devices of the partition (one canary per device,
+  so each returned update carries one canary); SL: m distinct rows in an order drawn from the
+  audit's seed. The labels are bits drawn uniformly from the audit's own key
+  (``splitjax.audit.canary_bits``), not the real labels.
+  """
+  m = int(config.audit_canaries)
+  if config.protocol == "fsl":
+    _, sizes, _ = clamped_sizes(config, num_train)
+    part = training.device_partition(num_train, sizes["samples_per_device"], config.seed)
+    if m > part.shape[0]:
+      raise ConfigError(
+        f"{m:,} FSL canaries need as many devices, the data has {part.shape[0]:,}: lower --trials"
+      )
+    rows = part[:m, 0].astype(np.int64)
+  else:
+    if m > num_train:
+      raise ConfigError(f"{m:,} canaries but {num_train:,} training rows: lower --trials")
+    rows = np.random.default_rng([config.seed, 20]).permutation(num_train)[:m].astype(np.int64)
+  return rows, audit.canary_bits(config.seed, m)
 
 
 def model_of(config, dataset: sj_data.TabularData) -> models.SplitModel:

@@ -55,7 +55,21 @@ def _static_environment() -> dict:
     "devices": sorted({d.device_kind for d in jax.devices()}),
     "device_count": jax.device_count(),
     "process_count": jax.process_count(),
+    # XLA's CPU kernels sum in a CPU-dependent order: reports from different CPUs differ in the
+    # last digits of trained models (compare a change on one machine, old and new side by side).
+    "cpu": _cpu_model(),
   }
+
+
+def _cpu_model() -> str | None:
+  """The host CPU's model name (Linux /proc/cpuinfo; else platform.processor()), or None."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.lower().startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or None
 
 
 def environment() -> dict:
@@ -83,7 +97,8 @@ def environment_footer(env: dict) -> str:
     f"<sub>environment: splitjax {env.get('splitjax')} (git {commit}), Python "
     f"{env.get('python')}, jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax "
     f"{env.get('flax')}, optax {env.get('optax')}, dp-accounting {env.get('dp-accounting')}, "
-    f"numpy {env.get('numpy')}; {env.get('backend')} ({devices}); {env.get('utc_time')}"
+    f"numpy {env.get('numpy')}; {env.get('backend')} ({devices}"
+    f"{', ' + env['cpu'] if env.get('cpu') else ''}); {env.get('utc_time')}"
     "</sub>"
   )
 

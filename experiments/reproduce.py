@@ -96,8 +96,18 @@ def csv_study(preset: str, data_path: str, schema: str):
   template = common.load_config(f"{'synthetic' if preset == 'tiny' else 'adult'}_{preset}", "")
   train = dataclasses.replace(template.train, dataset="csv", data_path=data_path, schema=schema)
   # No published figures to compare with: the tuned recipe only.
-  # Training users stay off (about 400 MB of recorded releases per point on adult's size).
-  return dataclasses.replace(template, train=train, recipes=("tuned",), train_user_sigmas=())
+  # Training users stay off (about 400 MB of recorded releases per point on adult's size), and so
+  # do the audits (the cut and label channels do not depend on the table; `experiments.audit
+  # --channel=pipeline --dataset=csv` audits yours).
+  return dataclasses.replace(
+    template,
+    train=train,
+    recipes=("tuned",),
+    train_user_sigmas=(),
+    audit_sigmas=(),
+    audit_label_epsilon=0.0,
+    audit_pipeline=(),
+  )
 
 
 def _check_same_study(workdir, studies) -> None:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import audit_study
 from experiments import common
 from experiments import pipeline
 from experiments import records
@@ -115,6 +116,10 @@ def run_study(
     res["train_users"] = training_users.run(
       study, workdir, overwrite=overwrite, kill_switch=kill_switch
     )
+  if study.audit_sigmas or study.audit_label_epsilon or study.audit_pipeline:
+    if progress:
+      progress(f"[reproduce] {ds}: audits (cut, label, pipeline)")
+    res["audit"] = audit_study.run(study, workdir, overwrite=overwrite)
   spec = pipeline.model_of(study.train, pipeline.load_data(study.train)).spec
   res["dims"] = [spec.cut_dim, len(spec.priv_cardinalities)]
   res["cost"] = cost_summary(res)
@@ -579,6 +584,12 @@ def write_report(results: dict, studies: dict, workdir) -> str:
     if res.get("train_users"):
       out += ["", "### Training users — every release and FSL tracking", ""]
       out += table_train_users(res["train_users"])
+    if res.get("audit"):
+      out += ["", "### Audit — empirical lower bounds beside the accounted guarantee", ""]
+      out += audit_study.table_audit(res["audit"])
+      fig = audit_study.plot_mu(res["audit"]["cut"], workdir, f"{ds}_audit_mu.png")
+      if fig:
+        out += ["", f"![{ds} audit mu]({fig})"]
     out += ["", "### Table 4 — cost", ""] + table4(res, study, res["dims"])
   if results.get("environment"):
     out += ["", "---", "", records.environment_footer(results["environment"])]

@@ -476,6 +476,13 @@ def label_accounting(epsilon: float, epochs: int, *, fresh_draw_per_epoch: bool 
   return epsilon * (epochs if fresh_draw_per_epoch else 1)
 
 
+def canary_bits(seed: int, m: int) -> np.ndarray:
+  """The pipeline audit's m secret bits: uniform from ``fold_in(key(seed), 20)`` (the audit's
+  own key, independent of the data, the model and the DP noise)."""
+  key = jax.random.fold_in(jax.random.key(seed), 20)
+  return np.asarray(jax.random.bernoulli(key, 0.5, (m,)), np.int32)
+
+
 def key_bits(seed: int, n: int) -> np.ndarray:
   """``n`` secret bits drawn uniformly from the audit's own key (not from any real label)."""
   return np.asarray(jax.random.bernoulli(jax.random.key(seed), 0.5, (n,)), np.int32)

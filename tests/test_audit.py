@@ -295,3 +295,41 @@ def test_epsilon_accounted_note_where_infinite():
   c = audit.gaussian_counts(1.0, 1000)
   s = audit.summary(c, mu_accounted=math.inf, epsilon_accounted=math.inf)
   assert s["epsilon_accounted"] is None and "infinite" in s["epsilon_accounted_note"]
+
+
+# --- the pipeline (one run, m canaries) ---------------------------------------------------------
+
+
+def test_canaries_one_per_fsl_device_and_bits_from_the_audit_key():
+  import dataclasses
+
+  from experiments import pipeline
+  from experiments.configs import base
+
+  cfg = dataclasses.replace(base.TrainConfig(), protocol="fsl", audit_canaries=20)
+  rows, bits = pipeline.canaries(cfg, 400)
+  part = training.device_partition(400, cfg.samples_per_device, cfg.seed)
+  device_of = {int(e): d for d, row in enumerate(part) for e in row if e >= 0}
+  assert len({device_of[int(r)] for r in rows}) == 20
+  assert set(np.unique(bits)) == {0, 1}
+  np.testing.assert_array_equal(bits, audit.canary_bits(cfg.seed, 20))
+  with pytest.raises(ValueError, match="lower --trials"):
+    pipeline.canaries(dataclasses.replace(cfg, audit_canaries=26), 400)
+
+
+@pytest.mark.parametrize("protocol", ["sl", "fsl"])
+def test_pipeline_audit_without_dp_reaches_saturation(tmp_path, protocol):
+  work = tmp_path / protocol
+  with flagsaver.flagsaver(
+    workdir=str(work), config="synthetic_tiny", channel="pipeline", protocol=protocol, trials=20
+  ):
+    audit_bin.main([])
+  rec = json.loads((work / "audit.json").read_text())
+  assert rec["trials"] == 20 and rec["epsilon_accounted"] is None
+  assert "infinite" in rec["epsilon_accounted_note"]
+  full = [t for t in rec["tried"] if t["guesses"] == 20]
+  # Without any DP every canary's label is read exactly (SL: the releases; FSL: the update too).
+  assert all(t["correct"] == 20 for t in full)
+  assert rec["epsilon_lower"] == pytest.approx(rec["saturation"]["epsilon_lower"], rel=1e-6)
+  if protocol == "fsl":
+    assert rec["update_matched_exactly"] == 1.0

@@ -253,6 +253,16 @@ def test_reproduce_tiny_report_and_results_schema(tiny_report):
   for key in ("first_local_step", "stale_model", "fsl_tracking", "device_update_match"):
     assert set(tu["fsl"][key]) >= {"label", "priv_cat_0"}, key
   assert tu["sl"]["all_releases"]["label"]["bound"] is None  # no device DP-SGD: unprotected
+  # The audits: the cut channel at sigma 2 (mu 1), the label channel, an FSL pipeline audit.
+  assert "### Audit" in report and "saturation" in report
+  (cut,) = ds["audit"]["cut"]
+  assert cut["mu_accounted"] == 1.0 and 0.9 < cut["mu_lower"] <= 1.0 and cut["consistent"]
+  assert cut["two_sided"]["passed"] and cut["training"]["releases"] == 2
+  assert 0.8 < ds["audit"]["label"]["epsilon_lower_pure"] <= 1.0
+  (pipe,) = ds["audit"]["pipeline"]
+  assert pipe["protocol"] == "fsl" and pipe["trials"] == 20
+  assert pipe["epsilon_cut_only"] == pytest.approx(2.0, rel=1e-5)
+  assert pipe["epsilon_lower"] > 0 and pipe["epsilon_accounted"] is None
 
 
 class _Killed(BaseException):

@@ -6,6 +6,7 @@ Launch::
 """
 
 from experiments import sweeping
+from experiments.configs import adult_quick
 from experiments.configs import base
 
 
@@ -18,4 +19,11 @@ def get_config() -> base.StudyConfig:
     sigmas=sweeping.SIGMAS,
     target_epsilons=sweeping.TARGET_EPSILONS,
     label_epsilons=sweeping.LABEL_EPSILONS,
+    # The audits: the cut channel over the sigma grid, the label channel, and the pipeline (SL and
+    # FSL, 1,000 canaries, device DP-SGD off and on).
+    audit_sigmas=adult_quick.AUDIT_SIGMAS,
+    audit_label_epsilon=1.0,
+    audit_pipeline=("sl", "fsl"),
+    audit_canaries=1000,
+    audit_device_dp=(False, True),
   )

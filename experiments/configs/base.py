@@ -43,6 +43,9 @@ class TrainConfig:
   # every epoch, with the parameters behind it (releases/epoch_NNNN.npz and _params.msgpack).
   releases: str = "last_epoch"
   split_seed: int = 0  # the 90/10 split (and synthetic data) is fixed across training seeds
+  # experiments.audit --channel=pipeline: this many training rows (the first example of each of
+  # the first devices of the FSL partition) get secret labels drawn from the audit's own key.
+  audit_canaries: int = 0
   # synthetic dataset only
   synthetic_examples: int = 2000
   synthetic_correlation: float = 0.0
@@ -51,7 +54,7 @@ class TrainConfig:
 # TrainConfig fields added after splitjax 0.2's first workdirs, with the value that means "as
 # before": left out of config.json and of the fingerprints at that value (`stored_train_dict`), so
 # earlier workdirs still resume and earlier reports keep their fingerprints.
-LATER_TRAIN_FIELDS = {"releases": "last_epoch"}
+LATER_TRAIN_FIELDS = {"releases": "last_epoch", "audit_canaries": 0}
 
 
 def stored_train_dict(config: TrainConfig) -> dict:
@@ -115,6 +118,22 @@ class StudyConfig:
   train_user_sigmas: tuple[float, ...] = ()
   train_user_examples: int = 1000
   tracking_learning_rate: float = 0.01
+  # Audits (experiments.audit_study): the cut channel at each of these sigmas (audit_trials
+  # replays per label, audit_training_trials canaries through the training loop), the label channel
+  # at audit_label_epsilon (0 = off), and the whole pipeline for each protocol of audit_pipeline
+  # with audit_canaries canaries, cut sigma calibrated to audit_cut_epsilon (cut only), device
+  # DP-SGD off, and on (clip audit_device_clip, multiplier audit_device_sigma) where
+  # audit_device_dp holds True.
+  audit_sigmas: tuple[float, ...] = ()
+  audit_trials: int = 1_000_000
+  audit_training_trials: int = 100_000
+  audit_label_epsilon: float = 0.0
+  audit_pipeline: tuple[str, ...] = ()
+  audit_canaries: int = 500
+  audit_cut_epsilon: float = 2.0
+  audit_device_dp: tuple[bool, ...] = (False,)
+  audit_device_clip: float = 1.0
+  audit_device_sigma: float = 2.0
 
 
 # StudyConfig fields added after the first committed reports, with the value that means "as
@@ -123,13 +142,27 @@ LATER_STUDY_FIELDS = {
   "train_user_sigmas": (),
   "train_user_examples": 1000,
   "tracking_learning_rate": 0.01,
+  "audit_sigmas": (),
+  "audit_trials": 1_000_000,
+  "audit_training_trials": 100_000,
+  "audit_label_epsilon": 0.0,
+  "audit_pipeline": (),
+  "audit_canaries": 500,
+  "audit_cut_epsilon": 2.0,
+  "audit_device_dp": (False,),
+  "audit_device_clip": 1.0,
+  "audit_device_sigma": 2.0,
 }
+_TRAIN_USER_FIELDS = ("train_user_sigmas", "train_user_examples", "tracking_learning_rate")
 
 
 def stored_study_dict(study: StudyConfig) -> dict:
   """The study as reproduce_config.json holds it (see ``LATER_STUDY_FIELDS``)."""
   out = dataclasses.asdict(study)
   if not study.train_user_sigmas:  # the other two fields only matter with points
-    for name in LATER_STUDY_FIELDS:
+    for name in _TRAIN_USER_FIELDS:
+      del out[name]
+  for name, value in LATER_STUDY_FIELDS.items():  # the audit fields at their defaults
+    if name not in _TRAIN_USER_FIELDS and out[name] == value:
       del out[name]
   return out

@@ -18,4 +18,8 @@ def get_config() -> base.StudyConfig:
     sigmas=sweeping.SIGMAS,
     target_epsilons=sweeping.TARGET_EPSILONS,
     label_epsilons=sweeping.LABEL_EPSILONS,
+    # Pipeline audits: SL and FSL, 1,000 canaries, device DP-SGD off and on.
+    audit_pipeline=("sl", "fsl"),
+    audit_canaries=1000,
+    audit_device_dp=(False, True),
   )

@@ -13,4 +13,6 @@ from experiments.configs import base
 
 
 def get_config() -> base.StudyConfig:
-  return base.StudyConfig(train=base.TrainConfig(dataset="credit"))
+  # The FSL pipeline audit (500 canaries, cut-only epsilon 2, device DP-SGD off); the cut and
+  # label channels are the same on every dataset and run in adult's study.
+  return base.StudyConfig(train=base.TrainConfig(dataset="credit"), audit_pipeline=("fsl",))

@@ -28,5 +28,12 @@ def get_config() -> base.StudyConfig:
     variants=("informed", "clip_aware", "paper"),
     # One training-user point (as the every-release test's FSL run: 40 users).
     train_user_sigmas=(1.0,),
+    # Every audit, small: the cut channel at sigma 2, the label channel, an FSL pipeline audit.
+    audit_sigmas=(2.0,),
+    audit_trials=20_000,
+    audit_training_trials=5_000,
+    audit_label_epsilon=1.0,
+    audit_pipeline=("fsl",),
+    audit_canaries=20,
     train_user_examples=40,
   )
