@@ -21,13 +21,13 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from experiments import common
 from experiments import pipeline
 from experiments.configs import base
 from splitjax import audit
 from splitjax import training
 from splitjax.privacy import accounting
 
-_DATASET = flags.DEFINE_string("dataset", "adult", "Dataset whose model holds the canary.")
 _SIGMA = flags.DEFINE_float("sigma", 2.0, "Accounted noise multiplier.")
 _TRIALS = flags.DEFINE_integer("trials", 1_000_000, "Replays per label at the default.")
 _TRAIN_TRIALS = flags.DEFINE_integer("training_trials", 100_000, "Canaries per label, k = 2.")
@@ -39,7 +39,7 @@ def _row(*cells) -> str:
 
 def main(argv):
   del argv
-  cfg = dataclasses.replace(base.TrainConfig(), dataset=_DATASET.value)
+  cfg = dataclasses.replace(base.TrainConfig(), dataset=common.DATASET.value)
   data = pipeline.load_data(cfg)
   model = pipeline.model_of(cfg, data)
   state = audit.audit_state(model, 4096, 2, 0)
@@ -62,7 +62,7 @@ def main(argv):
     )
     return c, time.perf_counter() - t0
 
-  print(f"{_DATASET.value} model, canary row {canary.row}, C = {canary.l2_clip_norm:.4g}; ")
+  print(f"{common.DATASET.value} model, canary row {canary.row}, C = {canary.l2_clip_norm:.4g}; ")
   print(f"accounted sigma {sigma:g}: mu {mu:.4f}, epsilon {eps:.4f} at delta {audit.DELTA:g}\n")
   print(
     _row(

@@ -1,6 +1,7 @@
 """splitjax: privacy leakage through the cut layer of split learning, in JAX."""
 
 from splitjax import attacks
+from splitjax import audit
 from splitjax import checkpointing
 from splitjax import data
 from splitjax import evaluation

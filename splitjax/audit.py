@@ -148,7 +148,7 @@ def epsilon_lower(counts: Counts, delta: float = DELTA, confidence: float = CONF
     first = np.log(np.maximum(tpr_lo - delta, 0.0) / fpr_hi)
     second = np.log(np.maximum((1.0 - fpr_hi) - delta, 0.0) / (1.0 - tpr_lo))
   cand = np.concatenate([first, second])
-  cand = cand[np.isfinite(cand) | (cand > 0)]  # +inf (a zero upper bound) cannot occur; drop NaN
+  cand = cand[~np.isnan(cand)]  # FPR_hi > 0 and TPR_lo < 1 for finite trials: no +inf
   return float(max(0.0, np.max(cand))) if cand.size else 0.0
 
 
@@ -252,6 +252,8 @@ def summary(
     bad.append(out["mu_lower"] > mu_accounted)
   if epsilon_accounted is not None:
     bad.append(out["epsilon_lower"] > epsilon_accounted)
+    if pure:
+      bad.append(out["epsilon_lower_pure"] > epsilon_accounted)
   out["consistent"] = not any(bad)
   return out
 
