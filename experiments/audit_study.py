@@ -15,6 +15,7 @@ import dataclasses
 import pathlib
 
 from experiments import auditing
+from experiments import auditing_pipeline
 from experiments.configs import base as configs_base
 
 # The fields of an audit record kept in study.json (the pipeline's per-test table too).
@@ -86,7 +87,9 @@ def run(study: configs_base.StudyConfig, workdir, *, overwrite: bool = False) ->
         device_dp_clip=study.audit_device_clip if device_dp else 0.0,
         device_dp_noise_multiplier=study.audit_device_sigma if device_dp else 0.0,
       )
-      req = auditing.AuditRequest(channel="pipeline", trials=study.audit_canaries)
+      # FSL holds one canary per device: a small table (bank's 4,521 rows) caps m.
+      m = min(study.audit_canaries, auditing_pipeline.max_canaries(cfg))
+      req = auditing.AuditRequest(channel="pipeline", trials=m)
       name = f"pipeline_{proto}_{'device_dp' if device_dp else 'no_device_dp'}"
       rec = auditing.run_audit(cfg, base / name, req, overwrite=overwrite)
       out["pipeline"].append({**_kept(rec), "device_dp": device_dp})

@@ -258,6 +258,10 @@ def run_audit(config, workdir, request: AuditRequest, *, overwrite: bool = False
     pipeline.validate(dataclasses.replace(config, dp_clip="auto"))
   else:
     pipeline.validate(config)
+  if request.channel == "pipeline":
+    from experiments import auditing_pipeline  # pylint: disable=import-outside-toplevel
+
+    auditing_pipeline.canary_config(config, request)  # m fits the data, before any write
   stored = {
     "train_config": configs_base.stored_train_dict(config),
     "audit": dataclasses.asdict(request),

@@ -202,11 +202,29 @@ def guesses(score: np.ndarray, bits: np.ndarray, num: int) -> int:
   return int(np.sum((score[order] > 0).astype(np.int32) == bits[order]))
 
 
+def canary_config(config, request):
+  """The training config of the pipeline audit: ``config`` with m canaries and every release
+  recorded. ConfigError (before anything is written) when the data cannot hold m canaries."""
+  m = request.trials or DEFAULT_CANARIES[config.protocol]
+  cfg = dataclasses.replace(config, audit_canaries=m, releases="all", record_device_params=True)
+  pipeline.canaries(cfg, len(pipeline.load_data(config).train))  # raises if m does not fit
+  return cfg
+
+
+def max_canaries(config) -> int:
+  """The most canaries ``config``'s data holds: the FSL devices (one canary each), or the rows."""
+  num_train = len(pipeline.load_data(config).train)
+  if config.protocol != "fsl":
+    return num_train
+  _, sizes, _ = pipeline.clamped_sizes(config, num_train)
+  return math.ceil(num_train / sizes["samples_per_device"])
+
+
 def audit_pipeline(config, request, workdir: pathlib.Path, progress=None) -> dict:
   """Trains with m canaries in ``workdir/train`` (resumable) and audits it; returns the record."""
   fsl = config.protocol == "fsl"
-  m = request.trials or DEFAULT_CANARIES[config.protocol]
-  cfg = dataclasses.replace(config, audit_canaries=m, releases="all", record_device_params=True)
+  cfg = canary_config(config, request)
+  m = cfg.audit_canaries
   if progress:
     progress(f"pipeline audit: training with {m:,} canaries ({config.protocol})")
   metrics = pipeline.train_workdir(

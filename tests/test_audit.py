@@ -12,7 +12,6 @@ from absl.testing import flagsaver
 from scipy import special
 
 from experiments import audit as audit_bin
-from experiments import auditing
 from splitjax import audit
 from splitjax import training
 from splitjax.privacy import accounting
@@ -281,12 +280,13 @@ def test_binary_cut_and_label_records(tmp_path, capsys):
     (dict(channel="cut", dp_noise_multiplier=0.0), "finite positive noise"),
     (dict(channel="label", label_dp_epsilon=1.0, audit_epochs=1), "at least 2 epochs"),
     (dict(channel="cut", dp_noise_multiplier=1.0, confidence=1.5), "--confidence"),
+    (dict(channel="pipeline", protocol="fsl", trials=1000), "lower --trials"),
   ],
 )
 def test_binary_bad_flags_one_line_nothing_written(tmp_path, flags_, message):
   work = tmp_path / "w"
   with flagsaver.flagsaver(workdir=str(work), config="synthetic_tiny", **flags_):
-    with pytest.raises(auditing.AuditUsageError, match=message):
+    with pytest.raises(ValueError, match=message):
       audit_bin.main([])
   assert not work.exists()
 
