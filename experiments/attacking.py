@@ -370,6 +370,7 @@ def observed_transcript(restored, config, clip: float, sigma: float):
       dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
       seed=config.seed + 1000,
       num_examples=config.num_examples or None,
+      defenses=pipeline.defense_plan(restored.config),
     )
     return transcript, "test"
   transcript = restored.transcript()
@@ -581,6 +582,11 @@ def _write_record(record: dict, restored, out_path: pathlib.Path, partial_path: 
   """Stamps the record (schema, model, environment), writes it atomically, drops the partial."""
   record["schema_version"] = SCHEMA_VERSION
   record["model_fingerprint"] = restored.fingerprint
+  if getattr(restored.config, "defenses", ()):
+    # The attacks here score the DP chain only: against a defence they are naive (no adaptive
+    # attack models it yet), so the accuracy is what a defence-unaware server reaches.
+    record["defense_chain"] = list(restored.config.defenses)
+    record["defense_model"] = "naive"
   record["environment"] = records.environment()
   if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
     results.atomic_write_json(out_path, record)

@@ -27,6 +27,7 @@ from experiments.configs import base as configs_base
 from splitjax import audit
 from splitjax import checkpointing
 from splitjax import data as sj_data
+from splitjax import defenses as defenses_lib
 from splitjax import models
 from splitjax import protocol
 from splitjax import results
@@ -80,6 +81,13 @@ def validate(config: configs_base.TrainConfig) -> None:
       ) from None
     if not clip > 0 or math.isnan(clip):
       raise ConfigError(f"--dp_clip={config.dp_clip} must be a positive number (or 'auto'/'none')")
+  if config.defenses:
+    chain = defense_plan(config)
+    if config.topology != "device_top":
+      raise ConfigError("--defense acts on the cut gradients the device sends: topology device_top")
+    defenses_lib.check_covered(
+      chain, 1.0 if (config.dp_noise_multiplier or config.target_epsilon) else 0.0
+    )
   s = config.dp_noise_multiplier
   if math.isnan(s) or s < 0:
     raise ConfigError(f"--dp_noise_multiplier={s} must be >= 0 (0 = no noise, inf = frozen server)")
@@ -550,7 +558,9 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     if kill_switch is not None:
       kill_switch.tick()
 
+  chain = defense_plan(config)
   fit_kwargs = dict(
+    defenses=chain,
     recipe=recipe,
     seed=config.seed,
     protocol_name=config.protocol,
@@ -634,6 +644,12 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     },
     "environment": records.environment(),
   }
+  if chain is not None:
+    # The chain as it ran; what the epsilons below cover (run with noise only when covered).
+    metrics["defense_chain"] = chain.stages()
+    metrics["defense_chain_covered"] = chain.covered
+    if not chain.covered:
+      metrics["defense_chain_note"] = f"the cut-layer epsilon is not covered: {chain.reason}"
   metrics.update(
     accounting.privacy_report(
       noise_multiplier=sigma,
@@ -659,6 +675,13 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     data=workdir_lib.data_files(config),
   )
   return metrics
+
+
+def defense_plan(config):
+  """The ``--defense`` chain of ``config`` as a `splitjax.defenses.Plan`, or None without one."""
+  if not config.defenses:
+    return None
+  return defenses_lib.plan(config.defenses, finite_clip=config.dp_clip != "none")
 
 
 def train_labels(config, y: np.ndarray) -> np.ndarray | None:

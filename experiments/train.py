@@ -8,6 +8,8 @@ Writes ``metrics.json`` (test AUC, log-loss, accuracy, timings, privacy report),
 the checkpoint and the last epoch's transcript into ``--workdir``.
 """
 
+import dataclasses
+
 from absl import app
 from absl import flags
 
@@ -46,6 +48,14 @@ flags.DEFINE_bool(
   "transcript row (transcript_params.msgpack; about 35 MB for adult SL): "
   "attack --users=train needs them.",
 )
+_DEFENSE = flags.DEFINE_multi_string(
+  "defense",
+  [],
+  "A defence on the rows the device sends, NAME[:PARAM] (repeatable, in order): max_norm, "
+  "topk:FRACTION, sign, quantize:BITS, quantize_stochastic:BITS; the markers clip and noise "
+  "place the DP chain (appended at the end when absent). A chain that voids the cut-layer "
+  "epsilon is refused with noise on (splitjax.defenses).",
+)
 flags.mark_flags_as_required(["workdir"])
 for _name in common.SHARED_FLAGS["train"]:
   flags.declare_key_flag(_name)
@@ -55,6 +65,8 @@ def main(argv):
   del argv
   config = common.load_train_config(common.CONFIG.value, common.DATASET.value)
   config = common.apply_flag_overrides(config, common.config_dict(base.TrainConfig()))
+  if _DEFENSE.value:
+    config = dataclasses.replace(config, defenses=tuple(_DEFENSE.value))
   metrics = pipeline.train_workdir(
     config,
     common.WORKDIR.value,

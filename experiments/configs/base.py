@@ -46,6 +46,9 @@ class TrainConfig:
   # experiments.audit --channel=pipeline: this many training rows (the first example of each of
   # the first devices of the FSL partition) get secret labels drawn from the audit's own key.
   audit_canaries: int = 0
+  # --defense entries in order (splitjax.defenses): defences on the rows the device sends, with the
+  # markers clip and noise placing the DP chain (appended at the end when absent).
+  defenses: tuple[str, ...] = ()
   # synthetic dataset only
   synthetic_examples: int = 2000
   synthetic_correlation: float = 0.0
@@ -54,7 +57,7 @@ class TrainConfig:
 # TrainConfig fields added after splitjax 0.2's first workdirs, with the value that means "as
 # before": left out of config.json and of the fingerprints at that value (`stored_train_dict`), so
 # earlier workdirs still resume and earlier reports keep their fingerprints.
-LATER_TRAIN_FIELDS = {"releases": "last_epoch", "audit_canaries": 0}
+LATER_TRAIN_FIELDS = {"releases": "last_epoch", "audit_canaries": 0, "defenses": ()}
 
 
 def stored_train_dict(config: TrainConfig) -> dict:

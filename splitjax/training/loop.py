@@ -74,6 +74,7 @@ def fit(
   on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
   on_transcript: Callable[[int, Any], None] | None = None,
   on_step: Callable[[int, int, int], None] | None = None,
+  defenses=None,
 ) -> FitResult:
   """Trains a split model with SL or FSL.
 
@@ -105,6 +106,8 @@ def fit(
       what must outlive the callback.
     on_transcript: ``callback(epoch, transcript)`` once a recorded epoch's transcript is
       complete, before that epoch's ``on_epoch_end``.
+    defenses: a `splitjax.defenses.Plan` the device wraps around its DP chain (None: the DP
+      chain alone); static for the jitted steps.
     on_step: ``callback(epoch, done, total)`` after each step (SL) or round (FSL) of an epoch,
       ``done`` of ``total``; progress lines are the caller's (the library prints nothing).
       The step has been dispatched, not necessarily finished (JAX is asynchronous).
@@ -150,7 +153,7 @@ def fit(
           batch = put_global(batch, shard.batch)
         if rec is not None:
           rec.add_params(state.device_params)
-        state, loss, h, g, bad = sl_step(state, batch, dp, device_dp=device_dp)
+        state, loss, h, g, bad = sl_step(state, batch, dp, device_dp=device_dp, defenses=defenses)
         losses.append(loss)
         nonfinite.append(bad)
         if rec is not None:
@@ -177,6 +180,7 @@ def fit(
           local_steps=local_steps,
           device_dp=device_dp,
           return_device_params=True,
+          defenses=defenses,
         )
         losses.append(jnp.mean(loss))
         nonfinite.append(bad)
@@ -327,6 +331,7 @@ def replay_chunks(
   seed: int = 0,
   num_examples: int | None = None,
   batch_size: int = 1024,
+  defenses=None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """The test replay one chunk at a time: yields ``(rows [n_c] int32, h [n_c, d], g [n_c, d])``.
 
@@ -345,6 +350,7 @@ def replay_chunks(
       split_to_batch(split, part, batch_size),
       dp,
       jax.random.fold_in(key, c),
+      defenses,
     )
     yield part, np.asarray(h)[: len(part)], np.asarray(g)[: len(part)]
 
@@ -358,16 +364,25 @@ def replay_transcript(
   seed: int = 0,
   num_examples: int | None = None,
   batch_size: int = 1024,
+  defenses=None,
 ) -> protocol.Transcript:
   """Sends every row of ``split`` once through the final model (one DP release each).
 
   This is what the server observes when test users are attacked (DESIGN.md §2).
-  The DP noise of chunk ``c`` uses ``fold_in(key(seed), c)`` (`replay_chunks`).
+  The DP noise of chunk ``c`` uses ``fold_in(key(seed), c)`` (`replay_chunks`); ``defenses`` as
+  in `fit` (the device's chain as trained).
   """
   dp = no_dp() if dp is None else DPConfig(*dp).as_arrays()
   chunks = list(
     replay_chunks(
-      model, state, split, dp=dp, seed=seed, num_examples=num_examples, batch_size=batch_size
+      model,
+      state,
+      split,
+      dp=dp,
+      seed=seed,
+      num_examples=num_examples,
+      batch_size=batch_size,
+      defenses=defenses,
     )
   )
   n = sum(len(part) for part, _, _ in chunks)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from splitjax import defenses as defenses_lib
 from splitjax import protocol
 from splitjax.data.batching import Batch
 from splitjax.privacy import transforms as dp_transforms
@@ -19,6 +20,16 @@ def sides(model, batch) -> tuple[str, tuple[Any, Any], tuple[Any, Any]]:
   if model.spec.topology == "device_top":
     return "server", (batch.pub_cat, batch.pub_dense), (batch.priv_cat, batch.priv_dense)
   return "device", (batch.priv_cat, batch.priv_dense), (batch.pub_cat, batch.pub_dense)
+
+
+def _privatizer(dp: DPConfig, key, defenses):
+  """What the device applies to the rows it sends: the DP chain, or the defence chain around it
+  (`splitjax.defenses.Plan`, static; None = the DP chain alone)."""
+  if defenses is None:
+    return lambda x, mask: cut_layer_dp(x, dp, key, mask)
+  return lambda x, mask: defenses_lib.defended_release(
+    x, mask, key, dp.l2_clip_norm, dp.noise_multiplier, defenses
+  )
 
 
 def cut_layer_dp(x, dp: DPConfig, key, mask):
@@ -67,7 +78,7 @@ def _head_step(model, params, h, head_in: tuple[Any, Any], y, mask, dp, key, dev
 
 
 def _split_forward_backward(
-  model, enc_params, head_params, batch, dp, key, device_dp: bool = False
+  model, enc_params, head_params, batch, dp, key, device_dp: bool = False, defenses=None
 ):
   """One pass through the cut; (loss, enc_grads, head_grads, h_sent, g_sent, logits, nonfinite)."""
   _, enc_in, head_in = sides(model, batch)
@@ -82,7 +93,7 @@ def _split_forward_backward(
     batch.y,
     batch.mask,
     topology=model.spec.topology,
-    privatize=lambda x, mask: cut_layer_dp(x, dp, key, mask),
+    privatize=_privatizer(dp, key, defenses),
     privatize_head_grads=_head_privatizer(dp, key, device_dp),
   )
   return (
@@ -103,8 +114,10 @@ def _encoder_and_head(state: TrainState):
   return state.device_params, state.server_params
 
 
-@functools.partial(jax.jit, static_argnames=("device_dp",), donate_argnums=(0,))
-def sl_step(state: TrainState, batch: Batch, dp: DPConfig, *, device_dp: bool = False):
+@functools.partial(jax.jit, static_argnames=("device_dp", "defenses"), donate_argnums=(0,))
+def sl_step(
+  state: TrainState, batch: Batch, dp: DPConfig, *, device_dp: bool = False, defenses=None
+):
   """One SL step: ``(state, batch, dp, *, device_dp=False) ->
   (state, loss, h_sent [N, d], g_sent [N, d], nonfinite)``.
 
@@ -112,14 +125,15 @@ def sl_step(state: TrainState, batch: Batch, dp: DPConfig, *, device_dp: bool = 
   optimisers come from the state's static fields. ``h_sent``/``g_sent`` are what crossed the wire
   (padded rows zero); ``nonfinite`` (int32) counts the rows the DP clip zeroed because they held an
   inf or NaN. The noise key is ``fold_in(state.key, state.step)``. ``device_dp`` (static) turns on
-  device DP-SGD with ``dp``'s device fields.
+  device DP-SGD with ``dp``'s device fields; ``defenses`` (static, a `splitjax.defenses.Plan`)
+  wraps the DP chain in a defence chain.
   """
   key = jax.random.fold_in(state.key, state.step)
   model = state.model
   device_top = model.spec.topology == "device_top"
   enc, head = _encoder_and_head(state)
   loss, enc_g, head_g, h_sent, g_sent, _, nonfinite = _split_forward_backward(
-    model, enc, head, batch, dp, key, device_dp
+    model, enc, head, batch, dp, key, device_dp, defenses
   )
   server_g, device_g = (enc_g, head_g) if device_top else (head_g, enc_g)
   upd, server_opt = state.tx_server.update(server_g, state.server_opt, state.server_params)
@@ -151,7 +165,7 @@ def _masked_mean(tree, weights):
 
 @functools.partial(
   jax.jit,
-  static_argnames=("local_steps", "device_dp", "return_device_params"),
+  static_argnames=("local_steps", "device_dp", "return_device_params", "defenses"),
   donate_argnums=(0,),
 )
 def fsl_round(
@@ -163,6 +177,7 @@ def fsl_round(
   local_steps: int,
   device_dp: bool = False,
   return_device_params: bool = False,
+  defenses=None,
 ):
   """One FSL round: ``(state, batch [D, S, ...], device_mask [D], dp, *,
   local_steps, device_dp=False) -> (state, losses [local_steps], h, g, nonfinite)``.
@@ -214,7 +229,7 @@ def fsl_round(
       flat.y,
       flat.mask,
       topology="device_top",
-      privatize=lambda x, mask: cut_layer_dp(x, dp, key, mask),
+      privatize=_privatizer(dp, key, defenses),
       head_step_fn=device_heads,
     )
     hd = cut.h_sent.reshape(batch.y.shape + cut.h_sent.shape[-1:])
@@ -243,13 +258,14 @@ def fsl_round(
   return new, losses, hs, gs, jnp.sum(nonfinite)
 
 
-@jax.jit
-def replay(state: TrainState, batch: Batch, dp: DPConfig, key):
+@functools.partial(jax.jit, static_argnames=("defenses",))
+def replay(state: TrainState, batch: Batch, dp: DPConfig, key, defenses=None):
   """Jitted ``(state, batch, dp, key) -> (h_sent [N, d], g_sent [N, d])``: one release per row.
 
-  Nothing is donated or updated; the noise key is ``key`` itself.
+  Nothing is donated or updated; the noise key is ``key`` itself; ``defenses`` (static) as in
+  `sl_step`.
   """
   model = state.model
   enc, head = _encoder_and_head(state)
-  _, _, _, h, g, _, _ = _split_forward_backward(model, enc, head, batch, dp, key)
+  _, _, _, h, g, _, _ = _split_forward_backward(model, enc, head, batch, dp, key, defenses=defenses)
   return h, g

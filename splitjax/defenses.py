@@ -1,0 +1,265 @@
+"""Defences on what crosses the cut, composed with the DP chain, and whether epsilon still holds.
+
+A defence here is a transform of the per-example rows the device sends (``x [N, d]``: the cut
+gradients in ``device_top``), written as an optax ``GradientTransformation`` whose ``update``
+takes the rows and returns the rows sent. A chain is a sequence of names with two markers for
+the DP chain's steps, ``clip`` and ``noise`` (appended at the end when absent)::
+
+    ("max_norm", "clip", "noise")          max_norm is pre-processing: epsilon holds
+    ("clip", "noise", "topk:0.1")          top-k after the noise: post-processing, epsilon holds
+    ("clip", "quantize:8", "noise")        between clip and noise: the Gaussian accounting is void
+
+What the accounting needs (`plan`): between the clip and the noise nothing may touch the rows
+(the noise's sensitivity is the clip's 2C), and no defence before the noise may mix rows of a
+batch (``max_norm`` uses the batch's largest norm, so one example's data moves every other row's
+release). A chain that breaks either is `Plan.covered` False with the reason; training with
+noise refuses it (`check_covered`). Defences after the noise are post-processing of the released
+rows and keep every guarantee.
+
+The defences (``NAME[:PARAM]``):
+
+- ``max_norm`` (Li et al., "Label Leakage and Protection in Two-party Split Learning", ICLR 2022,
+  arXiv 2102.08504, section 4): each row ``g_j`` gets isotropic Gaussian noise of per-coordinate
+  variance ``(||g_max||^2 - ||g_j||^2) / d``, ``g_max`` the batch's largest row, so every row's
+  expected squared norm is ``||g_max||^2``. The paper's intent is to equalise the norms that
+  separate the labels; its public implementations differ (one draws a single scalar per row and
+  broadcasts it over the coordinates, which leaves the direction and adds a visible common
+  offset); the isotropic form is the one whose expected norm matches the paper's argument exactly.
+  Batch-dependent: voids the accounting before the noise.
+- ``topk:FRACTION``: keep the ``ceil(FRACTION d)`` largest-magnitude entries of each row, zero the
+  rest (gradient sparsification). Row-local, deterministic.
+- ``sign``: send ``sign(g_j) ||g_j|| / sqrt(d)`` (signSGD-style, the row norm kept: it alone
+  separates labels and most candidates). Row-local, deterministic.
+- ``quantize:BITS`` / ``quantize_stochastic:BITS``: each entry on a uniform grid of ``2^BITS``
+  levels over the fixed range ``[-C, C]`` (after the clip, so C is the clip norm: a per-row scale
+  would itself identify the candidate); the stochastic form rounds up with probability equal to
+  the remainder (unbiased). Row-local; needs a finite clip before it.
+
+All are jit-friendly; keys are ``fold_in(key, 100 + position in the chain)``.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from splitjax.privacy import _checks
+from splitjax.privacy import transforms as dp_transforms
+
+MARKERS = ("clip", "noise")
+# name -> (takes a parameter, batch-dependent, randomized, needs the clip before it)
+_KINDS = {
+  "max_norm": (False, True, True, False),
+  "topk": (True, False, False, False),
+  "sign": (False, False, False, False),
+  "quantize": (True, False, False, True),
+  "quantize_stochastic": (True, False, True, True),
+}
+NAMES = tuple(_KINDS)
+
+
+class DefenseError(ValueError):
+  """A defence or chain that cannot be built as given (the message names the fix)."""
+
+
+class Defense(NamedTuple):
+  """One parsed chain entry: ``name`` and its parameter (None when it takes none)."""
+
+  name: str
+  param: float | None = None
+
+  def text(self) -> str:
+    return self.name if self.param is None else f"{self.name}:{self.param:g}"
+
+
+class Plan(NamedTuple):
+  """A chain split around the DP steps.
+
+  Attributes:
+    pre: defences before the clip; between: after the clip, before the noise; post: after the
+      noise (each a tuple of `Defense`).
+    covered: whether the Gaussian accounting still holds with noise on.
+    reason: why not ('' when covered).
+  """
+
+  pre: tuple
+  between: tuple
+  post: tuple
+  covered: bool
+  reason: str
+
+  def stages(self) -> list[dict]:
+    """``[{"defense", "stage"}]`` in chain order (what config.json and metrics.json record)."""
+    return [
+      {"defense": d.text(), "stage": stage}
+      for stage, part in (
+        ("pre-processing", self.pre),
+        ("between clip and noise", self.between),
+        ("post-processing", self.post),
+      )
+      for d in part
+    ]
+
+
+def parse(entry: str) -> Defense | str:
+  """``'topk:0.1'`` -> ``Defense('topk', 0.1)``; ``'clip'``/``'noise'`` are returned as is."""
+  text = entry.strip()
+  if text in MARKERS:
+    return text
+  name, _, value = text.partition(":")
+  if name not in _KINDS:
+    raise DefenseError(
+      f"unknown defence {name!r} in --defense={entry}: choose among {', '.join(NAMES)} "
+      f"(and the markers {', '.join(MARKERS)} for the DP chain's place)"
+    )
+  takes = _KINDS[name][0]
+  if takes and not value:
+    raise DefenseError(f"--defense={entry}: {name} takes a parameter, e.g. {name}:{_EXAMPLE[name]}")
+  if not takes and value:
+    raise DefenseError(f"--defense={entry}: {name} takes no parameter")
+  if not takes:
+    return Defense(name)
+  try:
+    param = float(value)
+  except ValueError:
+    raise DefenseError(f"--defense={entry}: {value!r} is not a number") from None
+  if name == "topk" and not 0 < param <= 1:
+    raise DefenseError(f"--defense={entry}: the fraction must be in (0, 1]")
+  if name.startswith("quantize") and not (param >= 1 and param == int(param) and param <= 16):
+    raise DefenseError(f"--defense={entry}: BITS must be an integer in [1, 16]")
+  return Defense(name, param)
+
+
+_EXAMPLE = {"topk": "0.1", "quantize": "8", "quantize_stochastic": "8"}
+
+
+def plan(chain: Sequence[str], *, finite_clip: bool = True) -> Plan:
+  """Parses ``chain`` and places the DP steps; DefenseError for a chain that cannot run."""
+  items = [parse(e) for e in chain]
+  for m in MARKERS:
+    if items.count(m) > 1:
+      raise DefenseError(f"the marker {m!r} appears twice in the --defense chain")
+  if "clip" not in items and "noise" in items:
+    items.insert(items.index("noise"), "clip")
+  if "clip" not in items:
+    items.append("clip")
+  if "noise" not in items:
+    items.append("noise")
+  ci, ni = items.index("clip"), items.index("noise")
+  if ni < ci:
+    raise DefenseError("the --defense chain puts noise before clip: the DP chain clips first")
+  pre = tuple(d for d in items[:ci] if isinstance(d, Defense))
+  between = tuple(d for d in items[ci + 1 : ni] if isinstance(d, Defense))
+  post = tuple(d for d in items[ni + 1 :] if isinstance(d, Defense))
+  for d in pre:
+    if _KINDS[d.name][3]:
+      raise DefenseError(
+        f"{d.text()} quantizes over [-C, C] after the clip: place it after 'clip' "
+        f"(--defense=clip --defense={d.text()} ...)"
+      )
+  if any(_KINDS[d.name][3] for d in between + post) and not finite_clip:
+    raise DefenseError("quantize needs a finite clip norm: give --dp_clip=auto or a number")
+  reasons = []
+  if between:
+    reasons.append(
+      f"{', '.join(d.text() for d in between)} between the clip and the noise (the noise's "
+      "sensitivity 2C no longer bounds what it protects)"
+    )
+  mixed = [d.text() for d in pre + between if _KINDS[d.name][1]]
+  if mixed:
+    reasons.append(
+      f"{', '.join(mixed)} before the noise mixes a batch's rows (one example moves every "
+      "other row's release)"
+    )
+  return Plan(pre, between, post, not reasons, "; ".join(reasons))
+
+
+def check_covered(p: Plan, noise_multiplier: float) -> None:
+  """Refuses a chain that voids the Gaussian accounting of a run with noise (one clear line)."""
+  if noise_multiplier > 0 and not p.covered:
+    raise DefenseError(
+      f"the --defense chain voids the cut-layer epsilon: {p.reason}; move the defence before "
+      "'clip' (row-local ones) or after 'noise' (post-processing), or train without noise"
+    )
+
+
+def _rows(x):
+  return x.reshape(x.shape[0], -1)
+
+
+def apply_one(d: Defense, x: jax.Array, key, mask, l2_clip_norm) -> jax.Array:
+  """One defence on rows ``x [N, d]`` (padded rows, ``mask == 0``, stay as they are)."""
+  n, dim = x.shape
+  m = mask.astype(x.dtype)[:, None]
+  if d.name == "max_norm":
+    sq = jnp.sum(jnp.square(x), axis=1) * mask
+    var = jnp.maximum(jnp.max(sq) - sq, 0.0) / dim
+    out = x + jnp.sqrt(var)[:, None] * jax.random.normal(key, x.shape, x.dtype)
+  elif d.name == "topk":
+    assert d.param is not None
+    keep = max(1, math.ceil(d.param * dim))
+    thresh = jax.lax.top_k(jnp.abs(x), keep)[0][:, -1:]
+    # Ties at the threshold: the first `keep` by position (a stable choice, row-local).
+    rank = jnp.argsort(jnp.argsort(-jnp.abs(x), axis=1, stable=True), axis=1, stable=True)
+    out = jnp.where((jnp.abs(x) >= thresh) & (rank < keep), x, 0.0)
+  elif d.name == "sign":
+    norm = jnp.linalg.norm(x, axis=1, keepdims=True)
+    out = jnp.sign(x) * norm / math.sqrt(dim)
+  else:  # quantize, quantize_stochastic over [-C, C]
+    assert d.param is not None
+    levels = 2 ** int(d.param) - 1
+    c = jnp.asarray(l2_clip_norm, x.dtype)
+    u = (jnp.clip(x, -c, c) + c) / (2 * c) * levels
+    if d.name == "quantize":
+      q = jnp.round(u)
+    else:
+      low = jnp.floor(u)
+      q = low + (jax.random.uniform(key, x.shape, x.dtype) < (u - low)).astype(x.dtype)
+    out = q / levels * (2 * c) - c
+  return jnp.where(m > 0, out, x)
+
+
+def _apply(part: tuple, offset: int, x, key, mask, clip) -> jax.Array:
+  for i, d in enumerate(part):
+    x = apply_one(d, x, jax.random.fold_in(key, 100 + offset + i), mask, clip)
+  return x
+
+
+def defended_release(x, mask, key, l2_clip_norm, noise_multiplier, chain: Plan):
+  """The device's whole chain on rows ``x [N, d]``: pre, clip, between, noise, post.
+
+  Returns ``(x_sent [N, d], nonfinite)`` like `splitjax.training.cut_layer_dp` (padded rows
+  zero). With an empty chain it is exactly the DP chain (the same operations and keys).
+  """
+  n_pre, n_between = len(chain.pre), len(chain.between)
+  x = _apply(chain.pre, 0, x, key, mask, l2_clip_norm)
+  nonfinite = jnp.sum(dp_transforms.nonfinite_rows(x) & (mask > 0)).astype(jnp.int32)
+  if not chain.between:
+    tx = dp_transforms.cut_layer_dp(l2_clip_norm, noise_multiplier, key=key)
+    out, _ = tx.update(x, tx.init(x))
+  else:
+    out = dp_transforms.clip_rows(x, l2_clip_norm)
+    out = _apply(chain.between, n_pre, out, key, mask, l2_clip_norm)
+    std = jnp.asarray(noise_multiplier, out.dtype) * jnp.asarray(l2_clip_norm, out.dtype)
+    out = out + jnp.where(std > 0, std, 0.0) * jax.random.normal(key, out.shape, out.dtype)
+  out = _apply(chain.post, n_pre + n_between, out, key, mask, l2_clip_norm)
+  return out * mask[:, None].astype(out.dtype), nonfinite
+
+
+def as_transform(d: Defense, key, l2_clip_norm=jnp.inf) -> optax.GradientTransformation:
+  """One defence as an optax transform of per-example rows (every row real)."""
+  _checks.nonnegative(l2_clip_norm, "l2_clip_norm")
+
+  def init(updates):
+    del updates
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    mask = jnp.ones(updates.shape[0], updates.dtype)
+    return apply_one(d, updates, key, mask, l2_clip_norm), state
+
+  return optax.GradientTransformation(init, update)

@@ -1,0 +1,141 @@
+"""splitjax.defenses: the chain's placement rules, each defence's definition, and the training
+step sending the defended rows (an empty chain is the DP chain bit for bit)."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import flagsaver
+
+from experiments import train as train_bin
+from splitjax import defenses
+from splitjax import training
+
+D = 16
+
+
+def _rows(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.normal(size=(n, D)) * rng.uniform(0.1, 3.0, (n, 1)), jnp.float32)
+
+
+def test_plan_places_the_dp_chain_and_says_what_epsilon_covers():
+  p = defenses.plan(["topk:0.25"])
+  assert [d.text() for d in p.pre] == ["topk:0.25"] and p.covered and not p.between
+  p = defenses.plan(["clip", "noise", "max_norm"])
+  assert p.covered and [d.name for d in p.post] == ["max_norm"]  # post-processing
+  p = defenses.plan(["max_norm"])  # batch-dependent before the noise
+  assert not p.covered and "mixes a batch" in p.reason
+  p = defenses.plan(["clip", "quantize:4", "noise"])
+  assert not p.covered and "between the clip and the noise" in p.reason
+  assert p.stages() == [{"defense": "quantize:4", "stage": "between clip and noise"}]
+  defenses.check_covered(p, 0.0)  # no noise: nothing to void
+  with pytest.raises(defenses.DefenseError, match="voids the cut-layer epsilon"):
+    defenses.check_covered(p, 1.0)
+
+
+@pytest.mark.parametrize(
+  "chain, message",
+  [
+    (["quantize:8"], "after the clip"),
+    (["noise", "clip"], "noise before clip"),
+    (["clip", "clip"], "twice"),
+    (["dropout"], "unknown defence"),
+    (["topk"], "takes a parameter"),
+    (["sign:2"], "takes no parameter"),
+    (["topk:1.5"], r"\(0, 1\]"),
+    (["clip", "quantize:2.5"], "integer"),
+  ],
+)
+def test_bad_chains_one_line(chain, message):
+  with pytest.raises(defenses.DefenseError, match=message):
+    defenses.plan(chain)
+
+
+def test_empty_chain_is_the_dp_chain_bit_for_bit():
+  x, mask = _rows(), jnp.array([1, 1, 1, 1, 1, 1, 0, 0], jnp.float32)
+  dp = training.DPConfig(jnp.float32(1.0), jnp.float32(0.7), jnp.float32(jnp.inf), jnp.float32(0))
+  key = jax.random.key(3)
+  want, bad_want = training.cut_layer_dp(x, dp, key, mask)
+  got, bad = defenses.defended_release(x, mask, key, dp.l2_clip_norm, 0.7, defenses.plan([]))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert int(bad) == int(bad_want)
+
+
+def test_max_norm_equalises_expected_squared_norms():
+  x = _rows(6, seed=1)
+  mask = jnp.ones(6, jnp.float32)
+  d = defenses.Defense("max_norm")
+  keys = jax.random.split(jax.random.key(0), 4000)
+  out = jax.vmap(lambda k: defenses.apply_one(d, x, k, mask, jnp.inf))(keys)
+  mean_sq = np.mean(np.sum(np.square(np.asarray(out)), axis=-1), axis=0)
+  target = float(np.max(np.sum(np.square(np.asarray(x)), axis=1)))
+  np.testing.assert_allclose(mean_sq, target, rtol=0.03)
+  # The largest row gets no noise; a padded row is left as it is.
+  big = int(np.argmax(np.sum(np.square(np.asarray(x)), axis=1)))
+  np.testing.assert_array_equal(np.asarray(out[0, big]), np.asarray(x[big]))
+  pad = defenses.apply_one(d, x, keys[0], mask.at[2].set(0), jnp.inf)
+  np.testing.assert_array_equal(np.asarray(pad[2]), np.asarray(x[2]))
+
+
+def test_topk_sign_and_quantize_definitions():
+  x, mask = _rows(), jnp.ones(8, jnp.float32)
+  key = jax.random.key(1)
+  top = np.asarray(defenses.apply_one(defenses.Defense("topk", 0.25), x, key, mask, jnp.inf))
+  k = math.ceil(0.25 * D)
+  assert np.all(np.sum(top != 0, axis=1) == k)
+  xs = np.abs(np.asarray(x))
+  for r in range(8):
+    kept = np.flatnonzero(top[r])
+    assert set(kept) == set(np.argsort(-xs[r])[:k])
+    np.testing.assert_array_equal(top[r, kept], np.asarray(x)[r, kept])
+  sg = np.asarray(defenses.apply_one(defenses.Defense("sign"), x, key, mask, jnp.inf))
+  np.testing.assert_allclose(
+    np.linalg.norm(sg, axis=1), np.linalg.norm(np.asarray(x), axis=1), rtol=1e-5
+  )
+  assert np.all(np.sign(sg) == np.sign(np.asarray(x)))
+  c = 1.0
+  clipped = training.DPConfig(
+    jnp.float32(c), jnp.float32(0.0), jnp.float32(jnp.inf), jnp.float32(0)
+  )
+  xc, _ = training.cut_layer_dp(x, clipped, key, mask)
+  q = np.asarray(defenses.apply_one(defenses.Defense("quantize", 3), xc, key, mask, c))
+  grid = np.linspace(-c, c, 2**3)
+  assert np.all(np.min(np.abs(q[..., None] - grid), axis=-1) < 1e-6)
+  assert np.max(np.abs(q - np.asarray(xc))) <= c / (2**3 - 1) + 1e-6
+  # Stochastic rounding is unbiased.
+  keys = jax.random.split(key, 3000)
+  qs = jax.vmap(
+    lambda kk: defenses.apply_one(defenses.Defense("quantize_stochastic", 2), xc, kk, mask, c)
+  )(keys)
+  np.testing.assert_allclose(np.mean(np.asarray(qs), axis=0), np.asarray(xc), atol=0.03)
+
+
+def test_binary_records_the_chain_and_refuses_a_void_one(tmp_path):
+  work = tmp_path / "topk"
+  with flagsaver.flagsaver(workdir=str(work), config="synthetic_tiny", defense=["topk:0.25"]):
+    train_bin.main([])
+  cfg = json.loads((work / "config.json").read_text())
+  metrics = json.loads((work / "metrics.json").read_text())
+  assert cfg["defenses"] == ["topk:0.25"]
+  assert metrics["defense_chain"] == [{"defense": "topk:0.25", "stage": "pre-processing"}]
+  assert metrics["defense_chain_covered"] is True
+  # What crossed the wire is the defended row: ceil(0.25 d) nonzero entries per row.
+  with np.load(work / "transcript.npz") as z:
+    g = z["g"]
+  assert np.all(np.sum(g != 0, axis=1) <= math.ceil(0.25 * g.shape[1]))
+  assert np.mean(np.sum(g != 0, axis=1) == math.ceil(0.25 * g.shape[1])) > 0.9
+  void = tmp_path / "void"
+  with flagsaver.flagsaver(
+    workdir=str(void),
+    config="synthetic_tiny",
+    defense=["max_norm"],
+    dp_clip="auto",
+    dp_noise_multiplier=1.0,
+  ):
+    with pytest.raises(ValueError, match="voids the cut-layer epsilon"):
+      train_bin.main([])
+  assert not void.exists()
