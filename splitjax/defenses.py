@@ -35,6 +35,18 @@ The defences (``NAME[:PARAM]``):
   would itself identify the candidate); the stochastic form rounds up with probability equal to
   the remainder (unbiased). Row-local; needs a finite clip before it.
 
+- ``marvell:S`` (Li et al. 2022, section 4.2; binary labels): per batch, from the true labels,
+  the class means' difference Delta, each class's average coordinate variance u_y and the
+  positive fraction p; on the host (`marvell_lambdas`, scipy SLSQP, out of jit through
+  ``jax.pure_callback``) the four scalars lambda1_y (along Delta) and lambda2_y (across) that
+  minimise the symmetrised KL between the two classes' perturbed Gaussians N(mu_y, u_y I +
+  Sigma_y) under the power constraint p tr Sigma_1 + (1 - p) tr Sigma_0 <= P = S ||Delta||^2; each
+  row of class y gets N(0, Sigma_y), Sigma_y = (lambda1_y - lambda2_y) Delta Delta^T / ||Delta||^2
+  + lambda2_y I. The static variant (S fixed; the dynamic one that raises S until sum-KL falls
+  under a threshold is not used). A batch with one class only gets no noise (Delta undefined).
+  In FSL one batch is a round's rows of all its devices. Batch-dependent; it protects the label
+  only (the features' direction dz/dh is untouched).
+
 All are jit-friendly; keys are ``fold_in(key, 100 + position in the chain)``.
 """
 
@@ -57,6 +69,7 @@ _KINDS = {
   "sign": (False, False, False, False),
   "quantize": (True, False, False, True),
   "quantize_stochastic": (True, False, True, True),
+  "marvell": (True, True, True, False),
 }
 NAMES = tuple(_KINDS)
 
@@ -128,12 +141,14 @@ def parse(entry: str) -> Defense | str:
     raise DefenseError(f"--defense={entry}: {value!r} is not a number") from None
   if name == "topk" and not 0 < param <= 1:
     raise DefenseError(f"--defense={entry}: the fraction must be in (0, 1]")
+  if name == "marvell" and not (param > 0 and math.isfinite(param)):
+    raise DefenseError(f"--defense={entry}: the power S must be a positive number, e.g. marvell:4")
   if name.startswith("quantize") and not (param >= 1 and param == int(param) and param <= 16):
     raise DefenseError(f"--defense={entry}: BITS must be an integer in [1, 16]")
   return Defense(name, param)
 
 
-_EXAMPLE = {"topk": "0.1", "quantize": "8", "quantize_stochastic": "8"}
+_EXAMPLE = {"topk": "0.1", "quantize": "8", "quantize_stochastic": "8", "marvell": "4"}
 
 
 def plan(chain: Sequence[str], *, finite_clip: bool = True) -> Plan:
@@ -190,11 +205,96 @@ def _rows(x):
   return x.reshape(x.shape[0], -1)
 
 
-def apply_one(d: Defense, x: jax.Array, key, mask, l2_clip_norm) -> jax.Array:
-  """One defence on rows ``x [N, d]`` (padded rows, ``mask == 0``, stay as they are)."""
+def marvell_sum_kl(lams, delta_sq: float, u0: float, u1: float, dim: int) -> float:
+  """The symmetrised KL between N(mu_0, u_0 I + Sigma_0) and N(mu_1, u_1 I + Sigma_1).
+
+  ``lams = (lambda1_0, lambda2_0, lambda1_1, lambda2_1)``; along Delta the variances are
+  a1 = u0 + lambda1_0, b1 = u1 + lambda1_1, across (d - 1 directions) a2, b2 likewise:
+  ``(a1/b1 + b1/a1 + (d-1)(a2/b2 + b2/a2) - 2d + ||Delta||^2 (1/a1 + 1/b1)) / 2``.
+  """
+  l10, l20, l11, l21 = (float(v) for v in lams)
+  a1, b1, a2, b2 = u0 + l10, u1 + l11, u0 + l20, u1 + l21
+  return 0.5 * (
+    a1 / b1 + b1 / a1 + (dim - 1) * (a2 / b2 + b2 / a2) - 2 * dim + delta_sq * (1 / a1 + 1 / b1)
+  )
+
+
+def marvell_lambdas(delta_sq, u0, u1, p, power, dim: int):
+  """Marvell's four scalars (host, float64): minimise `marvell_sum_kl` subject to
+  ``p (l1_1 + (d-1) l2_1) + (1-p) (l1_0 + (d-1) l2_0) <= power`` and every lambda >= 0.
+
+  Returns float32 ``[lambda1_0, lambda2_0, lambda1_1, lambda2_1]``; zeros when the batch has one
+  class (``p`` 0 or 1) or ``Delta = 0``.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from scipy import optimize  # pylint: disable=import-outside-toplevel
+
+  delta_sq, u0, u1, p, power = (float(v) for v in (delta_sq, u0, u1, p, power))
+  if not (0 < p < 1) or not delta_sq > 0 or not power > 0:
+    return np.zeros(4, np.float32)
+  eps = 1e-12 * max(delta_sq, 1e-30)
+  u0, u1 = max(u0, eps), max(u1, eps)
+  cost = np.array([1 - p, (1 - p) * (dim - 1), p, p * (dim - 1)])
+  scale = power  # optimise lambda / power (well conditioned)
+
+  def f(x):
+    return marvell_sum_kl(x * scale, delta_sq, u0, u1, dim)
+
+  x0 = np.full(4, 1.0 / cost.sum())  # the power spread isotropically over both classes
+  res = optimize.minimize(
+    f,
+    x0,
+    method="SLSQP",
+    bounds=[(0.0, None)] * 4,
+    constraints=[{"type": "ineq", "fun": lambda x: 1.0 - cost @ x}],
+    options={"maxiter": 200, "ftol": 1e-10},
+  )
+  x = np.maximum(res.x if res.success and f(res.x) <= f(x0) else x0, 0.0)
+  x = x / max(1.0, float(cost @ x))  # on the constraint's safe side
+  return (x * scale).astype(np.float32)
+
+
+def _marvell(x, y, mask, key, strength):
+  """Marvell's noise on rows ``x [N, d]`` with labels ``y [N]`` (see the module doc)."""
+  n, dim = x.shape
+  w = mask.astype(x.dtype)
+  yy = y.astype(x.dtype)
+  n1, n0 = jnp.sum(w * yy), jnp.sum(w * (1 - yy))
+  mu1 = jnp.sum((w * yy)[:, None] * x, 0) / jnp.maximum(n1, 1.0)
+  mu0 = jnp.sum((w * (1 - yy))[:, None] * x, 0) / jnp.maximum(n0, 1.0)
+  delta = mu1 - mu0
+  delta_sq = jnp.sum(jnp.square(delta))
+  var = lambda wy, mu, cnt: jnp.sum(wy[:, None] * jnp.square(x - mu)) / jnp.maximum(cnt * dim, 1.0)
+  u1, u0 = var(w * yy, mu1, n1), var(w * (1 - yy), mu0, n0)
+  p = n1 / jnp.maximum(n1 + n0, 1.0)
+  lams = jax.pure_callback(
+    lambda dsq, a0, a1, pp, pw: marvell_lambdas(dsq, a0, a1, pp, pw, dim),
+    jax.ShapeDtypeStruct((4,), jnp.float32),
+    delta_sq,
+    u0,
+    u1,
+    p,
+    strength * delta_sq,
+  )
+  l1 = jnp.where(yy > 0, lams[2], lams[0])[:, None]
+  l2 = jnp.where(yy > 0, lams[3], lams[1])[:, None]
+  unit = delta / jnp.maximum(jnp.sqrt(delta_sq), jnp.finfo(x.dtype).tiny)
+  z = jax.random.normal(key, x.shape, x.dtype)
+  along = (z @ unit)[:, None] * unit[None, :]
+  return x + jnp.sqrt(l2) * z + (jnp.sqrt(l1) - jnp.sqrt(l2)) * along
+
+
+def apply_one(d: Defense, x: jax.Array, key, mask, l2_clip_norm, y=None) -> jax.Array:
+  """One defence on rows ``x [N, d]`` (padded rows, ``mask == 0``, stay as they are); ``y [N]``
+  the rows' labels (what the device trains on), needed by ``marvell``."""
   n, dim = x.shape
   m = mask.astype(x.dtype)[:, None]
-  if d.name == "max_norm":
+  if d.name == "marvell":
+    if y is None:
+      raise DefenseError("marvell needs the batch's labels")
+    assert d.param is not None
+    out = _marvell(x, y, mask, key, d.param)
+  elif d.name == "max_norm":
     sq = jnp.sum(jnp.square(x), axis=1) * mask
     var = jnp.maximum(jnp.max(sq) - sq, 0.0) / dim
     out = x + jnp.sqrt(var)[:, None] * jax.random.normal(key, x.shape, x.dtype)
@@ -222,30 +322,31 @@ def apply_one(d: Defense, x: jax.Array, key, mask, l2_clip_norm) -> jax.Array:
   return jnp.where(m > 0, out, x)
 
 
-def _apply(part: tuple, offset: int, x, key, mask, clip) -> jax.Array:
+def _apply(part: tuple, offset: int, x, key, mask, clip, y) -> jax.Array:
   for i, d in enumerate(part):
-    x = apply_one(d, x, jax.random.fold_in(key, 100 + offset + i), mask, clip)
+    x = apply_one(d, x, jax.random.fold_in(key, 100 + offset + i), mask, clip, y)
   return x
 
 
-def defended_release(x, mask, key, l2_clip_norm, noise_multiplier, chain: Plan):
+def defended_release(x, mask, key, l2_clip_norm, noise_multiplier, chain: Plan, y=None):
   """The device's whole chain on rows ``x [N, d]``: pre, clip, between, noise, post.
 
   Returns ``(x_sent [N, d], nonfinite)`` like `splitjax.training.cut_layer_dp` (padded rows
-  zero). With an empty chain it is exactly the DP chain (the same operations and keys).
+  zero). With an empty chain it is exactly the DP chain (the same operations and keys). ``y
+  [N]``: the rows' training labels (``marvell`` uses them).
   """
   n_pre, n_between = len(chain.pre), len(chain.between)
-  x = _apply(chain.pre, 0, x, key, mask, l2_clip_norm)
+  x = _apply(chain.pre, 0, x, key, mask, l2_clip_norm, y)
   nonfinite = jnp.sum(dp_transforms.nonfinite_rows(x) & (mask > 0)).astype(jnp.int32)
   if not chain.between:
     tx = dp_transforms.cut_layer_dp(l2_clip_norm, noise_multiplier, key=key)
     out, _ = tx.update(x, tx.init(x))
   else:
     out = dp_transforms.clip_rows(x, l2_clip_norm)
-    out = _apply(chain.between, n_pre, out, key, mask, l2_clip_norm)
+    out = _apply(chain.between, n_pre, out, key, mask, l2_clip_norm, y)
     std = jnp.asarray(noise_multiplier, out.dtype) * jnp.asarray(l2_clip_norm, out.dtype)
     out = out + jnp.where(std > 0, std, 0.0) * jax.random.normal(key, out.shape, out.dtype)
-  out = _apply(chain.post, n_pre + n_between, out, key, mask, l2_clip_norm)
+  out = _apply(chain.post, n_pre + n_between, out, key, mask, l2_clip_norm, y)
   return out * mask[:, None].astype(out.dtype), nonfinite
 
 

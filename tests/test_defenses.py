@@ -139,3 +139,44 @@ def test_binary_records_the_chain_and_refuses_a_void_one(tmp_path):
     with pytest.raises(ValueError, match="voids the cut-layer epsilon"):
       train_bin.main([])
   assert not void.exists()
+
+
+def test_marvell_solver_meets_the_power_constraint_and_beats_isotropic_noise():
+  delta_sq, u0, u1, p, dim = 4.0, 0.05, 0.2, 0.25, D
+  prev = None
+  for strength in (0.5, 2.0, 8.0):
+    power = strength * delta_sq
+    lam = defenses.marvell_lambdas(delta_sq, u0, u1, p, power, dim).astype(np.float64)
+    used = p * (lam[2] + (dim - 1) * lam[3]) + (1 - p) * (lam[0] + (dim - 1) * lam[1])
+    assert np.all(lam >= 0) and used <= power * (1 + 1e-5)
+    kl = defenses.marvell_sum_kl(lam, delta_sq, u0, u1, dim)
+    iso = np.full(4, power / dim)  # the same power spread isotropically over both classes
+    assert kl < defenses.marvell_sum_kl(iso, delta_sq, u0, u1, dim)
+    assert prev is None or kl < prev  # more power, less separable classes
+    prev = kl
+  assert not np.any(defenses.marvell_lambdas(delta_sq, u0, u1, 1.0, 4.0, dim))  # one class
+
+
+def test_marvell_noise_has_the_solved_covariance():
+  rng = np.random.default_rng(4)
+  n = 64
+  y = jnp.asarray(rng.integers(0, 2, n), jnp.int32)
+  x = jnp.asarray(rng.normal(size=(n, D)) * 0.3 + np.asarray(y)[:, None] * 1.0, jnp.float32)
+  mask = jnp.ones(n, jnp.float32)
+  d = defenses.Defense("marvell", 2.0)
+  keys = jax.random.split(jax.random.key(2), 3000)
+  noise = np.asarray(jax.vmap(lambda k: defenses.apply_one(d, x, k, mask, jnp.inf, y))(keys) - x)
+  xs, ys = np.asarray(x, np.float64), np.asarray(y)
+  delta = xs[ys == 1].mean(0) - xs[ys == 0].mean(0)
+  unit = delta / np.linalg.norm(delta)
+  var = lambda cls: [xs[ys == cls] - xs[ys == cls].mean(0)]
+  u = [float(np.sum(np.square(var(c)[0])) / ((ys == c).sum() * D)) for c in (0, 1)]
+  lam = defenses.marvell_lambdas(
+    np.sum(delta**2), u[0], u[1], ys.mean(), 2.0 * np.sum(delta**2), D
+  ).astype(np.float64)
+  for cls, (l1, l2) in ((0, lam[:2]), (1, lam[2:])):
+    rows = noise[:, ys == cls, :].reshape(-1, D)
+    along = rows @ unit
+    across = rows - along[:, None] * unit[None, :]
+    np.testing.assert_allclose(np.var(along), l1, rtol=0.08, atol=1e-4)
+    np.testing.assert_allclose(np.sum(np.var(across, axis=0)) / (D - 1), l2, rtol=0.08, atol=1e-4)

@@ -22,13 +22,13 @@ def sides(model, batch) -> tuple[str, tuple[Any, Any], tuple[Any, Any]]:
   return "device", (batch.priv_cat, batch.priv_dense), (batch.pub_cat, batch.pub_dense)
 
 
-def _privatizer(dp: DPConfig, key, defenses):
+def _privatizer(dp: DPConfig, key, defenses, y=None):
   """What the device applies to the rows it sends: the DP chain, or the defence chain around it
-  (`splitjax.defenses.Plan`, static; None = the DP chain alone)."""
+  (`splitjax.defenses.Plan`, static; None = the DP chain alone); ``y`` the rows' labels."""
   if defenses is None:
     return lambda x, mask: cut_layer_dp(x, dp, key, mask)
   return lambda x, mask: defenses_lib.defended_release(
-    x, mask, key, dp.l2_clip_norm, dp.noise_multiplier, defenses
+    x, mask, key, dp.l2_clip_norm, dp.noise_multiplier, defenses, y
   )
 
 
@@ -93,7 +93,7 @@ def _split_forward_backward(
     batch.y,
     batch.mask,
     topology=model.spec.topology,
-    privatize=_privatizer(dp, key, defenses),
+    privatize=_privatizer(dp, key, defenses, batch.y),
     privatize_head_grads=_head_privatizer(dp, key, device_dp),
   )
   return (
@@ -229,7 +229,7 @@ def fsl_round(
       flat.y,
       flat.mask,
       topology="device_top",
-      privatize=_privatizer(dp, key, defenses),
+      privatize=_privatizer(dp, key, defenses, flat.y),
       head_step_fn=device_heads,
     )
     hd = cut.h_sent.reshape(batch.y.shape + cut.h_sent.shape[-1:])
