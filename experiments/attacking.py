@@ -363,6 +363,7 @@ def observed_transcript(restored, config, clip: float, sigma: float):
         test_split,
         y=label_dp.randomized_response(test_split.y, restored.config.label_dp_epsilon, rng=rng),
       )
+    chain = pipeline.defense_plan(restored.config)
     transcript = training.replay_transcript(
       model,
       state,
@@ -370,7 +371,8 @@ def observed_transcript(restored, config, clip: float, sigma: float):
       dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
       seed=config.seed + 1000,
       num_examples=config.num_examples or None,
-      defenses=pipeline.defense_plan(restored.config),
+      defenses=chain,
+      label_smoothing=chain.label_smoothing if chain is not None else 0.0,
     )
     return transcript, "test"
   transcript = restored.transcript()

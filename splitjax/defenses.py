@@ -47,6 +47,10 @@ The defences (``NAME[:PARAM]``):
   In FSL one batch is a round's rows of all its devices. Batch-dependent; it protects the label
   only (the features' direction dz/dh is untouched).
 
+- ``label_smoothing:EPS``: not a transform of the rows but an option of the device's loss, which
+  trains on ``y (1 - EPS) + EPS / 2`` (the training steps' ``label_smoothing``); it shrinks the
+  gradient's label-dependent scale. Deterministic; the DP chain's accounting is unchanged.
+
 All are jit-friendly; keys are ``fold_in(key, 100 + position in the chain)``.
 """
 
@@ -70,6 +74,7 @@ _KINDS = {
   "quantize": (True, False, False, True),
   "quantize_stochastic": (True, False, True, True),
   "marvell": (True, True, True, False),
+  "label_smoothing": (True, False, False, False),  # the device's loss, not a transform of g
 }
 NAMES = tuple(_KINDS)
 
@@ -96,6 +101,7 @@ class Plan(NamedTuple):
       noise (each a tuple of `Defense`).
     covered: whether the Gaussian accounting still holds with noise on.
     reason: why not ('' when covered).
+    label_smoothing: eps of the device's loss (0: none); not a transform of the rows.
   """
 
   pre: tuple
@@ -103,10 +109,16 @@ class Plan(NamedTuple):
   post: tuple
   covered: bool
   reason: str
+  label_smoothing: float = 0.0
 
   def stages(self) -> list[dict]:
     """``[{"defense", "stage"}]`` in chain order (what config.json and metrics.json record)."""
-    return [
+    smooth = (
+      [{"defense": f"label_smoothing:{self.label_smoothing:g}", "stage": "device loss"}]
+      if self.label_smoothing
+      else []
+    )
+    return smooth + [
       {"defense": d.text(), "stage": stage}
       for stage, part in (
         ("pre-processing", self.pre),
@@ -141,6 +153,8 @@ def parse(entry: str) -> Defense | str:
     raise DefenseError(f"--defense={entry}: {value!r} is not a number") from None
   if name == "topk" and not 0 < param <= 1:
     raise DefenseError(f"--defense={entry}: the fraction must be in (0, 1]")
+  if name == "label_smoothing" and not 0 < param < 1:
+    raise DefenseError(f"--defense={entry}: eps must be in (0, 1), e.g. label_smoothing:0.1")
   if name == "marvell" and not (param > 0 and math.isfinite(param)):
     raise DefenseError(f"--defense={entry}: the power S must be a positive number, e.g. marvell:4")
   if name.startswith("quantize") and not (param >= 1 and param == int(param) and param <= 16):
@@ -148,12 +162,22 @@ def parse(entry: str) -> Defense | str:
   return Defense(name, param)
 
 
-_EXAMPLE = {"topk": "0.1", "quantize": "8", "quantize_stochastic": "8", "marvell": "4"}
+_EXAMPLE = {
+  "topk": "0.1",
+  "quantize": "8",
+  "quantize_stochastic": "8",
+  "marvell": "4",
+  "label_smoothing": "0.1",
+}
 
 
 def plan(chain: Sequence[str], *, finite_clip: bool = True) -> Plan:
   """Parses ``chain`` and places the DP steps; DefenseError for a chain that cannot run."""
   items = [parse(e) for e in chain]
+  smooth = [d for d in items if isinstance(d, Defense) and d.name == "label_smoothing"]
+  if len(smooth) > 1:
+    raise DefenseError("label_smoothing appears twice in the --defense chain")
+  items = [d for d in items if not (isinstance(d, Defense) and d.name == "label_smoothing")]
   for m in MARKERS:
     if items.count(m) > 1:
       raise DefenseError(f"the marker {m!r} appears twice in the --defense chain")
@@ -189,7 +213,8 @@ def plan(chain: Sequence[str], *, finite_clip: bool = True) -> Plan:
       f"{', '.join(mixed)} before the noise mixes a batch's rows (one example moves every "
       "other row's release)"
     )
-  return Plan(pre, between, post, not reasons, "; ".join(reasons))
+  eps = float(smooth[0].param) if smooth and smooth[0].param is not None else 0.0
+  return Plan(pre, between, post, not reasons, "; ".join(reasons), eps)
 
 
 def check_covered(p: Plan, noise_multiplier: float) -> None:

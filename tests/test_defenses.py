@@ -180,3 +180,49 @@ def test_marvell_noise_has_the_solved_covariance():
     across = rows - along[:, None] * unit[None, :]
     np.testing.assert_allclose(np.var(along), l1, rtol=0.08, atol=1e-4)
     np.testing.assert_allclose(np.sum(np.var(across, axis=0)) / (D - 1), l2, rtol=0.08, atol=1e-4)
+
+
+def test_label_smoothing_is_the_device_loss_on_smoothed_targets():
+  import splits
+
+  from splitjax import protocol
+
+  p = defenses.plan(["label_smoothing:0.2", "topk:0.5"])
+  assert p.label_smoothing == 0.2 and [d.name for d in p.pre] == ["topk"] and p.covered
+  assert p.stages()[0] == {"defense": "label_smoothing:0.2", "stage": "device loss"}
+  split = splits.split(32, seed=1)
+  recipe = training.Recipe(optimizer="sgd", learning_rate=0.0, batch_size=32, epochs=1)
+  state = training.init_state(splits.MODEL, recipe, 0)
+  batch = training.split_to_batch(split, np.arange(32, dtype=np.int32), 32)
+  dp = training.no_dp()
+  _, g = training.replay(state, batch, dp, jax.random.key(0), None, 0.2)
+  y_s = np.asarray(batch.y, np.float32) * 0.8 + 0.1
+  h = training.predict_h(splits.MODEL, state.server_params, batch.pub_cat, batch.pub_dense)
+  want = protocol.top_step(
+    splits.MODEL,
+    state.device_params,
+    h,
+    batch.priv_cat,
+    batch.priv_dense,
+    jnp.asarray(y_s),
+    batch.mask,
+  ).cut_grads
+  np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-7)
+  _, g0 = training.replay(state, batch, dp, jax.random.key(0))
+  assert not np.allclose(np.asarray(g0), np.asarray(g))
+
+
+def test_attack_on_a_defended_workdir_is_marked_naive(tmp_path):
+  from experiments import attack as attack_bin
+
+  work = tmp_path / "ls"
+  with flagsaver.flagsaver(
+    workdir=str(work), config="synthetic_tiny", defense=["label_smoothing:0.2", "sign"]
+  ):
+    train_bin.main([])
+  metrics = json.loads((work / "metrics.json").read_text())
+  assert [s["stage"] for s in metrics["defense_chain"]] == ["device loss", "pre-processing"]
+  with flagsaver.flagsaver(workdir=str(work), num_examples=20):
+    attack_bin.main([])
+  rec = json.loads((work / "attack.json").read_text())
+  assert rec["defense_model"] == "naive" and rec["defense_chain"] == ["label_smoothing:0.2", "sign"]
