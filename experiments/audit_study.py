@@ -17,6 +17,7 @@ import pathlib
 from experiments import auditing
 from experiments import auditing_pipeline
 from experiments.configs import base as configs_base
+from splitjax import audit
 
 # The fields of an audit record kept in study.json (the pipeline's per-test table too).
 _KEEP = (
@@ -105,7 +106,7 @@ def _f(x, nd: int = 3) -> str:
 
 def _saturated(row: dict) -> bool:
   """The accounted mu lies beyond what the trials can show (e.g. the paper's sigma = 0.01)."""
-  sat = (row.get("saturation") or {}).get("mu_lower")
+  sat = (row.get("saturation") or audit.saturation(row["trials"])).get("mu_lower")
   return sat is not None and row.get("mu_accounted") is not None and row["mu_accounted"] > sat
 
 
@@ -176,6 +177,8 @@ def table_audit(audit: dict) -> list[str]:
         f"({_f(r['saturation']['epsilon_lower'])}) | {_f(r['epsilon_cut_only'])} | {total} | "
         f"{_f(r.get('test_auc'), 4)} |"
       )
+  while out and not out[0]:
+    out.pop(0)
   return out
 
 

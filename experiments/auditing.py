@@ -184,6 +184,7 @@ def audit_cut(config, request: AuditRequest, progress=None) -> dict:
       counts_k, mu_accounted=muk, epsilon_accounted=epsk, delta=delta, confidence=conf
     ),
     "two_sided": audit.two_sided(counts_k, muk, conf),
+    "saturation": audit.saturation(train_trials, audit.THRESHOLDS, delta, conf),
     "first_epoch": {
       **audit.summary(
         counts_1, mu_accounted=mu1, epsilon_accounted=eps1, delta=delta, confidence=conf
