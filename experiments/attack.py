@@ -46,6 +46,12 @@ flags.DEFINE_string(
   "with low-precision matmuls, rescores the best in float32 (faster; falls back "
   "to float32 for users the screen cannot decide). Not with --variant=bayes.",
 )
+flags.DEFINE_string(
+  "defense_model",
+  "auto",
+  "On a workdir trained with --defense: adaptive (EXACT simulates the deterministic defences and "
+  "label smoothing on every candidate), naive (ignores them), auto = adaptive where possible.",
+)
 _SKIP_MEMORY_CHECK = flags.DEFINE_bool(
   "skip_memory_check",
   False,

@@ -50,6 +50,7 @@ from experiments import records
 from experiments import workdir as workdir_lib
 from experiments.configs import base as configs_base
 from splitjax import attacks
+from splitjax import defenses as defenses_lib
 from splitjax import evaluation
 from splitjax import metrics
 from splitjax import models
@@ -122,10 +123,37 @@ def _with_defaults(old_cfg):
   return {**{k: v for k, v in defaults.items() if k not in old_cfg}, **old_cfg}
 
 
+DEFENSE_MODELS = ("auto", "adaptive", "naive")
+
+
+def defense_model_of(restored, config, sigma: float):
+  """``(splitjax.defenses.AttackModel or None, note)``: what EXACT simulates of the workdir's
+  ``--defense`` chain under ``--defense_model`` (UsageError: adaptive asked, not modelled)."""
+  chain = pipeline.defense_plan(restored.config)
+  if chain is None:
+    return None, ""
+  model, why = defenses_lib.attack_model(chain, sigma)
+  mode = config.defense_model
+  if mode == "naive" or (mode == "auto" and model is None):
+    return None, "naive" + (f" ({why})" if why else "")
+  if model is None:
+    raise common.UsageError(f"--defense_model=adaptive: {why}; use --defense_model=naive")
+  if config.screen_dtype != "none":
+    raise common.UsageError(
+      "--screen_dtype cannot screen an adaptive attack (the defences' transforms break its "
+      "closed form): drop it or pass --defense_model=naive"
+    )
+  return model, "adaptive"
+
+
 def validate(config: configs_base.AttackConfig) -> None:
   if config.attack == "exact_releases":
     raise pipeline.ConfigError(
       "--attack=exact_releases is what --attack=exact --users=train --releases=all runs: use that"
+    )
+  if config.defense_model not in DEFENSE_MODELS:
+    raise pipeline.ConfigError(
+      f"unknown --defense_model {config.defense_model!r}: choose one of {DEFENSE_MODELS}"
     )
   if config.attack not in BINARY_ATTACKS:
     raise pipeline.ConfigError(
@@ -588,7 +616,7 @@ def _write_record(record: dict, restored, out_path: pathlib.Path, partial_path: 
     # The attacks here score the DP chain only: against a defence they are naive (no adaptive
     # attack models it yet), so the accuracy is what a defence-unaware server reaches.
     record["defense_chain"] = list(restored.config.defenses)
-    record["defense_model"] = "naive"
+    record.setdefault("defense_model", "naive")
   record["environment"] = records.environment()
   if workdir_lib.is_writer():  # under jax.distributed, process 0 writes
     results.atomic_write_json(out_path, record)
@@ -659,6 +687,9 @@ def _attack_enumerable(
   options = {"top_k": config.top_k, "distance": config.distance}
   if config.screen_dtype != "none":
     options["screen_dtype"] = config.screen_dtype
+  defense_model, defense_note = defense_model_of(restored, config, sigma)
+  if defense_model is not None:
+    options["defense"] = defense_model
   take = None
   if every is not None:
     options = {}  # exact_releases: l2 (squared) distances, the nearest pair (validated)
@@ -756,6 +787,8 @@ def _attack_enumerable(
     informed=informed,
   )
   record["variant"], record["prior"] = variant, prior
+  if defense_note:
+    record["defense_model"] = defense_note
   candidates = int(np.prod(cards)) * 2
   if config.screen_dtype != "none":
     redone = state["screen_fallback"]

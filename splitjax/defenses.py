@@ -226,8 +226,68 @@ def check_covered(p: Plan, noise_multiplier: float) -> None:
     )
 
 
-def _rows(x):
-  return x.reshape(x.shape[0], -1)
+DETERMINISTIC = ("topk", "sign", "quantize")
+
+
+class AttackModel(NamedTuple):
+  """What an adaptive attack simulates on every candidate (static, hashable).
+
+  ``pre``: deterministic row transforms before the clip; ``between``: after the clip (and, with
+  no noise, after the noise too: then nothing is between them); ``label_smoothing``: eps of the
+  device's loss.
+  """
+
+  pre: tuple = ()
+  between: tuple = ()
+  label_smoothing: float = 0.0
+
+
+def attack_model(p: Plan, noise_multiplier: float) -> tuple[AttackModel | None, str]:
+  """The adaptive attack's model of a chain, or ``(None, why not)``.
+
+  Deterministic row transforms (topk, sign, quantize) are simulated exactly; a randomized defence
+  (max_norm, marvell, quantize_stochastic) needs a likelihood the attacks do not have yet, and a
+  deterministic transform after the noise makes the noise non-Gaussian in what is observed.
+  """
+  random_ = [d.text() for d in p.pre + p.between + p.post if d.name not in DETERMINISTIC]
+  if random_:
+    return None, f"randomized defences ({', '.join(random_)}) are not modelled yet"
+  if p.post and noise_multiplier > 0:
+    return None, "a deterministic transform after the noise is not modelled (non-Gaussian)"
+  return AttackModel(p.pre, p.between + p.post, p.label_smoothing), ""
+
+
+def row_transform(d: Defense, x: jax.Array, l2_clip_norm) -> jax.Array:
+  """A deterministic defence on rows ``x [..., d]`` (topk, sign, quantize): every leading axis
+  is a row, so an attack applies it to each candidate's simulated gradient."""
+  dim = x.shape[-1]
+  if d.name == "topk":
+    assert d.param is not None
+    keep = max(1, math.ceil(d.param * dim))
+    order = jnp.argsort(-jnp.abs(x), axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)  # ties: the first by position
+    return jnp.where(rank < keep, x, 0.0)
+  if d.name == "sign":
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return jnp.sign(x) * norm / math.sqrt(dim)
+  if d.name == "quantize":
+    assert d.param is not None
+    levels = 2 ** int(d.param) - 1
+    c = jnp.asarray(l2_clip_norm, x.dtype)
+    u = (jnp.clip(x, -c, c) + c) / (2 * c) * levels
+    return jnp.round(u) / levels * (2 * c) - c
+  raise DefenseError(f"{d.text()} is not a deterministic row transform")
+
+
+def simulate(model: AttackModel, g: jax.Array, l2_clip_norm, clip) -> jax.Array:
+  """What the device sends for simulated gradients ``g [..., d]`` under the chain (no noise):
+  the pre transforms, the clip (``clip``: a callable on rows), the transforms after it."""
+  for d in model.pre:
+    g = row_transform(d, g, l2_clip_norm)
+  g = clip(g)
+  for d in model.between:
+    g = row_transform(d, g, l2_clip_norm)
+  return g
 
 
 def marvell_sum_kl(lams, delta_sq: float, u0: float, u1: float, dim: int) -> float:
@@ -323,26 +383,15 @@ def apply_one(d: Defense, x: jax.Array, key, mask, l2_clip_norm, y=None) -> jax.
     sq = jnp.sum(jnp.square(x), axis=1) * mask
     var = jnp.maximum(jnp.max(sq) - sq, 0.0) / dim
     out = x + jnp.sqrt(var)[:, None] * jax.random.normal(key, x.shape, x.dtype)
-  elif d.name == "topk":
-    assert d.param is not None
-    keep = max(1, math.ceil(d.param * dim))
-    thresh = jax.lax.top_k(jnp.abs(x), keep)[0][:, -1:]
-    # Ties at the threshold: the first `keep` by position (a stable choice, row-local).
-    rank = jnp.argsort(jnp.argsort(-jnp.abs(x), axis=1, stable=True), axis=1, stable=True)
-    out = jnp.where((jnp.abs(x) >= thresh) & (rank < keep), x, 0.0)
-  elif d.name == "sign":
-    norm = jnp.linalg.norm(x, axis=1, keepdims=True)
-    out = jnp.sign(x) * norm / math.sqrt(dim)
-  else:  # quantize, quantize_stochastic over [-C, C]
+  elif d.name in DETERMINISTIC:
+    out = row_transform(d, x, l2_clip_norm)
+  else:  # quantize_stochastic over [-C, C]
     assert d.param is not None
     levels = 2 ** int(d.param) - 1
     c = jnp.asarray(l2_clip_norm, x.dtype)
     u = (jnp.clip(x, -c, c) + c) / (2 * c) * levels
-    if d.name == "quantize":
-      q = jnp.round(u)
-    else:
-      low = jnp.floor(u)
-      q = low + (jax.random.uniform(key, x.shape, x.dtype) < (u - low)).astype(x.dtype)
+    low = jnp.floor(u)
+    q = low + (jax.random.uniform(key, x.shape, x.dtype) < (u - low)).astype(x.dtype)
     out = q / levels * (2 * c) - c
   return jnp.where(m > 0, out, x)
 

@@ -226,3 +226,36 @@ def test_attack_on_a_defended_workdir_is_marked_naive(tmp_path):
     attack_bin.main([])
   rec = json.loads((work / "attack.json").read_text())
   assert rec["defense_model"] == "naive" and rec["defense_chain"] == ["label_smoothing:0.2", "sign"]
+
+
+def test_adaptive_exact_reads_through_deterministic_defences_where_naive_fails():
+  import splits
+
+  from splitjax import attacks
+  from splitjax import models
+
+  split = splits.split(96, seed=2)
+  recipe = training.Recipe(optimizer="sgd", learning_rate=0.0, batch_size=96, epochs=1)
+  state = training.init_state(splits.MODEL, recipe, 0)
+  apply = models.device_logit_fn(splits.MODEL)
+  for chain in (["label_smoothing:0.3"], ["topk:0.25"], ["sign"]):
+    p = defenses.plan(chain)
+    tr = training.replay_transcript(
+      splits.MODEL, state, split, defenses=p, label_smoothing=p.label_smoothing
+    )
+    model, why = defenses.attack_model(p, 0.0)
+    assert model is not None, why
+    common = dict(cardinalities=splits.PRIV_CARDS)
+    adaptive = attacks.exact(apply, state.device_params, tr.h, tr.g, defense=model, **common)
+    naive = attacks.exact(apply, state.device_params, tr.h, tr.g, **common)
+    acc = lambda r: np.mean(np.all(np.asarray(r.features) == split.priv_cat, axis=1))
+    lab = lambda r: np.mean(np.asarray(r.labels) == split.y)
+    assert acc(adaptive) == 1.0 and lab(adaptive) == 1.0, chain
+    assert acc(naive) < 0.9, chain
+
+
+def test_randomized_defences_are_not_modelled_yet():
+  model, why = defenses.attack_model(defenses.plan(["max_norm"]), 0.0)
+  assert model is None and "randomized" in why
+  model, why = defenses.attack_model(defenses.plan(["clip", "noise", "sign"]), 1.0)
+  assert model is None and "after the noise" in why

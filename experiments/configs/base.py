@@ -90,6 +90,10 @@ class AttackConfig:
   # --users=train: "last_epoch" attacks each recorded row alone; "all" combines every release of
   # a user (the partial likelihood; needs a workdir trained with --releases=all).
   releases: str = "last_epoch"
+  # On a workdir trained with --defense: adaptive (EXACT simulates the deterministic defences and
+  # label smoothing on every candidate), naive (the defences ignored), auto = adaptive where the
+  # chain can be simulated, else naive.
+  defense_model: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

@@ -43,6 +43,8 @@ class Options(NamedTuple):
   chunks_per_call: int
   screen_dtype: str | None = None  # a SCREEN_DTYPES name: matmuls of the full scoring pass
   screen_top: int = screen_lib.DEFAULT_SCREEN_TOP
+  # splitjax.defenses.AttackModel: the adaptive attack simulates the device's defences (None: none)
+  defense: Any = None
 
 
 def candidate_gradients(device_apply, opts: Options, params, h, table, low_precision: bool):
@@ -63,7 +65,7 @@ def candidate_gradients(device_apply, opts: Options, params, h, table, low_preci
 def _pair_scores(opts: Options, z, v, g, clip_norm):
   clip = opts.clip and opts.clip_aware
   return scoring.pair_scores(
-    z, v, g, clip_norm, distance=opts.distance, clip=clip, bayes=opts.bayes
+    z, v, g, clip_norm, distance=opts.distance, clip=clip, bayes=opts.bayes, defense=opts.defense
   )
 
 

@@ -116,6 +116,7 @@ def exact(
   screen_dtype: str | None = None,
   screen_top: int = screen_lib.DEFAULT_SCREEN_TOP,
   screen_rtol: float = screen_lib.DEFAULT_SCREEN_RTOL,
+  defense: Any = None,
 ) -> ExactResult:
   """Recovers each user's private features and label from its cut-layer gradient (EXACT).
 
@@ -193,6 +194,9 @@ def exact(
       overflow) always sends the user to the redo. Not for the Bayes variant (its posteriors need
       every pair in full precision).
     screen_top: pairs per user rescored in full precision (>= top_k).
+    defense: a `splitjax.defenses.AttackModel` (from `splitjax.defenses.attack_model`): the
+      adaptive attack simulates the device's deterministic defences and label smoothing on every
+      candidate (not with a screen). None: the DP chain alone.
     screen_rtol: the error bound assumed by (2) (>= 0; default 0.25, above the worst errors of
       bf16 dz/dh measured on trained and random models: direction 0.12 rad, norm 5 %).
 
@@ -241,6 +245,11 @@ def exact(
       'marginal-posterior argmax. Pass top_k=1.'
     )
   clip = clip_value is not None and not math.isinf(clip_value)
+  if defense is not None and screen_dtype is not None:
+    raise AttackError(
+      'screen_dtype cannot be combined with defense: the screen\'s closed form does not hold '
+      'for the defences\' transforms. Pass screen_dtype=None.'
+    )
   if screen_dtype is not None:
     if screen_dtype not in screen_lib.SCREEN_DTYPES:
       raise AttackError(
@@ -320,6 +329,7 @@ def exact(
     chunks_per_call=plan.chunks_per_call,
     screen_dtype=screen_dtype,
     screen_top=screen_top,
+    defense=defense,
   )
   table = scoring.candidate_table(cards)
   padded_cand = plan.candidates_per_block * plan.num_blocks

@@ -113,13 +113,27 @@ def clip_factors(a: jax.Array, v_norm: jax.Array, clip_norm) -> jax.Array:
   return a * jnp.where(cand_norm > clip_norm, clip_norm / jnp.maximum(cand_norm, tiny), 1.0)
 
 
-def pair_scores(z, v, g, clip_norm, *, distance: str, clip: bool, bayes: bool):
+def pair_scores(z, v, g, clip_norm, *, distance: str, clip: bool, bayes: bool, defense=None):
   """Scores of every label of B candidates: z [U, B], v = dz/dh [U, B, d], g [U, d] -> [U, B, L].
 
   The simulated gradient of label y is `clip(l'(z, y) v)` (`clip`: the attack is clip-aware and a
   clip norm is given); the score is the distance `distance`, or the squared l2 distance when
-  `bayes` (the caller turns it into a log-likelihood).
+  `bayes` (the caller turns it into a log-likelihood). `defense` (a static
+  `splitjax.defenses.AttackModel`, or None): the adaptive attack, which simulates the device's
+  defences on every candidate (its label smoothing in the loss, its row transforms around the
+  clip) before scoring.
   """
+  if defense is not None:
+    from splitjax import defenses  # pylint: disable=import-outside-toplevel
+
+    eps = defense.label_smoothing
+    a = loss_factors(z) + jnp.asarray([-0.5 * eps, 0.5 * eps], z.dtype)
+    g_cand = a[..., None] * v[:, :, None, :]  # [U, B, 2, d]
+    clip_fn = (lambda x: clip_rows(x, clip_norm)) if clip else (lambda x: x)
+    g_cand = defenses.simulate(defense, g_cand, clip_norm, clip_fn)
+    if bayes:
+      return jnp.sum(jnp.square(g_cand - g[:, None, None, :]), axis=-1)
+    return DISTANCES[distance](g[:, None, None, :], g_cand)
   a = loss_factors(z)  # [U, B, 2]
   if clip:
     # The device clips g to norm C: factor min(1, C / ||a v||) = min(1, C / (|a| ||v||)).
