@@ -72,15 +72,6 @@ def validate(config, request: AuditRequest) -> None:
         f"--dp_noise_multiplier={sigma}: the cut audit needs a finite positive noise multiplier "
         "(or --target_epsilon)"
       )
-    if config.dp_clip not in ("none", "auto"):
-      try:
-        clip = float(config.dp_clip)
-      except ValueError:
-        raise AuditUsageError(
-          f"--dp_clip={config.dp_clip!r} must be a number, auto or none"
-        ) from None
-      if not 0 < clip < math.inf:
-        raise AuditUsageError(f"--dp_clip={config.dp_clip}: the cut audit needs 0 < C < inf")
     if config.protocol != "sl" or config.topology != "device_top":
       raise AuditUsageError(
         "the cut audit runs the SL step of topology device_top (the cut release is the same in "
@@ -258,7 +249,10 @@ def run_audit(config, workdir, request: AuditRequest, *, overwrite: bool = False
   if request.channel == "cut" and config.dp_clip == "none":  # the audit chooses C (see audit_cut)
     pipeline.validate(dataclasses.replace(config, dp_clip="auto"))
   else:
-    pipeline.validate(config)
+    pipeline.validate(config)  # --dp_clip is a positive number, auto or none
+  if request.channel == "cut" and config.dp_clip not in ("none", "auto"):
+    if math.isinf(float(config.dp_clip)):
+      raise AuditUsageError(f"--dp_clip={config.dp_clip}: the cut audit needs a finite C")
   if request.channel == "pipeline":
     from experiments import auditing_pipeline  # pylint: disable=import-outside-toplevel
 

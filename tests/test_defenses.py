@@ -212,7 +212,7 @@ def test_label_smoothing_is_the_device_loss_on_smoothed_targets():
   assert not np.allclose(np.asarray(g0), np.asarray(g))
 
 
-def test_attack_on_a_defended_workdir_is_marked_naive(tmp_path):
+def test_attack_on_a_defended_workdir_records_its_defense_model(tmp_path):
   from experiments import attack as attack_bin
 
   work = tmp_path / "ls"
@@ -225,7 +225,15 @@ def test_attack_on_a_defended_workdir_is_marked_naive(tmp_path):
   with flagsaver.flagsaver(workdir=str(work), num_examples=20):
     attack_bin.main([])
   rec = json.loads((work / "attack.json").read_text())
-  assert rec["defense_model"] == "naive" and rec["defense_chain"] == ["label_smoothing:0.2", "sign"]
+  assert rec["defense_model"] == "adaptive"
+  assert rec["defense_chain"] == ["label_smoothing:0.2", "sign"]
+  adaptive = rec["label"]["accuracy"]
+  with flagsaver.flagsaver(
+    workdir=str(work), num_examples=20, defense_model="naive", overwrite=True
+  ):
+    attack_bin.main([])
+  rec = json.loads((work / "attack.json").read_text())
+  assert rec["defense_model"].startswith("naive") and adaptive == 1.0
 
 
 def test_adaptive_exact_reads_through_deterministic_defences_where_naive_fails():
