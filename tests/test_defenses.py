@@ -267,3 +267,9 @@ def test_randomized_defences_are_not_modelled_yet():
   assert model is None and "randomized" in why
   model, why = defenses.attack_model(defenses.plan(["clip", "noise", "sign"]), 1.0)
   assert model is None and "after the noise" in why
+
+
+def test_topk_ties_go_to_the_first_by_position():
+  x = jnp.asarray([[1.0, -1.0, 1.0, 0.5], [0.5, 2.0, -2.0, 2.0]], jnp.float32)
+  out = np.asarray(defenses.row_transform(defenses.Defense("topk", 0.5), x, jnp.inf))
+  np.testing.assert_array_equal(out, [[1.0, -1.0, 0.0, 0.0], [0.0, 2.0, -2.0, 0.0]])
