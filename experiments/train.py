@@ -52,7 +52,8 @@ _DEFENSE = flags.DEFINE_multi_string(
   "defense",
   [],
   "A defence on the rows the device sends, NAME[:PARAM] (repeatable, in order): max_norm, "
-  "topk:FRACTION, sign, quantize:BITS, quantize_stochastic:BITS; the markers clip and noise "
+  "marvell:S, batch_average, topk:FRACTION, sign, quantize:BITS, quantize_stochastic:BITS, and "
+  "label_smoothing:EPS (the device's loss); the markers clip and noise "
   "place the DP chain (appended at the end when absent). A chain that voids the cut-layer "
   "epsilon is refused with noise on (splitjax.defenses).",
 )

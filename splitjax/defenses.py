@@ -47,6 +47,11 @@ The defences (``NAME[:PARAM]``):
   In FSL one batch is a round's rows of all its devices. Batch-dependent; it protects the label
   only (the features' direction dz/dh is untouched).
 
+- ``batch_average`` (SecretFlow's gradient averaging): every real row of the batch is replaced by
+  the batch's mean row, so the server back-propagates the same averaged gradient through every
+  row (a change of the protocol: the AUC says what it costs). Batch-dependent; in FSL one batch
+  is a round's rows of all its devices. Per-row attacks cannot model it (a joint batch attack is
+  not built).
 - ``label_smoothing:EPS``: not a transform of the rows but an option of the device's loss, which
   trains on ``y (1 - EPS) + EPS / 2`` (the training steps' ``label_smoothing``); it shrinks the
   gradient's label-dependent scale. Deterministic; the DP chain's accounting is unchanged.
@@ -75,6 +80,7 @@ _KINDS = {
   "quantize_stochastic": (True, False, True, True),
   "marvell": (True, True, True, False),
   "label_smoothing": (True, False, False, False),  # the device's loss, not a transform of g
+  "batch_average": (False, True, False, False),
 }
 NAMES = tuple(_KINDS)
 
@@ -249,6 +255,9 @@ def attack_model(p: Plan, noise_multiplier: float) -> tuple[AttackModel | None, 
   (max_norm, marvell, quantize_stochastic) needs a likelihood the attacks do not have yet, and a
   deterministic transform after the noise makes the noise non-Gaussian in what is observed.
   """
+  joint = [d.text() for d in p.pre + p.between + p.post if d.name == "batch_average"]
+  if joint:
+    return None, "batch_average mixes a batch's rows: a joint batch attack is not built yet"
   random_ = [d.text() for d in p.pre + p.between + p.post if d.name not in DETERMINISTIC]
   if random_:
     return None, f"randomized defences ({', '.join(random_)}) are not modelled yet"
@@ -376,7 +385,11 @@ def apply_one(d: Defense, x: jax.Array, key, mask, l2_clip_norm, y=None) -> jax.
   the rows' labels (what the device trains on), needed by ``marvell``."""
   n, dim = x.shape
   m = mask.astype(x.dtype)[:, None]
-  if d.name == "marvell":
+  if d.name == "batch_average":
+    w = mask.astype(x.dtype)
+    mean = jnp.sum(w[:, None] * x, axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+    out = jnp.broadcast_to(mean, x.shape)
+  elif d.name == "marvell":
     if y is None:
       raise DefenseError("marvell needs the batch's labels")
     assert d.param is not None

@@ -273,3 +273,15 @@ def test_topk_ties_go_to_the_first_by_position():
   x = jnp.asarray([[1.0, -1.0, 1.0, 0.5], [0.5, 2.0, -2.0, 2.0]], jnp.float32)
   out = np.asarray(defenses.row_transform(defenses.Defense("topk", 0.5), x, jnp.inf))
   np.testing.assert_array_equal(out, [[1.0, -1.0, 0.0, 0.0], [0.0, 2.0, -2.0, 0.0]])
+
+
+def test_batch_average_sends_the_mean_row_and_voids_the_accounting_before_the_noise():
+  x, mask = _rows(), jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
+  out = np.asarray(defenses.apply_one(defenses.Defense("batch_average"), x, None, mask, jnp.inf))
+  mean = np.asarray(x)[:5].mean(0)
+  np.testing.assert_allclose(out[:5], np.broadcast_to(mean, (5, D)), rtol=1e-6)
+  np.testing.assert_array_equal(out[5:], np.asarray(x)[5:])  # padded rows as they were
+  assert not defenses.plan(["batch_average"]).covered
+  assert defenses.plan(["clip", "noise", "batch_average"]).covered  # post-processing
+  model, why = defenses.attack_model(defenses.plan(["batch_average"]), 0.0)
+  assert model is None and "joint batch attack" in why
