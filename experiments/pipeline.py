@@ -561,7 +561,6 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   chain = defense_plan(config)
   fit_kwargs = dict(
     defenses=chain,
-    label_smoothing=chain.label_smoothing if chain is not None else 0.0,
     recipe=recipe,
     seed=config.seed,
     protocol_name=config.protocol,

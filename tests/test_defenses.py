@@ -195,7 +195,8 @@ def test_label_smoothing_is_the_device_loss_on_smoothed_targets():
   state = training.init_state(splits.MODEL, recipe, 0)
   batch = training.split_to_batch(split, np.arange(32, dtype=np.int32), 32)
   dp = training.no_dp()
-  _, g = training.replay(state, batch, dp, jax.random.key(0), None, 0.2)
+  smooth = defenses.plan(["label_smoothing:0.2"])
+  _, g = training.replay(state, batch, dp, jax.random.key(0), smooth)
   y_s = np.asarray(batch.y, np.float32) * 0.8 + 0.1
   h = training.predict_h(splits.MODEL, state.server_params, batch.pub_cat, batch.pub_dense)
   want = protocol.top_step(
@@ -248,9 +249,7 @@ def test_adaptive_exact_reads_through_deterministic_defences_where_naive_fails()
   apply = models.device_logit_fn(splits.MODEL)
   for chain in (["label_smoothing:0.3"], ["topk:0.25"], ["sign"]):
     p = defenses.plan(chain)
-    tr = training.replay_transcript(
-      splits.MODEL, state, split, defenses=p, label_smoothing=p.label_smoothing
-    )
+    tr = training.replay_transcript(splits.MODEL, state, split, defenses=p)
     model, why = defenses.attack_model(p, 0.0)
     assert model is not None, why
     common = dict(cardinalities=splits.PRIV_CARDS)

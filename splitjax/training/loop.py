@@ -75,7 +75,6 @@ def fit(
   on_transcript: Callable[[int, Any], None] | None = None,
   on_step: Callable[[int, int, int], None] | None = None,
   defenses=None,
-  label_smoothing: float = 0.0,
 ) -> FitResult:
   """Trains a split model with SL or FSL.
 
@@ -108,8 +107,7 @@ def fit(
     on_transcript: ``callback(epoch, transcript)`` once a recorded epoch's transcript is
       complete, before that epoch's ``on_epoch_end``.
     defenses: a `splitjax.defenses.Plan` the device wraps around its DP chain (None: the DP
-      chain alone); static for the jitted steps. ``label_smoothing``: eps of the device's loss
-      (targets ``y (1 - eps) + eps / 2``; 0 = none).
+      chain alone), its label smoothing included; static for the jitted steps.
     on_step: ``callback(epoch, done, total)`` after each step (SL) or round (FSL) of an epoch,
       ``done`` of ``total``; progress lines are the caller's (the library prints nothing).
       The step has been dispatched, not necessarily finished (JAX is asynchronous).
@@ -161,7 +159,6 @@ def fit(
           dp,
           device_dp=device_dp,
           defenses=defenses,
-          label_smoothing=label_smoothing,
         )
         losses.append(loss)
         nonfinite.append(bad)
@@ -190,7 +187,6 @@ def fit(
           device_dp=device_dp,
           return_device_params=True,
           defenses=defenses,
-          label_smoothing=label_smoothing,
         )
         losses.append(jnp.mean(loss))
         nonfinite.append(bad)
@@ -342,7 +338,6 @@ def replay_chunks(
   num_examples: int | None = None,
   batch_size: int = 1024,
   defenses=None,
-  label_smoothing: float = 0.0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """The test replay one chunk at a time: yields ``(rows [n_c] int32, h [n_c, d], g [n_c, d])``.
 
@@ -362,7 +357,6 @@ def replay_chunks(
       dp,
       jax.random.fold_in(key, c),
       defenses,
-      label_smoothing,
     )
     yield part, np.asarray(h)[: len(part)], np.asarray(g)[: len(part)]
 
@@ -377,7 +371,6 @@ def replay_transcript(
   num_examples: int | None = None,
   batch_size: int = 1024,
   defenses=None,
-  label_smoothing: float = 0.0,
 ) -> protocol.Transcript:
   """Sends every row of ``split`` once through the final model (one DP release each).
 
@@ -396,7 +389,6 @@ def replay_transcript(
       num_examples=num_examples,
       batch_size=batch_size,
       defenses=defenses,
-      label_smoothing=label_smoothing,
     )
   )
   n = sum(len(part) for part, _, _ in chunks)

@@ -77,11 +77,13 @@ def _head_step(model, params, h, head_in: tuple[Any, Any], y, mask, dp, key, dev
   return out._replace(param_grads=privatize(out.param_grads, mask))
 
 
-def smoothed_labels(y, label_smoothing: float):
-  """The device's training targets: ``y (1 - eps) + eps / 2`` (label smoothing; eps 0: ``y``)."""
-  if not label_smoothing:
+def smoothed_labels(y, defenses):
+  """The device's training targets: ``y (1 - eps) + eps / 2`` with the chain's label smoothing
+  eps (`splitjax.defenses.Plan.label_smoothing`); ``y`` itself without a chain or smoothing."""
+  eps = 0.0 if defenses is None else defenses.label_smoothing
+  if not eps:
     return y
-  return y.astype(jnp.float32) * (1.0 - label_smoothing) + 0.5 * label_smoothing
+  return y.astype(jnp.float32) * (1.0 - eps) + 0.5 * eps
 
 
 def _split_forward_backward(
@@ -93,7 +95,6 @@ def _split_forward_backward(
   key,
   device_dp: bool = False,
   defenses=None,
-  label_smoothing: float = 0.0,
 ):
   """One pass through the cut; (loss, enc_grads, head_grads, h_sent, g_sent, logits, nonfinite)."""
   _, enc_in, head_in = sides(model, batch)
@@ -105,7 +106,7 @@ def _split_forward_backward(
     head_params,
     enc_in,
     head_in,
-    smoothed_labels(batch.y, label_smoothing),
+    smoothed_labels(batch.y, defenses),
     batch.mask,
     topology=model.spec.topology,
     privatize=_privatizer(dp, key, defenses, batch.y),
@@ -129,9 +130,7 @@ def _encoder_and_head(state: TrainState):
   return state.device_params, state.server_params
 
 
-@functools.partial(
-  jax.jit, static_argnames=("device_dp", "defenses", "label_smoothing"), donate_argnums=(0,)
-)
+@functools.partial(jax.jit, static_argnames=("device_dp", "defenses"), donate_argnums=(0,))
 def sl_step(
   state: TrainState,
   batch: Batch,
@@ -139,7 +138,6 @@ def sl_step(
   *,
   device_dp: bool = False,
   defenses=None,
-  label_smoothing: float = 0.0,
 ):
   """One SL step: ``(state, batch, dp, *, device_dp=False) ->
   (state, loss, h_sent [N, d], g_sent [N, d], nonfinite)``.
@@ -149,15 +147,15 @@ def sl_step(
   (padded rows zero); ``nonfinite`` (int32) counts the rows the DP clip zeroed because they held an
   inf or NaN. The noise key is ``fold_in(state.key, state.step)``. ``device_dp`` (static) turns on
   device DP-SGD with ``dp``'s device fields; ``defenses`` (static, a `splitjax.defenses.Plan`)
-  wraps the DP chain in a defence chain; ``label_smoothing`` (static) eps trains the device's
-  loss on ``y (1 - eps) + eps / 2`` (a defence of the label: the gradient's scale changes).
+  wraps the DP chain in a defence chain, and its ``label_smoothing`` eps trains the device's loss
+  on ``y (1 - eps) + eps / 2`` (a defence of the label: the gradient's scale changes).
   """
   key = jax.random.fold_in(state.key, state.step)
   model = state.model
   device_top = model.spec.topology == "device_top"
   enc, head = _encoder_and_head(state)
   loss, enc_g, head_g, h_sent, g_sent, _, nonfinite = _split_forward_backward(
-    model, enc, head, batch, dp, key, device_dp, defenses, label_smoothing
+    model, enc, head, batch, dp, key, device_dp, defenses
   )
   server_g, device_g = (enc_g, head_g) if device_top else (head_g, enc_g)
   upd, server_opt = state.tx_server.update(server_g, state.server_opt, state.server_params)
@@ -194,7 +192,6 @@ def _masked_mean(tree, weights):
     "device_dp",
     "return_device_params",
     "defenses",
-    "label_smoothing",
   ),
   donate_argnums=(0,),
 )
@@ -208,7 +205,6 @@ def fsl_round(
   device_dp: bool = False,
   return_device_params: bool = False,
   defenses=None,
-  label_smoothing: float = 0.0,
 ):
   """One FSL round: ``(state, batch [D, S, ...], device_mask [D], dp, *,
   local_steps, device_dp=False) -> (state, losses [local_steps], h, g, nonfinite)``.
@@ -257,7 +253,7 @@ def fsl_round(
       phis,
       (flat.pub_cat, flat.pub_dense),
       (batch.priv_cat, batch.priv_dense),
-      smoothed_labels(flat.y, label_smoothing),
+      smoothed_labels(flat.y, defenses),
       flat.mask,
       topology="device_top",
       privatize=_privatizer(dp, key, defenses, flat.y),
@@ -289,10 +285,8 @@ def fsl_round(
   return new, losses, hs, gs, jnp.sum(nonfinite)
 
 
-@functools.partial(jax.jit, static_argnames=("defenses", "label_smoothing"))
-def replay(
-  state: TrainState, batch: Batch, dp: DPConfig, key, defenses=None, label_smoothing: float = 0.0
-):
+@functools.partial(jax.jit, static_argnames=("defenses",))
+def replay(state: TrainState, batch: Batch, dp: DPConfig, key, defenses=None):
   """Jitted ``(state, batch, dp, key) -> (h_sent [N, d], g_sent [N, d])``: one release per row.
 
   Nothing is donated or updated; the noise key is ``key`` itself; ``defenses`` (static) as in
@@ -300,7 +294,5 @@ def replay(
   """
   model = state.model
   enc, head = _encoder_and_head(state)
-  _, _, _, h, g, _, _ = _split_forward_backward(
-    model, enc, head, batch, dp, key, defenses=defenses, label_smoothing=label_smoothing
-  )
+  _, _, _, h, g, _, _ = _split_forward_backward(model, enc, head, batch, dp, key, defenses=defenses)
   return h, g
