@@ -391,7 +391,6 @@ def observed_transcript(restored, config, clip: float, sigma: float):
         test_split,
         y=label_dp.randomized_response(test_split.y, restored.config.label_dp_epsilon, rng=rng),
       )
-    chain = pipeline.defense_plan(restored.config)
     transcript = training.replay_transcript(
       model,
       state,
@@ -399,8 +398,7 @@ def observed_transcript(restored, config, clip: float, sigma: float):
       dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
       seed=config.seed + 1000,
       num_examples=config.num_examples or None,
-      defenses=chain,
-      label_smoothing=chain.label_smoothing if chain is not None else 0.0,
+      defenses=pipeline.defense_plan(restored.config),
     )
     return transcript, "test"
   transcript = restored.transcript()
@@ -613,8 +611,8 @@ def _write_record(record: dict, restored, out_path: pathlib.Path, partial_path: 
   record["schema_version"] = SCHEMA_VERSION
   record["model_fingerprint"] = restored.fingerprint
   if getattr(restored.config, "defenses", ()):
-    # The attacks here score the DP chain only: against a defence they are naive (no adaptive
-    # attack models it yet), so the accuracy is what a defence-unaware server reaches.
+    # EXACT records the defence model it ran (defense_model_of); every other attack scores the DP
+    # chain only, so against a defence it is naive: what a defence-unaware server reaches.
     record["defense_chain"] = list(restored.config.defenses)
     record.setdefault("defense_model", "naive")
   record["environment"] = records.environment()
@@ -694,6 +692,8 @@ def _attack_enumerable(
   if every is not None:
     options = {}  # exact_releases: l2 (squared) distances, the nearest pair (validated)
     take = _releases_of_users(every, transcript, public)
+    if defense_note:  # the multi-release attack scores the DP chain only
+      defense_note = "naive (the every-release attack does not model defences)"
 
   # Resumable: blocks of rows; the parameter versions of a block go in one call (param_index).
   done = {}
