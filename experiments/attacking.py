@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 from experiments import common
+from experiments import defending
 from experiments import pipeline
 from experiments import records
 from experiments import workdir as workdir_lib
@@ -123,26 +124,38 @@ def _with_defaults(old_cfg):
   return {**{k: v for k, v in defaults.items() if k not in old_cfg}, **old_cfg}
 
 
-DEFENSE_MODELS = ("auto", "adaptive", "naive")
+DEFENSE_MODELS = ("auto", "adaptive", "white_box", "naive")
 
 
-def defense_model_of(restored, config, sigma: float):
+def defense_model_of(restored, config, sigma: float, clip: float = math.inf):
   """``(splitjax.defenses.AttackModel or None, note)``: what EXACT simulates of the workdir's
-  ``--defense`` chain under ``--defense_model`` (UsageError: adaptive asked, not modelled)."""
+  ``--defense`` chain under ``--defense_model`` (UsageError: adaptive asked, not modelled).
+
+  ``white_box`` is ``adaptive`` with the device's own batch statistics for the batch-dependent
+  randomized defences (max_norm, marvell), where ``adaptive`` estimates them (`defending`)."""
   chain = pipeline.defense_plan(restored.config)
   if chain is None:
     return None, ""
-  model, why = defenses_lib.attack_model(chain, sigma)
+  model, why = defenses_lib.attack_model(chain, sigma, clip)
+  if (
+    model is not None
+    and model.likelihood is not None
+    and model.likelihood.name in defending.NEEDS_INFO
+    and config.users != "test"
+  ):
+    model, why = None, f"{model.likelihood.text()}'s batch statistics are built for test users"
   mode = config.defense_model
   if mode == "naive" or (mode == "auto" and model is None):
     return None, "naive" + (f" ({why})" if why else "")
   if model is None:
-    raise common.UsageError(f"--defense_model=adaptive: {why}; use --defense_model=naive")
+    raise common.UsageError(f"--defense_model={mode}: {why}; use --defense_model=naive")
   if config.screen_dtype != "none":
     raise common.UsageError(
       "--screen_dtype cannot screen an adaptive attack (the defences' transforms break its "
       "closed form): drop it or pass --defense_model=naive"
     )
+  if model.likelihood is not None:
+    return model, f"{'white_box' if mode == 'white_box' else 'adaptive'} (likelihood)"
   return model, "adaptive"
 
 
@@ -374,6 +387,19 @@ def informed_prior(restored, config, transcript, split_name: str) -> evaluation.
   return _INFORMED_CACHE[key]
 
 
+def device_test_split(restored):
+  """The test split as the device holds it: under label DP each row's randomized-response
+  label, drawn once (the device only ever uses that one)."""
+  test_split = restored.dataset.test
+  if restored.config.label_dp_epsilon:
+    rng = np.random.default_rng([restored.config.seed, 8])
+    test_split = dataclasses.replace(
+      test_split,
+      y=label_dp.randomized_response(test_split.y, restored.config.label_dp_epsilon, rng=rng),
+    )
+  return test_split
+
+
 def observed_transcript(restored, config, clip: float, sigma: float):
   """What the server observed: ``(transcript, split name)``.
 
@@ -382,15 +408,9 @@ def observed_transcript(restored, config, clip: float, sigma: float):
   once, as the device only ever uses that one); train users come from the
   recorded last-epoch transcript.
   """
-  dataset, model, state = restored.dataset, restored.model, restored.state
+  model, state = restored.model, restored.state
   if config.users == "test":
-    test_split = dataset.test
-    if restored.config.label_dp_epsilon:
-      rng = np.random.default_rng([restored.config.seed, 8])
-      test_split = dataclasses.replace(
-        test_split,
-        y=label_dp.randomized_response(test_split.y, restored.config.label_dp_epsilon, rng=rng),
-      )
+    test_split = device_test_split(restored)
     transcript = training.replay_transcript(
       model,
       state,
@@ -405,6 +425,20 @@ def observed_transcript(restored, config, clip: float, sigma: float):
   if config.num_examples:
     transcript = transcript.take(np.arange(min(config.num_examples, transcript.num_rows)))
   return transcript, "train"
+
+
+def _expected_accuracy(record, dataset, state, true_feats, true_y, label_eps) -> None:
+  """Each secret's ``expected_accuracy``: the mean posterior mass on the truth (the credit of a
+  prior-weighted choice among tied pairs, or a likelihood's posterior), beside its accuracy."""
+  offsets = np.concatenate([[0], np.cumsum(dataset.priv_cardinalities)])
+  rows = np.arange(len(true_y))
+  post = state["posteriors"]
+  for j, name in enumerate(dataset.roles.private_categorical):
+    mass = post[rows, offsets[j] + true_feats[:, j]]
+    record["features"][name]["expected_accuracy"] = float(np.mean(mass))
+  label_post = state["label_posterior"]
+  if not label_eps and not np.isnan(label_post).any():
+    record["label"]["expected_accuracy"] = float(np.mean(label_post[rows, true_y]))
 
 
 RELEASES_NOTE = (
@@ -685,9 +719,24 @@ def _attack_enumerable(
   options = {"top_k": config.top_k, "distance": config.distance}
   if config.screen_dtype != "none":
     options["screen_dtype"] = config.screen_dtype
-  defense_model, defense_note = defense_model_of(restored, config, sigma)
+  defense_model, defense_note = defense_model_of(restored, config, sigma, clip)
   if defense_model is not None:
     options["defense"] = defense_model
+    if defense_model.likelihood is not None and defense_model.likelihood.name in (
+      defending.NEEDS_INFO
+    ):
+      info, how = defending.side_info(
+        restored,
+        transcript,
+        device_test_split(restored),
+        public,
+        defense_model,
+        config.defense_model,
+        variant,
+        options,
+      )
+      public = public._replace(defense_info=info)
+      defense_note = f"{defense_note[:-1]}: {how})"
   take = None
   if every is not None:
     options = {}  # exact_releases: l2 (squared) distances, the nearest pair (validated)
@@ -710,6 +759,8 @@ def _attack_enumerable(
     "label_posterior": done.get("label_posterior", np.full((n, 2), np.nan)),
     # joint MAP / nearest tuple
     "map_codes": done.get("map_codes", np.full(n, -1, np.int64)),
+    # under a defence model: each feature's marginal posterior, concatenated (expected accuracy)
+    "posteriors": done.get("posteriors", np.full((n, int(sum(cards))), np.nan, np.float32)),
   }
   if progress:
     remaining = int((~state["finished"]).sum())
@@ -742,6 +793,8 @@ def _attack_enumerable(
     state["map_codes"][rows] = attacks.tuple_codes(res.map_features, cards)
     if res.label_posterior is not None:
       state["label_posterior"][rows] = res.label_posterior
+    if defense_model is not None and res.feature_posteriors is not None:
+      state["posteriors"][rows] = np.concatenate(res.feature_posteriors, axis=1)
     if res.screen_fallback is not None:
       state["screen_fallback"][rows] = res.screen_fallback
 
@@ -789,6 +842,8 @@ def _attack_enumerable(
   record["variant"], record["prior"] = variant, prior
   if defense_note:
     record["defense_model"] = defense_note
+  if defense_model is not None and not np.isnan(state["posteriors"]).any():
+    _expected_accuracy(record, dataset, state, true_feats, true_y, label_eps)
   candidates = int(np.prod(cards)) * 2
   if config.screen_dtype != "none":
     redone = state["screen_fallback"]

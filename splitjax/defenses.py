@@ -240,27 +240,51 @@ class AttackModel(NamedTuple):
 
   ``pre``: deterministic row transforms before the clip; ``between``: after the clip (and, with
   no noise, after the noise too: then nothing is between them); ``label_smoothing``: eps of the
-  device's loss.
+  device's loss; ``likelihood``: the one randomized defence whose likelihood scores the pairs
+  (`splitjax.attacks.likelihoods`; None: distance or Gaussian scoring), with ``pre`` and
+  ``between`` empty.
   """
 
   pre: tuple = ()
   between: tuple = ()
   label_smoothing: float = 0.0
+  likelihood: Defense | None = None
 
 
-def attack_model(p: Plan, noise_multiplier: float) -> tuple[AttackModel | None, str]:
+# The randomized defences with a likelihood, and where in the chain it holds.
+LIKELIHOOD_BEFORE_CLIP = ("max_norm", "marvell")
+LIKELIHOOD_AFTER_CLIP = ("quantize_stochastic",)
+
+
+def attack_model(
+  p: Plan, noise_multiplier: float, l2_clip_norm: float = math.inf
+) -> tuple[AttackModel | None, str]:
   """The adaptive attack's model of a chain, or ``(None, why not)``.
 
-  Deterministic row transforms (topk, sign, quantize) are simulated exactly; a randomized defence
-  (max_norm, marvell, quantize_stochastic) needs a likelihood the attacks do not have yet, and a
-  deterministic transform after the noise makes the noise non-Gaussian in what is observed.
+  Deterministic row transforms (topk, sign, quantize) are simulated exactly. A randomized defence
+  is scored by its likelihood when it is the chain's only transform: max_norm and marvell before
+  an infinite clip (the clip of a noisy row has no closed-form density), quantize_stochastic
+  after the clip without noise. A deterministic transform after the noise makes the noise
+  non-Gaussian in what is observed, and batch_average needs a joint attack: neither is modelled.
   """
-  joint = [d.text() for d in p.pre + p.between + p.post if d.name == "batch_average"]
+  parts = p.pre + p.between + p.post
+  joint = [d.text() for d in parts if d.name == "batch_average"]
   if joint:
     return None, "batch_average mixes a batch's rows: a joint batch attack is not built yet"
-  random_ = [d.text() for d in p.pre + p.between + p.post if d.name not in DETERMINISTIC]
+  random_ = [d for d in parts if d.name not in DETERMINISTIC]
   if random_:
-    return None, f"randomized defences ({', '.join(random_)}) are not modelled yet"
+    d = random_[0]
+    if len(parts) > 1:
+      return None, (
+        f"a randomized defence ({d.text()}) is modelled only as the chain's one transform"
+      )
+    if d.name in LIKELIHOOD_BEFORE_CLIP:
+      if not p.pre or math.isfinite(l2_clip_norm) or noise_multiplier > 0:
+        return None, f"{d.text()}'s likelihood is modelled before an infinite clip, without noise"
+    elif d.name in LIKELIHOOD_AFTER_CLIP:
+      if p.pre or noise_multiplier > 0:
+        return None, f"{d.text()}'s likelihood is modelled after the clip, without noise"
+    return AttackModel(label_smoothing=p.label_smoothing, likelihood=d), ""
   if p.post and noise_multiplier > 0:
     return None, "a deterministic transform after the noise is not modelled (non-Gaussian)"
   return AttackModel(p.pre, p.between + p.post, p.label_smoothing), ""
@@ -350,9 +374,9 @@ def marvell_lambdas(delta_sq, u0, u1, p, power, dim: int):
   return (x * scale).astype(np.float32)
 
 
-def _marvell(x, y, mask, key, strength):
-  """Marvell's noise on rows ``x [N, d]`` with labels ``y [N]`` (see the module doc)."""
-  n, dim = x.shape
+def _marvell_stats(x, y, mask):
+  """A batch's class statistics: (Delta [d], ||Delta||^2, u_0, u_1, p) over its real rows."""
+  dim = x.shape[1]
   w = mask.astype(x.dtype)
   yy = y.astype(x.dtype)
   n1, n0 = jnp.sum(w * yy), jnp.sum(w * (1 - yy))
@@ -363,6 +387,18 @@ def _marvell(x, y, mask, key, strength):
   var = lambda wy, mu, cnt: jnp.sum(wy[:, None] * jnp.square(x - mu)) / jnp.maximum(cnt * dim, 1.0)
   u1, u0 = var(w * yy, mu1, n1), var(w * (1 - yy), mu0, n0)
   p = n1 / jnp.maximum(n1 + n0, 1.0)
+  return delta, delta_sq, u0, u1, p
+
+
+def marvell_params(x, y, mask, strength):
+  """What Marvell draws a batch's noise from: ``(u [d], lams [4])``, ``u = Delta / ||Delta||``
+  and ``lams = (lambda1_0, lambda2_0, lambda1_1, lambda2_1)`` (`marvell_lambdas`, on the host).
+
+  Rows ``x [N, d]`` with labels ``y [N]`` and ``mask [N]`` (1: a real row). The attack's
+  white-box knowledge of a batch (`splitjax.attacks.likelihoods.marvell_nll` reads it).
+  """
+  dim = x.shape[1]
+  delta, delta_sq, u0, u1, p = _marvell_stats(x, y, mask)
   lams = jax.pure_callback(
     lambda dsq, a0, a1, pp, pw: marvell_lambdas(dsq, a0, a1, pp, pw, dim),
     jax.ShapeDtypeStruct((4,), jnp.float32),
@@ -372,12 +408,37 @@ def _marvell(x, y, mask, key, strength):
     p,
     strength * delta_sq,
   )
+  unit = delta / jnp.maximum(jnp.sqrt(delta_sq), jnp.finfo(x.dtype).tiny)
+  return unit, lams
+
+
+def _marvell(x, y, mask, key, strength):
+  """Marvell's noise on rows ``x [N, d]`` with labels ``y [N]`` (see the module doc)."""
+  unit, lams = marvell_params(x, y, mask, strength)
+  yy = y.astype(x.dtype)
   l1 = jnp.where(yy > 0, lams[2], lams[0])[:, None]
   l2 = jnp.where(yy > 0, lams[3], lams[1])[:, None]
-  unit = delta / jnp.maximum(jnp.sqrt(delta_sq), jnp.finfo(x.dtype).tiny)
   z = jax.random.normal(key, x.shape, x.dtype)
   along = (z @ unit)[:, None] * unit[None, :]
   return x + jnp.sqrt(l2) * z + (jnp.sqrt(l1) - jnp.sqrt(l2)) * along
+
+
+def max_norm_level(x, mask):
+  """The squared norm max_norm equalises a batch's rows to: its largest real row's (scalar)."""
+  return jnp.max(jnp.sum(jnp.square(x), axis=1) * mask)
+
+
+def batch_info(d: Defense, x, y, mask):
+  """The white-box side information of one batch for the likelihood of ``d`` (max_norm: [1],
+  ``G^2``; marvell: [d + 4], ``u`` and the four lambdas; else [1] zeros), from the rows the
+  defence saw (``x [N, d]``, labels ``y [N]``, ``mask [N]``)."""
+  if d.name == "max_norm":
+    return max_norm_level(x, mask.astype(x.dtype))[None]
+  if d.name == "marvell":
+    assert d.param is not None
+    unit, lams = marvell_params(x, y, mask, d.param)
+    return jnp.concatenate([unit, lams.astype(x.dtype)])
+  return jnp.zeros((1,), x.dtype)
 
 
 def apply_one(d: Defense, x: jax.Array, key, mask, l2_clip_norm, y=None) -> jax.Array:
@@ -396,7 +457,7 @@ def apply_one(d: Defense, x: jax.Array, key, mask, l2_clip_norm, y=None) -> jax.
     out = _marvell(x, y, mask, key, d.param)
   elif d.name == "max_norm":
     sq = jnp.sum(jnp.square(x), axis=1) * mask
-    var = jnp.maximum(jnp.max(sq) - sq, 0.0) / dim
+    var = jnp.maximum(max_norm_level(x, mask) - sq, 0.0) / dim
     out = x + jnp.sqrt(var)[:, None] * jax.random.normal(key, x.shape, x.dtype)
   elif d.name in DETERMINISTIC:
     out = row_transform(d, x, l2_clip_norm)

@@ -261,9 +261,20 @@ def test_adaptive_exact_reads_through_deterministic_defences_where_naive_fails()
     assert acc(naive) < 0.9, chain
 
 
-def test_randomized_defences_are_not_modelled_yet():
-  model, why = defenses.attack_model(defenses.plan(["max_norm"]), 0.0)
-  assert model is None and "randomized" in why
+def test_which_randomized_chains_have_a_likelihood():
+  for chain, clip in (
+    (["max_norm"], math.inf),
+    (["marvell:2"], math.inf),
+    (["clip", "quantize_stochastic:4"], 1.0),
+  ):
+    model, why = defenses.attack_model(defenses.plan(chain), 0.0, clip)
+    assert model is not None and model.likelihood.name == chain[-1].split(":")[0], why
+  model, why = defenses.attack_model(defenses.plan(["max_norm"]), 0.0, 1.0)  # a clip of noise
+  assert model is None and "infinite clip" in why
+  model, why = defenses.attack_model(defenses.plan(["max_norm", "topk:0.5"]), 0.0)
+  assert model is None and "one transform" in why
+  model, why = defenses.attack_model(defenses.plan(["clip", "noise", "quantize_stochastic:4"]), 1.0)
+  assert model is None and "without noise" in why
   model, why = defenses.attack_model(defenses.plan(["clip", "noise", "sign"]), 1.0)
   assert model is None and "after the noise" in why
 

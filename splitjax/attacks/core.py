@@ -62,21 +62,47 @@ def candidate_gradients(device_apply, opts: Options, params, h, table, low_preci
   return jax.vmap(per_user, in_axes=(params_axis, 0, table_axis))(params, h, table)
 
 
-def _pair_scores(opts: Options, z, v, g, clip_norm):
-  clip = opts.clip and opts.clip_aware
-  return scoring.pair_scores(
-    z, v, g, clip_norm, distance=opts.distance, clip=clip, bayes=opts.bayes, defense=opts.defense
+def likelihood_scoring(opts: Options) -> bool:
+  """Whether the pairs are scored by a randomized defence's likelihood (`likelihoods`)."""
+  return opts.defense is not None and opts.defense.likelihood is not None
+
+
+def tie_posterior(opts: Options) -> bool:
+  """Whether ties are answered by the prior-weighted choice among them: the adaptive attack of
+  deterministic defences (a noise-free observation that several pairs reproduce exactly; the
+  posterior is the prior restricted to the tied pairs, `scoring.tie_log_posterior`)."""
+  return (
+    opts.defense is not None
+    and opts.defense.likelihood is None
+    and not opts.bayes
+    and opts.top_k == 1
+    and opts.screen_dtype is None
   )
 
 
-def _simulate_block(device_apply, opts: Options, params, h, g, table, clip_norm):
+def _pair_scores(opts: Options, z, v, g, clip_norm, info=None):
+  clip = opts.clip and opts.clip_aware
+  return scoring.pair_scores(
+    z,
+    v,
+    g,
+    clip_norm,
+    distance=opts.distance,
+    clip=clip,
+    bayes=opts.bayes,
+    defense=opts.defense,
+    info=info,
+  )
+
+
+def _simulate_block(device_apply, opts: Options, params, h, g, table, clip_norm, info=None):
   """[U, B, L] scores of one block of candidates `table` [B, P] (a screen with a screen dtype)."""
   if opts.screen_dtype is not None:
     z, v = candidate_gradients(device_apply, opts, params, h, table, low_precision=True)
     clip = opts.clip and opts.clip_aware
     return screen_lib.screen_scores(z, v, g, clip_norm, distance=opts.distance, clip=clip)
   z, v = candidate_gradients(device_apply, opts, params, h, table, low_precision=False)
-  return _pair_scores(opts, z, v, g, clip_norm)
+  return _pair_scores(opts, z, v, g, clip_norm, info)
 
 
 def _rescore(device_apply, opts: Options, params, h, g, table, clip_norm, top, num_pairs):
@@ -111,6 +137,7 @@ def score_chunk(
   screen_rtol,
   screen=None,
   return_scores: bool = False,
+  info=None,
 ):
   """Attacks one chunk of U users. table: [num_blocks * B, P]. Returns a dict of [U, ...] arrays.
 
@@ -123,6 +150,9 @@ def score_chunk(
       and answers among the rescored pairs, with a `screen_fallback` flag per user).
     return_scores: also return `scores` [U, C*L], the score every pair is ranked by (the
       distance, or the negative unnormalised log posterior in the Bayes variant).
+    info: [U, k] the per-user side information of a randomized defence's likelihood
+      (`opts.defense.likelihood`; `likelihoods.info_size`), else None. Then the pairs are
+      scored by that likelihood plus `log_prior` (`opts.bayes` is on) and `distances` is NaN.
   """
   num_users = h.shape[0]
   if opts.per_user_params:  # each user's own parameter version: [V, ...] -> [U, ...]
@@ -136,7 +166,7 @@ def score_chunk(
     )
   else:
     simulate = functools.partial(
-      _simulate_block, device_apply, opts, params, h, g, clip_norm=clip_norm
+      _simulate_block, device_apply, opts, params, h, g, clip_norm=clip_norm, info=info
     )
     if opts.num_blocks == 1:
       dist = simulate(table)
@@ -149,7 +179,12 @@ def score_chunk(
       return dict(screen=dist)
 
   log_post = None
-  if opts.bayes:
+  if likelihood_scoring(opts):
+    log_post = log_prior.reshape(log_prior.shape[0], -1) - dist  # dist: -log p(g | pair)
+    score = -log_post
+    scale = jnp.ones((num_users,), dist.dtype)  # ties within ~1e-6 nats
+    dist = jnp.full_like(dist, jnp.nan)  # no distance is scored
+  elif opts.bayes:
     inv_var = 1.0 / (2.0 * jnp.square(noise_stddev))
     log_post = log_prior.reshape(log_prior.shape[0], -1) - dist * inv_var  # unnormalised
     score = -log_post
@@ -157,6 +192,10 @@ def score_chunk(
   else:
     score = dist
     scale = scoring.DISTANCES[opts.distance](g, jnp.zeros_like(g))
+    if tie_posterior(opts):
+      log_post = scoring.tie_log_posterior(
+        score, scale, log_prior.reshape(log_prior.shape[0], -1)
+      )
   out, best, tol = scoring.select(
     score,
     dist,
@@ -166,6 +205,7 @@ def score_chunk(
     num_labels,
     top_k=opts.top_k,
     log_post=log_post,
+    squared=opts.bayes,
   )
   if screen is not None:
     # The best pair left out enters the gap at its screening score; non-finite screening scores

@@ -74,6 +74,8 @@ class Public(NamedTuple):
       which `fsl_tracking` recomputes each device's local steps with.
     device_l2_clip_norm: FSL with device DP-SGD: its per-example clip norm (None: trained
       without device DP-SGD).
+    defense_info: `[N, k]` per transcript row, the side information of a randomized defence's
+      likelihood (`exact`'s `defense_info`; None: none).
   """
 
   model: models.SplitModel
@@ -87,6 +89,7 @@ class Public(NamedTuple):
   positive_fraction: float | None = None
   device_optimizer: Any = None
   device_l2_clip_norm: float | None = None
+  defense_info: np.ndarray | None = None
 
   @property
   def noisy(self) -> bool:
@@ -100,9 +103,13 @@ class Public(NamedTuple):
 
   def take(self, idx) -> 'Public':
     """The public knowledge of transcript rows `idx` (`Transcript.take`'s twin)."""
-    if self.user_log_prior is None:
-      return self
-    return self._replace(user_log_prior=np.asarray(self.user_log_prior)[np.asarray(idx)])
+    rows = np.asarray(idx)
+    out = self
+    if self.user_log_prior is not None:
+      out = out._replace(user_log_prior=np.asarray(self.user_log_prior)[rows])
+    if self.defense_info is not None:
+      out = out._replace(defense_info=np.asarray(self.defense_info)[rows])
+    return out
 
 
 def _one_version(name: str, transcript: protocol.Transcript):
@@ -128,6 +135,19 @@ def _bayes(public: Public, variant: str) -> dict:
   return out
 
 
+def _likelihood_args(public: Public, variant: str) -> dict:
+  """Scoring under a defence model without DP noise: a randomized defence's side information,
+  and the log prior under the Bayes variant (the likelihood is the defence's own, or the
+  posterior of a deterministic one's ties)."""
+  out: dict[str, Any] = {}
+  if public.defense_info is not None:
+    out['defense_info'] = public.defense_info
+  lp = public.user_log_prior if public.user_log_prior is not None else public.log_prior
+  if variant == 'bayes' and lp is not None:
+    out['log_prior'] = lp
+  return out
+
+
 def _exact(transcript, public, variant, options):
   versions = np.unique(transcript.param_index)
   if len(versions) > 1:  # every version in one batched call
@@ -135,6 +155,21 @@ def _exact(transcript, public, variant, options):
     options = dict(options, param_index=index)
   else:
     params = transcript.params_at(int(versions[0]) if len(versions) else 0)
+  defense = options.get('defense')
+  if defense is not None and (defense.likelihood is not None or not public.noisy):
+    # A randomized defence's likelihood, or a deterministic one's ties answered by the prior
+    # (the log prior under the Bayes variant, with no DP noise on the channel).
+    return enumeration.exact(
+      models.device_logit_fn(public.model),
+      params,
+      transcript.h,
+      transcript.g,
+      public.cardinalities,
+      l2_clip_norm=public.clip,
+      clip_aware=variant != 'paper',
+      **_likelihood_args(public, variant),
+      **options,
+    )
   return enumeration.exact(
     models.device_logit_fn(public.model),
     params,

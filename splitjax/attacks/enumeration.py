@@ -55,9 +55,9 @@ def _device_share(device_apply, opts: core.Options, shared, per_user):
   """
   params, table, clip_norm, noise_stddev, screen_rtol, shared_prior = shared
   if opts.per_user_prior:
-    h, g, param_index, log_prior = per_user
+    h, g, param_index, info, log_prior = per_user
   else:
-    (h, g, param_index), log_prior = per_user, shared_prior
+    (h, g, param_index, info), log_prior = per_user, shared_prior
   m = opts.chunks_per_call
   chunk = functools.partial(
     core.score_chunk,
@@ -74,8 +74,8 @@ def _device_share(device_apply, opts: core.Options, shared, per_user):
 
   def run(screen=None):
     if m == 1:
-      return chunk(h=h, g=g, param_index=param_index, log_prior=log_prior, screen=screen)
-    blocks = (h, g, param_index, log_prior if opts.per_user_prior else None, screen)
+      return chunk(h=h, g=g, param_index=param_index, log_prior=log_prior, screen=screen, info=info)
+    blocks = (h, g, param_index, log_prior if opts.per_user_prior else None, screen, info)
     return merge(
       jax.lax.map(
         lambda a: chunk(
@@ -84,6 +84,7 @@ def _device_share(device_apply, opts: core.Options, shared, per_user):
           param_index=a[2],
           log_prior=a[3] if opts.per_user_prior else log_prior,
           screen=a[4],
+          info=a[5],
         ),
         jax.tree.map(split, blocks),
       )
@@ -92,6 +93,27 @@ def _device_share(device_apply, opts: core.Options, shared, per_user):
   if opts.screen_dtype is None:
     return run()
   return run(screen_lib.screen_top(run()['screen'], opts.screen_top))
+
+
+def _defense_info(likelihood, defense_info, num_users: int, d: int, dtype) -> np.ndarray:
+  """`defense_info` checked against what `likelihood`'s nll reads: [N, k] finite floats."""
+  from splitjax.attacks import likelihoods  # pylint: disable=import-outside-toplevel
+
+  k = likelihoods.info_size(likelihood.name, d)
+  if defense_info is None:
+    if likelihood.name in ('max_norm', 'marvell'):
+      raise AttackError(
+        f'defense={likelihood.text()} needs defense_info [N, {k}] (its per-batch side '
+        'information, see splitjax.attacks.likelihoods)'
+      )
+    return np.zeros((num_users, k), dtype)
+  info = np.asarray(defense_info, dtype)
+  if info.shape != (num_users, k):
+    raise AttackError(
+      f'defense_info must be [N, k] = ({num_users}, {k}) for {likelihood.text()}, got {info.shape}'
+    )
+  checks.finite_matrix(info, 'defense_info')
+  return info
 
 
 def exact(
@@ -117,6 +139,7 @@ def exact(
   screen_top: int = screen_lib.DEFAULT_SCREEN_TOP,
   screen_rtol: float = screen_lib.DEFAULT_SCREEN_RTOL,
   defense: Any = None,
+  defense_info: jax.typing.ArrayLike | None = None,
 ) -> ExactResult:
   """Recovers each user's private features and label from its cut-layer gradient (EXACT).
 
@@ -196,7 +219,17 @@ def exact(
     screen_top: pairs per user rescored in full precision (>= top_k).
     defense: a `splitjax.defenses.AttackModel` (from `splitjax.defenses.attack_model`): the
       adaptive attack simulates the device's deterministic defences and label smoothing on every
-      candidate (not with a screen). None: the DP chain alone.
+      candidate (not with a screen); without noise, pairs tied with the best (e.g. under
+      quantization) are answered by the prior-weighted choice among them: the marginal
+      posteriors of `log_prior` restricted to the tied pairs (`feature_posteriors`,
+      `label_posterior`; their mass on the truth is the expected accuracy); with a randomized defence (`defense.likelihood`: max_norm,
+      marvell, quantize_stochastic) every pair is scored by the negative log-likelihood of
+      `g_obs` under the defence's noise model (`likelihoods`) plus `log_prior`, the answers are
+      the marginal-posterior argmaxes and `distances` is NaN. None: the DP chain alone.
+    defense_info: [N, k] float, per user the side information of `defense.likelihood`
+      (`likelihoods.info_size(name, d)` columns: max_norm the batch's largest squared row
+      norm; marvell the unit Delta and the four lambdas of the user's batch); required for
+      those two, ignored otherwise.
     screen_rtol: the error bound assumed by (2) (>= 0; default 0.25, above the worst errors of
       bf16 dz/dh measured on trained and random models: direction 0.12 rad, norm 5 %).
 
@@ -238,7 +271,17 @@ def exact(
   chunk_size = checks.positive_int(chunk_size, 'chunk_size')
   users_per_chunk = checks.positive_int(users_per_chunk, 'users_per_chunk')
   clip_value = checks.clip_norm(l2_clip_norm)
-  noise_value, bayes = checks.noise(noise_stddev, distance, log_prior)
+  likelihood = defense is not None and defense.likelihood is not None
+  noise_value, bayes = checks.noise(
+    noise_stddev, distance, None if defense is not None else log_prior
+  )
+  if likelihood:
+    if bayes:
+      raise AttackError(
+        f'defense={defense.likelihood.text()} is scored by its own likelihood, modelled without '
+        'the DP noise: pass noise_stddev=None.'
+      )
+    bayes = True  # the pairs' log-likelihood plus the log prior: the posterior path
   if bayes and top_k > 1:
     raise AttackError(
       f'top_k={top_k} is for distance scoring; with noise_stddev the answer is the '
@@ -296,7 +339,7 @@ def exact(
 
   if num_users == 0:
     return ExactResult.empty(
-      cards, num_labels, dtype, posteriors=bayes or top_k > 1, screen=screen_dtype is not None
+      cards, num_labels, dtype, posteriors=bayes or top_k > 1 or defense is not None, screen=screen_dtype is not None
     )
 
   plan = sizing.plan(
@@ -343,7 +386,10 @@ def exact(
     np.asarray(screen_rtol_value, dtype),
     None if per_user else prior,
   )
-  per_user_args = (h_np, g_np, index_np) + ((prior,) if per_user else ())
+  info_np = np.zeros((num_users, 1), dtype)
+  if likelihood:
+    info_np = _defense_info(defense.likelihood, defense_info, num_users, d, dtype)
+  per_user_args = (h_np, g_np, index_np, info_np) + ((prior,) if per_user else ())
   merged = runner.run_users(
     runner.Static(_device_share, (device_apply, opts)),
     shared,

@@ -113,7 +113,9 @@ def clip_factors(a: jax.Array, v_norm: jax.Array, clip_norm) -> jax.Array:
   return a * jnp.where(cand_norm > clip_norm, clip_norm / jnp.maximum(cand_norm, tiny), 1.0)
 
 
-def pair_scores(z, v, g, clip_norm, *, distance: str, clip: bool, bayes: bool, defense=None):
+def pair_scores(
+  z, v, g, clip_norm, *, distance: str, clip: bool, bayes: bool, defense=None, info=None
+):
   """Scores of every label of B candidates: z [U, B], v = dz/dh [U, B, d], g [U, d] -> [U, B, L].
 
   The simulated gradient of label y is `clip(l'(z, y) v)` (`clip`: the attack is clip-aware and a
@@ -121,15 +123,22 @@ def pair_scores(z, v, g, clip_norm, *, distance: str, clip: bool, bayes: bool, d
   `bayes` (the caller turns it into a log-likelihood). `defense` (a static
   `splitjax.defenses.AttackModel`, or None): the adaptive attack, which simulates the device's
   defences on every candidate (its label smoothing in the loss, its row transforms around the
-  clip) before scoring.
+  clip) before scoring; with a randomized defence (`defense.likelihood`) the score is the
+  negative log-likelihood of `g` under its noise model (`likelihoods.nll`; `info` [U, k] the
+  per-user side information it reads).
   """
   if defense is not None:
     from splitjax import defenses  # pylint: disable=import-outside-toplevel
+    from splitjax.attacks import likelihoods  # pylint: disable=import-outside-toplevel
 
     eps = defense.label_smoothing
     a = loss_factors(z) + jnp.asarray([-0.5 * eps, 0.5 * eps], z.dtype)
     g_cand = a[..., None] * v[:, :, None, :]  # [U, B, 2, d]
     clip_fn = (lambda x: clip_rows(x, clip_norm)) if clip else (lambda x: x)
+    if defense.likelihood is not None:
+      if defense.likelihood.name in defenses.LIKELIHOOD_AFTER_CLIP:
+        g_cand = clip_fn(g_cand)
+      return likelihoods.nll(defense.likelihood, g, g_cand, info, clip_norm)
     g_cand = defenses.simulate(defense, g_cand, clip_norm, clip_fn)
     if bayes:
       return jnp.sum(jnp.square(g_cand - g[:, None, None, :]), axis=-1)
@@ -165,6 +174,20 @@ def marginal_posteriors(log_post, shape: tuple[int, ...]) -> list[jax.Array]:
   return posts
 
 
+def tie_log_posterior(score, scale, log_prior):
+  """The posterior of a noise-free deterministic observation: the log prior [1 or U, n] on the
+  pairs tied with the best score (within the tie tolerance), -inf elsewhere -> [U, n].
+
+  Where the prior excludes every tied pair, the tied pairs get a uniform weight instead (the
+  observation then contradicts the prior; ties stay the answer set).
+  """
+  best = jnp.min(score, axis=-1, keepdims=True)
+  tied = score <= best + (TIE_RTOL * scale + TIE_ATOL)[:, None]
+  weighted = jnp.where(tied, log_prior, -jnp.inf)
+  possible = jnp.max(weighted, axis=-1, keepdims=True) > -jnp.inf
+  return jnp.where(possible, weighted, jnp.where(tied, 0.0, -jnp.inf))
+
+
 def select(
   score,
   dist,
@@ -175,6 +198,7 @@ def select(
   *,
   top_k: int = 1,
   log_post=None,
+  squared: bool = True,
 ):
   """The answer of a matching attack from its pair scores (lower is better).
 
@@ -189,6 +213,8 @@ def select(
       the lower pair index, then the lower value).
     log_post: [U, n] or None: with it, each feature's and the label's answer is the argmax of its
       marginal posterior (`marginal_posteriors`).
+    squared: with `log_post`, `dist` holds squared l2 distances (the Bayes variant; reported as
+      their square roots); False: distances as they are (`tie_log_posterior`).
 
   Returns:
     (a dict of [U, ...] arrays: map_features, map_labels, num_ties, gap, distances, features,
@@ -214,7 +240,8 @@ def select(
     distances=jnp.take_along_axis(dist, best_idx[:, None], axis=1)[:, 0],
   )
   if log_post is not None:
-    out['distances'] = jnp.sqrt(out['distances'])
+    if squared:
+      out['distances'] = jnp.sqrt(out['distances'])
     posts = marginal_posteriors(log_post, tuple(cardinalities) + (num_labels,))
     out['feature_posteriors'] = tuple(posts[:-1])
     out['label_posterior'] = posts[-1]
