@@ -193,9 +193,7 @@ def score_chunk(
     score = dist
     scale = scoring.DISTANCES[opts.distance](g, jnp.zeros_like(g))
     if tie_posterior(opts):
-      log_post = scoring.tie_log_posterior(
-        score, scale, log_prior.reshape(log_prior.shape[0], -1)
-      )
+      log_post = scoring.tie_log_posterior(score, scale, log_prior.reshape(log_prior.shape[0], -1))
   out, best, tol = scoring.select(
     score,
     dist,

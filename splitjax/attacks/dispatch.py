@@ -159,17 +159,9 @@ def _exact(transcript, public, variant, options):
   if defense is not None and (defense.likelihood is not None or not public.noisy):
     # A randomized defence's likelihood, or a deterministic one's ties answered by the prior
     # (the log prior under the Bayes variant, with no DP noise on the channel).
-    return enumeration.exact(
-      models.device_logit_fn(public.model),
-      params,
-      transcript.h,
-      transcript.g,
-      public.cardinalities,
-      l2_clip_norm=public.clip,
-      clip_aware=variant != 'paper',
-      **_likelihood_args(public, variant),
-      **options,
-    )
+    scoring_args = _likelihood_args(public, variant)
+  else:
+    scoring_args = _bayes(public, variant)
   return enumeration.exact(
     models.device_logit_fn(public.model),
     params,
@@ -178,7 +170,7 @@ def _exact(transcript, public, variant, options):
     public.cardinalities,
     l2_clip_norm=public.clip,
     clip_aware=variant != 'paper',
-    **_bayes(public, variant),
+    **scoring_args,
     **options,
   )
 

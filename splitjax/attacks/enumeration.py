@@ -222,10 +222,11 @@ def exact(
       candidate (not with a screen); without noise, pairs tied with the best (e.g. under
       quantization) are answered by the prior-weighted choice among them: the marginal
       posteriors of `log_prior` restricted to the tied pairs (`feature_posteriors`,
-      `label_posterior`; their mass on the truth is the expected accuracy); with a randomized defence (`defense.likelihood`: max_norm,
-      marvell, quantize_stochastic) every pair is scored by the negative log-likelihood of
-      `g_obs` under the defence's noise model (`likelihoods`) plus `log_prior`, the answers are
-      the marginal-posterior argmaxes and `distances` is NaN. None: the DP chain alone.
+      `label_posterior`; their mass on the truth is the expected accuracy); with a randomized
+      defence (`defense.likelihood`: max_norm, marvell, quantize_stochastic) every pair is
+      scored by the negative log-likelihood of `g_obs` under the defence's noise model
+      (`likelihoods`) plus `log_prior`, the answers are the marginal-posterior argmaxes and
+      `distances` is NaN. None: the DP chain alone.
     defense_info: [N, k] float, per user the side information of `defense.likelihood`
       (`likelihoods.info_size(name, d)` columns: max_norm the batch's largest squared row
       norm; marvell the unit Delta and the four lambdas of the user's batch); required for
@@ -339,7 +340,11 @@ def exact(
 
   if num_users == 0:
     return ExactResult.empty(
-      cards, num_labels, dtype, posteriors=bayes or top_k > 1 or defense is not None, screen=screen_dtype is not None
+      cards,
+      num_labels,
+      dtype,
+      posteriors=bayes or top_k > 1 or defense is not None,
+      screen=screen_dtype is not None,
     )
 
   plan = sizing.plan(
