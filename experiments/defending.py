@@ -62,7 +62,7 @@ def white_box(restored, test_split, transcript, likelihood) -> np.ndarray:
 def simulated_gradients(restored, transcript, features, labels, label_smoothing: float):
   """The clean gradients ``[n, d]`` the device would send for the answers (features, labels)."""
   apply = models.device_logit_fn(restored.model)
-  params = transcript.params_at(0)
+  params = jax.tree.map(jnp.asarray, transcript.params_at(0))
 
   def one(h, x, y):
     z, v = jax.value_and_grad(apply, argnums=1)(params, h, x)
