@@ -418,6 +418,7 @@ def observed_transcript(restored, config, clip: float, sigma: float):
       dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
       seed=config.seed + 1000,
       num_examples=config.num_examples or None,
+      batch_size=defending.BATCH,  # the batches whose statistics `defending` recomputes
       defenses=pipeline.defense_plan(restored.config),
     )
     return transcript, "test"
