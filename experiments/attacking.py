@@ -140,7 +140,7 @@ def defense_model_of(restored, config, sigma: float, clip: float = math.inf):
   if (
     model is not None
     and model.likelihood is not None
-    and model.likelihood.name in defending.NEEDS_INFO
+    and model.likelihood.name in defenses_lib.NEEDS_BATCH_INFO
     and config.users != "test"
   ):
     model, why = None, f"{model.likelihood.text()}'s batch statistics are built for test users"
@@ -724,7 +724,7 @@ def _attack_enumerable(
   if defense_model is not None:
     options["defense"] = defense_model
     if defense_model.likelihood is not None and defense_model.likelihood.name in (
-      defending.NEEDS_INFO
+      defenses_lib.NEEDS_BATCH_INFO
     ):
       info, how = defending.side_info(
         restored,

@@ -26,9 +26,6 @@ from splitjax import training
 BATCH = 1024  # replay_chunks' default: the test replay's batches
 ESTIMATE_ROUNDS = 2  # refinements of the estimated Marvell statistics after the naive pass
 
-# The likelihoods that read per-batch side information.
-NEEDS_INFO = ("max_norm", "marvell")
-
 
 def _chunks(n: int):
   return [np.arange(s, min(s + BATCH, n)) for s in range(0, n, BATCH)]
@@ -91,13 +88,17 @@ def estimated(transcript, likelihood, answers=None, restored=None, label_smoothi
     return out
   features, labels = answers
   g_hat = simulated_gradients(restored, transcript, features, labels, label_smoothing)
-  return _per_batch(likelihood, g_hat, np.asarray(labels), n)
+  out = _per_batch(likelihood, g_hat, np.asarray(labels), n)
+  for part in _chunks(n):
+    out[part] = defenses_lib.marvell_estimate(g[part], out[part[0]])
+  return out
 
 
 def side_info(restored, transcript, test_split, public, model, knowledge: str, variant, options):
   """``(defense_info [n, k], note)`` for the attack of `transcript` under `model` (an
-  `AttackModel` whose likelihood is in `NEEDS_INFO`) at `knowledge` ('adaptive': estimated,
-  'white_box'). The estimated Marvell statistics run the attack itself (`options`) first."""
+  `AttackModel` whose likelihood is in `defenses.NEEDS_BATCH_INFO`) at `knowledge`
+  ('adaptive': estimated, 'white_box'). The estimated Marvell statistics run the attack itself
+  (`options`) first."""
   d = model.likelihood
   if knowledge == "white_box":
     return white_box(restored, test_split, transcript, d), "the device's batch statistics"
@@ -113,6 +114,6 @@ def side_info(restored, transcript, test_split, public, model, knowledge: str, v
     )
   info = estimated(transcript, d, (res.features, res.labels), restored, model.label_smoothing)
   return info, (
-    f"Marvell's batch statistics estimated from the attack's own answers ({ESTIMATE_ROUNDS} "
-    "refinements after a pass that ignores the defence)"
+    "Marvell's direction u from the observed batch's top principal axis, its lambdas from the "
+    f"attack's own answers ({ESTIMATE_ROUNDS} refinements after a pass that ignores the defence)"
   )

@@ -254,6 +254,9 @@ class AttackModel(NamedTuple):
 # The randomized defences with a likelihood, and where in the chain it holds.
 LIKELIHOOD_BEFORE_CLIP = ("max_norm", "marvell")
 LIKELIHOOD_AFTER_CLIP = ("quantize_stochastic",)
+# The likelihoods that read per-batch side information (`batch_info`): an attack passes it as
+# `exact(defense_info=)`.
+NEEDS_BATCH_INFO = ("max_norm", "marvell")
 
 
 def attack_model(
@@ -410,6 +413,34 @@ def marvell_params(x, y, mask, strength):
   )
   unit = delta / jnp.maximum(jnp.sqrt(delta_sq), jnp.finfo(x.dtype).tiny)
   return unit, lams
+
+
+def marvell_estimate(observed, info):
+  """The server's estimate of a Marvell batch's side information (host, numpy): ``[d + 4]``.
+
+  ``observed [n, d]``: the batch's noisy rows as received; ``info [d + 4]``: `batch_info` of the
+  gradients the attacker simulates for its current answers (their lambdas are kept). The
+  direction ``u`` is replaced by the observed batch's top principal axis, which needs no labels:
+  Marvell's noise along ``u`` dominates the batch's covariance. An axis estimated from ``n`` rows
+  is off by ``E sin^2 = sum_k l_1 l_k / (n (l_1 - l_k)^2)`` over the covariance's other
+  eigenvalues ``l_k`` (first-order perturbation of a sample covariance), so that share of each
+  class's ``lambda1``, spread over the ``d - 1`` other directions, is added to its ``lambda2``:
+  without it a class with ``lambda2 ~ 0`` (rank-one noise) scores every error of the estimate as
+  impossible and the attack collapses to the other label.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  o = np.asarray(observed, np.float64)
+  n, dim = o.shape
+  out = np.array(info, np.float32, copy=True)
+  vals, vecs = np.linalg.eigh(np.cov(o.T) if n > 1 else np.eye(dim))
+  out[:dim] = vecs[:, -1]
+  top, rest = vals[-1], np.maximum(vals[:-1], 0.0)
+  gap = np.maximum(top - rest, 1e-12 * max(top, 1e-30))
+  sin_sq = min(1.0, float(np.sum(top * rest / gap**2)) / n)
+  out[dim + 1] += out[dim] * sin_sq / max(dim - 1, 1)
+  out[dim + 3] += out[dim + 2] * sin_sq / max(dim - 1, 1)
+  return out
 
 
 def _marvell(x, y, mask, key, strength):

@@ -221,3 +221,36 @@ def test_ties_of_a_deterministic_defence_are_answered_by_the_prior_among_them():
   np.testing.assert_allclose(res.feature_posteriors[1], w.sum((1, 3)), atol=1e-4)
   np.testing.assert_array_equal(res.features[:, 1], np.argmax(w.sum((1, 3)), axis=1))
   np.testing.assert_array_equal(np.asarray(res.num_ties), tied.sum(1))
+
+
+def test_estimated_marvell_statistics_recover_the_label_the_noise_hides():
+  # A Marvell batch of label-dependent gradients (g = (sigmoid - y) v, the rows' directions v
+  # clustered as a trained model's are): the nearest candidate guesses poorly under the noise;
+  # the likelihood with the server's estimate (direction from the observed batch alone, lambdas
+  # from the clean rows) recovers the label, as well as with the device's own statistics.
+  n = 512
+  rng = np.random.default_rng(5)
+  y = rng.random(n) < 0.25
+  v = rng.normal(size=D) + 0.5 * rng.normal(size=(n, D))
+  sig = rng.uniform(0.05, 0.95, n)
+  cand = np.stack([sig[:, None] * v, (sig - 1)[:, None] * v], 1)  # [n, label, D]
+  x = jnp.asarray(cand[np.arange(n), y.astype(int)], jnp.float32)
+  labels = jnp.asarray(y, jnp.int32)
+  d = defenses.Defense("marvell", 4.0)
+  mask = jnp.ones(n, jnp.float32)
+  obs = defenses.apply_one(d, x, jax.random.key(11), mask, jnp.inf, labels)
+  device = np.asarray(defenses.batch_info(d, x, labels, mask))
+  est = defenses.marvell_estimate(obs, device)
+  assert abs(float(est[:D] @ device[:D])) > 0.999
+  np.testing.assert_allclose(est[[D, D + 2]], device[[D, D + 2]])  # lambda1s kept
+  assert est[D + 1] > device[D + 1] and est[D + 3] > device[D + 3]  # lambda2s regularised
+  g_cand = jnp.asarray(cand[:, None], jnp.float32)
+
+  def accuracy(info):
+    nll = likelihoods.marvell_nll(obs, g_cand, jnp.asarray(np.tile(info, (n, 1)), jnp.float32))
+    return float(np.mean(np.argmin(np.asarray(nll)[:, 0, :], axis=1) == y))
+
+  nearest = float(np.mean(np.argmin(np.sum((np.asarray(obs)[:, None] - cand) ** 2, -1), 1) == y))
+  white, estimated = accuracy(device), accuracy(est)
+  assert nearest < 0.75, nearest
+  assert estimated > 0.95 and estimated >= white - 0.02, (estimated, white, nearest)

@@ -97,11 +97,12 @@ def _device_share(device_apply, opts: core.Options, shared, per_user):
 
 def _defense_info(likelihood, defense_info, num_users: int, d: int, dtype) -> np.ndarray:
   """`defense_info` checked against what `likelihood`'s nll reads: [N, k] finite floats."""
+  from splitjax import defenses  # pylint: disable=import-outside-toplevel
   from splitjax.attacks import likelihoods  # pylint: disable=import-outside-toplevel
 
   k = likelihoods.info_size(likelihood.name, d)
   if defense_info is None:
-    if likelihood.name in ('max_norm', 'marvell'):
+    if likelihood.name in defenses.NEEDS_BATCH_INFO:
       raise AttackError(
         f'defense={likelihood.text()} needs defense_info [N, {k}] (its per-batch side '
         'information, see splitjax.attacks.likelihoods)'

@@ -19,8 +19,10 @@ server saw (and adds the log prior), so the defence's noise model is used, not i
 
 What the batch-dependent ones need besides ``o`` comes per user in ``info [U, k]``
 (`info_size`): ``G^2`` for max_norm; ``u`` and ``(l1_0, l2_0, l1_1, l2_1)`` for Marvell. The
-attack binary fills it either with what the device computed (white-box, an upper bound on the
-attacker) or with estimates from what the server saw (`experiments.attacking`).
+attack binary fills it either with what the device computed (white-box: the attacker's most
+knowledge, though not always its best score: an exact ``lambda2 = 0`` meets float32 recomputation
+error under the floor) or with estimates from what the server saw (`experiments.defending`,
+`splitjax.defenses.marvell_estimate`).
 
 Variances are floored at ``VAR_FLOOR`` times the observation's mean squared coordinate (a row at
 the batch maximum gets no max_norm noise, and Marvell gives a one-class batch none), and each
