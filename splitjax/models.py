@@ -31,6 +31,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HEADS = ("deepfm", "mlp")
 TOPOLOGIES = ("device_top", "device_bottom")
@@ -451,12 +452,20 @@ class _DeviceLogit:
     return hash((self._head_apply, self._dense.shape))
 
   def __eq__(self, other):
-    return (
+    # JAX compares static callables while it traces (e.g. a jit cache lookup inside another
+    # trace), so the comparison must not build a jnp operation: compare host copies, and a
+    # traced ``dense`` only by identity.
+    if not (
       isinstance(other, _DeviceLogit)
       and other._head_apply is self._head_apply
       and other._dense.shape == self._dense.shape
-      and bool(jnp.all(other._dense == self._dense))
-    )
+    ):
+      return False
+    if other._dense is self._dense:
+      return True
+    if isinstance(self._dense, jax.core.Tracer) or isinstance(other._dense, jax.core.Tracer):
+      return False
+    return bool(np.array_equal(np.asarray(other._dense), np.asarray(self._dense)))
 
 
 def count_params(params) -> int:

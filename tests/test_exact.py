@@ -706,6 +706,23 @@ def test_cardinalities_are_checked_against_the_model_and_empty_means_label_only(
   assert splitjax.attacks.tuple_codes(np.zeros((2, 0), np.int32), ()).tolist() == [0, 0]
 
 
+def test_device_logit_equality_is_safe_inside_a_trace():
+  """JAX may compare static callables while it traces (CI once failed a doctest this way): the
+  comparison is by value on the host, never a traced jnp operation."""
+  from splitjax import models  # pylint: disable=import-outside-toplevel
+
+  same = [models._DeviceLogit(abs, jnp.zeros(3)) for _ in range(2)]  # pylint: disable=protected-access
+  other = models._DeviceLogit(abs, jnp.ones(3))  # pylint: disable=protected-access
+
+  @jax.jit
+  def compare(x):
+    assert same[0] == same[1] and same[0] != other
+    return x
+
+  assert float(compare(1.0)) == 1.0
+  assert hash(same[0]) == hash(same[1])
+
+
 class ExactUserTest(chex.TestCase):
   """exact_user, the pure core: jit(vmap(...)) over users equals the host runner `exact`, and the
   scores are differentiable (a defence can be trained against them) and vmappable over clips."""
