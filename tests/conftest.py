@@ -34,17 +34,23 @@ def pytest_sessionfinish(session, exitstatus):
 # test still runs.
 _LONGEST_FIRST = (
   "test_experiments.py",
-  "test_numerics.py",
-  "test_optimize.py",
   "test_exact.py",
+  "test_optimize.py",
   "test_bad_input.py",
   "test_distributed.py",
-  "test_training.py",
+  "test_numerics.py",
   "test_protocol.py",
+  "test_likelihoods.py",
+  "test_defenses.py",
+  "test_training.py",
+  "test_tracking.py",
   "test_sharding.py",
-  "test_activations.py",
   "test_privacy_transforms.py",
+  "test_dispatch.py",
+  "test_activations.py",
+  "test_audit.py",
   "test_antipodal.py",
+  "test_packaging.py",
   "test_properties.py",
 )
 

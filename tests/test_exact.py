@@ -752,9 +752,8 @@ class ExactUserTest(chex.TestCase):
 
   @chex.variants(without_jit=True)
   def test_vmapped_over_users_equals_exact_eagerly(self):
-    # Eager vmap is slow: the plain case and the clipped, noised Bayes case (CI time).
-    cases = self._cases()
-    self._check([cases[0], cases[4]])
+    # Eager vmap is slow: the plain case only; the jitted test above runs every case (CI time).
+    self._check(self._cases()[:1])
 
   def _check(self, cases):
     p = self.prob

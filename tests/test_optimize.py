@@ -301,13 +301,13 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import splitjax.attacks as opt
     from splitjax.attacks import runner
     model = t.models.make_model(t._spec(1))
-    obs = t._observe(model, num_users=21)  # not a multiple of the device count: padded
+    obs = t._observe(model, num_users=9)  # not a multiple of the device count: padded
     # hybrid only: optimize goes through the same user sharding (runner.run_users), and its
     # multi-device result is checked across jax.distributed processes in test_distributed.
     runs = {
         'hybrid': lambda devices: opt.hybrid(
             model.head_apply, obs['phi'], obs['h'], obs['g'], t.CARDS, 1, num_steps=20,
-            num_restarts=8, num_refine=4, refine_starts=8, key=jax.random.key(3),
+            num_restarts=4, num_refine=4, refine_starts=4, key=jax.random.key(3),
             users_per_batch=2, devices=devices),
     }
     for name, run in runs.items():
