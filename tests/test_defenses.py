@@ -294,4 +294,4 @@ def test_batch_average_sends_the_mean_row_and_voids_the_accounting_before_the_no
   assert not defenses.plan(["batch_average"]).covered
   assert defenses.plan(["clip", "noise", "batch_average"]).covered  # post-processing
   model, why = defenses.attack_model(defenses.plan(["batch_average"]), 0.0)
-  assert model is None and "joint batch attack" in why
+  assert model is None and "splitjax.attacks.joint" in why

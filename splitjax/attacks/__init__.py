@@ -10,6 +10,8 @@ Public functions are re-exported here; the modules under them:
   (candidates, distances, `clip_rows`, the selection), `screen` (the bf16 screen), `sizing`
   (`estimate`), `runner` (padding, sharding, jit over users), `checks` (argument checks,
   `AttackError`);
+- `joint` (`joint_attack`: a batch's rows jointly from one batch-averaged release, and the
+  trivial `positive_count`);
 - `relaxed` (`optimize`), `hybrid_search` (`hybrid`), `matching` (their objectives and
   simulators), `activations` (`exact_activations`), `label_only`, `baselines`, `priors`;
 - `dispatch` (`run(name, transcript, public, **options)`: an attack by name on a transcript and
@@ -38,6 +40,8 @@ from splitjax.attacks.enumeration import ExactResult
 from splitjax.attacks.enumeration import exact
 from splitjax.attacks.hybrid_search import HybridResult
 from splitjax.attacks.hybrid_search import hybrid
+from splitjax.attacks.joint import JointResult
+from splitjax.attacks.joint import joint_attack
 from splitjax.attacks.label_only import LabelResult
 from splitjax.attacks.label_only import label_direction
 from splitjax.attacks.label_only import label_norm
