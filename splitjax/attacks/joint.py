@@ -4,7 +4,7 @@ Under ``batch_average`` the device sends, for a batch of ``B`` rows whose cut ac
 ``h [B, d]`` the server computed, one vector: the mean of the rows' cut gradients,
 ``g_bar = (1/B) sum_j l'(z_j, y_j) dz_j/dh_j``. No row is released alone, so the per-row attack
 cannot be applied; the secrets are the ``B`` rows' (private features, label) pairs jointly.
-Enumerating every assignment costs ``M^B`` sums (``M`` pairs per row: 1,680 on adult, so
+Enumerating every assignment costs ``M^B`` sums (``M`` pairs per row: 840 on adult, so
 ``B <= 2``; `exact_pairs` is that enumeration, the reference of the tests), so the attack here is
 a coordinate search:
 
@@ -78,6 +78,15 @@ def pair_gradients(device_apply: Callable[..., jax.Array], params, h, table) -> 
   return grads.reshape(h.shape[0], -1, h.shape[1])
 
 
+def _sq_distances(rest, rows):
+  """[W, M] ``||rest[w] - rows[m]||^2`` in the expanded form (one matmul; it cancels near 0)."""
+  return (
+    jnp.sum(jnp.square(rest), -1)[:, None]
+    - 2.0 * rest @ rows.T
+    + jnp.sum(jnp.square(rows), -1)[None, :]
+  )
+
+
 def _residuals(G, pairs):
   return jnp.take_along_axis(G, pairs[:, None, None], axis=1)[:, 0].sum(0)
 
@@ -130,12 +139,7 @@ def _beam_starts(G, target, weights, beam_width: int):
   def row(carry, j):
     totals, alive, choices = carry
     rest = target - after[j] - totals  # [W, d]
-    d2 = (
-      jnp.sum(jnp.square(rest), -1)[:, None]
-      - 2.0 * rest @ G[j].T
-      + jnp.sum(jnp.square(G[j]), -1)[None, :]
-    )  # [W, M]
-    d2 = jnp.where(alive[:, None], d2, jnp.inf)
+    d2 = jnp.where(alive[:, None], _sq_distances(rest, G[j]), jnp.inf)  # [W, M]
     neg, flat = jax.lax.top_k(-d2.reshape(-1), width)
     parent, pair = flat // num_pairs, (flat % num_pairs).astype(jnp.int32)
     choices = choices[parent].at[:, j].set(pair)
@@ -219,13 +223,11 @@ def _pair_search(G, target, pairs, num_sweeps: int):
   num_rows, num_pairs, _ = G.shape
   two = np.asarray(list(itertools.combinations(range(num_rows), 2)), np.int32)  # [B(B-1)/2, 2]
   jj, kk = jnp.asarray(two[:, 0]), jnp.asarray(two[:, 1])
-  g_sq = jnp.sum(jnp.square(G), axis=-1)  # [B, M]
 
   def move(i, pairs):
     j, k = jj[i % len(jj)], kk[i % len(jj)]
     rest = target - _residuals(G, pairs) + G[j, pairs[j]] + G[k, pairs[k]]
-    r0 = rest[None] - G[j]  # [M, d]
-    d2 = jnp.sum(jnp.square(r0), -1)[:, None] - 2.0 * r0 @ G[k].T + g_sq[k][None, :]
+    d2 = _sq_distances(rest[None] - G[j], G[k])  # [M, M]
     # The expanded form cancels near zero: its best few are rescored summed directly, and a
     # move is kept only if the residual falls.
     _, top = jax.lax.top_k(-d2.reshape(-1), 8)
@@ -250,12 +252,7 @@ def exact_pairs(G: jax.Array, g_bar: jax.Array) -> tuple[jax.Array, jax.Array]:
   if G.shape[0] != 2:
     raise ValueError(f"exact_pairs enumerates batches of 2 rows, got {G.shape[0]}")
   target = 2.0 * g_bar
-  r0 = target[None] - G[0]  # [M, d]
-  d2 = (
-    jnp.sum(jnp.square(r0), -1)[:, None]
-    - 2.0 * r0 @ G[1].T
-    + jnp.sum(jnp.square(G[1]), -1)[None, :]
-  )
+  d2 = _sq_distances(target[None] - G[0], G[1])  # [M, M]
   flat = jnp.argmin(d2)
   m = G.shape[1]
   return jnp.stack([flat // m, flat % m]).astype(jnp.int32), d2.reshape(-1)[flat]
