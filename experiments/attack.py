@@ -52,6 +52,12 @@ flags.DEFINE_string(
   "On a workdir trained with --defense: adaptive (EXACT simulates the deterministic defences and "
   "label smoothing on every candidate), naive (ignores them), auto = adaptive where possible.",
 )
+flags.DEFINE_integer(
+  "joint_batch_size",
+  0,
+  "--attack=joint (the default on a --defense=batch_average workdir): the rows per "
+  "batch-averaged release the test users are replayed in (0: the workdir's training batch size).",
+)
 _SKIP_MEMORY_CHECK = flags.DEFINE_bool(
   "skip_memory_check",
   False,

@@ -46,6 +46,7 @@ import numpy as np
 
 from experiments import common
 from experiments import defending
+from experiments import joint_attacking
 from experiments import pipeline
 from experiments import records
 from experiments import workdir as workdir_lib
@@ -514,6 +515,14 @@ def attack_workdir(
     restored = pipeline.Restored(workdir)
     check_knn_k(config, restored.dataset)
     name = resolve_attack(config, restored.model)
+    if (
+      name == "exact"
+      and config.attack == "exact"
+      and config.defense_model != "naive"
+      and config.users == "test"
+      and joint_attacking.has_batch_average(restored)
+    ):
+      name = joint_attacking.NAME  # the adaptive attack of batch_average
     if name != "exact" and config.screen_dtype != "none" and config.attack == "exact":
       raise pipeline.ConfigError(
         "--screen_dtype applies to EXACT on device_top models without "
@@ -1077,8 +1086,13 @@ def _attack_searched(
   if old is not None:
     return old
   clip, sigma = dp_of(restored)
-  transcript, split_name = observed_transcript(restored, config, clip, sigma)
   t0 = time.time()
+  if name == joint_attacking.NAME:
+    record = joint_attacking.attack(restored, config, clip, sigma, progress=progress)
+    record["seconds"] = time.time() - t0
+    record["config"] = cfg_record
+    return _write_record(record, restored, out_path, partial_path)
+  transcript, split_name = observed_transcript(restored, config, clip, sigma)
   if name in LABEL_ATTACKS:
     record = _label_attack(name, restored, config, transcript, split_name, clip, sigma)
   else:
@@ -1399,7 +1413,7 @@ def markdown_table(record: dict) -> str:
   """The attack record as a Markdown table (one row per private feature and the label)."""
   if record.get("attack") == "fsl_tracking":
     return _tracking_table(record)
-  if "resolved_attack" in (record.get("config") or {}):
+  if "resolved_attack" in (record.get("config") or {}) and "joint" not in record:
     return _search_table(record)
   fmt = lambda x: "–" if x is None else f"{x:.4f}"
   lines = [
@@ -1423,12 +1437,21 @@ def markdown_table(record: dict) -> str:
     )
   lines.append("")
   eps = lambda x: x if isinstance(x, str) else f"{float(x):.4g}"
-  lines.append(
-    f"ties: {record['ties']} (users whose best candidates scored equal: the answer "
-    f"took the first); epsilon of one attacked release {eps(record['attack_epsilon'])}"
-    f" (cut layer, delta {record['delta']}); {record['candidates_per_second']:.3g} "
-    "candidates/s"
-  )
+  if "joint" in record:
+    j = record["joint"]
+    lines.append(
+      f"joint attack: {j['batches']} batch-averaged releases of {j['batch_size']} rows; "
+      f"{j['fitted_batches']:.3f} of them fitted exactly (the others answered from the prior); "
+      f"positive count exact in {j['positive_count_exact']:.3f} (MAE "
+      f"{j['positive_count_mae']:.2f}); {record['users_per_second']:.3g} users/s"
+    )
+  else:
+    lines.append(
+      f"ties: {record['ties']} (users whose best candidates scored equal: the answer "
+      f"took the first); epsilon of one attacked release {eps(record['attack_epsilon'])}"
+      f" (cut layer, delta {record['delta']}); {record['candidates_per_second']:.3g} "
+      "candidates/s"
+    )
   lines.append(
     "prior only: the same prior's guess without the gradient; gain: accuracy minus "
     "it (paired, McNemar 95% CI); bound: the most an attacker with that prior can "

@@ -50,9 +50,10 @@ The defences (``NAME[:PARAM]``):
 - ``batch_average`` (SecretFlow's gradient averaging): every real row of the batch is replaced by
   the batch's mean row, so the server back-propagates the same averaged gradient through every
   row (a change of the protocol: the AUC says what it costs). Batch-dependent; in FSL one batch
-  is a round's rows of all its devices. Per-row attacks cannot model it: the joint attack of a
-  batch's rows is `splitjax.attacks.joint` (``benchmarks/batch_average.py`` measures it by batch
-  size on a trained workdir); the runner does not dispatch it.
+  is a round's rows of all its devices. Per-row attacks cannot model it: its adaptive attack
+  solves a batch's rows jointly (`splitjax.attacks.joint`, the runner's ``joint``; what
+  ``experiments.attack`` runs on such a workdir by default; ``benchmarks/batch_average.py``
+  measures it by batch size).
 - ``label_smoothing:EPS``: not a transform of the rows but an option of the device's loss, which
   trains on ``y (1 - EPS) + EPS / 2`` (the training steps' ``label_smoothing``); it shrinks the
   gradient's label-dependent scale. Deterministic; the DP chain's accounting is unchanged.
@@ -276,7 +277,7 @@ def attack_model(
   if joint:
     return None, (
       "batch_average mixes a batch's rows: per-row attacks do not apply; its joint attack is "
-      "splitjax.attacks.joint (python -m benchmarks.batch_average --workdir=...)"
+      "splitjax.attacks.joint (experiments.attack --attack=joint)"
     )
   random_ = [d for d in parts if d.name not in DETERMINISTIC]
   if random_:

@@ -295,3 +295,30 @@ def test_batch_average_sends_the_mean_row_and_voids_the_accounting_before_the_no
   assert defenses.plan(["clip", "noise", "batch_average"]).covered  # post-processing
   model, why = defenses.attack_model(defenses.plan(["batch_average"]), 0.0)
   assert model is None and "splitjax.attacks.joint" in why
+
+
+def test_batch_average_workdir_is_attacked_jointly_by_default_and_beats_the_naive_attack(tmp_path):
+  from experiments import attack as attack_bin
+
+  work = tmp_path / "avg"
+  with flagsaver.flagsaver(workdir=str(work), config="synthetic_tiny", defense=["batch_average"]):
+    train_bin.main([])
+  with flagsaver.flagsaver(workdir=str(work), num_examples=24, joint_batch_size=2):
+    attack_bin.main([])
+  rec = json.loads((work / "attack.json").read_text())
+  assert rec["attack"] == "joint" and rec["defense_model"].startswith("adaptive (joint")
+  assert rec["joint"]["batch_size"] == 2 and rec["joint"]["batches"] == 12
+  assert rec["joint"]["fitted_batches"] >= 0.9
+  joint = rec["label"]["accuracy"], [f["accuracy"] for f in rec["features"].values()]
+  assert joint[0] >= 0.9 and min(joint[1]) >= 0.9
+  with flagsaver.flagsaver(
+    workdir=str(work), num_examples=24, joint_batch_size=2, defense_model="naive", overwrite=True
+  ):
+    attack_bin.main([])
+  rec = json.loads((work / "attack.json").read_text())
+  assert rec["attack"] == "exact" and rec["defense_model"].startswith("naive")
+  naive = rec["label"]["accuracy"], [f["accuracy"] for f in rec["features"].values()]
+  assert naive[0] + sum(naive[1]) < joint[0] + sum(joint[1])
+  with flagsaver.flagsaver(workdir=str(work), attack="joint", users="train", overwrite=True):
+    with pytest.raises(Exception, match="--users=test"):
+      attack_bin.main([])

@@ -62,6 +62,13 @@ def _public(**kw):
   return attacks.Public(model=MODEL, cardinalities=PRIV_CARDS, **kw)
 
 
+def test_joint_refuses_a_noised_release_and_a_missing_batch_size(fsl_transcript):
+  with pytest.raises(ValueError, match='noise-free'):
+    attacks.run('joint', fsl_transcript, _public(noise_multiplier=1.0, l2_clip_norm=1.0))
+  with pytest.raises(ValueError, match='batch_size='):
+    attacks.run('joint', fsl_transcript, _public())
+
+
 def test_unknown_name_raises_listing_the_valid_names(fsl_transcript):
   with pytest.raises(ValueError, match=r"unknown attack 'nope'; valid names: \[") as err:
     attacks.run('nope', fsl_transcript, _public())
@@ -69,6 +76,7 @@ def test_unknown_name_raises_listing_the_valid_names(fsl_transcript):
     assert repr(name) in str(err.value), name
   assert set(attacks.ATTACKS) == {
     'exact',
+    'joint',
     'exact_releases',
     'fsl_tracking',
     'hybrid',

@@ -124,3 +124,54 @@ def test_positive_count_reads_the_count_where_dz_dh_is_the_same_for_every_candid
     assert int(k) == int(np.clip(np.round(y.sum() - dev), 0, 3))
     hits += int(k) == int(y.sum())
   assert hits >= 1  # the estimate is not degenerate on this head
+
+
+def test_attack_batches_recovers_small_batches_and_falls_back_on_the_prior_when_nothing_fits():
+  rng = np.random.default_rng(40)
+  n, b = 7, 2  # batches of 2, the last of one row
+  h = rng.normal(size=(n, D)).astype(np.float32)
+  idx = rng.integers(0, len(TABLE), n)
+  y = rng.integers(0, 2, n)
+  rows = np.asarray(pair_gradients(apply, PARAMS, jnp.asarray(h), TABLE))[np.arange(n), 2 * idx + y]
+  g = np.concatenate(
+    [
+      np.repeat(rows[s : s + b].mean(0, keepdims=True), len(rows[s : s + b]), 0)
+      for s in range(0, n, b)
+    ]
+  )
+  spoiled = 2  # batch 2 (rows 4, 5): a release no pair of rows explains
+  # A count of one positive (row 4 negative, row 5 positive), off any pair's sum.
+  G45 = np.asarray(pair_gradients(apply, PARAMS, jnp.asarray(h[4:6]), TABLE))
+  mixed = (G45[0, 2 * idx[4]] + G45[1, 2 * idx[5] + 1]) / 2
+  g[4:6] = mixed + 0.3 * np.linalg.norm(mixed) * rng.normal(size=D) / np.sqrt(D)
+  log_prior = np.log(rng.dirichlet(np.ones(2 * len(TABLE))))
+  per_row = np.repeat(log_prior.reshape(1, -1, 2), n, axis=0)
+  per_row[5, :, 1] += 3.0  # row 5 likelier positive than row 4
+  res = joint.attack_batches(
+    apply,
+    PARAMS,
+    h,
+    g,
+    CARDS,
+    batch_size=b,
+    key=jax.random.key(0),
+    log_prior=log_prior,
+    user_log_prior=per_row,
+  )
+  ok = res.batch != spoiled
+  np.testing.assert_array_equal(res.batch, np.arange(n) // b)
+  assert res.fitted[ok].all() and not res.fitted[~ok].any()
+  assert (res.relative_residual[ok] < 1e-6).all() and (res.relative_residual[~ok] > 1e-3).all()
+  np.testing.assert_array_equal(res.features[ok], np.asarray(TABLE)[idx[ok]])
+  np.testing.assert_array_equal(res.labels[ok], y[ok])
+  # The spoiled batch: each feature's mode under the row's prior; its k = positive count rows
+  # of highest prior P(y = 1) positive.
+  table = np.asarray(TABLE)
+  for r in (4, 5):
+    p = np.exp(per_row[r]).sum(1)
+    modes = [np.bincount(table[:, j], weights=p).argmax() for j in range(len(CARDS))]
+    np.testing.assert_array_equal(res.features[r], modes)
+  k = int(res.positives[4])
+  assert k == 1  # the case that exercises the prior's ordering
+  want = {0: [0, 0], 1: [0, 1], 2: [1, 1]}[k]
+  np.testing.assert_array_equal(res.labels[4:6], want)

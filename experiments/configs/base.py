@@ -94,6 +94,9 @@ class AttackConfig:
   # label smoothing on every candidate), naive (the defences ignored), auto = adaptive where the
   # chain can be simulated, else naive.
   defense_model: str = "auto"
+  # --attack=joint (batch_average): the rows per release of the replayed test users (0: the
+  # workdir's training batch size).
+  joint_batch_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

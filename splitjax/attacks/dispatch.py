@@ -14,6 +14,7 @@ and calls the named attack with the arguments `experiments.attack` uses:
 | `optimize` | `relaxed.optimize` on `models.soft_device_apply(model)` | one |
 | `exact_activations` | `activations.exact_activations` on `model.encoder_apply` | one |
 | `label_norm`, `label_direction` | `label_only` on `g` | any (unused) |
+| `joint` | `joint.attack_batches` (``batch_average``: consecutive rows of `batch_size`) | one |
 
 `variant` (an option of the gradient and activation attacks) names the scoring: `clip_aware`
 (candidates clipped with the public C, nearest wins), `paper` (the authors' clip-unaware scoring)
@@ -34,6 +35,7 @@ from splitjax.attacks import activations
 from splitjax.attacks import checks
 from splitjax.attacks import enumeration
 from splitjax.attacks import hybrid_search
+from splitjax.attacks import joint
 from splitjax.attacks import label_only
 from splitjax.attacks import relaxed
 from splitjax.attacks import releases
@@ -51,6 +53,7 @@ ATTACKS: dict[str, Callable[..., Any]] = {
   'label_norm': label_only.label_norm,
   'label_direction': label_only.label_direction,
   'exact_activations': activations.exact_activations,
+  'joint': joint.attack_batches,
 }
 
 
@@ -254,6 +257,30 @@ def _exact_activations(transcript, public, variant, options):
   )
 
 
+def _joint(transcript, public, variant, options):
+  # batch_average: a batch's rows in one release; the search is noise-free (it fits exactly).
+  del variant
+  if public.noisy:
+    raise checks.AttackError(
+      'the joint attack models a noise-free batch-averaged release (sigma = 0): this '
+      f'transcript was noised (sigma {public.noise_multiplier})'
+    )
+  if public.num_dense:
+    raise checks.AttackError('the joint attack enumerates categorical private features only')
+  if 'batch_size' not in options:
+    raise checks.AttackError("joint needs batch_size= (the device's rows per release)")
+  return joint.attack_batches(
+    models.device_logit_fn(public.model),
+    _one_version('joint', transcript),
+    transcript.h,
+    transcript.g,
+    public.cardinalities,
+    log_prior=public.log_prior,
+    user_log_prior=public.user_log_prior,
+    **options,
+  )
+
+
 def _label(name):
   fn = ATTACKS[name]
 
@@ -274,6 +301,7 @@ _RUNNERS = {
   'exact_activations': _exact_activations,
   'label_norm': _label('label_norm'),
   'label_direction': _label('label_direction'),
+  'joint': _joint,
 }
 
 

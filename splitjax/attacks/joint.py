@@ -28,6 +28,7 @@ All functions are pure JAX (jit, vmap over batches): ``device_apply(params, h [d
 -> logit``, the same device function EXACT takes.
 """
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -293,3 +294,173 @@ def positive_count(
   direction = (means[:, 1] - means[:, 0]).sum(0) / jnp.maximum(jnp.sum(mask), 1.0)
   raw = jnp.dot(jnp.sum(mask) * g_bar - base, direction) / jnp.sum(jnp.square(direction))
   return jnp.clip(jnp.round(raw), 0, jnp.sum(mask)).astype(jnp.int32), raw
+
+
+class BatchesResult(NamedTuple):
+  """The joint attack's answers for every row of a batch-averaged transcript (numpy, host).
+
+  Attributes:
+    features: [N, P] int32 each row's private features.
+    labels: [N] int32 each row's label.
+    fitted: [N] bool, whether the row's batch answer explains its release within the fit
+      tolerance (a noise-free release is explained exactly by the truth, so an answer that does
+      not fit is a search failure the attacker can see; such rows are answered from the prior).
+    relative_residual: [N] float32 ``||B g_bar - sum_j G[j, c_j]||^2 / ||B g_bar||^2`` of the
+      row's batch answer.
+    positives: [N] int32 the row's batch's `positive_count` estimate.
+    batch: [N] int32 the row's batch (consecutive rows of ``batch_size``).
+  """
+
+  features: np.ndarray
+  labels: np.ndarray
+  fitted: np.ndarray
+  relative_residual: np.ndarray
+  positives: np.ndarray
+  batch: np.ndarray
+
+
+PAIR_SWEEP_MAX_BATCH = 16  # two-row moves cost B (B - 1) / 2 M^2 d per sweep: small batches only
+
+
+def _prior_modes(log_prior: np.ndarray, table: np.ndarray) -> np.ndarray:
+  """[N, P] each row's mode of every feature's marginal under a pair log prior [N, C, 2]."""
+  p = np.exp(log_prior - log_prior.max(axis=(1, 2), keepdims=True)).sum(-1)  # [N, C]
+  out = np.zeros((len(p), table.shape[1]), np.int32)
+  for j in range(table.shape[1]):
+    by_value = np.zeros((len(p), int(table[:, j].max()) + 1))
+    np.add.at(by_value.T, table[:, j], p.T)
+    out[:, j] = by_value.argmax(1)
+  return out
+
+
+def _prior_positive(log_prior: np.ndarray) -> np.ndarray:
+  """[N] each row's prior probability of label 1 under a pair log prior [N, C, 2]."""
+  p = np.exp(log_prior - log_prior.max(axis=(1, 2), keepdims=True)).sum(1)  # [N, 2]
+  return p[:, 1] / p.sum(1)
+
+
+def attack_batches(
+  device_apply: Callable[..., jax.Array],
+  params,
+  h: np.ndarray,
+  g: np.ndarray,
+  cardinalities,
+  *,
+  batch_size: int,
+  key: jax.Array,
+  log_prior: np.ndarray | None = None,
+  user_log_prior: np.ndarray | None = None,
+  beam_width: int = 256,
+  num_starts: int = 16,
+  pair_sweeps: int | None = None,
+  fit_tolerance: float = 1e-6,
+  progress: Callable[[int], None] | None = None,
+) -> BatchesResult:
+  """`joint_attack` on every batch of a transcript sent under ``batch_average``.
+
+  The rows are in batches of ``batch_size`` consecutive rows (the last may be shorter), as the
+  server saw them arrive; every row of a batch carries the batch's averaged gradient. A batch
+  whose best answer does not fit the release (relative residual above ``fit_tolerance``: the
+  truth fits a noise-free release to rounding) is a search failure the attacker can see: its
+  rows get each feature's prior mode, and the batch's `positive_count` ``k`` its ``k`` rows of
+  highest prior probability of label 1 as positives. The search uses one pair prior for every
+  row, the fallback the per-row one.
+
+  Args:
+    device_apply: ``(params, h [d], x_priv [P]) -> logit``.
+    params: the device's parameters (one version).
+    h: [N, d] the rows' cut activations.
+    g: [N, d] what the device sent (each row its batch's mean).
+    cardinalities: P ints, the private features' domains.
+    batch_size: the device's batch (rows per release).
+    key: PRNG key (one fold per batch).
+    log_prior: [C * 2] pair log prior, label fastest (None: uniform): the search's prior.
+    user_log_prior: [N, C, 2] per-row log prior (the fallback's; None: ``log_prior``).
+    beam_width, num_starts: as `joint_attack`.
+    pair_sweeps: sweeps of exact two-row moves (None: 3 up to `PAIR_SWEEP_MAX_BATCH` rows, else 0).
+    fit_tolerance: the relative residual under which an answer fits.
+    progress: called with the number of rows done after each batch.
+
+  Returns:
+    `BatchesResult`.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  h, g = np.asarray(h, np.float32), np.asarray(g, np.float32)
+  n = len(h)
+  table = scoring.candidate_table(cardinalities)
+  num_pairs = 2 * len(table)
+  if log_prior is None:
+    log_prior = np.zeros(num_pairs, np.float32)
+  log_prior = np.asarray(log_prior, np.float64).reshape(-1)
+  if log_prior.shape != (num_pairs,):
+    raise ValueError(f"log_prior has {log_prior.size} entries for {num_pairs} pairs")
+  prior = np.exp(log_prior - log_prior.max())
+  if user_log_prior is None:
+    user_log_prior = np.broadcast_to(log_prior.reshape(1, -1, 2), (n, len(table), 2))
+  modes = _prior_modes(np.asarray(user_log_prior, np.float64), table)
+  p_positive = _prior_positive(np.asarray(user_log_prior, np.float64))
+  if pair_sweeps is None:
+    pair_sweeps = 3 if batch_size <= PAIR_SWEEP_MAX_BATCH else 0
+  simulate, search, count = _batch_fns(device_apply, beam_width, num_starts, pair_sweeps)
+  table_j = jnp.asarray(table)
+  out = BatchesResult(
+    features=np.zeros((n, table.shape[1]), np.int32),
+    labels=np.zeros(n, np.int32),
+    fitted=np.zeros(n, bool),
+    relative_residual=np.zeros(n, np.float32),
+    positives=np.zeros(n, np.int32),
+    batch=np.arange(n, dtype=np.int32) // batch_size,
+  )
+  for b, start in enumerate(range(0, n, batch_size)):
+    rows = np.arange(start, min(start + batch_size, n))
+    real = len(rows)
+    mask = np.zeros(batch_size, np.float32)
+    mask[:real] = 1.0
+    h_b = np.zeros((batch_size, h.shape[1]), np.float32)
+    h_b[:real] = h[rows]
+    g_bar = jnp.asarray(g[rows].mean(0))
+    G = simulate(params, jnp.asarray(h_b), table_j)
+    res = search(G, g_bar, table_j, jax.random.fold_in(key, b), prior, jnp.asarray(mask))
+    k, _ = count(G, g_bar, prior, jnp.asarray(mask))
+    target_sq = float(jnp.sum(jnp.square(real * g_bar)))
+    rel = float(res.residual) / max(target_sq, 1e-30)
+    fits = rel <= fit_tolerance
+    k = int(k)
+    out.fitted[rows] = fits
+    out.relative_residual[rows] = rel
+    out.positives[rows] = k
+    if fits:
+      out.features[rows] = np.asarray(res.features)[:real]
+      out.labels[rows] = np.asarray(res.labels)[:real]
+    else:
+      out.features[rows] = modes[rows]
+      # The k rows the prior finds likeliest positive, k the batch's positive count.
+      positive = np.argsort(-p_positive[rows], kind="stable")[:k]
+      out.labels[rows] = 0
+      out.labels[rows[positive]] = 1
+    if progress is not None:
+      progress(int(rows[-1]) + 1)
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_fns(device_apply, beam_width: int, num_starts: int, pair_sweeps: int):
+  """The jitted simulation, search and count of `attack_batches` (cached per device function)."""
+  simulate = jax.jit(functools.partial(pair_gradients, device_apply))
+
+  @jax.jit
+  def search(G, g_bar, table, key, prior, mask):
+    return joint_attack(
+      G,
+      g_bar,
+      table,
+      key,
+      beam_width=beam_width,
+      num_starts=num_starts,
+      pair_sweeps=pair_sweeps,
+      pair_prior=prior,
+      mask=mask,
+    )
+
+  return simulate, search, jax.jit(positive_count)
