@@ -658,6 +658,10 @@ def _write_record(record: dict, restored, out_path: pathlib.Path, partial_path: 
     # EXACT records the defence model it ran (defense_model_of); every other attack scores the DP
     # chain only, so against a defence it is naive: what a defence-unaware server reaches.
     record["defense_chain"] = list(restored.config.defenses)
+    chain = pipeline.defense_plan(restored.config)
+    if record.get("attack") == "exact_activations" and chain is not None and chain.nopeek:
+      # nopeek shapes phi in training only; matching with the trained phi models it fully.
+      record.setdefault("defense_model", "adaptive (nopeek: matched with the trained encoder)")
     record.setdefault("defense_model", "naive")
   record["environment"] = records.environment()
   if workdir_lib.is_writer():  # under jax.distributed, process 0 writes

@@ -83,8 +83,17 @@ def validate(config: configs_base.TrainConfig) -> None:
       raise ConfigError(f"--dp_clip={config.dp_clip} must be a positive number (or 'auto'/'none')")
   if config.defenses:
     chain = defense_plan(config)
-    if config.topology != "device_top":
-      raise ConfigError("--defense acts on the cut gradients the device sends: topology device_top")
+    row_defenses = [d.text() for d in chain.pre + chain.between + chain.post]
+    if config.topology != "device_top" and (row_defenses or chain.label_smoothing):
+      raise ConfigError(
+        f"--defense={(row_defenses or ['label_smoothing'])[0]} acts on the cut gradients the "
+        "device sends (topology device_top); device_bottom takes nopeek:ALPHA and "
+        "activation_noise:SIGMA"
+      )
+    if config.topology == "device_top" and chain.nopeek:
+      raise ConfigError(
+        "--defense=nopeek regularises the device's encoder: it needs --topology=device_bottom"
+      )
     defenses_lib.check_covered(
       chain, 1.0 if (config.dp_noise_multiplier or config.target_epsilon) else 0.0
     )
@@ -334,6 +343,7 @@ def train_workdir(
     WorkdirError: a foreign or unwritable workdir, another config without ``overwrite``, an
       unfinished run without ``resume``/``overwrite``.
   """
+  config = resolve_aliases(config)
   validate(config)
   if resume and overwrite and not keep_identical:
     raise ConfigError(
@@ -675,6 +685,42 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     data=workdir_lib.data_files(config),
   )
   return metrics
+
+
+def resolve_aliases(config):
+  """``config`` with ``--defense=activation_noise:SIGMA`` resolved: in ``device_bottom`` the DP
+  chain on the activations is that Gaussian mechanism, so it becomes ``dp_noise_multiplier``
+  (accounted as the cut-layer epsilon); ConfigError for a conflicting or misplaced one."""
+  found = [e for e in config.defenses if e.strip().partition(":")[0] == "activation_noise"]
+  if not found:
+    return config
+  if config.topology != "device_bottom":
+    raise ConfigError(
+      "--defense=activation_noise noises the activations the device sends: it needs "
+      "--topology=device_bottom (device_top's cut noise is --dp_noise_multiplier)"
+    )
+  if len(found) > 1:
+    raise ConfigError("activation_noise appears twice in the --defense chain")
+  value = found[0].strip().partition(":")[2]
+  try:
+    sigma = float(value)
+  except ValueError:
+    raise ConfigError(
+      f"--defense={found[0]}: {value!r} is not a number, e.g. activation_noise:1.0"
+    ) from None
+  if not (sigma > 0 and math.isfinite(sigma)):
+    raise ConfigError(f"--defense={found[0]}: SIGMA must be a positive number")
+  if config.dp_noise_multiplier not in (0.0, sigma) or config.target_epsilon:
+    raise ConfigError(
+      f"--defense={found[0]} is --dp_noise_multiplier={sigma:g}: give one of the two, not "
+      "--dp_noise_multiplier or --target_epsilon beside it"
+    )
+  if config.dp_clip == "none":
+    raise ConfigError(
+      f"--defense={found[0]} needs a finite clip of the activations: --dp_clip=auto or a number"
+    )
+  rest = tuple(e for e in config.defenses if e not in found)
+  return dataclasses.replace(config, defenses=rest, dp_noise_multiplier=sigma)
 
 
 def defense_plan(config):

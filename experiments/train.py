@@ -53,7 +53,9 @@ _DEFENSE = flags.DEFINE_multi_string(
   [],
   "A defence on the rows the device sends, NAME[:PARAM] (repeatable, in order): max_norm, "
   "marvell:S, batch_average, topk:FRACTION, sign, quantize:BITS, quantize_stochastic:BITS, and "
-  "label_smoothing:EPS (the device's loss); the markers clip and noise "
+  "label_smoothing:EPS (the device's loss); in device_bottom nopeek:ALPHA (distance "
+  "correlation in the device encoder's loss) and activation_noise:SIGMA (= --dp_noise_multiplier "
+  "on the activations); the markers clip and noise "
   "place the DP chain (appended at the end when absent). A chain that voids the cut-layer "
   "epsilon is refused with noise on (splitjax.defenses).",
 )

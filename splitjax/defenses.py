@@ -57,6 +57,17 @@ The defences (``NAME[:PARAM]``):
 - ``label_smoothing:EPS``: not a transform of the rows but an option of the device's loss, which
   trains on ``y (1 - EPS) + EPS / 2`` (the training steps' ``label_smoothing``); it shrinks the
   gradient's label-dependent scale. Deterministic; the DP chain's accounting is unchanged.
+- ``nopeek:ALPHA`` (``device_bottom``; Vepakomma et al., "NoPeek: Information leakage reduction
+  to share activations in distributed deep learning", arXiv 2008.09161): not a transform of the
+  rows but a term of the device encoder's loss, ``ALPHA dCor(x_priv, a)`` over each batch
+  (`distance_correlation`: the sample distance correlation of Szekely et al. 2007 between the
+  rows' one-hot private features and their activations), added to the gradient the server sends
+  back. It keeps the encoder deterministic, so against a server that knows ``phi`` activation
+  matching (`splitjax.attacks.activations`) still recovers ``x_priv`` wherever the encoder
+  separates the candidates; it was designed against an inversion model without ``phi``.
+- ``activation_noise:SIGMA`` (``device_bottom``): the DP chain on the activations, i.e.
+  ``--dp_noise_multiplier=SIGMA`` with the clip of ``--dp_clip``; ``experiments.train`` resolves
+  the alias, so the Gaussian mechanism is accounted by the DP machinery (the cut-layer epsilon).
 
 All are jit-friendly; keys are ``fold_in(key, 100 + position in the chain)``.
 """
@@ -83,6 +94,7 @@ _KINDS = {
   "marvell": (True, True, True, False),
   "label_smoothing": (True, False, False, False),  # the device's loss, not a transform of g
   "batch_average": (False, True, False, False),
+  "nopeek": (True, False, False, False),  # device_bottom: the device encoder's loss
 }
 NAMES = tuple(_KINDS)
 
@@ -110,6 +122,8 @@ class Plan(NamedTuple):
     covered: whether the Gaussian accounting still holds with noise on.
     reason: why not ('' when covered).
     label_smoothing: eps of the device's loss (0: none); not a transform of the rows.
+    nopeek: alpha of the distance-correlation term of the device encoder's loss
+      (``device_bottom``; 0: none); not a transform of the rows.
   """
 
   pre: tuple
@@ -118,6 +132,7 @@ class Plan(NamedTuple):
   covered: bool
   reason: str
   label_smoothing: float = 0.0
+  nopeek: float = 0.0
 
   def stages(self) -> list[dict]:
     """``[{"defense", "stage"}]`` in chain order (what config.json and metrics.json record)."""
@@ -126,6 +141,8 @@ class Plan(NamedTuple):
       if self.label_smoothing
       else []
     )
+    if self.nopeek:
+      smooth.append({"defense": f"nopeek:{self.nopeek:g}", "stage": "device encoder loss"})
     return smooth + [
       {"defense": d.text(), "stage": stage}
       for stage, part in (
@@ -143,6 +160,12 @@ def parse(entry: str) -> Defense | str:
   if text in MARKERS:
     return text
   name, _, value = text.partition(":")
+  if name == "activation_noise":
+    raise DefenseError(
+      f"--defense={entry} is the DP chain on device_bottom's activations, not a transform in "
+      "the chain: pass it to experiments.train (which sets --dp_noise_multiplier) or set the "
+      "DP chain's noise_multiplier"
+    )
   if name not in _KINDS:
     raise DefenseError(
       f"unknown defence {name!r} in --defense={entry}: choose among {', '.join(NAMES)} "
@@ -163,6 +186,8 @@ def parse(entry: str) -> Defense | str:
     raise DefenseError(f"--defense={entry}: the fraction must be in (0, 1]")
   if name == "label_smoothing" and not 0 < param < 1:
     raise DefenseError(f"--defense={entry}: eps must be in (0, 1), e.g. label_smoothing:0.1")
+  if name == "nopeek" and not (param > 0 and math.isfinite(param)):
+    raise DefenseError(f"--defense={entry}: alpha must be a positive number, e.g. nopeek:0.5")
   if name == "marvell" and not (param > 0 and math.isfinite(param)):
     raise DefenseError(f"--defense={entry}: the power S must be a positive number, e.g. marvell:4")
   if name.startswith("quantize") and not (param >= 1 and param == int(param) and param <= 16):
@@ -176,16 +201,20 @@ _EXAMPLE = {
   "quantize_stochastic": "8",
   "marvell": "4",
   "label_smoothing": "0.1",
+  "nopeek": "0.5",
 }
 
 
 def plan(chain: Sequence[str], *, finite_clip: bool = True) -> Plan:
   """Parses ``chain`` and places the DP steps; DefenseError for a chain that cannot run."""
   items = [parse(e) for e in chain]
-  smooth = [d for d in items if isinstance(d, Defense) and d.name == "label_smoothing"]
-  if len(smooth) > 1:
-    raise DefenseError("label_smoothing appears twice in the --defense chain")
-  items = [d for d in items if not (isinstance(d, Defense) and d.name == "label_smoothing")]
+  losses = {}  # the options of the device's losses, not transforms of the rows
+  for name in ("label_smoothing", "nopeek"):
+    found = [d for d in items if isinstance(d, Defense) and d.name == name]
+    if len(found) > 1:
+      raise DefenseError(f"{name} appears twice in the --defense chain")
+    losses[name] = float(found[0].param) if found and found[0].param is not None else 0.0
+    items = [d for d in items if not (isinstance(d, Defense) and d.name == name)]
   for m in MARKERS:
     if items.count(m) > 1:
       raise DefenseError(f"the marker {m!r} appears twice in the --defense chain")
@@ -221,8 +250,41 @@ def plan(chain: Sequence[str], *, finite_clip: bool = True) -> Plan:
       f"{', '.join(mixed)} before the noise mixes a batch's rows (one example moves every "
       "other row's release)"
     )
-  eps = float(smooth[0].param) if smooth and smooth[0].param is not None else 0.0
-  return Plan(pre, between, post, not reasons, "; ".join(reasons), eps)
+  return Plan(
+    pre, between, post, not reasons, "; ".join(reasons), losses["label_smoothing"], losses["nopeek"]
+  )
+
+
+def distance_correlation(x: jax.Array, z: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """The sample distance correlation dCor(x, z) of the real rows (Szekely, Rizzo, Bakirov 2007).
+
+  ``dCor^2 = dCov^2(x, z) / sqrt(dVar^2(x) dVar^2(z))`` from the double-centred Euclidean
+  distance matrices of the rows; 0 for independent samples in the limit, 1 when ``z`` is a
+  similarity transform of ``x``. Padding rows (``mask`` 0) carry zero weight. Differentiable
+  (distances through a smoothed square root, so the diagonal's gradient is finite).
+
+  Args:
+    x: [N, p] and z: [N, q] the paired rows.
+    mask: [N] 1 for a real row (None: all).
+
+  Returns:
+    scalar dCor in [0, 1].
+  """
+  n = x.shape[0]
+  w = jnp.ones(n, x.dtype) if mask is None else mask.astype(x.dtype)
+  w = w / jnp.maximum(jnp.sum(w), 1.0)
+
+  def centred(u):
+    sq = jnp.sum(jnp.square(u[:, None, :] - u[None, :, :]), axis=-1)
+    d = jnp.sqrt(sq + 1e-12)
+    row = d @ w
+    return d - row[:, None] - row[None, :] + w @ row
+
+  a, b = centred(x.astype(jnp.float32)), centred(z.astype(jnp.float32))
+  ww = w[:, None] * w[None, :]
+  xy, xx, zz = jnp.sum(ww * a * b), jnp.sum(ww * a * a), jnp.sum(ww * b * b)
+  dcor_sq = jnp.maximum(xy, 0.0) / jnp.sqrt(jnp.maximum(xx * zz, 1e-30))
+  return jnp.sqrt(dcor_sq + 1e-12)
 
 
 def check_covered(p: Plan, noise_multiplier: float) -> None:

@@ -322,3 +322,93 @@ def test_batch_average_workdir_is_attacked_jointly_by_default_and_beats_the_naiv
   with flagsaver.flagsaver(workdir=str(work), attack="joint", users="train", overwrite=True):
     with pytest.raises(Exception, match="--users=test"):
       attack_bin.main([])
+
+
+def _dcor_reference(x, z):
+  """Szekely et al.'s sample dCor from its definition (numpy, float64)."""
+
+  def centred(u):
+    d = np.sqrt(((u[:, None, :] - u[None, :, :]) ** 2).sum(-1))
+    return d - d.mean(0)[None, :] - d.mean(1)[:, None] + d.mean()
+
+  a, b = centred(x), centred(z)
+  return math.sqrt((a * b).mean() / math.sqrt((a * a).mean() * (b * b).mean()))
+
+
+def test_distance_correlation_matches_its_definition_ignores_padding_and_is_one_for_similarity():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(40, 3))
+  z = np.tanh(x @ rng.normal(size=(3, 5))) + 0.3 * rng.normal(size=(40, 5))
+  got = float(defenses.distance_correlation(jnp.asarray(x), jnp.asarray(z)))
+  assert abs(got - _dcor_reference(x, z)) < 1e-4
+  padded_x = np.concatenate([x, rng.normal(size=(8, 3)) * 50])
+  padded_z = np.concatenate([z, rng.normal(size=(8, 5)) * 50])
+  mask = np.r_[np.ones(40), np.zeros(8)]
+  padded = defenses.distance_correlation(jnp.asarray(padded_x), jnp.asarray(padded_z), mask)
+  assert abs(float(padded) - got) < 1e-4
+  same = defenses.distance_correlation(jnp.asarray(x), jnp.asarray(3.0 * x[:, ::-1] + 1.0))
+  assert abs(float(same) - 1.0) < 1e-4
+  far = defenses.distance_correlation(
+    jnp.asarray(rng.normal(size=(400, 3))), jnp.asarray(rng.normal(size=(400, 5)))
+  )
+  assert float(far) < 0.25  # independent: the sample dCor -> 0 (about 0.18 here, biased up)
+  grad = jax.grad(lambda u: defenses.distance_correlation(jnp.asarray(x), u))(jnp.asarray(z))
+  assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_activation_noise_is_the_dp_chain_on_device_bottom_activations_and_misuse_is_refused():
+  from experiments import pipeline
+  from experiments.configs import base
+
+  cfg = base.TrainConfig(topology="device_bottom", dp_clip="auto", defenses=("activation_noise:2",))
+  out = pipeline.resolve_aliases(cfg)
+  assert out.dp_noise_multiplier == 2.0 and out.defenses == ()
+  for bad, match in (
+    (dict(topology="device_top", dp_clip="auto"), "device_bottom"),
+    (dict(topology="device_bottom", dp_clip="none"), "finite clip"),
+    (dict(topology="device_bottom", dp_clip="auto", dp_noise_multiplier=1.0), "one of the two"),
+  ):
+    with pytest.raises(pipeline.ConfigError, match=match):
+      pipeline.resolve_aliases(base.TrainConfig(defenses=("activation_noise:2",), **bad))
+  with pytest.raises(defenses.DefenseError, match="DP chain"):
+    defenses.plan(["activation_noise:2"])
+  with pytest.raises(pipeline.ConfigError, match="device_bottom"):
+    pipeline.validate(base.TrainConfig(topology="device_top", defenses=("nopeek:1",)))
+  with pytest.raises(pipeline.ConfigError, match="device_top"):
+    pipeline.validate(base.TrainConfig(topology="device_bottom", defenses=("sign",)))
+
+
+def test_nopeek_lowers_the_distance_correlation_but_activation_matching_still_recovers(tmp_path):
+  from experiments import attack as attack_bin
+  from experiments import pipeline
+  from splitjax.training import steps
+
+  dcors, accuracy = {}, {}
+  for name, chain in (("plain", []), ("nopeek", ["nopeek:3"])):
+    work = tmp_path / name
+    with flagsaver.flagsaver(
+      workdir=str(work),
+      config="synthetic_tiny",
+      topology="device_bottom",
+      defense=chain,
+      epochs=10,
+      learning_rate=0.01,
+    ):
+      train_bin.main([])
+    restored = pipeline.Restored(work)
+    test = restored.dataset.test
+    x = steps.private_design(restored.model, test.priv_cat[:256], test.priv_dense[:256])
+    a = restored.model.encode_batch(
+      restored.state.device_params, test.priv_cat[:256], test.priv_dense[:256]
+    )
+    dcors[name] = float(defenses.distance_correlation(x, a))
+    with flagsaver.flagsaver(workdir=str(work), num_examples=64):
+      attack_bin.main([])
+    rec = json.loads((work / "attack.json").read_text())
+    accuracy[name] = min(f["accuracy"] for f in rec["features"].values() if "accuracy" in f)
+    if name == "nopeek":
+      assert rec["defense_model"].startswith("adaptive (nopeek")
+      metrics = json.loads((work / "metrics.json").read_text())
+      assert metrics["defense_chain"] == [{"defense": "nopeek:3", "stage": "device encoder loss"}]
+  assert dcors["nopeek"] < dcors["plain"] - 0.05, dcors
+  assert accuracy["nopeek"] >= 0.95, accuracy  # the encoder stays injective on the domain

@@ -86,6 +86,26 @@ def smoothed_labels(y, defenses):
   return y.astype(jnp.float32) * (1.0 - eps) + 0.5 * eps
 
 
+def private_design(model, priv_cat, priv_dense) -> jax.Array:
+  """``[N, sum(cards) + Pd]`` the rows' private features as numbers: one-hot codes, dense as is."""
+  cards = model.spec.priv_cardinalities
+  parts = [jax.nn.one_hot(priv_cat[:, j], k) for j, k in enumerate(cards)]
+  return jnp.concatenate(parts + [jnp.asarray(priv_dense, jnp.float32)], axis=1)
+
+
+def nopeek_grads(model, enc_params, enc_in, mask, alpha: float):
+  """The device encoder's gradient of ``alpha dCor(x_priv, a)`` over a batch (``nopeek``;
+  `splitjax.defenses.distance_correlation`), added to the gradient pulled back from the server."""
+  encoder_apply = protocol.apply_fns(model)[0]
+  x = private_design(model, *enc_in)
+
+  def loss(params):
+    a = protocol.encoder_forward(encoder_apply, params, enc_in)
+    return alpha * defenses_lib.distance_correlation(x, a, mask)
+
+  return jax.grad(loss)(enc_params)
+
+
 def _split_forward_backward(
   model,
   enc_params,
@@ -112,9 +132,13 @@ def _split_forward_backward(
     privatize=_privatizer(dp, key, defenses, batch.y),
     privatize_head_grads=_head_privatizer(dp, key, device_dp),
   )
+  enc_grads = out.encoder_grads
+  if defenses is not None and defenses.nopeek and model.spec.topology == "device_bottom":
+    extra = nopeek_grads(model, enc_params, enc_in, batch.mask, defenses.nopeek)
+    enc_grads = jax.tree.map(jnp.add, enc_grads, extra)
   return (
     out.loss,
-    out.encoder_grads,
+    enc_grads,
     out.head_grads,
     out.h_sent,
     out.g_sent,
