@@ -79,18 +79,26 @@ BINARY_ATTACKS = tuple(name for name in attacks.ATTACKS if name != "exact_releas
 
 
 def results_name(config: configs_base.AttackConfig) -> str:
-  """``attack.json`` for the default attack, a suffixed name for every other configuration."""
-  if (config.attack, config.variant, config.prior, config.users) == (
+  """``attack.json`` for the default attack, a suffixed name for every other configuration
+  (``--defense_model`` other than auto and ``--joint_batch_size`` add ``_<model>`` and
+  ``_b<size>``, so an adaptive and a naive record sit side by side)."""
+  extra = "" if config.defense_model == "auto" else f"_{config.defense_model}"
+  if config.joint_batch_size:
+    extra += f"_b{config.joint_batch_size}"
+  if (config.attack, config.variant, config.prior, config.users, extra) == (
     "exact",
     "auto",
     "auto",
     "test",
+    "",
   ):
     return "attack.json"
   if config.attack != "exact":
-    return f"attack_{config.attack}_{config.variant}_{config.users}.json"
+    return f"attack_{config.attack}_{config.variant}_{config.users}{extra}.json"
   releases = "_all" if config.releases == "all" else ""
-  return f"attack_{config.attack}_{config.variant}_{config.prior}_{config.users}{releases}.json"
+  return (
+    f"attack_{config.attack}_{config.variant}_{config.prior}_{config.users}{releases}{extra}.json"
+  )
 
 
 def resolve(

@@ -717,7 +717,7 @@ def resolve_aliases(config):
     )
   if config.dp_clip == "none":
     raise ConfigError(
-      f"--defense={found[0]} needs a finite clip of the activations: --dp_clip=auto or a number"
+      f"--defense={found[0]} needs a finite clip of the activations: give --dp_clip=NUMBER"
     )
   rest = tuple(e for e in config.defenses if e not in found)
   return dataclasses.replace(config, defenses=rest, dp_noise_multiplier=sigma)

@@ -52,6 +52,7 @@ _MARKERS = {
   "sweep": ("sweep_config.json", "sweep.json", "points"),
   "reproduce": ("reproduce_config.json", "results.json", "REPORT.md"),
   "audit": ("audit_config.json", "audit.json"),
+  "defense_study": ("defenses.json", "defenses.md"),
 }
 
 

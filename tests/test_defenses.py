@@ -233,7 +233,8 @@ def test_attack_on_a_defended_workdir_records_its_defense_model(tmp_path):
     workdir=str(work), num_examples=20, defense_model="naive", overwrite=True
   ):
     attack_bin.main([])
-  rec = json.loads((work / "attack.json").read_text())
+  assert json.loads((work / "attack.json").read_text())["defense_model"] == "adaptive"  # kept
+  rec = json.loads((work / "attack_exact_auto_auto_test_naive.json").read_text())
   assert rec["defense_model"].startswith("naive") and adaptive == 1.0
 
 
@@ -305,7 +306,7 @@ def test_batch_average_workdir_is_attacked_jointly_by_default_and_beats_the_naiv
     train_bin.main([])
   with flagsaver.flagsaver(workdir=str(work), num_examples=24, joint_batch_size=2):
     attack_bin.main([])
-  rec = json.loads((work / "attack.json").read_text())
+  rec = json.loads((work / "attack_exact_auto_auto_test_b2.json").read_text())
   assert rec["attack"] == "joint" and rec["defense_model"].startswith("adaptive (joint")
   assert rec["joint"]["batch_size"] == 2 and rec["joint"]["batches"] == 12
   assert rec["joint"]["fitted_batches"] >= 0.9
@@ -315,7 +316,7 @@ def test_batch_average_workdir_is_attacked_jointly_by_default_and_beats_the_naiv
     workdir=str(work), num_examples=24, joint_batch_size=2, defense_model="naive", overwrite=True
   ):
     attack_bin.main([])
-  rec = json.loads((work / "attack.json").read_text())
+  rec = json.loads((work / "attack_exact_auto_auto_test_naive_b2.json").read_text())
   assert rec["attack"] == "exact" and rec["defense_model"].startswith("naive")
   naive = rec["label"]["accuracy"], [f["accuracy"] for f in rec["features"].values()]
   assert naive[0] + sum(naive[1]) < joint[0] + sum(joint[1])
