@@ -279,6 +279,66 @@ def to_markdown(dataset: str, rows: list[dict], num_examples: int) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _leakage(row: dict, attack: str) -> float | None:
+  """The largest leakage over the secrets the row's defence targets (None: not attacked)."""
+  secrets = row["attacks"].get(attack, {}).get("secrets", {})
+  leaks = [
+    secrets[s]["leakage"] for s in _targeted(row, secrets) if secrets[s]["leakage"] is not None
+  ]
+  return max(leaks) if leaks else None
+
+
+def plot(rows: list[dict], out_dir, dataset: str) -> list[str]:
+  """The frontier, one panel per topology: AUC minus the frozen point's (x) against the largest
+  leakage over the targeted secrets (y); adaptive filled, naive hollow, DP points as squares.
+  Writes defenses.png and defenses.pdf; [] without matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return []
+  topologies = [t for t in ("device_top", "device_bottom") if any(r["topology"] == t for r in rows)]
+  fig, axes = plt.subplots(1, len(topologies), figsize=(5.2 * len(topologies), 4.2), squeeze=False)
+  for ax, topology in zip(axes[0], topologies, strict=True):
+    for r in (r for r in rows if r["topology"] == topology and r.get("utility") is not None):
+      y = 0.0 if r["frozen"] else _leakage(r, "adaptive")
+      if y is None:
+        continue
+      marker = "s" if (r["dp"] or not r["defenses"]) else "o"
+      color = "k" if (r["dp"] or not r["defenses"]) else "C0"
+      ax.plot(r["utility"], y, marker, color=color, ms=6)
+      naive = _leakage(r, "naive") if r["defenses"] else None
+      if naive is not None:
+        ax.plot(r["utility"], naive, marker, mfc="none", color="C1", ms=7)
+        ax.plot([r["utility"]] * 2, [naive, y], color="gray", lw=0.6)
+      ax.annotate(
+        r["point"], (r["utility"], y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+      )
+    ax.axhline(TOLERANCE, color="gray", ls=":", lw=0.8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+    ax.tick_params(labelsize=8)
+    ax.set_xlabel("AUC minus the frozen point's (the server's contribution)")
+    ax.set_ylabel("largest leakage over the targeted secrets")
+    ax.set_title(f"{dataset}, {topology}", fontsize=10)
+  handles = [
+    plt.Line2D([], [], marker="o", color="C0", ls="", label="defence, adaptive attack"),
+    plt.Line2D([], [], marker="o", mfc="none", color="C1", ls="", label="defence, naive attack"),
+    plt.Line2D([], [], marker="s", color="k", ls="", label="no defence / DP"),
+    plt.Line2D([], [], color="gray", ls=":", label=f"leakage tolerance {TOLERANCE}"),
+  ]
+  fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  names = []
+  for ext in ("png", "pdf"):
+    path = pathlib.Path(out_dir) / f"defenses.{ext}"
+    fig.savefig(path, dpi=130)
+    names.append(path.name)
+  plt.close(fig)
+  return names
+
+
 def run_study(
   dataset: str,
   workdir,
@@ -309,4 +369,5 @@ def _run_study(dataset, workdir: pathlib.Path, *, num_examples, only, progress) 
     out = {"dataset": dataset, "num_examples": num_examples, "rules": VERDICT_RULES, "rows": rows}
     results.atomic_write_json(workdir / "defenses.json", out)  # after every point: progress
     results.atomic_write_text(workdir / "defenses.md", to_markdown(dataset, rows, num_examples))
+  out["figures"] = plot(rows, workdir, dataset)
   return out
