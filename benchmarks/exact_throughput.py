@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 
 from splitjax import attacks
+from splitjax.attacks import factor
 from splitjax.attacks import sizing
 
 _DATASETS = flags.DEFINE_list('datasets', ['adult', 'bank'], 'Shapes to benchmark.')
@@ -51,10 +52,11 @@ _LOOP_USERS = flags.DEFINE_integer(
 _JSON = flags.DEFINE_string('json', None, 'Optional path for the figures as JSON.')
 _HEADS = flags.DEFINE_list(
   'heads',
-  ['factored', 'plain', 'splitjax'],
+  ['factored', 'plain', 'plain_split', 'splitjax'],
   'Heads timed side by side (empty: skip): factored (this file\'s DeepFM, first layer '
   'W_h h + sum_j T_j[x_j]), plain (the same function written concatenate-then-matmul), splitjax '
-  '(models.make_model for the dataset: the head the binaries attack).',
+  '(models.make_model for the dataset: the head the binaries attack), plain_split (the plain '
+  'head through splitjax.attacks.factor.split_concat_dots: its h product once per user).',
 )
 _FULL = flags.DEFINE_bool(
   'full',
@@ -176,13 +178,17 @@ def compare_heads(s: Shape, peak: float) -> dict:
   n = s.num_users
   heads = {}
   for name in _HEADS.value:
-    if name in ('factored', 'plain'):
-      apply = make_apply(s, plain=name == 'plain')
+    if name in ('factored', 'plain', 'plain_split'):
+      apply = make_apply(s, plain=name != 'factored')
+      if name == 'plain_split':  # the plain head through the concat-matmul split
+        apply = factor.split_concat_dots(apply)
       params, d, cards = init_deepfm(jax.random.key(0), s), s.d, s.priv_cardinalities
     elif name == 'splitjax':
       apply, params, d, cards = splitjax_head(s)
     else:
-      raise ValueError(f'unknown head {name!r} in --heads: choose factored, plain, splitjax')
+      raise ValueError(
+        f'unknown head {name!r} in --heads: choose factored, plain, plain_split, splitjax'
+      )
     h = (0.5 * rng.normal(size=(n, d))).astype(np.float32)
     x = np.stack([rng.integers(0, k, n) for k in cards], 1).astype(np.int32)
     y = rng.integers(0, 2, n).astype(np.float32)
