@@ -102,10 +102,17 @@ def results_name(config: configs_base.AttackConfig) -> str:
 
 
 def resolve(
-  config: configs_base.AttackConfig, clip: float, sigma: float, label_epsilon: float
+  config: configs_base.AttackConfig,
+  clip: float,
+  sigma: float,
+  label_epsilon: float,
+  defended: bool = False,
 ) -> tuple[str, str]:
-  """The (variant, prior) an ``auto`` config means for the workdir's public DP parameters."""
-  noisy = sigma > 0 and math.isfinite(clip)
+  """The (variant, prior) an ``auto`` config means for the workdir's public DP parameters.
+
+  ``defended``: EXACT models a defence (`defense_model_of`): its randomized likelihood, or a
+  deterministic one's ties, is then combined with the informed prior (Bayes), as under noise."""
+  noisy = (sigma > 0 and math.isfinite(clip)) or defended
   variant = config.variant if config.variant != "auto" else ("bayes" if noisy else "clip_aware")
   if config.prior != "auto":
     prior = config.prior
@@ -704,7 +711,8 @@ def _attack_enumerable(
     return old
   clip, sigma = dp_of(restored)
   label_eps = restored.config.label_dp_epsilon or 0.0
-  variant, prior = resolve(config, clip, sigma, label_eps)
+  defense_model, defense_note = defense_model_of(restored, config, sigma, clip)
+  variant, prior = resolve(config, clip, sigma, label_eps, defended=defense_model is not None)
 
   transcript, split_name = observed_transcript(restored, config, clip, sigma)
   # --releases=all: `transcript` holds one row per user (its last release, for the baselines and
@@ -741,7 +749,6 @@ def _attack_enumerable(
   options = {"top_k": config.top_k, "distance": config.distance}
   if config.screen_dtype != "none":
     options["screen_dtype"] = config.screen_dtype
-  defense_model, defense_note = defense_model_of(restored, config, sigma, clip)
   if defense_model is not None:
     options["defense"] = defense_model
     if defense_model.likelihood is not None and defense_model.likelihood.name in (
