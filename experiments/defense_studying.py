@@ -250,6 +250,7 @@ def to_markdown(dataset: str, rows: list[dict], num_examples: int) -> str:
     for s in r["attacks"].get("adaptive", {}).get("secrets", {}):
       if s not in secrets:
         secrets.append(s)
+  secrets.sort(key=lambda s: s == "label")  # the features first, the label last
   lines = [
     f"### Defences on {dataset}: {num_examples} test users per point, one training seed",
     "",
@@ -349,25 +350,41 @@ def run_study(
 ) -> dict:
   """Runs (or resumes) every point; writes defenses.json and defenses.md into ``workdir``."""
   with workdir_lib.own(workdir, "defense_study") as owned:
-    return _run_study(dataset, owned, num_examples=num_examples, only=only, progress=progress)
+    out = _run_study(dataset, owned, num_examples=num_examples, only=only, progress=progress)
+    out["figures"] = plot(out["rows"], owned, dataset)
+    return out
 
 
 def _run_study(dataset, workdir: pathlib.Path, *, num_examples, only, progress) -> dict:
   base = common.load_train_config(None, dataset)
-  grid = [p for p in points() if not only or p.name in only]
-  unknown = set(only) - {p.name for p in points()}
+  return run_points(base, workdir, only=only, num_examples=num_examples, progress=progress)
+
+
+def run_points(
+  base, workdir, *, only: tuple[str, ...] = (), num_examples: int = 512, progress=None
+) -> dict:
+  """Trains and attacks the points ``only`` (all when empty or ``("all",)``) of the grid on
+  ``base`` (a TrainConfig) under ``workdir`` (not claimed: the caller owns it); writes and
+  returns defenses.json (and defenses.md) after every point, so a stopped run resumes point by
+  point."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  names = [p.name for p in points()]
+  if tuple(only) == ("all",):
+    only = ()
+  unknown = sorted(set(only) - set(names))
   if unknown:
-    raise pipeline.ConfigError(
-      f"unknown --points {sorted(unknown)}: choose among {[p.name for p in points()]}"
-    )
-  rows = []
+    raise pipeline.ConfigError(f"unknown defence study points {unknown}: choose among {names}")
+  grid = [p for p in points() if not only or p.name in only]
+  dataset = base.dataset
+  rows: list[dict] = []
+  out: dict = {}
   for i, point in enumerate(grid):
     if progress:
-      progress(f"[defenses] point {i + 1}/{len(grid)}: {point.name}")
-    rows.append(run_point(base, point, workdir, num_examples=num_examples, progress=progress))
+      progress(f"[defenses] {dataset}: point {i + 1}/{len(grid)} ({point.name})")
+    rows.append(run_point(base, point, workdir, num_examples=num_examples, progress=None))
     verdicts(rows)
     out = {"dataset": dataset, "num_examples": num_examples, "rules": VERDICT_RULES, "rows": rows}
-    results.atomic_write_json(workdir / "defenses.json", out)  # after every point: progress
+    results.atomic_write_json(workdir / "defenses.json", out)
     results.atomic_write_text(workdir / "defenses.md", to_markdown(dataset, rows, num_examples))
-  out["figures"] = plot(rows, workdir, dataset)
   return out

@@ -22,6 +22,7 @@ import numpy as np
 
 from experiments import audit_study
 from experiments import common
+from experiments import defense_studying
 from experiments import pipeline
 from experiments import records
 from experiments import sweeping
@@ -120,6 +121,16 @@ def run_study(
     if progress:
       progress(f"[reproduce] {ds}: audits (cut, label, pipeline)")
     res["audit"] = audit_study.run(study, workdir, overwrite=overwrite)
+  if study.defense_points:
+    if progress:
+      progress(f"[reproduce] {ds}: defences ({len(study.defense_points)} points)")
+    res["defenses"] = defense_studying.run_points(
+      study.train,
+      pathlib.Path(workdir) / ds / "defenses",
+      only=tuple(study.defense_points),
+      num_examples=study.defense_examples,
+      progress=progress,
+    )
   spec = pipeline.model_of(study.train, pipeline.load_data(study.train)).spec
   res["dims"] = [spec.cut_dim, len(spec.priv_cardinalities)]
   res["cost"] = cost_summary(res)
@@ -590,6 +601,16 @@ def write_report(results: dict, studies: dict, workdir) -> str:
       fig = audit_study.plot_mu(res["audit"]["cut"], workdir, f"{ds}_audit_mu.png")
       if fig:
         out += ["", f"![{ds} audit mu]({fig})"]
+    if res.get("defenses"):
+      d = res["defenses"]
+      table = defense_studying.to_markdown(ds, d["rows"], d["num_examples"]).splitlines()
+      out += ["", "### Defences — the frontier against adaptive attacks", ""] + table[2:]
+      figs = defense_studying.plot(d["rows"], workdir, ds)
+      for f in figs:
+        target = workdir / f"{ds}_{f}"
+        (workdir / f).replace(target)
+        if target.suffix == ".png":
+          out += ["", f"![{ds} defences]({target.name})"]
     out += ["", "### Table 4 — cost", ""] + table4(res, study, res["dims"])
   if results.get("environment"):
     out += ["", "---", "", records.environment_footer(results["environment"])]

@@ -22,4 +22,7 @@ def get_config() -> base.StudyConfig:
     audit_pipeline=("sl", "fsl"),
     audit_canaries=1000,
     audit_device_dp=(False, True),
+    # The defences' frontier: every point of experiments.defense_studying's grid, every test user.
+    defense_points=("all",),
+    defense_examples=0,
   )

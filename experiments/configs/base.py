@@ -144,6 +144,10 @@ class StudyConfig:
   audit_device_dp: tuple[bool, ...] = (False,)
   audit_device_clip: float = 1.0
   audit_device_sigma: float = 2.0
+  # The defences' frontier (experiments.defense_studying): these points of its grid, each attacked
+  # on defense_examples test users (adaptive, naive, label_direction); () = none.
+  defense_points: tuple[str, ...] = ()
+  defense_examples: int = 512
 
 
 # StudyConfig fields added after the first committed reports, with the value that means "as
@@ -162,6 +166,8 @@ LATER_STUDY_FIELDS = {
   "audit_device_dp": (False,),
   "audit_device_clip": 1.0,
   "audit_device_sigma": 2.0,
+  "defense_points": (),
+  "defense_examples": 512,
 }
 _TRAIN_USER_FIELDS = ("train_user_sigmas", "train_user_examples", "tracking_learning_rate")
 
