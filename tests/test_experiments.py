@@ -263,13 +263,14 @@ def test_reproduce_tiny_report_and_results_schema(tiny_report):
   assert pipe["protocol"] == "fsl" and pipe["trials"] == 20
   assert pipe["epsilon_cut_only"] == pytest.approx(2.0, rel=1e-5)
   assert pipe["epsilon_lower"] > 0 and pipe["epsilon_accounted"] is None
-  # The defences: the frozen yardstick and sign, attacked adaptively (through it) and naively.
-  assert "### Defences — the frontier" in report and "synthetic_defenses.png" in report
-  frozen, sign = ds["defenses"]["rows"]
-  assert (frozen["point"], frozen["frozen"], frozen["utility"]) == ("frozen", True, 0.0)
+  # The defences: sign, attacked adaptively (through it), naively and with label_direction (the
+  # figure only with the plots extra).
+  assert "### Defences — the frontier" in report
+  (sign,) = ds["defenses"]["rows"]
+  assert sign["point"] == "sign" and sign["verdict"] == "leaks under this adaptive attack"
   assert sign["attacks"]["adaptive"]["secrets"]["label"]["accuracy"] == 1.0
   assert sign["attacks"]["naive"]["defense_model"].startswith("naive")
-  assert sign["verdict"] and (tiny_report / "synthetic_defenses.png").exists()
+  assert "auc" in sign["attacks"]["designed"]["secrets"]["label"]
 
 
 class _Killed(BaseException):

@@ -169,7 +169,7 @@ def test_attack_binary_scores_max_norm_by_its_likelihood(tmp_path):
       workdir=str(work), num_examples=60, defense_model=mode, overwrite=True
     ):
       attack_bin.main([])
-    got[mode] = json.loads((work / "attack.json").read_text())
+    got[mode] = json.loads((work / f"attack_exact_auto_auto_test_{mode}.json").read_text())
   assert got["adaptive"]["defense_model"].startswith("adaptive (likelihood: G^2 estimated")
   assert got["white_box"]["defense_model"].startswith("white_box (likelihood: the device's")
   assert got["naive"]["defense_model"] == "naive"

@@ -36,7 +36,7 @@ def get_config() -> base.StudyConfig:
     audit_pipeline=("fsl",),
     audit_canaries=20,
     train_user_examples=40,
-    # Two defence points (the frozen yardstick and one defence), 40 users each.
-    defense_points=("frozen", "sign"),
-    defense_examples=40,
+    # One defence point (its three attacks), 20 users: the frontier's machinery, kept short.
+    defense_points=("sign",),
+    defense_examples=20,
   )

@@ -84,7 +84,7 @@ def _eval(jaxpr, consts, args, varying_invars):
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
-    body = eqn.params.get(screen_lib._CALL_BODIES.get(name, ""), None)  # noqa: SLF001
+    body = eqn.params.get(screen_lib.CALL_BODIES.get(name, ""), None)
     split = _split_dot(eqn, invals, concat, varying) if name == "dot_general" else None
     inner = [i for i, v in enumerate(eqn.invars) if moves(v)]  # positions of varying inputs
     if split is not None:

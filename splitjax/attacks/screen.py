@@ -33,8 +33,8 @@ DEFAULT_SCREEN_RTOL = 0.25
 SCREEN_LOGIT_SLACK = 1.0
 
 # Call-like primitives whose body is interpreted (so the matmuls inside are rewritten too), and the
-# parameter holding the body.
-_CALL_BODIES = {
+# parameter holding the body (also `factor`'s rewrite).
+CALL_BODIES = {
   'jit': 'jaxpr',
   'pjit': 'jaxpr',
   'closed_call': 'call_jaxpr',
@@ -58,7 +58,7 @@ def _eval_low_precision(jaxpr, consts, args, dtype):
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
-    body = eqn.params.get(_CALL_BODIES.get(name, ''), None)
+    body = eqn.params.get(CALL_BODIES.get(name, ''), None)
     if name == 'dot_general' and all(jnp.result_type(x) == jnp.float32 for x in invals):
       outs = [
         jax.lax.dot_general(
