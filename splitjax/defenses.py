@@ -80,6 +80,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+# Marvell's solver and statistics, re-exported (callers use splitjax.defenses.marvell_*).
+from splitjax.marvell import marvell_estimate as marvell_estimate
+from splitjax.marvell import marvell_lambdas as marvell_lambdas
+from splitjax.marvell import marvell_noise
+from splitjax.marvell import marvell_params as marvell_params
+from splitjax.marvell import marvell_sum_kl as marvell_sum_kl
 from splitjax.privacy import _checks
 from splitjax.privacy import transforms as dp_transforms
 
@@ -395,132 +401,6 @@ def simulate(model: AttackModel, g: jax.Array, l2_clip_norm, clip) -> jax.Array:
   return g
 
 
-def marvell_sum_kl(lams, delta_sq: float, u0: float, u1: float, dim: int) -> float:
-  """The symmetrised KL between N(mu_0, u_0 I + Sigma_0) and N(mu_1, u_1 I + Sigma_1).
-
-  ``lams = (lambda1_0, lambda2_0, lambda1_1, lambda2_1)``; along Delta the variances are
-  a1 = u0 + lambda1_0, b1 = u1 + lambda1_1, across (d - 1 directions) a2, b2 likewise:
-  ``(a1/b1 + b1/a1 + (d-1)(a2/b2 + b2/a2) - 2d + ||Delta||^2 (1/a1 + 1/b1)) / 2``.
-  """
-  l10, l20, l11, l21 = (float(v) for v in lams)
-  a1, b1, a2, b2 = u0 + l10, u1 + l11, u0 + l20, u1 + l21
-  return 0.5 * (
-    a1 / b1 + b1 / a1 + (dim - 1) * (a2 / b2 + b2 / a2) - 2 * dim + delta_sq * (1 / a1 + 1 / b1)
-  )
-
-
-def marvell_lambdas(delta_sq, u0, u1, p, power, dim: int):
-  """Marvell's four scalars (host, float64): minimise `marvell_sum_kl` subject to
-  ``p (l1_1 + (d-1) l2_1) + (1-p) (l1_0 + (d-1) l2_0) <= power`` and every lambda >= 0.
-
-  Returns float32 ``[lambda1_0, lambda2_0, lambda1_1, lambda2_1]``; zeros when the batch has one
-  class (``p`` 0 or 1) or ``Delta = 0``.
-  """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from scipy import optimize  # pylint: disable=import-outside-toplevel
-
-  delta_sq, u0, u1, p, power = (float(v) for v in (delta_sq, u0, u1, p, power))
-  if not (0 < p < 1) or not delta_sq > 0 or not power > 0:
-    return np.zeros(4, np.float32)
-  eps = 1e-12 * max(delta_sq, 1e-30)
-  u0, u1 = max(u0, eps), max(u1, eps)
-  cost = np.array([1 - p, (1 - p) * (dim - 1), p, p * (dim - 1)])
-  scale = power  # optimise lambda / power (well conditioned)
-
-  def f(x):
-    return marvell_sum_kl(x * scale, delta_sq, u0, u1, dim)
-
-  x0 = np.full(4, 1.0 / cost.sum())  # the power spread isotropically over both classes
-  res = optimize.minimize(
-    f,
-    x0,
-    method="SLSQP",
-    bounds=[(0.0, None)] * 4,
-    constraints=[{"type": "ineq", "fun": lambda x: 1.0 - cost @ x}],
-    options={"maxiter": 200, "ftol": 1e-10},
-  )
-  x = np.maximum(res.x if res.success and f(res.x) <= f(x0) else x0, 0.0)
-  x = x / max(1.0, float(cost @ x))  # on the constraint's safe side
-  return (x * scale).astype(np.float32)
-
-
-def _marvell_stats(x, y, mask):
-  """A batch's class statistics: (Delta [d], ||Delta||^2, u_0, u_1, p) over its real rows."""
-  dim = x.shape[1]
-  w = mask.astype(x.dtype)
-  yy = y.astype(x.dtype)
-  n1, n0 = jnp.sum(w * yy), jnp.sum(w * (1 - yy))
-  mu1 = jnp.sum((w * yy)[:, None] * x, 0) / jnp.maximum(n1, 1.0)
-  mu0 = jnp.sum((w * (1 - yy))[:, None] * x, 0) / jnp.maximum(n0, 1.0)
-  delta = mu1 - mu0
-  delta_sq = jnp.sum(jnp.square(delta))
-  var = lambda wy, mu, cnt: jnp.sum(wy[:, None] * jnp.square(x - mu)) / jnp.maximum(cnt * dim, 1.0)
-  u1, u0 = var(w * yy, mu1, n1), var(w * (1 - yy), mu0, n0)
-  p = n1 / jnp.maximum(n1 + n0, 1.0)
-  return delta, delta_sq, u0, u1, p
-
-
-def marvell_params(x, y, mask, strength):
-  """What Marvell draws a batch's noise from: ``(u [d], lams [4])``, ``u = Delta / ||Delta||``
-  and ``lams = (lambda1_0, lambda2_0, lambda1_1, lambda2_1)`` (`marvell_lambdas`, on the host).
-
-  Rows ``x [N, d]`` with labels ``y [N]`` and ``mask [N]`` (1: a real row). The attack's
-  white-box knowledge of a batch (`splitjax.attacks.likelihoods.marvell_nll` reads it).
-  """
-  dim = x.shape[1]
-  delta, delta_sq, u0, u1, p = _marvell_stats(x, y, mask)
-  lams = jax.pure_callback(
-    lambda dsq, a0, a1, pp, pw: marvell_lambdas(dsq, a0, a1, pp, pw, dim),
-    jax.ShapeDtypeStruct((4,), jnp.float32),
-    delta_sq,
-    u0,
-    u1,
-    p,
-    strength * delta_sq,
-  )
-  unit = delta / jnp.maximum(jnp.sqrt(delta_sq), jnp.finfo(x.dtype).tiny)
-  return unit, lams
-
-
-def marvell_estimate(observed, info):
-  """The server's estimate of a Marvell batch's side information (host, numpy): ``[d + 4]``.
-
-  ``observed [n, d]``: the batch's noisy rows as received; ``info [d + 4]``: `batch_info` of the
-  gradients the attacker simulates for its current answers (their lambdas are kept). The
-  direction ``u`` is replaced by the observed batch's top principal axis, which needs no labels:
-  Marvell's noise along ``u`` dominates the batch's covariance. An axis estimated from ``n`` rows
-  is off by ``E sin^2 = sum_k l_1 l_k / (n (l_1 - l_k)^2)`` over the covariance's other
-  eigenvalues ``l_k`` (first-order perturbation of a sample covariance), so that share of each
-  class's ``lambda1``, spread over the ``d - 1`` other directions, is added to its ``lambda2``:
-  without it a class with ``lambda2 ~ 0`` (rank-one noise) scores every error of the estimate as
-  impossible and the attack collapses to the other label.
-  """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  o = np.asarray(observed, np.float64)
-  n, dim = o.shape
-  out = np.array(info, np.float32, copy=True)
-  vals, vecs = np.linalg.eigh(np.cov(o.T) if n > 1 else np.eye(dim))
-  out[:dim] = vecs[:, -1]
-  top, rest = vals[-1], np.maximum(vals[:-1], 0.0)
-  gap = np.maximum(top - rest, 1e-12 * max(top, 1e-30))
-  sin_sq = min(1.0, float(np.sum(top * rest / gap**2)) / n)
-  out[dim + 1] += out[dim] * sin_sq / max(dim - 1, 1)
-  out[dim + 3] += out[dim + 2] * sin_sq / max(dim - 1, 1)
-  return out
-
-
-def _marvell(x, y, mask, key, strength):
-  """Marvell's noise on rows ``x [N, d]`` with labels ``y [N]`` (see the module doc)."""
-  unit, lams = marvell_params(x, y, mask, strength)
-  yy = y.astype(x.dtype)
-  l1 = jnp.where(yy > 0, lams[2], lams[0])[:, None]
-  l2 = jnp.where(yy > 0, lams[3], lams[1])[:, None]
-  z = jax.random.normal(key, x.shape, x.dtype)
-  along = (z @ unit)[:, None] * unit[None, :]
-  return x + jnp.sqrt(l2) * z + (jnp.sqrt(l1) - jnp.sqrt(l2)) * along
-
-
 def max_norm_level(x, mask):
   """The squared norm max_norm equalises a batch's rows to: its largest real row's (scalar)."""
   return jnp.max(jnp.sum(jnp.square(x), axis=1) * mask)
@@ -552,7 +432,7 @@ def apply_one(d: Defense, x: jax.Array, key, mask, l2_clip_norm, y=None) -> jax.
     if y is None:
       raise DefenseError("marvell needs the batch's labels")
     assert d.param is not None
-    out = _marvell(x, y, mask, key, d.param)
+    out = marvell_noise(x, y, mask, key, d.param)
   elif d.name == "max_norm":
     sq = jnp.sum(jnp.square(x), axis=1) * mask
     var = jnp.maximum(max_norm_level(x, mask) - sq, 0.0) / dim
