@@ -416,13 +416,16 @@ def device_test_split(restored):
   return test_split
 
 
-def observed_transcript(restored, config, clip: float, sigma: float):
+def observed_transcript(
+  restored, config, clip: float, sigma: float, batch_size: int = defending.BATCH
+):
   """What the server observed: ``(transcript, split name)``.
 
   Test users are replayed once through the final model with the public DP
   parameters (under label DP with their own randomized-response label, drawn
-  once, as the device only ever uses that one); train users come from the
-  recorded last-epoch transcript.
+  once, as the device only ever uses that one), in batches of ``batch_size`` (the batches
+  whose statistics `defending` recomputes; the joint attack passes the device's batch); train
+  users come from the recorded last-epoch transcript.
   """
   model, state = restored.model, restored.state
   if config.users == "test":
@@ -434,7 +437,7 @@ def observed_transcript(restored, config, clip: float, sigma: float):
       dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
       seed=config.seed + 1000,
       num_examples=config.num_examples or None,
-      batch_size=defending.BATCH,  # the batches whose statistics `defending` recomputes
+      batch_size=batch_size,
       defenses=pipeline.defense_plan(restored.config),
     )
     return transcript, "test"

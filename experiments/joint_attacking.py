@@ -21,7 +21,6 @@ from experiments import common
 from experiments import pipeline
 from splitjax import attacks
 from splitjax import evaluation
-from splitjax import training
 
 NAME = "joint"
 
@@ -58,22 +57,6 @@ def check(restored, config) -> None:
     raise pipeline.ConfigError("--attack=joint enumerates categorical private features only")
 
 
-def observed(restored, config, clip: float, sigma: float):
-  """The test users' releases, replayed in the device's batches under its defence chain."""
-  from experiments import attacking  # the test split as the device holds it
-
-  return training.replay_transcript(
-    restored.model,
-    restored.state,
-    attacking.device_test_split(restored),
-    dp=training.DPConfig(np.float32(clip), np.float32(sigma)),
-    seed=config.seed + 1000,
-    num_examples=config.num_examples or None,
-    batch_size=batch_size_of(restored, config),
-    defenses=pipeline.defense_plan(restored.config),
-  )
-
-
 def attack(restored, config, clip: float, sigma: float, *, progress=common.progress) -> dict:
   """Runs the joint attack on the workdir's test users -> the attack record (without config)."""
   from experiments import attacking
@@ -81,7 +64,7 @@ def attack(restored, config, clip: float, sigma: float, *, progress=common.progr
   check(restored, config)
   dataset = restored.dataset
   batch = batch_size_of(restored, config)
-  transcript = observed(restored, config, clip, sigma)
+  transcript, _ = attacking.observed_transcript(restored, config, clip, sigma, batch)
   n = transcript.num_rows
   informed = attacking.informed_prior(restored, config, transcript, "test")
   public = attacking.public_of(
