@@ -127,9 +127,9 @@ def main(argv):
       f"recovered {r['recovered']:.3f}",
       flush=True,
     )
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(rows, f, indent=1)
+    if _OUT.value:  # after every row: a run stopped by a timeout keeps what it measured
+      with open(_OUT.value, "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
