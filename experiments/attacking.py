@@ -403,6 +403,30 @@ def informed_prior(restored, config, transcript, split_name: str) -> evaluation.
   return _INFORMED_CACHE[key]
 
 
+def bayes_possible(clip: float, sigma: float) -> bool:
+  """A noised channel with a finite clip: the Bayes variant's likelihood is defined."""
+  return sigma > 0 and math.isfinite(clip) and math.isfinite(sigma)
+
+
+def bottom_informed_log_prior(restored, config, transcript, split_name: str) -> np.ndarray:
+  """device_bottom's informed prior, ``[N, C]`` log P(x_priv | the server's own features) of the
+  attacked rows: `attacks.fit_informed_prior` on the server's feature space only (in this
+  orientation ``h`` is the device's activation, the very signal under attack), fitted on the
+  split not attacked."""
+  dataset = restored.dataset
+  ref = dataset.test if split_name == "train" else dataset.train
+  query = getattr(dataset, split_name).take(transcript.example_index)
+  space = lambda s: attacks.server_feature_matrix(s.pub_cat, s.pub_dense, dataset.pub_cardinalities)
+  fit = attacks.fit_informed_prior(
+    {"server": space(ref)},
+    ref.priv_cat,
+    dataset.priv_cardinalities,
+    query_spaces={"server": space(query)},
+    seed=config.seed,
+  )
+  return np.log(np.maximum(np.asarray(fit.probs, np.float64), 1e-300))
+
+
 def device_test_split(restored):
   """The test split as the device holds it: under label DP each row's randomized-response
   label, drawn once (the device only ever uses that one)."""
@@ -1208,14 +1232,23 @@ def _feature_attack(
   num_dense = int(dataset.train.priv_dense.shape[1])
   clip_arg = clip if (math.isfinite(clip) and config.variant != "paper") else None
   bayes = config.variant == "bayes" and sigma > 0 and math.isfinite(clip)
-  # 'auto' scores as clip_aware here (it means Bayes only for EXACT's enumeration).
+  # 'auto' scores as clip_aware for the searches; for exact_activations under noise it means
+  # Bayes with the informed prior, as for EXACT's enumeration.
   variant = "clip_aware" if config.variant == "auto" else config.variant
-  log_prior = None
+  log_prior, user_log_prior, prior_used = None, None, None
   if name == "hybrid":
-    log_prior = evaluation.marginal_log_prior(dataset)
+    log_prior, prior_used = evaluation.marginal_log_prior(dataset), "marginal"
   elif name == "exact_activations":
-    log_prior = evaluation.marginal_log_prior(dataset, with_label=False)
-  public = public_of(restored, clip, sigma, log_prior=log_prior)
+    if config.variant == "auto" and bayes_possible(clip, sigma):
+      variant = "bayes"
+    prior_used = config.prior
+    if prior_used == "auto":
+      prior_used = "informed" if variant == "bayes" else "uniform"
+    if prior_used == "informed":
+      user_log_prior = bottom_informed_log_prior(restored, config, transcript, split_name)
+    elif prior_used == "marginal":
+      log_prior = evaluation.marginal_log_prior(dataset, with_label=False)
+  public = public_of(restored, clip, sigma, log_prior=log_prior, user_log_prior=user_log_prior)
   run_key = results.fingerprint(
     {
       "attack": dataclasses.asdict(config),
@@ -1299,6 +1332,8 @@ def _feature_attack(
   else:
     record = evaluation.score_bottom(dataset, setting, transcript, feats, ties, true_feats)
   record["attack"] = name
+  if name == "exact_activations":
+    record["resolved_variant"], record["prior"] = variant, prior_used
   names = dataset.roles.private_dense
   for j, (prior_pred, knn_pred) in enumerate(
     evaluation.dense_baselines(dataset, config.users, rows, config.knn_k)

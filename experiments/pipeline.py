@@ -301,10 +301,22 @@ def model_of(config, dataset: sj_data.TabularData) -> models.SplitModel:
 _TEMPLATES: dict = {}
 
 
+def frozen_server_of(config, sigma: float) -> bool:
+  """Noise multiplier inf in device_top: the server's model stays at initialisation."""
+  return math.isinf(sigma) and config.topology == "device_top"
+
+
+def sends_nothing(config, sigma: float) -> bool:
+  """Noise multiplier inf in device_bottom: the device sends zero rows (clip 0, no noise), the
+  server trains its head on its own features alone and is evaluated on them (the public-only
+  yardstick of that topology)."""
+  return math.isinf(sigma) and config.topology == "device_bottom"
+
+
 def _state_template(model, config):
   """The initial train state of ``config`` (also the structure checkpoints restore into)."""
   recipe = recipe_of(config)
-  frozen = math.isinf(config.dp_noise_multiplier)
+  frozen = frozen_server_of(config, config.dp_noise_multiplier)
   key = (results.fingerprint(model.spec.to_dict()), recipe, frozen, config.seed)
   if key not in _TEMPLATES:
     if len(_TEMPLATES) >= 8:
@@ -521,16 +533,21 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
       ],
     }
   clip, sigma = float(extra["l2_clip_norm"]), float(extra["noise_multiplier"])
-  frozen_server = math.isinf(sigma)
+  frozen_server, nothing_sent = frozen_server_of(config, sigma), sends_nothing(config, sigma)
   if frozen_server and progress:
     progress(
       "noise multiplier = inf: the server receives pure noise; its model stays at "
       "initialisation (the utility floor of this topology)"
     )
+  if nothing_sent and progress:
+    progress(
+      "noise multiplier = inf: the device sends zero rows; the server trains and is evaluated "
+      "on its own features alone (the utility floor of this topology)"
+    )
   device_clip = config.device_dp_clip or math.inf
   dp = training.DPConfig(
-    np.float32(clip),
-    np.float32(0.0 if frozen_server else sigma),
+    np.float32(0.0 if nothing_sent else clip),
+    np.float32(0.0 if frozen_server or nothing_sent else sigma),
     np.float32(device_clip),
     np.float32(config.device_dp_noise_multiplier),
   )
@@ -610,7 +627,7 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
   # Killed after the last checkpoint? Then only the evaluation below is redone.
   if writer:
     records.write_history(workdir, history)
-  test = training.evaluate(model, state, dataset.test)
+  test = training.evaluate(model, state, dataset.test, zero_cut=nothing_sent)
   auc_note = None
   if math.isnan(test["auc"]):
     classes = np.unique(dataset.test.y)
@@ -642,6 +659,8 @@ def _train_in_place(config, workdir: pathlib.Path, *, resume: bool, progress, ki
     "mean_grad_norm_init": extra["mean_grad_norm_init"],
     "clip_source": extra.get("clip_source", "private training data (splitjax < 0.2)"),
     "frozen_server": frozen_server,
+    # device_bottom at sigma = inf: zero rows sent, the head trained and evaluated without them.
+    "cut_rows_zeroed": nothing_sent,
     # Rows the DP clip sent as zero rows because they held an inf or NaN (0 for a sane model).
     "nonfinite_rows_zeroed": int(sum(h.get("nonfinite_rows_zeroed", 0) for h in history)),
     # What ran, beside the requested config (config.json, which compatibility checks compare):

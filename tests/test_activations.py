@@ -144,3 +144,38 @@ def test_runner_on_a_device_bottom_workdir_with_dp_clipping(tmp_path):
     attacking.attack_workdir(
       tmp_path, configs_base.AttackConfig(attack='label_norm'), progress=None
     )
+
+
+def test_activation_attack_under_noise_is_bayes_with_the_server_features_prior(tmp_path):
+  """Under activation noise the default (auto) attack scores by the Gaussian likelihood with the
+  informed prior of the server's own features; at a noise that drowns the activations its answers
+  are that prior's per-feature argmax (it no longer falls below the prior, as the uniform-prior
+  nearest match did)."""
+  import types
+
+  config = configs_base.TrainConfig(
+    dataset='synthetic',
+    synthetic_examples=400,
+    epochs=2,
+    hidden=(16, 8),
+    batch_size=64,
+    topology='device_bottom',
+    dp_clip='0.5',
+    dp_noise_multiplier=1e4,
+  )
+  pipeline.train_workdir(config, tmp_path, progress=None)
+  rec = attacking.attack_workdir(
+    tmp_path, configs_base.AttackConfig(attack='exact', num_examples=40), progress=None
+  )
+  assert rec['resolved_variant'] == 'bayes' and rec['prior'] == 'informed'
+  restored = pipeline.Restored(tmp_path)
+  transcript = types.SimpleNamespace(example_index=np.arange(40))  # the first 40 test users
+  config = configs_base.AttackConfig(attack='exact', num_examples=40)
+  lp = attacking.bottom_informed_log_prior(restored, config, transcript, 'test')
+  cards = restored.dataset.priv_cardinalities
+  post = np.exp(lp - lp.max(axis=1, keepdims=True)).reshape((40,) + tuple(cards))
+  truth = restored.dataset.test.priv_cat[transcript.example_index]
+  for j, name in enumerate(restored.dataset.roles.private_categorical):
+    other = tuple(a for a in range(1, post.ndim) if a != j + 1)
+    guess = post.sum(axis=other).argmax(axis=1)
+    assert rec['features'][name]['accuracy'] == pytest.approx(np.mean(guess == truth[:, j])), name

@@ -413,3 +413,44 @@ def test_nopeek_lowers_the_distance_correlation_but_activation_matching_still_re
       assert metrics["defense_chain"] == [{"defense": "nopeek:3", "stage": "device encoder loss"}]
   assert dcors["nopeek"] < dcors["plain"] - 0.05, dcors
   assert accuracy["nopeek"] >= 0.95, accuracy  # the encoder stays injective on the domain
+
+
+def test_device_bottom_at_sigma_inf_sends_zero_rows_and_is_the_public_only_model(tmp_path):
+  """Noise multiplier inf on the activations: the device sends zero rows, the server's head is
+  trained (not frozen at initialisation, as in device_top) on its own features alone, and the
+  test AUC is that model's: its logits do not move when the private features change."""
+  import dataclasses
+
+  from experiments import pipeline
+  from splitjax import metrics as sj_metrics
+
+  with flagsaver.flagsaver(
+    workdir=str(tmp_path),
+    config="synthetic_tiny",
+    topology="device_bottom",
+    dp_clip="1",
+    dp_noise_multiplier=math.inf,
+  ):
+    train_bin.main([])
+  restored = pipeline.Restored(tmp_path)
+  m = restored.metrics
+  assert m["cut_rows_zeroed"] and not m["frozen_server"], m
+  assert not np.any(restored.transcript().h), "the device sent non-zero rows"
+  model, state, test = restored.model, restored.state, restored.dataset.test
+  logits = training.predict_logits(model, state, test, zero_cut=True)
+  assert float(sj_metrics.roc_auc(logits, test.y)) == pytest.approx(m["test_auc"], abs=1e-6)
+  # Trained, not frozen: the server's head moved from its initialisation.
+  init = training.init_state(model, pipeline.recipe_of(restored.config), restored.config.seed)
+  moved = jax.tree.map(
+    lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+    state.server_params,
+    init.server_params,
+  )
+  assert any(jax.tree.leaves(moved)), "the server's head stayed at initialisation"
+  other = dataclasses.replace(test, priv_cat=np.roll(test.priv_cat, 1, axis=0))
+  np.testing.assert_allclose(
+    training.predict_logits(model, state, other, zero_cut=True), logits, rtol=0, atol=0
+  )
+  # With the cut read back (what the evaluation did before), the untrained h weights move them.
+  clean = training.predict_logits(model, state, test)
+  assert not np.allclose(clean, logits)

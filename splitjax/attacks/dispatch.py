@@ -70,8 +70,8 @@ class Public(NamedTuple):
     log_prior: the Bayes variant's log prior shared by every user: `[C * 2]` over (candidate,
       label) pairs, label fastest (`exact`, `hybrid`), or `[C]` over candidates
       (`exact_activations`); candidates in `candidate_table` order; None is uniform.
-    user_log_prior: a log prior per transcript row, `[N, C, 2]` (`exact` only); it replaces
-      `log_prior` where given.
+    user_log_prior: a log prior per transcript row, `[N, C, 2]` (`exact`) or `[N, C]`
+      (`exact_activations`); it replaces `log_prior` where given.
     positive_fraction: P(y = 1) the label-only attacks answer with (None: their default).
     device_optimizer: FSL: the device optimiser as trained (`training.make_optimizer(recipe)`),
       which `fsl_tracking` recomputes each device's local steps with.

@@ -26,37 +26,52 @@ AUTO_CLIP_SOURCE = (
 )
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def predict(model: models.SplitModel, server, device, batch: Batch) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def predict(
+  model: models.SplitModel, server, device, batch: Batch, zero_cut: bool = False
+) -> jax.Array:
   """Jitted ``(model, server, device, batch) -> logits [N]`` (no DP: evaluation only).
 
-  ``model`` is static (jit's cache is keyed on it).
+  ``model`` is static (jit's cache is keyed on it). ``zero_cut`` (static): the head reads zero
+  rows in place of the cut activations, as it did in training when nothing was sent (device_bottom
+  at noise multiplier inf: the server's model of its own features alone).
   """
   device_top = model.spec.topology == "device_top"
   enc, head = (server, device) if device_top else (device, server)
   _, enc_in, head_in = sides(model, batch)
   h = protocol.bottom_forward(model, enc, *enc_in)
+  if zero_cut:
+    h = jnp.zeros_like(h)
   return model.head_batch(head, h, *head_in)
 
 
-def predict_logits(model, state: TrainState, split, batch_size: int = 4096) -> np.ndarray:
-  """Test-time logits of every row of ``split`` (fixed-size padded batches). ``[len(split)]``."""
+def predict_logits(
+  model, state: TrainState, split, batch_size: int = 4096, *, zero_cut: bool = False
+) -> np.ndarray:
+  """Test-time logits of every row of ``split`` (fixed-size padded batches). ``[len(split)]``.
+
+  ``zero_cut``: see `predict`.
+  """
   out = []
   idx = np.arange(len(split), dtype=np.int32)
   for start in range(0, len(idx), batch_size):
     part = idx[start : start + batch_size]
     logits = predict(
-      model, state.server_params, state.device_params, split_to_batch(split, part, batch_size)
+      model,
+      state.server_params,
+      state.device_params,
+      split_to_batch(split, part, batch_size),
+      zero_cut,
     )
     out.append(np.asarray(logits)[: len(part)])
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def evaluate(model, state: TrainState, split) -> dict[str, float]:
-  """Test AUC, log-loss and accuracy."""
+def evaluate(model, state: TrainState, split, *, zero_cut: bool = False) -> dict[str, float]:
+  """Test AUC, log-loss and accuracy (``zero_cut``: see `predict`)."""
   from splitjax import metrics  # local: metrics imports nothing from here
 
-  logits = predict_logits(model, state, split)
+  logits = predict_logits(model, state, split, zero_cut=zero_cut)
   return {
     "auc": float(metrics.roc_auc(logits, split.y)),
     "log_loss": float(metrics.log_loss(logits, split.y)),
