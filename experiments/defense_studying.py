@@ -14,11 +14,12 @@ ways on the same users:
 Leakage is per secret the attack's accuracy minus the informed prior's on the same users
 (``informed_prior_accuracy``: the k-NN prior on the server's features and h, what the server knows
 without the gradient), so 0 means the gradient added nothing over what the server already had.
-Utility is the test AUC minus that of the frozen point (``sigma = inf``: the device sends pure
-noise, so the server never learns), i.e. what the server's side contributes; in ``device_top``
-the frozen server keeps almost all the AUC, so every defence there is measured against "send
-nothing". ``device_bottom`` (the device encodes, the server's head predicts) is the configuration
-where the server contributes.
+Utility is the test AUC minus that of the frozen point (``sigma = inf``: nothing useful crosses
+the cut). In ``device_top`` the server's model then stays at initialisation, so utility is what
+the server's side contributes, and as the frozen server keeps almost all the AUC, every defence
+there is measured against "send nothing". In ``device_bottom`` (the device encodes, the server's
+head predicts) the device then sends zero rows and the server trains and predicts on its own
+features alone, so utility is what the device's private features contribute.
 
 The verdict of each defended point, by rules fixed before the numbers (``VERDICT_RULES``).
 """
