@@ -512,3 +512,48 @@ def test_bad_input_raises_one_line_data_error(tmp_path):
       call()
     assert isinstance(info.value, ValueError)
     assert "\n" not in str(info.value), str(info.value)
+
+
+def test_taobao_generator_has_the_real_files_shape_and_quirks(tmp_path):
+  import gzip
+
+  from splitjax.data import taobao_files
+
+  sizes = taobao_files.write(tmp_path / "a", 20_000, seed=3)
+  taobao_files.write(tmp_path / "b", 20_000, seed=3)
+  taobao_files.write(tmp_path / "c", 20_000, seed=4, compress=True)
+  for name in ("raw_sample.csv", "user_profile.csv", "ad_feature.csv"):
+    same = (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert same, name  # seeded: the same bytes
+    with gzip.open(tmp_path / "c" / (name + ".gz"), "rt") as f:
+      assert f.read() != (tmp_path / "a" / name).read_text(), name  # another seed, other rows
+  raw = (tmp_path / "a" / "raw_sample.csv").read_text().splitlines()
+  profile = (tmp_path / "a" / "user_profile.csv").read_text().splitlines()
+  ads = (tmp_path / "a" / "ad_feature.csv").read_text().splitlines()
+  assert profile[0].endswith("new_user_class_level ")  # the real header's trailing space
+  assert len(raw) - 1 == 20_000 and sizes.ads == len(ads) - 1 and sizes.profiles == len(profile) - 1
+  cells = [line.split(",") for line in profile[1:]]
+  assert abs(np.mean([c[5] == "" for c in cells]) - 0.54) < 0.05  # empty pvalue_level
+  assert abs(np.mean([c[8] == "" for c in cells]) - 0.32) < 0.05  # empty new_user_class_level
+  ad_cells = [line.split(",") for line in ads[1:]]
+  assert abs(np.mean([c[4] == "NULL" for c in ad_cells]) - 0.29) < 0.05
+  assert all("." in c[5] for c in ad_cells)  # float prices
+  users = np.array([int(line.split(",")[0]) for line in raw[1:]])
+  profiled = {int(c[0]) for c in cells}
+  seen = np.unique(users)
+  assert 0.02 < np.mean([u not in profiled for u in seen]) < 0.15  # users without a profile
+  per_user = np.bincount(np.unique(users, return_inverse=True)[1])
+  assert per_user.max() >= 20 * np.median(per_user)  # Zipf-like impressions per user
+  assert 0.04 < sizes.click_rate < 0.06
+  # Through the loader: the private levels are the user's, and they show in what the server sees.
+  d = data.load("taobao", path=tmp_path / "a")
+  assert d.priv_cardinalities == (7, 3, 3, 2)
+  tr, te = d.train, d.test
+  user, age = tr.pub_cat[:, 4], tr.priv_cat[:, 0]
+  for u in np.unique(user)[:200]:
+    assert len(np.unique(age[user == u])) == 1  # a user's level, the same on all their rows
+  cate = tr.pub_cat[:, 1]
+  majority = {c: np.bincount(age[cate == c]).argmax() for c in np.unique(cate)}
+  overall = np.bincount(age).argmax()
+  guess = np.array([majority.get(c, overall) for c in te.pub_cat[:, 1]])
+  assert np.mean(guess == te.priv_cat[:, 0]) > np.mean(te.priv_cat[:, 0] == overall) + 0.05
