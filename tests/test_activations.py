@@ -120,16 +120,20 @@ def test_bad_inputs_raise():
     splitjax.attacks.exact_activations(model.encoder_apply, phi, a, (2, 0, 4))
 
 
+# A seconds-long device_bottom run, clipped at 0.5.
+_TINY_BOTTOM = dict(
+  dataset='synthetic',
+  synthetic_examples=400,
+  epochs=2,
+  hidden=(16, 8),
+  batch_size=64,
+  topology='device_bottom',
+  dp_clip='0.5',
+)
+
+
 def test_runner_on_a_device_bottom_workdir_with_dp_clipping(tmp_path):
-  config = configs_base.TrainConfig(
-    dataset='synthetic',
-    synthetic_examples=400,
-    epochs=2,
-    hidden=(16, 8),
-    batch_size=64,
-    topology='device_bottom',
-    dp_clip='0.5',
-  )
+  config = configs_base.TrainConfig(**_TINY_BOTTOM)
   pipeline.train_workdir(config, tmp_path, progress=None)
   rec = attacking.attack_workdir(
     tmp_path, configs_base.AttackConfig(attack='exact', num_examples=40), progress=None
@@ -153,16 +157,7 @@ def test_activation_attack_under_noise_is_bayes_with_the_server_features_prior(t
   nearest match did)."""
   import types
 
-  config = configs_base.TrainConfig(
-    dataset='synthetic',
-    synthetic_examples=400,
-    epochs=2,
-    hidden=(16, 8),
-    batch_size=64,
-    topology='device_bottom',
-    dp_clip='0.5',
-    dp_noise_multiplier=1e4,
-  )
+  config = configs_base.TrainConfig(**_TINY_BOTTOM, dp_noise_multiplier=1e4)
   pipeline.train_workdir(config, tmp_path, progress=None)
   rec = attacking.attack_workdir(
     tmp_path, configs_base.AttackConfig(attack='exact', num_examples=40), progress=None
