@@ -321,7 +321,8 @@ def plot(rows: list[dict], out_dir, dataset: str) -> list[str]:
     ax.axhline(TOLERANCE, color="gray", ls=":", lw=0.8)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
     ax.tick_params(labelsize=8)
-    ax.set_xlabel("AUC minus the frozen point's (the server's contribution)")
+    whose = "the server's" if topology == "device_top" else "the device's features'"
+    ax.set_xlabel(f"AUC minus the frozen point's ({whose} contribution)")
     ax.set_ylabel("largest leakage over the targeted secrets")
     ax.set_title(f"{dataset}, {topology}", fontsize=10)
   handles = [
