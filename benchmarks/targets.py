@@ -1,16 +1,18 @@
-r"""EXACT against its targets: the plain and the factored head, both rooflines, and torch.func.
+r"""EXACT against its targets: a plain, a factored and splitjax's head, both rooflines, torch.func.
 
 Not run by CI. One process, one set of users and gradients for every contender (the adult DeepFM
 shape of `benchmarks.exact_throughput`, random parameters, inputs drawn with `jax.random` on the
 default device):
 
-- heads: `plain` (the first layer written `concatenate([h, e(x)]) @ W1`, as users write it) and
-  `factored` (`W1_h h + sum_j T_j[x_j]`, as `splitjax.models.Head` computes it): the same function
-  of the same parameters;
+- heads: `plain` (the first layer written `concatenate([h, e(x)]) @ W1`, as users write it),
+  `factored` (`W1_h h + sum_j T_j[x_j]`, the same function of the same parameters written as
+  `splitjax.models.Head` computes it) and `models.Head` itself (`models.make_model` on the adult
+  shape: its own initialiser, the same widths, its own gradients of the same users);
 - contenders per head: `f32` (`attacks.exact` under `jax.default_matmul_precision('highest')`) and
   `bf16` (the screen, `screen_dtype='bfloat16'`, which rescoring makes exact); and `torch.func`
   (vmap of grad over the 1,680 pairs of a user, a Python loop over users; the plain head written in
-  torch with the same parameters) when torch is importable (the `bench` extra; never installed by
+  torch with the same parameters; the ratio of every head is taken to it, the same shape and
+  widths) when torch is importable (the `bench` extra; never installed by
   CI, never imported by the library) and the default device is a CPU;
 - timing: the first call of each contender (compilation included) reported apart; then
   `--rounds` (>= 5) interleaved rounds, each running every contender once in a rotated order, so a
@@ -70,7 +72,7 @@ def rates(repeats: int = 10) -> dict:
   return dict(f32=f32, bf16=et.matmul_flops_per_second(repeats, n, dtype=jnp.bfloat16))
 
 
-def precision_check(params, s: et.Shape, h, g, answers, num_users: int) -> dict:
+def precision_check(heads: dict, s: et.Shape, h, answers, num_users: int) -> dict:
   """Accelerator answers against the host CPU's float32 ones on the first `num_users` users.
 
   `answers`: the accelerator's results by contender name. Also the accelerator at its default
@@ -83,8 +85,7 @@ def precision_check(params, s: et.Shape, h, g, answers, num_users: int) -> dict:
     )
   )
   out = {}
-  for head in ('plain', 'factored'):
-    apply = et.make_apply(s, plain=head == 'plain')
+  for head, (apply, params, g) in heads.items():
     cpu = jax.devices('cpu')[0]
     with jax.default_device(cpu), jax.default_matmul_precision('highest'):
       ref = attacks.exact(apply, jax.device_put(params, cpu), h[:m], g[:m], cards, devices=[cpu])
@@ -143,6 +144,40 @@ def inputs(s: et.Shape, key):
   with jax.default_matmul_precision('highest'):
     g = jax.jit(jax.vmap(jax.grad(lambda h_, x_, y_: et.bce(apply, params, h_, x_, y_))))(h, x, y)
   return params, np.asarray(h), np.asarray(x), np.asarray(y), np.asarray(g)
+
+
+HEADS = ('plain', 'factored', 'models.Head')
+
+
+def make_heads(s: et.Shape, params, h, x, y, g) -> dict:
+  """{name: (device_apply, device params, g [n, d])} for every head, on the same users.
+
+  `plain` and `factored` share `params` and the gradients of `inputs`; `models.Head` is
+  `splitjax.models.make_model` on the adult shape (the head the binaries attack; its own
+  initialiser, the same widths), with its own gradients of the same (h, x, y).
+  """
+  from splitjax import models  # pylint: disable=import-outside-toplevel
+
+  spec = models.ModelSpec(
+    pub_cardinalities=(9, 16, 15, 42),
+    num_pub_dense=s.num_dense,
+    priv_cardinalities=s.priv_cardinalities,
+    hidden=s.hidden,
+  )
+  if spec.cut_dim != s.d:
+    raise ValueError(f'models.Head cut width {spec.cut_dim} != the benchmark shape\'s {s.d}')
+  model = models.make_model(spec)
+  phi = model.head_init(jax.random.key(1))
+  head_apply = models.device_logit_fn(model)
+  with jax.default_matmul_precision('highest'):
+    g_head = jax.jit(jax.vmap(jax.grad(lambda h_, x_, y_: et.bce(head_apply, phi, h_, x_, y_))))(
+      h, x, y
+    )
+  return {
+    'plain': (et.make_apply(s, plain=True), params, g),
+    'factored': (et.make_apply(s), params, g),
+    'models.Head': (head_apply, phi, np.asarray(g_head)),
+  }
 
 
 def torch_contender(params, s: et.Shape, h, g):
@@ -207,17 +242,17 @@ def main(argv):
   n, num_cand = s.num_users, math.prod(s.priv_cardinalities)
   cards = s.priv_cardinalities
   contenders, flops = {}, {}
-  for head in ('plain', 'factored'):
-    apply = et.make_apply(s, plain=head == 'plain')
-    flops[head] = attacks.estimate(apply, params, s.d, cards, n).flops_per_candidate
+  heads = make_heads(s, params, h, x, y, g)
+  for head, (apply, p, gh) in heads.items():
+    flops[head] = attacks.estimate(apply, p, s.d, cards, n).flops_per_candidate
 
-    def f32(apply=apply):
+    def f32(apply=apply, p=p, gh=gh):
       with jax.default_matmul_precision('highest'):
-        return attacks.exact(apply, params, h, g, cards)
+        return attacks.exact(apply, p, h, gh, cards)
 
-    def bf16(apply=apply):
+    def bf16(apply=apply, p=p, gh=gh):
       with jax.default_matmul_precision('highest'):
-        return attacks.exact(apply, params, h, g, cards, screen_dtype='bfloat16')
+        return attacks.exact(apply, p, h, gh, cards, screen_dtype='bfloat16')
 
     contenders[f'{head}/f32'], contenders[f'{head}/bf16'] = f32, bf16
   use_torch = _TORCH.value == 'yes' or (_TORCH.value == 'auto' and platform == 'cpu')
@@ -243,7 +278,7 @@ def main(argv):
   gemm = head_gemm_rates(s)
   check = None
   if platform != 'cpu' and _CPU_USERS.value > 0:
-    check = precision_check(params, s, h, g, answers, _CPU_USERS.value)
+    check = precision_check(heads, s, h, answers, _CPU_USERS.value)
   peak = {k: max(before[k], after[k]) for k in before}
   truth = np.ravel_multi_index(tuple(x.T), cards) * 2 + y.astype(np.int64)
   rows = {}
@@ -316,7 +351,7 @@ def main(argv):
       + f' | {"-" if eq is None else ("yes" if eq else "NO")} | {r["recovered"]:.3f} |'
     )
   verdicts = []
-  for head in ('plain', 'factored'):
+  for head in HEADS:
     f, b = rows[f'{head}/f32'], rows[f'{head}/bf16']
     verdicts.append(
       (
