@@ -22,7 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def main(out: pathlib.Path) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  results = reproducing._decode(json.loads((REPO / "docs/results/results.json").read_text()))  # pylint: disable=protected-access
+  results = reproducing.decode(json.loads((REPO / "docs/results/results.json").read_text()))
   studies = {ds: common.load_config(f"{ds}_{results['preset']}", "") for ds in results["datasets"]}
   reproducing.write_report(results, studies, out)
   if (out / "REPORT.md").read_text() != (REPO / "docs/results/REPORT.md").read_text():

@@ -403,11 +403,6 @@ def informed_prior(restored, config, transcript, split_name: str) -> evaluation.
   return _INFORMED_CACHE[key]
 
 
-def bayes_possible(clip: float, sigma: float) -> bool:
-  """A noised channel with a finite clip: the Bayes variant's likelihood is defined."""
-  return sigma > 0 and math.isfinite(clip) and math.isfinite(sigma)
-
-
 def bottom_informed_log_prior(restored, config, transcript, split_name: str) -> np.ndarray:
   """device_bottom's informed prior, ``[N, C]`` log P(x_priv | the server's own features) of the
   attacked rows: `attacks.fit_informed_prior` on the server's feature space only (in this
@@ -1232,18 +1227,15 @@ def _feature_attack(
   num_dense = int(dataset.train.priv_dense.shape[1])
   clip_arg = clip if (math.isfinite(clip) and config.variant != "paper") else None
   bayes = config.variant == "bayes" and sigma > 0 and math.isfinite(clip)
-  # 'auto' scores as clip_aware for the searches; for exact_activations under noise it means
-  # Bayes with the informed prior, as for EXACT's enumeration.
+  # 'auto' scores as clip_aware for the searches; exact_activations resolves it as EXACT does
+  # (`resolve`: Bayes with the informed prior under noise).
   variant = "clip_aware" if config.variant == "auto" else config.variant
   log_prior, user_log_prior, prior_used = None, None, None
   if name == "hybrid":
     log_prior, prior_used = evaluation.marginal_log_prior(dataset), "marginal"
   elif name == "exact_activations":
-    if config.variant == "auto" and bayes_possible(clip, sigma):
-      variant = "bayes"
-    prior_used = config.prior
-    if prior_used == "auto":
-      prior_used = "informed" if variant == "bayes" else "uniform"
+    # The server holds the label here: no label DP to weigh in.
+    variant, prior_used = resolve(config, clip, sigma, 0.0)
     if prior_used == "informed":
       user_log_prior = bottom_informed_log_prior(restored, config, transcript, split_name)
     elif prior_used == "marginal":

@@ -61,7 +61,7 @@ def run_study(
   if out.exists():
     cached = sj_results.read_json(out)
     if cached.get("study_fingerprint", None if overwrite else study_key) == study_key:
-      return _decode(cached)
+      return decode(cached)
   t0 = time.time()
   res = {"dataset": ds, "table1": {}, "auc": {}, "sweeps": {}}
   # Table 1: no DP, every protocol and recipe; attacks on the tuned recipe.
@@ -137,15 +137,15 @@ def run_study(
   res["seconds"] = time.time() - t0
   res["study_fingerprint"] = study_key
   sj_results.atomic_write_json(out, res)
-  return _decode(sj_results.read_json(out))  # the same values whether fresh or resumed
+  return decode(sj_results.read_json(out))  # the same values whether fresh or resumed
 
 
-def _decode(obj):
+def decode(obj):
   """JSON's "inf"/"-inf"/"nan" strings back to floats, recursively."""
   if isinstance(obj, dict):
-    return {k: _decode(v) for k, v in obj.items()}
+    return {k: decode(v) for k, v in obj.items()}
   if isinstance(obj, list):
-    return [_decode(v) for v in obj]
+    return [decode(v) for v in obj]
   if obj in ("inf", "-inf", "nan"):
     return float(obj)
   return obj

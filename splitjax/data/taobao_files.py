@@ -66,7 +66,8 @@ def _rows(columns) -> str:
 
 
 def _levels(rng, n: int):
-  """Each user's private levels and the latent taste their ad categories depend on."""
+  """Each user's private levels (age, pvalue, shopping, occupation), drawn from one latent taste
+  per user, so that the first three correlate."""
   taste = rng.normal(size=n)
   age = np.clip(np.round(3.0 + 1.3 * taste + rng.normal(scale=0.8, size=n)), 0, 6).astype(int)
   wealth = 0.6 * taste + rng.normal(scale=0.8, size=n)
